@@ -1,0 +1,126 @@
+//! What the proxy knows about etcd's compaction revision.
+//!
+//! etcd refuses a read at a revision below its compaction revision and cancels a watch that
+//! starts below it. The cache may still hold those revisions, so to answer exactly as etcd
+//! would the proxy must know the revision. It learns it three ways: from `Compact` requests it
+//! forwards, from an upstream watch cancelled for compaction, and by polling (a one-key Range at
+//! the oldest cached revision; only when that fails is the exact revision asked for with a
+//! watch from revision 1, which etcd cancels with the compaction revision).
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+use crate::proto::etcdserverpb::{
+    watch_request::RequestUnion, RangeRequest, WatchCreateRequest, WatchRequest,
+};
+use crate::upstream::Upstream;
+
+/// A key no one writes, used for compaction probes.
+const PROBE_KEY: &[u8] = b"\0etcd-fanout/compaction-probe";
+
+/// The highest compaction revision known to have happened in etcd.
+#[derive(Debug, Default)]
+pub struct Compaction {
+    /// Revisions below this are compacted (etcd's `compactMainRev`); 0 if none known.
+    revision: AtomicI64,
+}
+
+impl Compaction {
+    /// The compaction revision as last known.
+    pub fn revision(&self) -> i64 {
+        self.revision.load(Ordering::Acquire)
+    }
+
+    /// Records that etcd compacted at `rev` (never moves backwards).
+    pub fn observe(&self, rev: i64) {
+        self.revision.fetch_max(rev, Ordering::AcqRel);
+    }
+
+    /// True when etcd no longer has revision `rev`.
+    pub fn is_compacted(&self, rev: i64) -> bool {
+        rev < self.revision()
+    }
+
+    /// Polls etcd every `interval`; `oldest` returns the oldest revision any cache serves.
+    pub async fn poll(
+        self: Arc<Self>,
+        upstream: Arc<Upstream>,
+        interval: Duration,
+        oldest: impl Fn() -> Option<i64>,
+    ) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(rev) = oldest() else { continue };
+            if rev <= 0 || self.is_compacted(rev) {
+                continue;
+            }
+            match self.probe_range(&upstream, rev).await {
+                Ok(false) => {}
+                Ok(true) => {
+                    if let Err(e) = self.probe_watch(&upstream).await {
+                        tracing::warn!(error = %e, "compaction probe watch failed");
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "compaction probe failed"),
+            }
+        }
+    }
+
+    /// True when revision `rev` is compacted in etcd.
+    async fn probe_range(&self, upstream: &Upstream, rev: i64) -> Result<bool, tonic::Status> {
+        let req = RangeRequest {
+            key: Bytes::from_static(PROBE_KEY),
+            revision: rev,
+            limit: 1,
+            serializable: true,
+            count_only: true,
+            ..Default::default()
+        };
+        match upstream.kv().range(req).await {
+            Ok(_) => Ok(false),
+            Err(s) if s.code() == Code::OutOfRange && s.message().contains("compacted") => Ok(true),
+            Err(s) => Err(s),
+        }
+    }
+
+    /// Learns the exact compaction revision: etcd cancels a watch from revision 1 with it.
+    pub async fn probe_watch(&self, upstream: &Upstream) -> Result<i64, tonic::Status> {
+        let (tx, rx) = mpsc::channel(1);
+        let create = WatchRequest {
+            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                key: Bytes::from_static(PROBE_KEY),
+                start_revision: 1,
+                ..Default::default()
+            })),
+        };
+        let _ = tx.send(create).await;
+        let mut stream = upstream
+            .watch()
+            .watch(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        let deadline = tokio::time::sleep(Duration::from_secs(3));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => return Ok(self.revision()),
+                msg = stream.message() => match msg? {
+                    Some(r) if r.compact_revision > 0 => {
+                        self.observe(r.compact_revision);
+                        return Ok(r.compact_revision);
+                    }
+                    Some(_) => continue,
+                    None => return Ok(self.revision()),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,394 @@
+//! One configured prefix: its single upstream etcd watch and the cache it fills.
+//!
+//! Data flow: `load` pages the prefix out of etcd at one revision R, then one watch from R+1
+//! (with `prev_kv`) streams every change; each revision's events become one [`RevBatch`] applied
+//! to the [`Cache`], and the new head revision is published on a `watch` channel that wakes the
+//! downstream watchers (they pull what they need from the cache; nothing is pushed per watcher).
+//!
+//! After any upstream failure the watch resumes from head+1, so nothing is lost or repeated.
+//! If etcd compacted past that point the prefix is loaded again; watchers that still needed
+//! the missing revisions then fall back to etcd, which answers them exactly as it would have.
+//!
+//! The feed also answers "is the cache at least as new as etcd right now?" for linearizable
+//! reads, with one upstream request shared by every read waiting at that moment.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::cache::{Cache, RevBatch};
+use crate::compaction::Compaction;
+use crate::keys::KeyRange;
+use crate::metrics;
+use crate::proto::etcdserverpb::{
+    watch_request::RequestUnion, RangeRequest, WatchCreateRequest, WatchRequest,
+};
+use crate::proto::mvccpb::Event;
+use crate::upstream::Upstream;
+
+/// How a linearizable read may be answered from the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncPoint {
+    /// Read the cache at this revision (0: at its head).
+    pub read_at: i64,
+    /// Revision to report in the response header.
+    pub report: i64,
+}
+
+/// A configured prefix, its cache and its upstream watch.
+#[derive(Debug)]
+pub struct Feed {
+    /// The prefix as configured (for logs and metrics).
+    pub name: String,
+    /// Keys held.
+    pub range: KeyRange,
+    /// State and history.
+    cache: RwLock<Cache>,
+    /// Publishes the head revision after every change (also after reloads).
+    head_tx: watch::Sender<i64>,
+    /// True once the prefix is loaded and watched.
+    ready: AtomicBool,
+    /// The etcd cluster.
+    upstream: Arc<Upstream>,
+    /// etcd's compaction revision as known.
+    compaction: Arc<Compaction>,
+    /// Keys per load page.
+    page_size: i64,
+    /// Queue of linearizable reads waiting for a sync check.
+    sync_tx: mpsc::UnboundedSender<oneshot::Sender<Option<SyncPoint>>>,
+}
+
+impl Feed {
+    /// Creates the feed and starts its upstream watch and sync tasks.
+    pub fn spawn(
+        prefix: &str,
+        upstream: Arc<Upstream>,
+        compaction: Arc<Compaction>,
+        history_revisions: usize,
+        history_bytes: usize,
+        page_size: i64,
+        sync_timeout: Duration,
+    ) -> Arc<Feed> {
+        let range = KeyRange::prefix(prefix.as_bytes());
+        let (head_tx, _) = watch::channel(0);
+        let (sync_tx, sync_rx) = mpsc::unbounded_channel();
+        let feed = Arc::new(Feed {
+            name: prefix.to_string(),
+            cache: RwLock::new(Cache::new(range.clone(), history_revisions, history_bytes)),
+            range,
+            head_tx,
+            ready: AtomicBool::new(false),
+            upstream,
+            compaction,
+            page_size: page_size.max(1),
+            sync_tx,
+        });
+        tokio::spawn(feed.clone().run());
+        tokio::spawn(feed.clone().sync_loop(sync_rx, sync_timeout));
+        feed
+    }
+
+    /// Read access to the cache (hold it briefly; never across an `.await`).
+    pub fn cache(&self) -> RwLockReadGuard<'_, Cache> {
+        self.cache.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Subscribes to head revision changes.
+    pub fn subscribe(&self) -> watch::Receiver<i64> {
+        self.head_tx.subscribe()
+    }
+
+    /// The head revision.
+    pub fn head(&self) -> i64 {
+        *self.head_tx.borrow()
+    }
+
+    /// True once the prefix is loaded and its upstream watch is established.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// etcd's compaction revision as known.
+    pub fn compaction(&self) -> &Compaction {
+        &self.compaction
+    }
+
+    /// The upstream.
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
+    fn publish(&self, head: i64) {
+        self.head_tx.send_modify(|h| *h = head);
+    }
+
+    /// Keeps the cache loaded and watched, forever.
+    async fn run(self: Arc<Self>) {
+        let mut need_load = true;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if need_load {
+                match self.load().await {
+                    Ok(()) => need_load = false,
+                    Err(e) => {
+                        tracing::warn!(prefix = %self.name, error = %e, "loading prefix failed");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        continue;
+                    }
+                }
+            }
+            match self.watch_once().await {
+                Ok(compact) => {
+                    tracing::warn!(prefix = %self.name, compact, "upstream watch compacted; reloading");
+                    self.compaction.observe(compact);
+                    need_load = true;
+                    backoff = Duration::from_millis(100);
+                }
+                Err(e) => {
+                    tracing::warn!(prefix = %self.name, error = %e, "upstream watch failed; resuming");
+                    metrics::UPSTREAM_WATCH_RESTARTS.inc();
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// Pages the whole prefix out of etcd at one revision and resets the cache to it.
+    async fn load(&self) -> Result<(), tonic::Status> {
+        let mut kv = self.upstream.kv();
+        let end = self.range.range_end();
+        let mut key = self.range.start.clone();
+        let mut revision = 0;
+        let mut kvs = Vec::new();
+        loop {
+            let resp = kv
+                .range(RangeRequest {
+                    key: key.clone(),
+                    range_end: end.clone(),
+                    limit: self.page_size,
+                    revision,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            self.upstream.observe_header(resp.header.as_ref());
+            if revision == 0 {
+                revision = resp.header.as_ref().map_or(0, |h| h.revision);
+            }
+            let more = resp.more;
+            if let Some(last) = resp.kvs.last() {
+                let mut next = last.key.to_vec();
+                next.push(0);
+                key = Bytes::from(next);
+            }
+            kvs.extend(resp.kvs);
+            if !more {
+                break;
+            }
+        }
+        let n = kvs.len();
+        {
+            let mut c = self.cache.write().unwrap_or_else(|e| e.into_inner());
+            c.reset(revision, kvs);
+        }
+        tracing::info!(prefix = %self.name, keys = n, revision, "prefix loaded");
+        self.publish(revision);
+        Ok(())
+    }
+
+    /// Runs one upstream watch from head+1 until it fails (`Err`) or etcd says the resume
+    /// revision is compacted (`Ok(compact_revision)`).
+    async fn watch_once(&self) -> Result<i64, tonic::Status> {
+        let start = self.cache().head() + 1;
+        let (tx, rx) = mpsc::channel(4);
+        let create = WatchRequest {
+            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                key: self.range.start.clone(),
+                range_end: self.range.range_end(),
+                start_revision: start,
+                prev_kv: true,
+                progress_notify: true,
+                ..Default::default()
+            })),
+        };
+        let _ = tx.send(create).await;
+        let mut stream = self
+            .upstream
+            .watch()
+            .watch(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        metrics::UPSTREAM_WATCHES.inc();
+        let _gauge = scopeguard(|| metrics::UPSTREAM_WATCHES.dec());
+        while let Some(resp) = stream.message().await? {
+            self.upstream.observe_header(resp.header.as_ref());
+            if resp.canceled {
+                if resp.compact_revision > 0 {
+                    return Ok(resp.compact_revision);
+                }
+                return Err(tonic::Status::unavailable(format!(
+                    "upstream watch canceled: {}",
+                    resp.cancel_reason
+                )));
+            }
+            if resp.created {
+                tracing::info!(prefix = %self.name, start, "upstream watch established");
+                self.ready.store(true, Ordering::Release);
+                continue;
+            }
+            if resp.events.is_empty() {
+                // A progress notification: every event up to this revision was delivered.
+                let rev = resp.header.as_ref().map_or(0, |h| h.revision);
+                let head = {
+                    let mut c = self.cache.write().unwrap_or_else(|e| e.into_inner());
+                    c.advance(rev);
+                    c.head()
+                };
+                self.publish(head);
+                continue;
+            }
+            self.apply_events(resp.events);
+        }
+        drop(tx);
+        Err(tonic::Status::unavailable("upstream watch stream ended"))
+    }
+
+    /// Groups events by revision and applies each group as one batch.
+    fn apply_events(&self, events: Vec<Event>) {
+        let mut batches: Vec<RevBatch> = Vec::new();
+        let mut cur: Vec<Event> = Vec::new();
+        let mut cur_rev = 0;
+        for ev in events {
+            let rev = ev.kv.as_ref().map_or(0, |kv| kv.mod_revision);
+            if rev != cur_rev && !cur.is_empty() {
+                batches.push(RevBatch::new(cur_rev, std::mem::take(&mut cur)));
+            }
+            cur_rev = rev;
+            cur.push(ev);
+        }
+        if !cur.is_empty() {
+            batches.push(RevBatch::new(cur_rev, cur));
+        }
+        let n: usize = batches.iter().map(|b| b.events.len()).sum();
+        let head = {
+            let mut c = self.cache.write().unwrap_or_else(|e| e.into_inner());
+            for b in batches {
+                if let Err(e) = c.apply(b) {
+                    // Already applied before a reconnect: skip, never apply twice.
+                    tracing::debug!(prefix = %self.name, error = %e, "skipping batch");
+                }
+            }
+            c.head()
+        };
+        metrics::UPSTREAM_EVENTS.inc_by(n as u64);
+        self.publish(head);
+    }
+
+    /// Waits until the cache can answer a linearizable read: returns where to read and which
+    /// revision to report, or `None` when it cannot tell in time (the caller forwards).
+    pub async fn linearize(&self) -> Option<SyncPoint> {
+        let (tx, rx) = oneshot::channel();
+        self.sync_tx.send(tx).ok()?;
+        rx.await.ok().flatten()
+    }
+
+    /// Serves [`Feed::linearize`]: each round answers every read queued before it started.
+    async fn sync_loop(
+        self: Arc<Self>,
+        mut rx: mpsc::UnboundedReceiver<oneshot::Sender<Option<SyncPoint>>>,
+        timeout: Duration,
+    ) {
+        while let Some(first) = rx.recv().await {
+            let mut waiting = vec![first];
+            while let Ok(w) = rx.try_recv() {
+                waiting.push(w);
+            }
+            let point = tokio::time::timeout(timeout, self.sync_check())
+                .await
+                .ok()
+                .flatten();
+            metrics::SYNC_CHECKS.inc();
+            for w in waiting {
+                let _ = w.send(point);
+            }
+        }
+    }
+
+    /// One shared check against etcd. Asks for etcd's current revision X (a linearizable
+    /// read) together with the number of keys in the prefix at X and any key modified after
+    /// the cache head H. If the cache already reached X, read at the head. If nothing in the
+    /// prefix changed after H (no key with mod_revision > H and the same number of keys, so
+    /// no delete either), the state at X equals the cached state at H. Otherwise wait for the
+    /// upstream watch to deliver more and check again.
+    async fn sync_check(&self) -> Option<SyncPoint> {
+        if !self.is_ready() {
+            return None;
+        }
+        let mut head_rx = self.subscribe();
+        loop {
+            let (h0, count0) = {
+                let c = self.cache();
+                (c.head(), c.len() as i64)
+            };
+            let resp = self
+                .upstream
+                .kv()
+                .range(RangeRequest {
+                    key: self.range.start.clone(),
+                    range_end: self.range.range_end(),
+                    min_mod_revision: h0 + 1,
+                    keys_only: true,
+                    limit: 1,
+                    ..Default::default()
+                })
+                .await
+                .ok()?
+                .into_inner();
+            self.upstream.observe_header(resp.header.as_ref());
+            let x = resp.header.as_ref().map_or(0, |h| h.revision);
+            if h0 >= x {
+                return Some(SyncPoint {
+                    read_at: 0,
+                    report: 0,
+                });
+            }
+            if resp.kvs.is_empty() && resp.count == count0 {
+                return Some(SyncPoint {
+                    read_at: h0,
+                    report: x,
+                });
+            }
+            // The watch has not delivered everything yet: wait for it, then check again.
+            let wait = head_rx.wait_for(|h| *h >= x);
+            match tokio::time::timeout(Duration::from_millis(200), wait).await {
+                Ok(Ok(_)) => {
+                    return Some(SyncPoint {
+                        read_at: 0,
+                        report: 0,
+                    })
+                }
+                Ok(Err(_)) => return None,
+                Err(_) => continue,
+            }
+        }
+    }
+}
+
+/// Runs `f` when dropped.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}

@@ -1,0 +1,83 @@
+//! The fan-out hub: every configured prefix's [`Feed`], and the routing of a request's key
+//! range to the feed whose cache covers it. Requests no feed covers go to etcd.
+
+use std::sync::Arc;
+
+use crate::compaction::Compaction;
+use crate::config::Config;
+use crate::feed::Feed;
+use crate::keys::KeyRange;
+use crate::upstream::Upstream;
+
+/// All feeds and the shared upstream.
+#[derive(Debug)]
+pub struct Hub {
+    /// One feed per configured prefix, most specific (longest) prefix first.
+    feeds: Vec<Arc<Feed>>,
+    /// The etcd cluster.
+    pub upstream: Arc<Upstream>,
+    /// etcd's compaction revision as known.
+    pub compaction: Arc<Compaction>,
+    /// Configuration the hub was built from.
+    pub config: Config,
+}
+
+impl Hub {
+    /// Starts a feed per configured prefix and the compaction poller.
+    pub fn start(config: Config, upstream: Arc<Upstream>) -> Arc<Hub> {
+        let compaction = Arc::new(Compaction::default());
+        let mut prefixes = config.prefixes.clone();
+        prefixes.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        prefixes.dedup();
+        let feeds: Vec<Arc<Feed>> = prefixes
+            .iter()
+            .map(|p| {
+                Feed::spawn(
+                    p,
+                    upstream.clone(),
+                    compaction.clone(),
+                    config.history_revisions,
+                    config.history_bytes,
+                    config.load_page_size,
+                    config.sync_timeout,
+                )
+            })
+            .collect();
+        let hub = Arc::new(Hub {
+            feeds,
+            upstream: upstream.clone(),
+            compaction: compaction.clone(),
+            config: config.clone(),
+        });
+        let weak = Arc::downgrade(&hub);
+        tokio::spawn(compaction.poll(upstream, config.compaction_poll, move || {
+            let hub = weak.upgrade()?;
+            hub.feeds
+                .iter()
+                .filter(|f| f.is_ready())
+                .map(|f| f.cache().floor())
+                .min()
+        }));
+        hub
+    }
+
+    /// The feed whose prefix contains all of `range`, if any.
+    pub fn feed_for(&self, range: &KeyRange) -> Option<&Arc<Feed>> {
+        self.feeds.iter().find(|f| f.range.covers(range))
+    }
+
+    /// All feeds.
+    pub fn feeds(&self) -> &[Arc<Feed>] {
+        &self.feeds
+    }
+
+    /// True when every feed is loaded and watched.
+    pub fn is_ready(&self) -> bool {
+        self.feeds.iter().all(|f| f.is_ready())
+    }
+
+    /// The newest revision the proxy has seen from etcd (max over the feeds' heads).
+    pub fn revision(&self) -> i64 {
+        self.feeds.iter().map(|f| f.head()).max().unwrap_or(0)
+    }
+}

@@ -1,0 +1,355 @@
+//! The KV service: Range from the cache when a feed covers the keys, everything else
+//! (writes, transactions, compaction, ranges outside every prefix) forwarded to etcd.
+//!
+//! [`answer_range`] reproduces etcd's `applierV3backend.Range` over a list of key-values
+//! (filters, sort, limit, `more`, `count`, `keys_only`, `count_only`), so a cached answer is
+//! byte-for-byte what etcd would have sent.
+
+use std::cmp::Ordering as CmpOrdering;
+use std::sync::Arc;
+
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status};
+
+use crate::error::Error;
+use crate::feed::Feed;
+use crate::hub::Hub;
+use crate::keys::KeyRange;
+use crate::metrics;
+use crate::proto::etcdserverpb::range_request::{SortOrder, SortTarget};
+use crate::proto::etcdserverpb::*;
+use crate::proto::mvccpb::KeyValue;
+use crate::upstream::forward;
+
+/// Go's `sort.Sort` is an insertion sort (stable) up to this many elements; above it, the
+/// order of equal elements is etcd's own, so such sorts are forwarded.
+const GO_STABLE_SORT_MAX: usize = 12;
+
+/// Serves the KV service.
+#[derive(Debug, Clone)]
+pub struct KvService {
+    /// Feeds and upstream.
+    hub: Arc<Hub>,
+}
+
+impl KvService {
+    /// A KV service over `hub`.
+    pub fn new(hub: Arc<Hub>) -> Self {
+        KvService { hub }
+    }
+
+    /// Answers a range, from the cache when possible.
+    pub async fn range_request(
+        &self,
+        metadata: &MetadataMap,
+        req: RangeRequest,
+    ) -> Result<RangeResponse, Error> {
+        if req.key.is_empty() {
+            return Err(Error::EmptyKey);
+        }
+        let range = KeyRange::new(&req.key, &req.range_end);
+        if let Some(feed) = self.hub.feed_for(&range).filter(|f| f.is_ready()) {
+            if let Some(resp) = self.range_cached(feed, &range, &req).await? {
+                metrics::RANGES_CACHED.inc();
+                return Ok(resp);
+            }
+        }
+        metrics::RANGES_FORWARDED.inc();
+        let resp = self.hub.upstream.kv().range(forward(metadata, req)).await?;
+        self.hub
+            .upstream
+            .observe_header(resp.get_ref().header.as_ref());
+        Ok(resp.into_inner())
+    }
+
+    /// The cached answer, or `None` when only etcd can answer (the caller forwards).
+    async fn range_cached(
+        &self,
+        feed: &Feed,
+        range: &KeyRange,
+        req: &RangeRequest,
+    ) -> Result<Option<RangeResponse>, Error> {
+        let sync = if req.serializable {
+            None
+        } else {
+            match feed.linearize().await {
+                Some(p) => Some(p),
+                None => return Ok(None),
+            }
+        };
+        let cache = feed.cache();
+        let head = cache.head();
+        // `base`: revision whose cached state is read; `report`: etcd's current revision.
+        // Between the two nothing in the prefix changed (see `Feed::sync_check`).
+        let (base, report) = match sync {
+            Some(p) if p.read_at > 0 => (p.read_at, p.report),
+            _ => (head, head),
+        };
+        let at = if req.revision > 0 {
+            if req.revision > report {
+                if req.serializable {
+                    return Ok(None);
+                }
+                return Err(Error::FutureRevision);
+            }
+            if feed.compaction().is_compacted(req.revision) {
+                return Err(Error::Compacted);
+            }
+            req.revision.min(base)
+        } else {
+            base
+        };
+        let Some(kvs) = cache.kvs_at(range, at) else {
+            return Ok(None);
+        };
+        drop(cache);
+        let header = feed.upstream().header(report);
+        Ok(answer_range(req, kvs, header))
+    }
+}
+
+/// etcd's Range semantics over the live key-values of the requested range (sorted by key).
+/// Returns `None` when etcd's answer depends on its unstable sort (caller forwards).
+pub fn answer_range(
+    req: &RangeRequest,
+    mut kvs: Vec<KeyValue>,
+    header: ResponseHeader,
+) -> Option<RangeResponse> {
+    let count = kvs.len() as i64;
+    if req.count_only {
+        return Some(RangeResponse {
+            header: Some(header),
+            kvs: Vec::new(),
+            more: false,
+            count,
+        });
+    }
+    if req.max_mod_revision != 0 {
+        kvs.retain(|kv| kv.mod_revision <= req.max_mod_revision);
+    }
+    if req.min_mod_revision != 0 {
+        kvs.retain(|kv| kv.mod_revision >= req.min_mod_revision);
+    }
+    if req.max_create_revision != 0 {
+        kvs.retain(|kv| kv.create_revision <= req.max_create_revision);
+    }
+    if req.min_create_revision != 0 {
+        kvs.retain(|kv| kv.create_revision >= req.min_create_revision);
+    }
+    let target = SortTarget::try_from(req.sort_target).ok();
+    let mut order = SortOrder::try_from(req.sort_order).ok();
+    if target != Some(SortTarget::Key) && order == Some(SortOrder::None) {
+        order = Some(SortOrder::Ascend);
+    }
+    if matches!(order, Some(SortOrder::Ascend | SortOrder::Descend)) {
+        let cmp: fn(&KeyValue, &KeyValue) -> CmpOrdering = match target {
+            Some(SortTarget::Key) => |a, b| a.key.cmp(&b.key),
+            Some(SortTarget::Version) => |a, b| a.version.cmp(&b.version),
+            Some(SortTarget::Create) => |a, b| a.create_revision.cmp(&b.create_revision),
+            Some(SortTarget::Mod) => |a, b| a.mod_revision.cmp(&b.mod_revision),
+            Some(SortTarget::Value) => |a, b| a.value.cmp(&b.value),
+            // etcd has no sorter for an unknown target; let it answer.
+            None => return None,
+        };
+        if target != Some(SortTarget::Key) && kvs.len() > GO_STABLE_SORT_MAX {
+            return None;
+        }
+        if order == Some(SortOrder::Ascend) {
+            kvs.sort_by(cmp);
+        } else {
+            kvs.sort_by(|a, b| cmp(b, a));
+        }
+    }
+    let mut more = false;
+    if req.limit > 0 && kvs.len() > req.limit as usize {
+        kvs.truncate(req.limit as usize);
+        more = true;
+    }
+    if req.keys_only {
+        for kv in &mut kvs {
+            kv.value = Default::default();
+        }
+    }
+    Some(RangeResponse {
+        header: Some(header),
+        kvs,
+        more,
+        count,
+    })
+}
+
+#[tonic::async_trait]
+impl kv_server::Kv for KvService {
+    async fn range(
+        &self,
+        request: Request<RangeRequest>,
+    ) -> Result<Response<RangeResponse>, Status> {
+        let (metadata, _, req) = request.into_parts();
+        Ok(Response::new(self.range_request(&metadata, req).await?))
+    }
+
+    async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let (metadata, _, req) = request.into_parts();
+        let resp = self.hub.upstream.kv().put(forward(&metadata, req)).await?;
+        self.hub
+            .upstream
+            .observe_header(resp.get_ref().header.as_ref());
+        Ok(Response::new(resp.into_inner()))
+    }
+
+    async fn delete_range(
+        &self,
+        request: Request<DeleteRangeRequest>,
+    ) -> Result<Response<DeleteRangeResponse>, Status> {
+        let (metadata, _, req) = request.into_parts();
+        let resp = self
+            .hub
+            .upstream
+            .kv()
+            .delete_range(forward(&metadata, req))
+            .await?;
+        self.hub
+            .upstream
+            .observe_header(resp.get_ref().header.as_ref());
+        Ok(Response::new(resp.into_inner()))
+    }
+
+    async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let (metadata, _, req) = request.into_parts();
+        let resp = self.hub.upstream.kv().txn(forward(&metadata, req)).await?;
+        self.hub
+            .upstream
+            .observe_header(resp.get_ref().header.as_ref());
+        Ok(Response::new(resp.into_inner()))
+    }
+
+    async fn compact(
+        &self,
+        request: Request<CompactionRequest>,
+    ) -> Result<Response<CompactionResponse>, Status> {
+        let (metadata, _, req) = request.into_parts();
+        let rev = req.revision;
+        let resp = self
+            .hub
+            .upstream
+            .kv()
+            .compact(forward(&metadata, req))
+            .await?;
+        self.hub
+            .upstream
+            .observe_header(resp.get_ref().header.as_ref());
+        self.hub.compaction.observe(rev);
+        Ok(Response::new(resp.into_inner()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn kv(k: &str, v: &str, create: i64, rev: i64, version: i64) -> KeyValue {
+        KeyValue {
+            key: Bytes::from(k.to_string()),
+            value: Bytes::from(v.to_string()),
+            create_revision: create,
+            mod_revision: rev,
+            version,
+            lease: 0,
+        }
+    }
+
+    fn keys(r: &RangeResponse) -> Vec<String> {
+        r.kvs
+            .iter()
+            .map(|k| String::from_utf8_lossy(&k.key).to_string())
+            .collect()
+    }
+
+    fn sample() -> Vec<KeyValue> {
+        vec![
+            kv("a", "3", 2, 9, 4),
+            kv("b", "1", 3, 3, 1),
+            kv("c", "2", 4, 7, 2),
+        ]
+    }
+
+    #[test]
+    fn limit_more_count() {
+        let req = RangeRequest {
+            limit: 2,
+            ..Default::default()
+        };
+        let r = answer_range(&req, sample(), Default::default()).unwrap();
+        assert_eq!(keys(&r), ["a", "b"]);
+        assert!(r.more);
+        assert_eq!(r.count, 3);
+        let req = RangeRequest {
+            limit: -5,
+            ..Default::default()
+        };
+        let r = answer_range(&req, sample(), Default::default()).unwrap();
+        assert_eq!(r.kvs.len(), 3);
+        assert!(!r.more);
+    }
+
+    #[test]
+    fn sorts_and_filters() {
+        let req = RangeRequest {
+            sort_target: SortTarget::Mod as i32,
+            ..Default::default()
+        };
+        let r = answer_range(&req, sample(), Default::default()).unwrap();
+        assert_eq!(
+            keys(&r),
+            ["b", "c", "a"],
+            "non-key target defaults to ascending"
+        );
+        let req = RangeRequest {
+            sort_target: SortTarget::Value as i32,
+            sort_order: SortOrder::Descend as i32,
+            ..Default::default()
+        };
+        let r = answer_range(&req, sample(), Default::default()).unwrap();
+        assert_eq!(keys(&r), ["a", "c", "b"]);
+        let req = RangeRequest {
+            min_mod_revision: 4,
+            keys_only: true,
+            ..Default::default()
+        };
+        let r = answer_range(&req, sample(), Default::default()).unwrap();
+        assert_eq!(keys(&r), ["a", "c"]);
+        assert!(r.kvs.iter().all(|k| k.value.is_empty()));
+        assert_eq!(r.count, 3, "count is taken before filters");
+    }
+
+    #[test]
+    fn count_only() {
+        let req = RangeRequest {
+            count_only: true,
+            limit: 1,
+            ..Default::default()
+        };
+        let r = answer_range(&req, sample(), Default::default()).unwrap();
+        assert!(r.kvs.is_empty() && !r.more);
+        assert_eq!(r.count, 3);
+    }
+
+    #[test]
+    fn unstable_sorts_are_left_to_etcd() {
+        let many: Vec<KeyValue> = (0..13)
+            .map(|i| kv(&format!("k{i:02}"), "v", 1, 1, 1))
+            .collect();
+        let req = RangeRequest {
+            sort_target: SortTarget::Value as i32,
+            ..Default::default()
+        };
+        assert!(answer_range(&req, many.clone(), Default::default()).is_none());
+        let req = RangeRequest {
+            sort_order: SortOrder::Descend as i32,
+            ..Default::default()
+        };
+        let r = answer_range(&req, many, Default::default()).unwrap();
+        assert_eq!(keys(&r)[0], "k12");
+    }
+}

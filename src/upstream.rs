@@ -1,0 +1,136 @@
+//! The connection to the real etcd cluster: one load-balanced gRPC channel over every
+//! configured endpoint, the typed clients built on it, and the last response header etcd sent
+//! (cluster id, member id, raft term) that the proxy stamps on answers it makes itself.
+//!
+//! Failover: tonic's balanced channel keeps a connection per endpoint and routes around the
+//! ones that fail; HTTP/2 keepalives notice a stalled connection that never closes.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tonic::metadata::MetadataMap;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Request;
+
+use crate::proto::etcdserverpb::{
+    auth_client::AuthClient, cluster_client::ClusterClient, kv_client::KvClient,
+    lease_client::LeaseClient, maintenance_client::MaintenanceClient, watch_client::WatchClient,
+    ResponseHeader,
+};
+
+/// Metadata keys copied from a downstream request to the upstream one: the auth token
+/// (`token`), clientv3's require-leader flag (`hasleader`) and the gateway's token header.
+const FORWARDED_METADATA: [&str; 3] = ["token", "hasleader", "authorization"];
+
+/// Shared handle on the upstream etcd cluster (cheap to clone: the channel is shared).
+#[derive(Debug)]
+pub struct Upstream {
+    /// Balanced channel over all endpoints.
+    channel: Channel,
+    /// Cluster id, member id and raft term from the most recent upstream response.
+    header: Mutex<ResponseHeader>,
+}
+
+impl Upstream {
+    /// Builds the channel; connections are made lazily and re-made after failures.
+    pub fn new(endpoints: &[String]) -> Result<Upstream, String> {
+        let mut eps = Vec::with_capacity(endpoints.len());
+        for url in endpoints {
+            let url = if url.contains("://") {
+                url.clone()
+            } else {
+                format!("http://{url}")
+            };
+            let ep = Endpoint::from_shared(url.clone())
+                .map_err(|e| format!("invalid endpoint {url:?}: {e}"))?
+                .connect_timeout(Duration::from_secs(3))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(5))
+                .keep_alive_timeout(Duration::from_secs(5))
+                .keep_alive_while_idle(true)
+                .initial_stream_window_size(Some(4 << 20))
+                .initial_connection_window_size(Some(16 << 20));
+            eps.push(ep);
+        }
+        if eps.is_empty() {
+            return Err("no etcd endpoint configured".into());
+        }
+        let channel = if eps.len() == 1 {
+            eps.remove(0).connect_lazy()
+        } else {
+            Channel::balance_list(eps.into_iter())
+        };
+        Ok(Upstream {
+            channel,
+            header: Mutex::new(ResponseHeader::default()),
+        })
+    }
+
+    /// KV client with no message size cap (etcd sends ranges of any size).
+    pub fn kv(&self) -> KvClient<Channel> {
+        KvClient::new(self.channel.clone())
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX)
+    }
+
+    /// Watch client.
+    pub fn watch(&self) -> WatchClient<Channel> {
+        WatchClient::new(self.channel.clone())
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX)
+    }
+
+    /// Lease client.
+    pub fn lease(&self) -> LeaseClient<Channel> {
+        LeaseClient::new(self.channel.clone()).max_decoding_message_size(usize::MAX)
+    }
+
+    /// Cluster client.
+    pub fn cluster(&self) -> ClusterClient<Channel> {
+        ClusterClient::new(self.channel.clone()).max_decoding_message_size(usize::MAX)
+    }
+
+    /// Maintenance client.
+    pub fn maintenance(&self) -> MaintenanceClient<Channel> {
+        MaintenanceClient::new(self.channel.clone()).max_decoding_message_size(usize::MAX)
+    }
+
+    /// Auth client.
+    pub fn auth(&self) -> AuthClient<Channel> {
+        AuthClient::new(self.channel.clone()).max_decoding_message_size(usize::MAX)
+    }
+
+    /// Remembers the identity fields of a header etcd sent.
+    pub fn observe_header(&self, h: Option<&ResponseHeader>) {
+        if let Some(h) = h {
+            if let Ok(mut cur) = self.header.lock() {
+                cur.cluster_id = h.cluster_id;
+                cur.member_id = h.member_id;
+                cur.raft_term = h.raft_term;
+            }
+        }
+    }
+
+    /// A response header for an answer the proxy makes itself, at `revision`.
+    pub fn header(&self, revision: i64) -> ResponseHeader {
+        let mut h = self.header.lock().map(|h| *h).unwrap_or_default();
+        h.revision = revision;
+        h
+    }
+}
+
+/// Wraps `msg` in a request carrying the caller's credentials from `from`.
+pub fn forward<T>(from: &MetadataMap, msg: T) -> Request<T> {
+    let mut req = Request::new(msg);
+    copy_credentials(from, req.metadata_mut());
+    req
+}
+
+/// Copies the credential metadata (see [`FORWARDED_METADATA`]) from one map to another.
+pub fn copy_credentials(from: &MetadataMap, to: &mut MetadataMap) {
+    for key in FORWARDED_METADATA {
+        if let Some(v) = from.get(key) {
+            to.insert(key, v.clone());
+        }
+    }
+}

@@ -75,7 +75,7 @@ impl Compaction {
     }
 
     /// True when revision `rev` is compacted in etcd.
-    async fn probe_range(&self, upstream: &Upstream, rev: i64) -> Result<bool, tonic::Status> {
+    pub async fn probe_range(&self, upstream: &Upstream, rev: i64) -> Result<bool, tonic::Status> {
         let req = RangeRequest {
             key: Bytes::from_static(PROBE_KEY),
             revision: rev,

@@ -42,7 +42,7 @@ pub struct Config {
     pub load_page_size: i64,
 
     /// How often etcd's compaction revision is re-checked (e.g. `5s`, `500ms`).
-    #[arg(long, env = "ETCD_FANOUT_COMPACTION_POLL", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "ETCD_FANOUT_COMPACTION_POLL", default_value = "1s", value_parser = parse_duration)]
     pub compaction_poll: Duration,
 
     /// How long a linearizable read waits for the cache to catch up before it is forwarded.

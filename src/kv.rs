@@ -77,8 +77,7 @@ impl KvService {
                 None => return Ok(None),
             }
         };
-        let cache = feed.cache();
-        let head = cache.head();
+        let head = feed.cache().head();
         // `base`: revision whose cached state is read; `report`: etcd's current revision.
         // Between the two nothing in the prefix changed (see `Feed::sync_check`).
         let (base, report) = match sync {
@@ -95,16 +94,32 @@ impl KvService {
             if feed.compaction().is_compacted(req.revision) {
                 return Err(Error::Compacted);
             }
+            if req.revision < head {
+                // A compaction made directly on etcd may not be known yet: ask (historical
+                // reads are rare, so one small request each is cheap).
+                if feed.compaction().probe_range(feed.upstream(), req.revision).await? {
+                    return Err(Error::Compacted);
+                }
+                return Ok(self.read_at(feed, range, req, req.revision.min(base), report));
+            }
             req.revision.min(base)
         } else {
             base
         };
-        let Some(kvs) = cache.kvs_at(range, at) else {
-            return Ok(None);
-        };
-        drop(cache);
-        let header = feed.upstream().header(report);
-        Ok(answer_range(req, kvs, header))
+        Ok(self.read_at(feed, range, req, at, report))
+    }
+
+    /// Answers `req` from the cache state at revision `at`, reporting `report` in the header.
+    fn read_at(
+        &self,
+        feed: &Feed,
+        range: &KeyRange,
+        req: &RangeRequest,
+        at: i64,
+        report: i64,
+    ) -> Option<RangeResponse> {
+        let kvs = feed.cache().kvs_at(range, at)?;
+        answer_range(req, kvs, feed.upstream().header(report))
     }
 }
 
@@ -123,6 +138,15 @@ pub fn answer_range(
             more: false,
             count,
         });
+    }
+    let filtered = req.max_mod_revision != 0
+        || req.min_mod_revision != 0
+        || req.max_create_revision != 0
+        || req.min_create_revision != 0;
+    if req.sort_order == SortOrder::None as i32 && !filtered && req.limit > 0 {
+        // etcd reads only limit+1 keys (in key order) when no sort order is given, and then
+        // sorts just those by a non-key target.
+        kvs.truncate(req.limit as usize + 1);
     }
     if req.max_mod_revision != 0 {
         kvs.retain(|kv| kv.mod_revision <= req.max_mod_revision);

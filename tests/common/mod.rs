@@ -334,3 +334,4 @@ pub fn wait_http_ok(port: u16, path: &str, timeout: Duration) -> Result<(), Stri
     }
     Err(format!("GET {path} on port {port}: {last}"))
 }
+pub mod diff;

@@ -49,8 +49,8 @@ pub struct Config {
     #[arg(long, env = "ETCD_FANOUT_SYNC_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub sync_timeout: Duration,
 
-    /// Watch responses larger than this are split when the watch asked for `fragment`
-    /// (etcd's `--max-request-bytes`, default 1.5 MiB).
+    /// etcd's `--max-request-bytes` (default 1.5 MiB). Like etcd, watch responses of at least
+    /// this plus 512 KiB of gRPC overhead are split when the watch asked for `fragment`.
     #[arg(
         long,
         env = "ETCD_FANOUT_MAX_REQUEST_BYTES",
@@ -62,6 +62,17 @@ pub struct Config {
     /// (etcd's default is 10 minutes).
     #[arg(long, env = "ETCD_FANOUT_PROGRESS_INTERVAL", default_value = "10m", value_parser = parse_duration)]
     pub progress_interval: Duration,
+}
+
+/// etcd's `grpcOverheadBytes`: added to `--max-request-bytes` for gRPC message limits.
+pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+
+impl Config {
+    /// Size from which a watch response is fragmented (etcd's `maxRequestBytes` of a watch
+    /// stream).
+    pub fn fragment_threshold(&self) -> usize {
+        self.max_request_bytes + GRPC_OVERHEAD_BYTES
+    }
 }
 
 /// Parses `250ms`, `5s`, `10m`, `1h` or a bare number of seconds.

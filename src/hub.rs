@@ -80,4 +80,20 @@ impl Hub {
     pub fn revision(&self) -> i64 {
         self.feeds.iter().map(|f| f.head()).max().unwrap_or(0)
     }
+
+    /// etcd's current revision, as far as the caches can vouch for it: one shared
+    /// linearizable check (see [`Feed::linearize`]) on the first feed; falls back to the
+    /// newest revision seen when etcd cannot be asked.
+    pub async fn current_revision(&self) -> i64 {
+        if let Some(feed) = self.feeds.iter().find(|f| f.is_ready()) {
+            if let Some(p) = feed.linearize().await {
+                return if p.read_at > 0 {
+                    p.report.max(self.revision())
+                } else {
+                    self.revision()
+                };
+            }
+        }
+        self.revision()
+    }
 }

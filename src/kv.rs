@@ -97,7 +97,11 @@ impl KvService {
             if req.revision < head {
                 // A compaction made directly on etcd may not be known yet: ask (historical
                 // reads are rare, so one small request each is cheap).
-                if feed.compaction().probe_range(feed.upstream(), req.revision).await? {
+                if feed
+                    .compaction()
+                    .probe_range(feed.upstream(), req.revision)
+                    .await?
+                {
                     return Err(Error::Compacted);
                 }
                 return Ok(self.read_at(feed, range, req, req.revision.min(base), report));

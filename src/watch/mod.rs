@@ -171,8 +171,10 @@ impl Session {
                 true
             }
             Some(RequestUnion::ProgressRequest(_)) => {
+                // etcd 3.4 answers at once with its current revision.
+                let rev = self.hub.current_revision().await;
                 let resp = WatchResponse {
-                    header: Some(self.hub.upstream.header(self.hub.revision())),
+                    header: Some(self.hub.upstream.header(rev)),
                     watch_id: INVALID_WATCH_ID,
                     ..Default::default()
                 };

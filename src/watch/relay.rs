@@ -126,7 +126,7 @@ pub async fn catch_up(
             filter_into(spec, &resp.events, &mut events);
             if !events.is_empty() {
                 let header = resp.header.unwrap_or_default();
-                if send_events(out, spec, header, events, config.max_request_bytes)
+                if send_events(out, spec, header, events, config.fragment_threshold())
                     .await
                     .is_err()
                 {

@@ -142,7 +142,7 @@ pub async fn run(
                 let events = select_events(&spec, std::slice::from_ref(b));
                 if !events.is_empty() {
                     quiet = false;
-                    if send_events(&out, &spec, header, events, config.max_request_bytes)
+                    if send_events(&out, &spec, header, events, config.fragment_threshold())
                         .await
                         .is_err()
                     {
@@ -155,7 +155,7 @@ pub async fn run(
             let events = select_events(&spec, &batches);
             if !events.is_empty() {
                 quiet = false;
-                if send_events(&out, &spec, header, events, config.max_request_bytes)
+                if send_events(&out, &spec, header, events, config.fragment_threshold())
                     .await
                     .is_err()
                 {

@@ -19,7 +19,7 @@ use crate::metrics;
 use crate::proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 use crate::proto::etcdserverpb::*;
 use crate::proto::mvccpb::KeyValue;
-use crate::upstream::forward;
+use crate::upstream::{forward, has_credentials};
 
 /// Go's `sort.Sort` is an insertion sort (stable) up to this many elements; above it, the
 /// order of equal elements is etcd's own, so such sorts are forwarded.
@@ -48,7 +48,12 @@ impl KvService {
             return Err(Error::EmptyKey);
         }
         let range = KeyRange::new(&req.key, &req.range_end);
-        if let Some(feed) = self.hub.feed_for(&range).filter(|f| f.is_ready()) {
+        let cached = if has_credentials(metadata) {
+            None
+        } else {
+            self.hub.feed_for(&range).filter(|f| f.is_ready())
+        };
+        if let Some(feed) = cached {
             if let Some(resp) = self.range_cached(feed, &range, &req).await? {
                 metrics::RANGES_CACHED.inc();
                 return Ok(resp);

@@ -27,6 +27,7 @@ use crate::error::{WATCH_DUPLICATE_ID, WATCH_RANGE_EMPTY};
 use crate::hub::Hub;
 use crate::keys::KeyRange;
 use crate::metrics;
+use crate::upstream::has_credentials;
 use crate::passthrough::BoxStream;
 use crate::proto::etcdserverpb::watch_create_request::FilterType;
 use crate::proto::etcdserverpb::{
@@ -190,7 +191,13 @@ impl Session {
             c.key = bytes::Bytes::from_static(b"\0");
         }
         let range = KeyRange::new(&c.key, &c.range_end);
-        let feed = self.hub.feed_for(&range).cloned();
+        // Callers with credentials, and watches before the prefix is loaded, are relayed to
+        // etcd (see `upstream::has_credentials`).
+        let feed = if has_credentials(&self.metadata) {
+            None
+        } else {
+            self.hub.feed_for(&range).filter(|f| f.is_ready()).cloned()
+        };
         let header_rev = feed
             .as_ref()
             .map_or_else(|| self.hub.revision(), |f| f.head());

@@ -28,7 +28,7 @@ use crate::proto::etcdserverpb::{
     watch_request::RequestUnion, RangeRequest, WatchCreateRequest, WatchRequest,
 };
 use crate::proto::mvccpb::Event;
-use crate::upstream::Upstream;
+use crate::upstream::{watch_stream, Upstream};
 
 /// How a linearizable read may be answered from the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,7 +221,7 @@ impl Feed {
         let mut stream = self
             .upstream
             .watch()
-            .watch(ReceiverStream::new(rx))
+            .watch(watch_stream(&Default::default(), ReceiverStream::new(rx)))
             .await?
             .into_inner();
         metrics::UPSTREAM_WATCHES.inc();

@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use tokio::sync::watch;
+
 use crate::compaction::Compaction;
 use crate::config::Config;
 use crate::feed::Feed;
@@ -20,6 +22,9 @@ pub struct Hub {
     pub compaction: Arc<Compaction>,
     /// Configuration the hub was built from.
     pub config: Config,
+    /// Turns true when the proxy shuts down: sessions end their streams so clients reconnect
+    /// to another replica.
+    shutdown: watch::Sender<bool>,
 }
 
 impl Hub {
@@ -48,6 +53,7 @@ impl Hub {
             upstream: upstream.clone(),
             compaction: compaction.clone(),
             config: config.clone(),
+            shutdown: watch::channel(false).0,
         });
         let weak = Arc::downgrade(&hub);
         tokio::spawn(compaction.poll(upstream, config.compaction_poll, move || {
@@ -71,9 +77,19 @@ impl Hub {
         &self.feeds
     }
 
-    /// True when every feed is loaded and watched.
+    /// True when every feed is loaded and watched, and the proxy is not shutting down.
     pub fn is_ready(&self) -> bool {
-        self.feeds.iter().all(|f| f.is_ready())
+        !*self.shutdown.borrow() && self.feeds.iter().all(|f| f.is_ready())
+    }
+
+    /// Starts shutting down: no new work, watch sessions end.
+    pub fn shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Subscribes to the shutdown flag.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
     }
 
     /// The newest revision the proxy has seen from etcd (max over the feeds' heads).

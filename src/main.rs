@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use tokio::sync::watch;
 
 use etcd_fanout::config::Config;
 use etcd_fanout::hub::Hub;
@@ -28,13 +27,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(listen = %config.listen, endpoints = ?config.endpoints, prefixes = ?config.prefixes, "etcd-fanout starting");
     let hub = Hub::start(config, upstream);
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shutdown = hub.shutdown_signal();
+    let signal_hub = hub.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("shutting down");
-        let _ = shutdown_tx.send(true);
+        signal_hub.shutdown();
     });
-    serve(listener, Services::new(hub), shutdown_rx, DRAIN).await;
+    serve(listener, Services::new(hub), shutdown, DRAIN).await;
+    tracing::info!("stopped");
     Ok(())
 }
 

@@ -126,6 +126,18 @@ pub fn forward<T>(from: &MetadataMap, msg: T) -> Request<T> {
     req
 }
 
+/// A watch stream request for etcd carrying `metadata`'s credentials and clientv3's
+/// `hasleader` flag, so a member that loses its leader ends the stream instead of silently
+/// serving a stale watch (the proxy then resumes on a healthy member).
+pub fn watch_stream<S>(metadata: &MetadataMap, requests: S) -> Request<S> {
+    let mut req = forward(metadata, requests);
+    req.metadata_mut().insert(
+        "hasleader",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    req
+}
+
 /// True when the caller presented credentials (an auth token). Such callers are served by
 /// etcd itself until per-identity permission checks exist: the shared cache must never show
 /// a key to a caller etcd would refuse it to.

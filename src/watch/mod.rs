@@ -27,15 +27,18 @@ use crate::error::{WATCH_DUPLICATE_ID, WATCH_RANGE_EMPTY};
 use crate::hub::Hub;
 use crate::keys::KeyRange;
 use crate::metrics;
-use crate::upstream::has_credentials;
 use crate::passthrough::BoxStream;
 use crate::proto::etcdserverpb::watch_create_request::FilterType;
 use crate::proto::etcdserverpb::{
     watch_request::RequestUnion, watch_server, WatchCreateRequest, WatchRequest, WatchResponse,
 };
+use crate::upstream::has_credentials;
 
 /// Responses a session may have queued for its client before watches wait.
 const SESSION_BUFFER: usize = 256;
+
+/// Status message of watch streams ended by a proxy shutdown (etcd's `ErrGRPCStopped`).
+const SHUTDOWN_MESSAGE: &str = "etcdserver: server stopped";
 
 /// etcd's `clientv3.InvalidWatchID`.
 pub const INVALID_WATCH_ID: i64 = -1;
@@ -130,8 +133,14 @@ impl Session {
         S: Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
     {
         metrics::WATCH_STREAMS.inc();
+        let mut shutdown = self.hub.shutdown_signal();
         loop {
             tokio::select! {
+                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
+                    // End the stream so the client reconnects (to another replica).
+                    let _ = self.out.send(Err(Status::unavailable(SHUTDOWN_MESSAGE))).await;
+                    break;
+                }
                 req = requests.next() => match req {
                     Some(Ok(req)) => {
                         if !self.handle(req).await {

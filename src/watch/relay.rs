@@ -27,7 +27,7 @@ use crate::metrics;
 use crate::proto::etcdserverpb::{
     watch_request::RequestUnion, WatchCreateRequest, WatchRequest, WatchResponse,
 };
-use crate::upstream::{forward, Upstream};
+use crate::upstream::{watch_stream, Upstream};
 
 /// Tries to open an upstream watch before a relay gives up and cancels the downstream one.
 const CREATE_ATTEMPTS: u32 = 10;
@@ -54,7 +54,7 @@ async fn open(
         .map_err(|_| tonic::Status::internal("request channel closed"))?;
     let responses = upstream
         .watch()
-        .watch(forward(metadata, ReceiverStream::new(rx)))
+        .watch(watch_stream(metadata, ReceiverStream::new(rx)))
         .await?
         .into_inner();
     Ok(UpstreamWatch {

@@ -152,7 +152,9 @@ pub fn normalize(s: &str) -> String {
             {
                 let indent = &l[..l.len() - l.trim_start().len()];
                 let rev = t[3].trim_start_matches("revision: ").trim_end_matches(',');
-                out.push(format!("{indent}header: Some(ResponseHeader {{ revision: {rev}, .. }}),"));
+                out.push(format!(
+                    "{indent}header: Some(ResponseHeader {{ revision: {rev}, .. }}),"
+                ));
                 i += 8;
                 continue;
             }
@@ -335,12 +337,22 @@ pub fn entry_diff(a: &[String], b: &[String]) -> String {
             k += 1;
         }
         let (ai, bi) = (ops[start].1, ops[start].2);
-        out.push_str(&format!("@@ entry #{ai} of reference, #{bi} of target @@\n"));
+        out.push_str(&format!(
+            "@@ entry #{ai} of reference, #{bi} of target @@\n"
+        ));
         if start > 0 {
             out.push_str(&format!("  {}  [...]\n", first_line(&a[ops[start - 1].1])));
         }
-        let dels: Vec<usize> = ops[start..k].iter().filter(|o| o.0 == '-').map(|o| o.1).collect();
-        let adds: Vec<usize> = ops[start..k].iter().filter(|o| o.0 == '+').map(|o| o.2).collect();
+        let dels: Vec<usize> = ops[start..k]
+            .iter()
+            .filter(|o| o.0 == '-')
+            .map(|o| o.1)
+            .collect();
+        let adds: Vec<usize> = ops[start..k]
+            .iter()
+            .filter(|o| o.0 == '+')
+            .map(|o| o.2)
+            .collect();
         let pairs = dels.len().min(adds.len());
         for p in 0..pairs {
             let al: Vec<String> = a[dels[p]].split('\n').map(str::to_string).collect();
@@ -395,14 +407,34 @@ pub fn assert_same(name: &str, reference: &[String], target: &[String], target_l
             .zip(target.iter())
             .position(|(x, y)| x != y)
             .unwrap_or(reference.len().min(target.len()));
-        let tail: Vec<&str> = target_log
-            .lines()
-            .rev()
-            .take(40)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
+        // the log tail without backtrace frames, panics first
+        let is_frame = |l: &str| {
+            let t = l.trim_start();
+            t.starts_with("at ")
+                || (l.starts_with(' ')
+                    && t.split(':')
+                        .next()
+                        .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit())))
+        };
+        let useful: Vec<&str> = target_log.lines().filter(|l| !is_frame(l)).collect();
+        let panics: Vec<&str> = useful
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.contains("panicked at"))
+            .take(3)
+            .flat_map(|(i, _)| useful[i..(i + 2).min(useful.len())].iter().copied())
             .collect();
+        let mut tail: Vec<&str> = panics;
+        tail.push("...");
+        tail.extend(
+            useful
+                .iter()
+                .rev()
+                .take(25)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev(),
+        );
         panic!(
             "\n===== {name}: target differs from reference etcd =====\n\
              (- reference etcd, + target{}) first differing entry #{first}: {:?}\n\
@@ -526,6 +558,14 @@ impl Env {
                 .expect("proxy start"),
             )
         };
+        eprintln!(
+            "differential env: reference etcd {} | target {}",
+            a.url,
+            match &proxy {
+                Some(p) => format!("etcd-fanout {} -> etcd {}", p.url, b.url),
+                None => format!("plain etcd {} (self-check)", b.url),
+            }
+        );
         Env { a, b, proxy }
     }
 
@@ -915,24 +955,26 @@ pub async fn raw_unary(
     .map(|r| r.into_inner())
 }
 
-/// Raw gRPC bidi call: sends the given frames, half-closes, returns the raw response frames
-/// received within `t` (or the error status).
+/// Raw gRPC bidi call: sends the given frames (keeping the request side open), returns the
+/// raw response frames received within `t` and the final error status, if any.
 pub async fn raw_streaming(
     url: &str,
     path: &'static str,
     frames: Vec<Vec<u8>>,
     t: Duration,
-) -> Result<Vec<Vec<u8>>, tonic::Status> {
+) -> (Vec<Vec<u8>>, Option<tonic::Status>) {
     let ch = super::channel(url).await;
     let mut grpc = tonic::client::Grpc::new(ch);
-    grpc.ready()
-        .await
-        .map_err(|e| tonic::Status::unavailable(format!("not ready: {e}")))?;
+    if let Err(e) = grpc.ready().await {
+        return (
+            vec![],
+            Some(tonic::Status::unavailable(format!("not ready: {e}"))),
+        );
+    }
     let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
     for f in frames {
         let _ = tx.send(f);
     }
-    // keep the request side open until we are done reading
     let fut = grpc.streaming(
         tonic::Request::new(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)),
         http::uri::PathAndQuery::from_static(path),
@@ -941,19 +983,24 @@ pub async fn raw_streaming(
     let mut out = Vec::new();
     let deadline = tokio::time::Instant::now() + t;
     let mut s = match tokio::time::timeout_at(deadline, fut).await {
-        Err(_) => return Ok(out),
-        Ok(r) => r?.into_inner(),
+        Err(_) => return (out, None),
+        Ok(Err(st)) => return (out, Some(st)),
+        Ok(Ok(r)) => r.into_inner(),
     };
+    let mut status = None;
     loop {
         match tokio::time::timeout_at(deadline, s.message()).await {
             Err(_) => break,
             Ok(Ok(Some(m))) => out.push(m),
             Ok(Ok(None)) => break,
-            Ok(Err(st)) => return Err(st),
+            Ok(Err(st)) => {
+                status = Some(st);
+                break;
+            }
         }
     }
     drop(tx);
-    Ok(out)
+    (out, status)
 }
 
 /// A codec passing raw bytes through.
@@ -1131,5 +1178,16 @@ pub async fn populate(kv: &mut Kv, rec: &Rec) {
         ("/apisix/routes/1", "r1-v3"),
     ] {
         put(kv, rec, k, v).await;
+    }
+}
+
+impl WatchConn {
+    /// Sends a WatchRequest with no request set (etcd ignores it).
+    pub fn send_raw_empty(&self) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(WatchRequest {
+                request_union: None,
+            });
+        }
     }
 }

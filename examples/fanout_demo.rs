@@ -55,7 +55,7 @@ struct Args {
     /// Fail if etcd reports more watchers than this while the demo's watchers are open.
     #[arg(long)]
     max_upstream_watchers: Option<f64>,
-    /// Overall time limit in seconds for creating watchers and receiving all events.
+    /// Time limit in seconds for creating the watchers, writing, and receiving all events.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
 }
@@ -338,6 +338,12 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     let mut expected: Vec<(Bytes, i64)> = Vec::with_capacity(args.writes);
     let t1 = Instant::now();
     for i in 0..args.writes {
+        if Instant::now() > deadline {
+            let _ = stop_tx.send(true);
+            return Err(
+                format!("only {i} of {} writes done before the timeout", args.writes).into(),
+            );
+        }
         let key =
             Bytes::from(format!("{}route-{i:05}", String::from_utf8_lossy(&ours)).into_bytes());
         let value = Bytes::from(format!("{{\"id\":\"{i}\",\"uri\":\"/demo/{i}\"}}").into_bytes());
@@ -460,6 +466,9 @@ async fn run(args: Args) -> Result<bool, BoxError> {
              the demo's watchers open (watch streams: {sb} before, {sd} during)"
         );
         upstream = format!("{wd} etcd watcher{}", if wd == 1.0 { "" } else { "s" });
+        if wb > 0.0 && wd != wb {
+            upstream.push_str(&format!(" ({wb} of them open before the demo)"));
+        }
         if let Some(max) = args.max_upstream_watchers {
             if wd > max {
                 errors.push(format!(

@@ -22,7 +22,7 @@ use crate::proto::mvccpb::{event::EventType, Event, KeyValue};
 const EVENT_OVERHEAD: usize = 96;
 
 /// Every event of one revision, in etcd's order, shared by all watchers that read it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub struct RevBatch {
     /// The revision all events share.
     pub revision: i64,
@@ -30,7 +30,14 @@ pub struct RevBatch {
     pub events: Vec<Event>,
     /// Approximate memory held by the batch.
     pub bytes: usize,
+    /// This batch's events encoded once per watch shape, shared by every watcher of that
+    /// shape (filled by [`crate::watch::shape`]).
+    pub encoded: EncodedMemo,
 }
+
+/// Per-shape encodings of one batch: `(shape id, encoding)` pairs, few per batch.
+#[derive(Debug, Default)]
+pub struct EncodedMemo(pub std::sync::Mutex<Vec<(u64, Arc<crate::watch::shape::Encoded>)>>);
 
 impl RevBatch {
     /// Groups events of one revision into a batch.
@@ -40,6 +47,7 @@ impl RevBatch {
             revision,
             events,
             bytes,
+            encoded: EncodedMemo::default(),
         }
     }
 }

@@ -20,8 +20,9 @@ use crate::kv::KvService;
 use crate::passthrough::PassThrough;
 use crate::proto::etcdserverpb::{
     auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
-    lease_server::LeaseServer, maintenance_server::MaintenanceServer, watch_server::WatchServer,
+    lease_server::LeaseServer, maintenance_server::MaintenanceServer,
 };
+use crate::watch::frame::WatchGrpc;
 use crate::watch::WatchService;
 
 /// etcd's largest accepted request (`--max-request-bytes` 1.5 MiB plus 512 KiB gRPC overhead).
@@ -59,11 +60,7 @@ impl Services {
                 .max_decoding_message_size(MAX_DECODING_MESSAGE)
                 .max_encoding_message_size(usize::MAX),
         )
-        .add_service(
-            WatchServer::new(self.watch.clone())
-                .max_decoding_message_size(MAX_DECODING_MESSAGE)
-                .max_encoding_message_size(usize::MAX),
-        )
+        .add_service(WatchGrpc::new(self.watch.clone(), MAX_DECODING_MESSAGE))
         .add_service(LeaseServer::new(p.clone()).max_decoding_message_size(MAX_DECODING_MESSAGE))
         .add_service(ClusterServer::new(p.clone()).max_decoding_message_size(MAX_DECODING_MESSAGE))
         .add_service(

@@ -10,7 +10,9 @@
 //! All of a session's responses go through one bounded channel to the client, so a client that
 //! stops reading only stops its own watches, and memory per session is bounded.
 
+pub mod frame;
 pub mod relay;
+pub mod shape;
 pub mod watcher;
 
 use std::collections::HashMap;
@@ -33,6 +35,8 @@ use crate::proto::etcdserverpb::{
     watch_request::RequestUnion, watch_server, WatchCreateRequest, WatchRequest, WatchResponse,
 };
 use crate::upstream::has_credentials;
+use frame::Frame;
+use shape::{Shape, ShapeKey, SHAPES};
 
 /// Responses a session may have queued for its client before watches wait.
 const SESSION_BUFFER: usize = 256;
@@ -44,21 +48,15 @@ const SHUTDOWN_MESSAGE: &str = "etcdserver: server stopped";
 pub const INVALID_WATCH_ID: i64 = -1;
 
 /// The sending half every watch of a session writes its responses to.
-pub type Out = mpsc::Sender<Result<WatchResponse, Status>>;
+pub type Out = mpsc::Sender<Result<Frame, Status>>;
 
 /// What one downstream watch asked for.
 #[derive(Debug, Clone)]
 pub struct WatchSpec {
     /// The watch id on its stream.
     pub id: i64,
-    /// Keys watched.
-    pub range: KeyRange,
-    /// Drop PUT events.
-    pub no_put: bool,
-    /// Drop DELETE events.
-    pub no_delete: bool,
-    /// Include the previous key-value on each event.
-    pub prev_kv: bool,
+    /// Which events it gets and how they look (shared by identical watches).
+    pub shape: Arc<Shape>,
     /// Split responses larger than the max request size.
     pub fragment: bool,
     /// Send periodic progress notifications.
@@ -84,6 +82,18 @@ impl WatchService {
     /// The session lives until the returned stream is dropped (like etcd, a client that
     /// half-closes its request stream keeps receiving events).
     pub fn session<S>(&self, metadata: MetadataMap, requests: S) -> BoxStream<WatchResponse>
+    where
+        S: Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
+    {
+        Box::pin(
+            self.session_frames(metadata, requests)
+                .map(|r| r.map(Frame::into_response)),
+        )
+    }
+
+    /// Like [`WatchService::session`], with events responses left as shared [`Frame`]s for
+    /// encoders that write them once per shape.
+    pub fn session_frames<S>(&self, metadata: MetadataMap, requests: S) -> BoxStream<Frame>
     where
         S: Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
     {
@@ -176,7 +186,7 @@ impl Session {
                         canceled: true,
                         ..Default::default()
                     };
-                    return self.out.send(Ok(resp)).await.is_ok();
+                    return self.out.send(Ok(Frame::Msg(resp))).await.is_ok();
                 }
                 true
             }
@@ -188,7 +198,7 @@ impl Session {
                     watch_id: INVALID_WATCH_ID,
                     ..Default::default()
                 };
-                self.out.send(Ok(resp)).await.is_ok()
+                self.out.send(Ok(Frame::Msg(resp))).await.is_ok()
             }
             None => true,
         }
@@ -224,12 +234,15 @@ impl Session {
         } else {
             c.watch_id
         };
-        let spec = WatchSpec {
-            id,
+        let shape = SHAPES.intern(ShapeKey {
             range,
             no_put: c.filters.contains(&(FilterType::Noput as i32)),
             no_delete: c.filters.contains(&(FilterType::Nodelete as i32)),
             prev_kv: c.prev_kv,
+        });
+        let spec = WatchSpec {
+            id,
+            shape,
             fragment: c.fragment,
             progress_notify: c.progress_notify,
             request: c,
@@ -237,7 +250,12 @@ impl Session {
         let handle = match feed {
             Some(feed) => {
                 let created = watcher::created(&feed, &spec);
-                if self.out.send(Ok(created.response.clone())).await.is_err() {
+                if self
+                    .out
+                    .send(Ok(Frame::Msg(created.response.clone())))
+                    .await
+                    .is_err()
+                {
                     return false;
                 }
                 tokio::spawn(watcher::run(
@@ -277,6 +295,6 @@ impl Session {
             cancel_reason: reason.to_string(),
             ..Default::default()
         };
-        self.out.send(Ok(resp)).await.is_ok()
+        self.out.send(Ok(Frame::Msg(resp))).await.is_ok()
     }
 }

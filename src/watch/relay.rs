@@ -18,6 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
 use tonic::Streaming;
 
+use super::frame::Frame;
 use super::watcher::{filter_into, send_events, WatcherGauge, RETRY_DELAY};
 use super::{Out, WatchSpec};
 use crate::config::Config;
@@ -77,8 +78,8 @@ pub async fn catch_up(
     metrics::CATCHUPS.inc();
     loop {
         let create = WatchCreateRequest {
-            key: spec.range.start.clone(),
-            range_end: spec.range.range_end(),
+            key: spec.shape.key.range.start.clone(),
+            range_end: spec.shape.key.range.range_end(),
             start_revision: from,
             prev_kv: true,
             ..Default::default()
@@ -105,11 +106,11 @@ pub async fn catch_up(
             if resp.canceled {
                 // Compacted (or refused): exactly what etcd tells a direct client.
                 let _ = out
-                    .send(Ok(WatchResponse {
+                    .send(Ok(Frame::Msg(WatchResponse {
                         watch_id: spec.id,
                         created: false,
                         ..resp
-                    }))
+                    })))
                     .await;
                 return None;
             }
@@ -183,7 +184,7 @@ pub async fn run_uncached(
                         cancel_reason: e.message().to_string(),
                         ..Default::default()
                     };
-                    let _ = out.send(Ok(resp)).await;
+                    let _ = out.send(Ok(Frame::Msg(resp))).await;
                     return;
                 }
                 tokio::select! {
@@ -204,7 +205,7 @@ pub async fn run_uncached(
             hub.upstream.observe_header(resp.header.as_ref());
             if resp.created {
                 if resp.canceled {
-                    let _ = out.send(Ok(resp)).await;
+                    let _ = out.send(Ok(Frame::Msg(resp))).await;
                     return;
                 }
                 if let Some(c) = created.take() {
@@ -217,10 +218,10 @@ pub async fn run_uncached(
                         });
                     }
                     let ok = out
-                        .send(Ok(WatchResponse {
+                        .send(Ok(Frame::Msg(WatchResponse {
                             watch_id: spec.id,
                             ..resp
-                        }))
+                        })))
                         .await
                         .is_ok();
                     let _ = c.send(());
@@ -242,10 +243,10 @@ pub async fn run_uncached(
             }
             let canceled = resp.canceled;
             if out
-                .send(Ok(WatchResponse {
+                .send(Ok(Frame::Msg(WatchResponse {
                     watch_id: spec.id,
                     ..resp
-                }))
+                })))
                 .await
                 .is_err()
                 || canceled

@@ -18,13 +18,14 @@ use std::time::Duration;
 use prost::Message;
 use tonic::metadata::MetadataMap;
 
+use super::frame::{EventsFrame, Frame};
 use super::{relay, Out, WatchSpec};
 use crate::cache::RevBatch;
 use crate::config::Config;
 use crate::feed::Feed;
 use crate::metrics;
 use crate::proto::etcdserverpb::{ResponseHeader, WatchResponse};
-use crate::proto::mvccpb::{event::EventType, Event};
+use crate::proto::mvccpb::Event;
 
 /// etcd's `watchBatchMaxRevs`: most revisions in one catch-up response.
 pub const MAX_REVS_PER_RESPONSE: usize = 1000;
@@ -76,7 +77,7 @@ pub async fn run(
     let compacted = feed.compaction().revision();
     if created.start < compacted {
         let _ = out
-            .send(Ok(compacted_response(&feed, &spec, compacted)))
+            .send(Ok(Frame::Msg(compacted_response(&feed, &spec, compacted))))
             .await;
         return;
     }
@@ -102,7 +103,7 @@ pub async fn run(
                             watch_id: spec.id,
                             ..Default::default()
                         };
-                        if out.send(Ok(resp)).await.is_err() {
+                        if out.send(Ok(Frame::Msg(resp))).await.is_err() {
                             return;
                         }
                     }
@@ -137,30 +138,20 @@ pub async fn run(
             continue;
         };
         if synced {
-            for b in &batches {
+            for b in batches {
                 let header = feed.upstream().header(b.revision);
-                let events = select_events(&spec, std::slice::from_ref(b));
-                if !events.is_empty() {
-                    quiet = false;
-                    if send_events(&out, &spec, header, events, config.fragment_threshold())
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
+                match send_batches(&out, &spec, header, vec![b], &config).await {
+                    Ok(0) => {}
+                    Ok(_) => quiet = false,
+                    Err(()) => return,
                 }
             }
         } else {
             let header = feed.upstream().header(head);
-            let events = select_events(&spec, &batches);
-            if !events.is_empty() {
-                quiet = false;
-                if send_events(&out, &spec, header, events, config.fragment_threshold())
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
+            match send_batches(&out, &spec, header, batches, &config).await {
+                Ok(0) => {}
+                Ok(_) => quiet = false,
+                Err(()) => return,
             }
             synced = last >= head;
         }
@@ -198,37 +189,49 @@ pub fn compacted_response(feed: &Feed, spec: &WatchSpec, compacted: i64) -> Watc
     }
 }
 
-/// The events of `batches` this watch wants: in its key range, through its filters, with
-/// `prev_kv` only if asked for.
-pub fn select_events(spec: &WatchSpec, batches: &[Arc<RevBatch>]) -> Vec<Event> {
-    let mut out = Vec::new();
-    for b in batches {
-        filter_into(spec, &b.events, &mut out);
-    }
-    out
+/// Appends the events of `events` that `spec` wants to `out`, as it wants them.
+pub fn filter_into(spec: &WatchSpec, events: &[Event], out: &mut Vec<Event>) {
+    out.extend(
+        events
+            .iter()
+            .filter(|e| spec.shape.wants(e))
+            .map(|e| spec.shape.view(e)),
+    );
 }
 
-/// Appends the events of `events` that `spec` wants to `out`.
-pub fn filter_into(spec: &WatchSpec, events: &[Event], out: &mut Vec<Event>) {
-    for ev in events {
-        let Some(kv) = &ev.kv else { continue };
-        if !spec.range.contains_key(&kv.key) {
-            continue;
-        }
-        let is_put = ev.r#type() == EventType::Put;
-        if (is_put && spec.no_put) || (!is_put && spec.no_delete) {
-            continue;
-        }
-        if spec.prev_kv {
-            out.push(ev.clone());
-        } else {
-            out.push(Event {
-                r#type: ev.r#type,
-                kv: ev.kv.clone(),
-                prev_kv: None,
-            });
-        }
+/// Sends the events `spec` wants from `batches` in one response (encoded once per shape and
+/// shared), or in fragments when the watch asked for them. Returns how many events went out
+/// (0: nothing was sent).
+pub async fn send_batches(
+    out: &Out,
+    spec: &WatchSpec,
+    header: ResponseHeader,
+    mut batches: Vec<Arc<RevBatch>>,
+    config: &Config,
+) -> Result<usize, ()> {
+    let mut count = 0;
+    batches.retain(|b| {
+        let n = spec.shape.encode(b).count;
+        count += n;
+        n > 0
+    });
+    if count == 0 {
+        return Ok(0);
     }
+    let frame = EventsFrame {
+        header,
+        watch_id: spec.id,
+        batches,
+        shape: spec.shape.clone(),
+    };
+    if spec.fragment {
+        let resp = frame.to_response();
+        send_events(out, spec, header, resp.events, config.fragment_threshold()).await?;
+    } else {
+        out.send(Ok(Frame::Events(frame))).await.map_err(|_| ())?;
+        metrics::EVENTS_SENT.inc_by(count as u64);
+    }
+    Ok(count)
 }
 
 /// Sends one response (or its fragments, when the watch asked for them) carrying `events`.
@@ -252,7 +255,7 @@ pub async fn send_events(
         vec![resp]
     };
     for p in parts {
-        out.send(Ok(p)).await.map_err(|_| ())?;
+        out.send(Ok(Frame::Msg(p))).await.map_err(|_| ())?;
     }
     metrics::EVENTS_SENT.inc_by(n);
     Ok(())

@@ -1,0 +1,204 @@
+//! What a watch session sends, and its gRPC wire encoder.
+//!
+//! A [`Frame`] is either a plain [`WatchResponse`] (created, canceled, progress, relayed
+//! responses) or an events response whose event bytes are shared: [`EventsFrame`] points at the
+//! revision batches and the watch's [`Shape`], whose per-batch encodings were made once for all
+//! watchers of that shape. The encoder writes the header and watch id, then copies the shared
+//! bytes: per-watcher work is a few bytes of framing and one copy into the connection's buffer.
+//!
+//! The Watch gRPC route is written out here (instead of tonic's generated `WatchServer`) only
+//! to use this encoder; it speaks exactly the same protocol.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::BufMut;
+use prost::Message;
+use tonic::body::Body;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::server::{Grpc, NamedService, StreamingService};
+use tonic::{Status, Streaming};
+
+use super::shape::Shape;
+use super::WatchService;
+use crate::cache::RevBatch;
+use crate::passthrough::BoxStream;
+use crate::proto::etcdserverpb::{ResponseHeader, WatchRequest, WatchResponse};
+
+/// One response of a watch session.
+#[derive(Debug, Clone)]
+pub enum Frame {
+    /// A response built as a message.
+    Msg(WatchResponse),
+    /// An events response with shared, pre-encoded events.
+    Events(EventsFrame),
+}
+
+/// An events response: header, watch id, and the batches whose shared encodings for `shape`
+/// make up its events.
+#[derive(Debug, Clone)]
+pub struct EventsFrame {
+    /// Response header.
+    pub header: ResponseHeader,
+    /// Watch id.
+    pub watch_id: i64,
+    /// Batches (in revision order) with at least one event for `shape`.
+    pub batches: Vec<Arc<RevBatch>>,
+    /// The watch's shape.
+    pub shape: Arc<Shape>,
+}
+
+impl EventsFrame {
+    /// The same response as a message.
+    pub fn to_response(&self) -> WatchResponse {
+        WatchResponse {
+            header: Some(self.header),
+            watch_id: self.watch_id,
+            events: self.shape.select(&self.batches),
+            ..Default::default()
+        }
+    }
+}
+
+impl Frame {
+    /// The frame as a message (for consumers that need one, e.g. the JSON gateway).
+    pub fn into_response(self) -> WatchResponse {
+        match self {
+            Frame::Msg(m) => m,
+            Frame::Events(e) => e.to_response(),
+        }
+    }
+
+    /// Writes the frame as an encoded WatchResponse.
+    pub fn encode_to<B: BufMut>(&self, buf: &mut B) -> Result<(), prost::EncodeError> {
+        match self {
+            Frame::Msg(m) => m.encode(buf),
+            Frame::Events(e) => {
+                let head = WatchResponse {
+                    header: Some(e.header),
+                    watch_id: e.watch_id,
+                    ..Default::default()
+                };
+                head.encode(buf)?;
+                for b in &e.batches {
+                    buf.put_slice(&e.shape.encode(b).proto);
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Encodes frames, decodes WatchRequests.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FrameCodec;
+
+/// The encoding half of [`FrameCodec`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FrameEncoder;
+
+impl Encoder for FrameEncoder {
+    type Item = Frame;
+    type Error = Status;
+
+    fn encode(&mut self, item: Frame, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        item.encode_to(dst)
+            .map_err(|e| Status::internal(format!("encoding watch response: {e}")))
+    }
+}
+
+/// The decoding half of [`FrameCodec`] (plain protobuf).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestDecoder;
+
+impl Decoder for RequestDecoder {
+    type Item = WatchRequest;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<WatchRequest>, Status> {
+        WatchRequest::decode(buf)
+            .map(Some)
+            .map_err(|e| Status::internal(e.to_string()))
+    }
+}
+
+impl Codec for FrameCodec {
+    type Encode = Frame;
+    type Decode = WatchRequest;
+    type Encoder = FrameEncoder;
+    type Decoder = RequestDecoder;
+
+    fn encoder(&mut self) -> FrameEncoder {
+        FrameEncoder
+    }
+
+    fn decoder(&mut self) -> RequestDecoder {
+        RequestDecoder
+    }
+}
+
+/// The `etcdserverpb.Watch` gRPC service, answering with [`Frame`]s.
+#[derive(Debug, Clone)]
+pub struct WatchGrpc {
+    /// The service behind the route.
+    svc: WatchService,
+    /// Largest accepted request message.
+    max_decoding: usize,
+}
+
+impl WatchGrpc {
+    /// The route for `svc`.
+    pub fn new(svc: WatchService, max_decoding: usize) -> Self {
+        WatchGrpc { svc, max_decoding }
+    }
+}
+
+impl NamedService for WatchGrpc {
+    const NAME: &'static str = "etcdserverpb.Watch";
+}
+
+/// Adapts the session to tonic's streaming handler.
+struct Handler(WatchService);
+
+impl StreamingService<WatchRequest> for Handler {
+    type Response = Frame;
+    type ResponseStream = BoxStream<Frame>;
+    type Future = std::future::Ready<Result<tonic::Response<BoxStream<Frame>>, Status>>;
+
+    fn call(&mut self, request: tonic::Request<Streaming<WatchRequest>>) -> Self::Future {
+        let (metadata, _, stream) = request.into_parts();
+        std::future::ready(Ok(tonic::Response::new(
+            self.0.session_frames(metadata, stream),
+        )))
+    }
+}
+
+impl<B> tower::Service<http::Request<B>> for WatchGrpc
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<http::Response<Body>, Infallible>> + Send>,
+    >;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let svc = self.svc.clone();
+        let max_decoding = self.max_decoding;
+        Box::pin(async move {
+            if req.uri().path() != "/etcdserverpb.Watch/Watch" {
+                return Ok(Status::unimplemented("").into_http());
+            }
+            let mut grpc = Grpc::new(FrameCodec)
+                .apply_max_message_size_config(Some(max_decoding), Some(usize::MAX));
+            Ok(grpc.streaming(Handler(svc), req).await)
+        })
+    }
+}

@@ -1,0 +1,214 @@
+//! Watch shapes and encode-once.
+//!
+//! A *shape* is what decides which events of a revision a watch receives and how they look:
+//! its key range, its filters and `prev_kv`. Thousands of APISIX workers watching `/apisix/`
+//! share one shape. Shapes are interned per feed, and for each revision batch the selected
+//! events are encoded once per shape (protobuf, as the `events` field of a WatchResponse) and
+//! kept with the batch; every watcher of that shape reuses those bytes and only adds the few
+//! bytes that differ (header, watch id).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::cache::RevBatch;
+use crate::keys::KeyRange;
+use crate::proto::mvccpb::{event::EventType, Event};
+
+/// Field number of `WatchResponse.events`.
+const EVENTS_FIELD: u32 = 11;
+
+/// Source of shape ids (unique for the life of the process).
+static NEXT_SHAPE_ID: AtomicU64 = AtomicU64::new(1);
+
+/// What selects and shapes a watch's events.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ShapeKey {
+    /// Keys watched.
+    pub range: KeyRange,
+    /// Drop PUT events.
+    pub no_put: bool,
+    /// Drop DELETE events.
+    pub no_delete: bool,
+    /// Keep `prev_kv` on events.
+    pub prev_kv: bool,
+}
+
+/// An interned shape: its key and a process-unique id used to find its encodings.
+#[derive(Debug)]
+pub struct Shape {
+    /// Unique id (never reused, so a memo entry can never be mistaken for another shape's).
+    pub id: u64,
+    /// The selection rules.
+    pub key: ShapeKey,
+}
+
+/// One batch's events selected and encoded for one shape.
+#[derive(Debug)]
+pub struct Encoded {
+    /// The selected events, encoded as repeated `WatchResponse.events` fields (tag included):
+    /// appended to an encoded response header they form a complete WatchResponse.
+    pub proto: Bytes,
+    /// How many events were selected.
+    pub count: usize,
+}
+
+impl Shape {
+    /// True when this shape wants `ev`.
+    pub fn wants(&self, ev: &Event) -> bool {
+        let Some(kv) = &ev.kv else { return false };
+        if !self.key.range.contains_key(&kv.key) {
+            return false;
+        }
+        let is_put = ev.r#type() == EventType::Put;
+        !((is_put && self.key.no_put) || (!is_put && self.key.no_delete))
+    }
+
+    /// `ev` as this shape delivers it (without `prev_kv` unless asked for).
+    pub fn view(&self, ev: &Event) -> Event {
+        if self.key.prev_kv {
+            ev.clone()
+        } else {
+            Event {
+                r#type: ev.r#type,
+                kv: ev.kv.clone(),
+                prev_kv: None,
+            }
+        }
+    }
+
+    /// The events of `batches` this shape selects, as messages.
+    pub fn select(&self, batches: &[Arc<RevBatch>]) -> Vec<Event> {
+        batches
+            .iter()
+            .flat_map(|b| b.events.iter())
+            .filter(|e| self.wants(e))
+            .map(|e| self.view(e))
+            .collect()
+    }
+
+    /// This shape's encoding of `batch`, computed by the first watcher that needs it.
+    pub fn encode(&self, batch: &RevBatch) -> Arc<Encoded> {
+        if let Some(e) = lookup(batch, self.id) {
+            return e;
+        }
+        let mut buf = BytesMut::new();
+        let mut count = 0;
+        for ev in batch.events.iter().filter(|e| self.wants(e)) {
+            prost::encoding::message::encode(EVENTS_FIELD, &self.view(ev), &mut buf);
+            count += 1;
+        }
+        let enc = Arc::new(Encoded {
+            proto: buf.freeze(),
+            count,
+        });
+        let mut memo = batch.encoded.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, e)) = memo.iter().find(|(id, _)| *id == self.id) {
+            return e.clone();
+        }
+        memo.push((self.id, enc.clone()));
+        enc
+    }
+}
+
+fn lookup(batch: &RevBatch, id: u64) -> Option<Arc<Encoded>> {
+    let memo = batch.encoded.0.lock().unwrap_or_else(|e| e.into_inner());
+    memo.iter().find(|(i, _)| *i == id).map(|(_, e)| e.clone())
+}
+
+/// Every live shape of the process.
+pub static SHAPES: std::sync::LazyLock<Shapes> = std::sync::LazyLock::new(Shapes::default);
+
+/// Interns shapes so identical watches share one [`Shape`] (and so one encoding per batch).
+#[derive(Debug, Default)]
+pub struct Shapes {
+    /// Live shapes by key; dead entries are swept when the table grows.
+    table: Mutex<HashMap<ShapeKey, Weak<Shape>>>,
+}
+
+impl Shapes {
+    /// The shared shape for `key`.
+    pub fn intern(&self, key: ShapeKey) -> Arc<Shape> {
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = table.get(&key).and_then(Weak::upgrade) {
+            return s;
+        }
+        if table.len() >= 1024 {
+            table.retain(|_, w| w.strong_count() > 0);
+        }
+        let shape = Arc::new(Shape {
+            id: NEXT_SHAPE_ID.fetch_add(1, Ordering::Relaxed),
+            key: key.clone(),
+        });
+        table.insert(key, Arc::downgrade(&shape));
+        shape
+    }
+}
+
+/// Encoded length of the `events` of a message built by [`Shape::select`] (for tests).
+pub fn encoded_events_len(events: &[Event]) -> usize {
+    events
+        .iter()
+        .map(|e| prost::encoding::message::encoded_len(EVENTS_FIELD, e))
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::etcdserverpb::WatchResponse;
+    use crate::proto::mvccpb::KeyValue;
+    use prost::Message;
+
+    fn put(key: &str, rev: i64) -> Event {
+        Event {
+            r#type: EventType::Put as i32,
+            kv: Some(KeyValue {
+                key: Bytes::from(key.to_string()),
+                value: Bytes::from_static(b"v"),
+                mod_revision: rev,
+                create_revision: rev,
+                version: 1,
+                lease: 0,
+            }),
+            prev_kv: Some(KeyValue::default()),
+        }
+    }
+
+    #[test]
+    fn encoding_matches_prost_and_is_shared() {
+        let shapes = Shapes::default();
+        let key = ShapeKey {
+            range: KeyRange::prefix(b"/a/"),
+            no_put: false,
+            no_delete: false,
+            prev_kv: false,
+        };
+        let s1 = shapes.intern(key.clone());
+        let s2 = shapes.intern(key);
+        assert_eq!(s1.id, s2.id);
+        let batch = Arc::new(RevBatch::new(
+            5,
+            vec![put("/a/1", 5), put("/b/1", 5), put("/a/2", 5)],
+        ));
+        let enc = s1.encode(&batch);
+        assert_eq!(enc.count, 2);
+        assert!(Arc::ptr_eq(&enc, &s2.encode(&batch)));
+        // header + id + shared events == prost's encoding of the whole message.
+        let want = WatchResponse {
+            watch_id: 7,
+            events: s1.select(std::slice::from_ref(&batch)),
+            ..Default::default()
+        };
+        let mut got = WatchResponse {
+            watch_id: 7,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        got.extend_from_slice(&enc.proto);
+        assert_eq!(got, want.encode_to_vec());
+        assert_eq!(encoded_events_len(&want.events), enc.proto.len());
+    }
+}

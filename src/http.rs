@@ -1,5 +1,5 @@
-//! Plain HTTP requests on the shared port: `/readyz`, `/health`, `/metrics`; everything else
-//! answers like etcd's HTTP server for an unknown path (404, `404 page not found`).
+//! Plain HTTP requests on the shared port. Everything goes through [`crate::gateway`] (etcd's
+//! HTTP server and JSON gateway); the proxy's own endpoints `/readyz` and `/metrics` are here.
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -23,27 +23,26 @@ fn text(
 
 /// Answers one non-gRPC request.
 pub async fn handle(req: Request<Incoming>, services: &Services) -> Response<tonic::body::Body> {
-    match req.uri().path() {
-        "/readyz" => {
-            if services.hub.is_ready() {
-                text(StatusCode::OK, "text/plain; charset=utf-8", "ok\n")
-            } else {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain; charset=utf-8",
-                    "loading\n",
-                )
-            }
-        }
-        "/metrics" => text(
+    crate::gateway::handle(req, services).await
+}
+
+/// The proxy's own endpoints (`/readyz`, `/metrics`), or `None` for any other path.
+pub fn local(path: &str, services: &Services) -> Option<Response<tonic::body::Body>> {
+    match path {
+        "/readyz" => Some(if services.hub.is_ready() {
+            text(StatusCode::OK, "text/plain; charset=utf-8", "ok\n")
+        } else {
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain; charset=utf-8",
+                "loading\n",
+            )
+        }),
+        "/metrics" => Some(text(
             StatusCode::OK,
             "text/plain; version=0.0.4",
             crate::metrics::render(),
-        ),
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "text/plain; charset=utf-8",
-            "404 page not found\n",
-        ),
+        )),
+        _ => None,
     }
 }

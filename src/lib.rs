@@ -10,6 +10,7 @@ pub mod compaction;
 pub mod config;
 pub mod error;
 pub mod feed;
+pub mod gateway;
 pub mod http;
 pub mod hub;
 pub mod keys;

@@ -241,9 +241,7 @@ impl<'a> Parser<'a> {
             match self.peek() {
                 None => return Scan::Eof,
                 Some(b'0'..=b'9') => {}
-                Some(c) => {
-                    return Scan::Err(self.err(c, "after decimal point in numeric literal"))
-                }
+                Some(c) => return Scan::Err(self.err(c, "after decimal point in numeric literal")),
             }
             while self.peek().is_some_and(|c| c.is_ascii_digit()) {
                 self.pos += 1;
@@ -415,9 +413,7 @@ impl<'a> Parser<'a> {
             (Ctx::AfterObjectValue, b',' | b'}') | (Ctx::AfterArrayElement, b',' | b']') => {
                 Scan::Ok(())
             }
-            (Ctx::AfterObjectValue, _) => {
-                Scan::Err(self.err(c, "after object key:value pair"))
-            }
+            (Ctx::AfterObjectValue, _) => Scan::Err(self.err(c, "after object key:value pair")),
             (Ctx::AfterArrayElement, _) => Scan::Err(self.err(c, "after array element")),
             (Ctx::AfterTop, _) => Scan::Err(self.err(c, "after top-level value")),
             (Ctx::BeginValue, _) => Scan::Ok(()),
@@ -487,7 +483,21 @@ pub fn check_valid(buf: &[u8]) -> Result<Value<'_>, SyntaxError> {
     let v = match p.value() {
         Scan::Ok(v) => v,
         Scan::Err(e) => return Err(e),
-        Scan::Eof => return Err(SyntaxError("unexpected end of JSON input".into())),
+        // Go feeds a space at the end: a value that a space cannot end is reported as such.
+        Scan::Eof => {
+            let mut padded = buf.to_vec();
+            padded.push(b' ');
+            let mut p = Parser {
+                buf: &padded,
+                pos: 0,
+                depth: 0,
+            };
+            p.skip_space();
+            return Err(match p.value() {
+                Scan::Err(e) => e,
+                _ => SyntaxError("unexpected end of JSON input".into()),
+            });
+        }
     };
     p.skip_space();
     if let Some(c) = p.peek() {
@@ -659,17 +669,29 @@ mod tests {
             "invalid character '1' after object key:value pair"
         );
         assert_eq!(err("[1 2]"), "invalid character '2' after array element");
-        assert_eq!(err("x"), "invalid character 'x' looking for beginning of value");
-        assert_eq!(err("tru!"), "invalid character '!' in literal true (expecting 'e')");
+        assert_eq!(
+            err("x"),
+            "invalid character 'x' looking for beginning of value"
+        );
+        assert_eq!(
+            err("tru!"),
+            "invalid character '!' in literal true (expecting 'e')"
+        );
         assert_eq!(err("-a"), "invalid character 'a' in numeric literal");
         assert_eq!(
             err("1.x"),
             "invalid character 'x' after decimal point in numeric literal"
         );
         assert_eq!(err("1e+"), "unexpected EOF");
-        assert_eq!(err("\"a\\x\""), "invalid character 'x' in string escape code");
+        assert_eq!(
+            err("\"a\\x\""),
+            "invalid character 'x' in string escape code"
+        );
         assert_eq!(err("\"a\nb\""), "invalid character '\\n' in string literal");
-        assert_eq!(err("{'a':1}"), "invalid character '\\'' looking for beginning of object key string");
+        assert_eq!(
+            err("{'a':1}"),
+            "invalid character '\\'' looking for beginning of object key string"
+        );
         assert_eq!(
             err("\"\\u12g4\""),
             "invalid character 'g' in \\u hexadecimal character escape"
@@ -679,8 +701,14 @@ mod tests {
     #[test]
     fn decoder_stream_and_eof() {
         let mut d = Decoder::new(b" {\"a\":1} {\"b\":2} trailing");
-        assert!(matches!(d.next_value(), Ok(Next::Value(Value::Object(_), _))));
-        assert!(matches!(d.next_value(), Ok(Next::Value(Value::Object(_), _))));
+        assert!(matches!(
+            d.next_value(),
+            Ok(Next::Value(Value::Object(_), _))
+        ));
+        assert!(matches!(
+            d.next_value(),
+            Ok(Next::Value(Value::Object(_), _))
+        ));
         assert!(d.next_value().is_err());
         assert!(matches!(first("  \n"), Ok(Next::End)));
         assert!(matches!(first(""), Ok(Next::End)));
@@ -697,6 +725,14 @@ mod tests {
             "invalid character '2' after top-level value"
         );
         assert_eq!(check_valid(b" 1").unwrap(), Value::Number(b"1"));
+        assert_eq!(
+            check_valid(b"-").unwrap_err().0,
+            "invalid character ' ' in numeric literal"
+        );
+        assert_eq!(
+            check_valid(b"{\"a\":").unwrap_err().0,
+            "unexpected end of JSON input"
+        );
     }
 
     #[test]

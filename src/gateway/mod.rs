@@ -941,8 +941,8 @@ async fn watch(services: &Services, md: MetadataMap, body: Bytes) -> Response<Bo
     }
     let session = services
         .watch
-        .session(md, futures::stream::iter(reqs.into_iter().map(Ok)));
-    streaming(session, stream::watch_chunk, true).await
+        .session_frames(md, futures::stream::iter(reqs.into_iter().map(Ok)));
+    streaming(session, stream::frame_chunk, true).await
 }
 
 /// `POST /v3/lease/keepalive`: the body's keepalives piped to etcd, etcd's answers back.

@@ -4,13 +4,15 @@
 //! `{"result":{...}}\n` per message, each its own HTTP/1.1 chunk, sent as soon as the message
 //! exists; a failure ends the stream with one `{"error":{...}}` chunk.
 //!
-//! Encode once: an event's JSON is kept in [`EventJson`] (keyed by the identity of the shared
-//! buffers it was decoded into), so a batch fanned out to many HTTP watchers is encoded once and
-//! copied into each watcher's chunk; only the header and watch id are written per watcher.
+//! Encode once: the watch session hands over events responses as shared [`Frame`]s (revision
+//! batches plus the watch's interned shape). The JSON of one batch's events for one shape is
+//! made once and kept in [`BatchJson`], so a batch fanned out to many HTTP watchers of the same
+//! shape is encoded once; per watcher only the header and watch id are written, and the shared
+//! bytes copied.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -21,8 +23,10 @@ use http_body_util::StreamBody;
 
 use super::codec;
 use super::errors;
+use crate::cache::RevBatch;
 use crate::proto::etcdserverpb::WatchResponse;
-use crate::proto::mvccpb::{Event, KeyValue};
+use crate::watch::frame::Frame as WatchFrame;
+use crate::watch::shape::Shape;
 
 /// The body type every answer uses.
 pub type Body = tonic::body::Body;
@@ -66,12 +70,48 @@ pub fn result_chunk(json: &[u8]) -> Bytes {
     Bytes::from(out)
 }
 
-/// The chunk of one watch response, events encoded through the shared cache.
+/// The chunk of one watch response.
 pub fn watch_chunk(resp: &WatchResponse) -> Bytes {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(b"{\"result\":");
-    codec::write_watch_response_with(&mut out, resp, |out, ev| EVENTS.write(out, ev));
+    codec::write_watch_response(&mut out, resp);
     out.extend_from_slice(b"}\n");
+    Bytes::from(out)
+}
+
+/// The chunk of one watch session frame; events frames reuse the shared batch encodings.
+pub fn frame_chunk(frame: &WatchFrame) -> Bytes {
+    let f = match frame {
+        WatchFrame::Msg(resp) => return watch_chunk(resp),
+        WatchFrame::Events(f) => f,
+    };
+    let parts: Vec<Bytes> = f
+        .batches
+        .iter()
+        .map(|b| BATCHES.get(b, &f.shape))
+        .filter(|j| !j.is_empty())
+        .collect();
+    let mut out = Vec::with_capacity(160 + parts.iter().map(|p| p.len() + 1).sum::<usize>());
+    out.extend_from_slice(b"{\"result\":");
+    let resp = WatchResponse {
+        header: Some(f.header),
+        watch_id: f.watch_id,
+        ..Default::default()
+    };
+    // Header and watch id, then the shared events (`events` is the last field written).
+    codec::write_watch_response(&mut out, &resp);
+    out.pop();
+    if !parts.is_empty() {
+        out.extend_from_slice(b",\"events\":[");
+        for (i, p) in parts.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(p);
+        }
+        out.push(b']');
+    }
+    out.extend_from_slice(b"}}\n");
     Bytes::from(out)
 }
 
@@ -80,121 +120,132 @@ pub fn error_chunk(status: &tonic::Status) -> Bytes {
     Bytes::from(errors::stream_body(status.code(), status.message()))
 }
 
-/// Identity of a key-value's shared buffers plus its revision fields.
-type KvId = (usize, usize, usize, usize, i64, i64, i64, i64);
-
-fn kv_id(kv: &KeyValue) -> KvId {
-    (
-        kv.key.as_ptr() as usize,
-        kv.key.len(),
-        kv.value.as_ptr() as usize,
-        kv.value.len(),
-        kv.create_revision,
-        kv.mod_revision,
-        kv.version,
-        kv.lease,
-    )
-}
-
-/// What identifies an event's JSON: its type and both key-values' identities.
-type EventId = (i32, Option<KvId>, Option<KvId>);
-
-/// Cached JSON of one event, holding the buffers its identity points into (so the addresses
-/// cannot be reused by another event while the entry lives).
+/// Cached JSON of one batch's events for one shape; holds the batch so its address cannot be
+/// reused while the entry lives (shape ids are never reused).
 struct Entry {
     json: Bytes,
-    _pins: [Bytes; 4],
+    _batch: Arc<RevBatch>,
 }
 
-/// Recently encoded events, shared by every HTTP watcher.
-pub struct EventJson {
-    map: DashMap<EventId, Entry>,
+/// JSON of recent batches per shape (comma-separated event objects), shared by every HTTP
+/// watcher.
+pub struct BatchJson {
+    map: DashMap<(usize, u64), Entry>,
     bytes: AtomicUsize,
 }
 
-/// Most cached events / bytes before the cache starts over.
-const EVENT_CACHE_ENTRIES: usize = 16_384;
-const EVENT_CACHE_BYTES: usize = 64 << 20;
+/// Most cached encodings / bytes before the cache starts over.
+const BATCH_CACHE_ENTRIES: usize = 16_384;
+const BATCH_CACHE_BYTES: usize = 64 << 20;
 
-static EVENTS: LazyLock<EventJson> = LazyLock::new(|| EventJson {
+static BATCHES: LazyLock<BatchJson> = LazyLock::new(|| BatchJson {
     map: DashMap::new(),
     bytes: AtomicUsize::new(0),
 });
 
-impl EventJson {
-    /// Appends the JSON of `ev` to `out`, encoding it only if no watcher did before.
-    fn write(&self, out: &mut Vec<u8>, ev: &Event) {
-        let id: EventId = (
-            ev.r#type,
-            ev.kv.as_ref().map(kv_id),
-            ev.prev_kv.as_ref().map(kv_id),
-        );
+impl BatchJson {
+    /// The JSON of `batch`'s events that `shape` selects, encoded by the first caller only.
+    fn get(&self, batch: &Arc<RevBatch>, shape: &Shape) -> Bytes {
+        let id = (Arc::as_ptr(batch) as usize, shape.id);
         if let Some(e) = self.map.get(&id) {
-            out.extend_from_slice(&e.json);
-            return;
+            return e.json.clone();
         }
         let mut json = Vec::with_capacity(128);
-        codec::write_event(&mut json, ev);
-        out.extend_from_slice(&json);
-        let size = json.len();
-        if self.map.len() >= EVENT_CACHE_ENTRIES
-            || self.bytes.load(Ordering::Relaxed) + size > EVENT_CACHE_BYTES
+        for ev in batch.events.iter().filter(|e| shape.wants(e)) {
+            if !json.is_empty() {
+                json.push(b',');
+            }
+            codec::write_event(&mut json, &shape.view(ev));
+        }
+        let json = Bytes::from(json);
+        if self.map.len() >= BATCH_CACHE_ENTRIES
+            || self.bytes.load(Ordering::Relaxed) + json.len() > BATCH_CACHE_BYTES
         {
             self.map.clear();
             self.bytes.store(0, Ordering::Relaxed);
         }
-        let pin = |kv: &Option<KeyValue>| -> [Bytes; 2] {
-            kv.as_ref()
-                .map(|kv| [kv.key.clone(), kv.value.clone()])
-                .unwrap_or_default()
-        };
-        let [a, b] = pin(&ev.kv);
-        let [c, d] = pin(&ev.prev_kv);
-        self.bytes.fetch_add(size, Ordering::Relaxed);
+        self.bytes.fetch_add(json.len(), Ordering::Relaxed);
         self.map.insert(
             id,
             Entry {
-                json: Bytes::from(json),
-                _pins: [a, b, c, d],
+                json: json.clone(),
+                _batch: batch.clone(),
             },
         );
+        json
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keys::KeyRange;
     use crate::proto::etcdserverpb::ResponseHeader;
+    use crate::proto::mvccpb::{Event, KeyValue};
+    use crate::watch::frame::EventsFrame;
+    use crate::watch::shape::{ShapeKey, SHAPES};
+
+    fn ev(key: &'static [u8], rev: i64, t: i32) -> Event {
+        Event {
+            r#type: t,
+            kv: Some(KeyValue {
+                key: Bytes::from_static(key),
+                value: Bytes::from_static(b"{}"),
+                mod_revision: rev,
+                create_revision: rev,
+                version: 1,
+                lease: 0,
+            }),
+            prev_kv: Some(KeyValue {
+                key: Bytes::from_static(key),
+                value: Bytes::from_static(b"old"),
+                mod_revision: 1,
+                create_revision: 1,
+                version: 1,
+                lease: 0,
+            }),
+        }
+    }
 
     #[test]
-    fn chunks_are_one_line() {
-        let resp = WatchResponse {
-            header: Some(ResponseHeader {
+    fn shared_frames_match_messages() {
+        let batches: Vec<Arc<RevBatch>> = vec![
+            Arc::new(RevBatch {
                 revision: 5,
-                ..Default::default()
+                events: vec![ev(b"/apisix/routes/1", 5, 0), ev(b"/other", 5, 0)],
+                bytes: 0,
+                encoded: Default::default(),
             }),
-            events: vec![Event {
-                r#type: 0,
-                kv: Some(KeyValue {
-                    key: Bytes::from_static(b"/apisix/routes/1"),
-                    value: Bytes::from_static(b"{}"),
-                    mod_revision: 5,
-                    create_revision: 5,
-                    version: 1,
-                    lease: 0,
-                }),
-                prev_kv: None,
-            }],
-            ..Default::default()
-        };
-        let a = watch_chunk(&resp);
-        let b = watch_chunk(&resp);
-        assert_eq!(a, b);
-        assert!(a.ends_with(b"}\n"));
-        assert_eq!(a.iter().filter(|&&c| c == b'\n').count(), 1);
-        let mut direct = b"{\"result\":".to_vec();
-        codec::write_watch_response(&mut direct, &resp);
-        direct.extend_from_slice(b"}\n");
-        assert_eq!(&a[..], &direct[..]);
+            Arc::new(RevBatch {
+                revision: 6,
+                events: vec![ev(b"/apisix/routes/1", 6, 1)],
+                bytes: 0,
+                encoded: Default::default(),
+            }),
+        ];
+        for prev_kv in [false, true] {
+            let shape = SHAPES.intern(ShapeKey {
+                range: KeyRange::prefix(b"/apisix/"),
+                no_put: false,
+                no_delete: false,
+                prev_kv,
+            });
+            let frame = EventsFrame {
+                header: ResponseHeader {
+                    revision: 6,
+                    cluster_id: 1,
+                    ..Default::default()
+                },
+                watch_id: 2,
+                batches: batches.clone(),
+                shape,
+            };
+            let a = frame_chunk(&WatchFrame::Events(frame.clone()));
+            let b = frame_chunk(&WatchFrame::Events(frame.clone()));
+            assert_eq!(a, b);
+            assert_eq!(a, watch_chunk(&frame.to_response()));
+            assert!(a.ends_with(b"}\n"));
+            assert_eq!(a.iter().filter(|&&c| c == b'\n').count(), 1);
+        }
     }
 }

@@ -58,6 +58,9 @@ pub struct Feed {
     compaction: Arc<Compaction>,
     /// Keys per load page.
     page_size: i64,
+    /// The last sync check's finding `(h, x)`: the cached state at head `h` is etcd's state at
+    /// revision `x` (serializable reads at head `h` report `x`, as etcd would).
+    verified: std::sync::Mutex<(i64, i64)>,
     /// Queue of linearizable reads waiting for a sync check.
     sync_tx: mpsc::UnboundedSender<oneshot::Sender<Option<SyncPoint>>>,
 }
@@ -85,6 +88,7 @@ impl Feed {
             upstream,
             compaction,
             page_size: page_size.max(1),
+            verified: std::sync::Mutex::new((0, 0)),
             sync_tx,
         });
         tokio::spawn(feed.clone().run());
@@ -290,6 +294,15 @@ impl Feed {
         self.publish(head);
     }
 
+    /// The revision etcd was at when it last had exactly the state cached at `head`
+    /// (`head` itself unless a sync check proved more).
+    pub fn verified_revision(&self, head: i64) -> i64 {
+        match self.verified.lock() {
+            Ok(v) if v.0 == head => v.1.max(head),
+            _ => head,
+        }
+    }
+
     /// Waits until the cache can answer a linearizable read: returns where to read and which
     /// revision to report, or `None` when it cannot tell in time (the caller forwards).
     pub async fn linearize(&self) -> Option<SyncPoint> {
@@ -320,31 +333,34 @@ impl Feed {
         }
     }
 
-    /// One shared check against etcd. Asks for etcd's current revision X (a linearizable
-    /// read) together with the number of keys in the prefix at X and any key modified after
-    /// the cache head H. If the cache already reached X, read at the head. If nothing in the
-    /// prefix changed after H (no key with mod_revision > H and the same number of keys, so
-    /// no delete either), the state at X equals the cached state at H. Otherwise wait for the
-    /// upstream watch to deliver more and check again.
+    /// One shared check against etcd.
+    ///
+    /// 1. A linearizable `count_only` Range of the prefix (answered from etcd's in-memory
+    ///    index, no values read) gives etcd's current revision X. If the cache head reached X,
+    ///    read at the head.
+    /// 2. Otherwise give the upstream watch a moment to deliver what is in flight.
+    /// 3. If the head is still below X (typically: writes outside the prefix), ask whether
+    ///    anything in the prefix changed after the head H: a Range at X of keys with
+    ///    `mod_revision > H`. None, and the same number of keys (so no delete either), means
+    ///    the state at X is the cached state at H: read at H and report X. Otherwise wait for
+    ///    the watch and start over.
     async fn sync_check(&self) -> Option<SyncPoint> {
         if !self.is_ready() {
             return None;
         }
+        let at_head = SyncPoint {
+            read_at: 0,
+            report: 0,
+        };
         let mut head_rx = self.subscribe();
         loop {
-            let (h0, count0) = {
-                let c = self.cache();
-                (c.head(), c.len() as i64)
-            };
             let resp = self
                 .upstream
                 .kv()
                 .range(RangeRequest {
                     key: self.range.start.clone(),
                     range_end: self.range.range_end(),
-                    min_mod_revision: h0 + 1,
-                    keys_only: true,
-                    limit: 1,
+                    count_only: true,
                     ..Default::default()
                 })
                 .await
@@ -352,33 +368,55 @@ impl Feed {
                 .into_inner();
             self.upstream.observe_header(resp.header.as_ref());
             let x = resp.header.as_ref().map_or(0, |h| h.revision);
-            if h0 >= x {
-                return Some(SyncPoint {
-                    read_at: 0,
-                    report: 0,
-                });
+            let in_flight = head_rx.wait_for(|h| *h >= x);
+            if let Ok(r) = tokio::time::timeout(IN_FLIGHT_WAIT, in_flight).await {
+                return r.ok().map(|_| at_head);
             }
-            if resp.kvs.is_empty() && resp.count == count0 {
+            let (h1, count1) = {
+                let c = self.cache();
+                (c.head(), c.len() as i64)
+            };
+            if h1 >= x {
+                return Some(at_head);
+            }
+            let changed = self
+                .upstream
+                .kv()
+                .range(RangeRequest {
+                    key: self.range.start.clone(),
+                    range_end: self.range.range_end(),
+                    revision: x,
+                    min_mod_revision: h1 + 1,
+                    keys_only: true,
+                    limit: 1,
+                    ..Default::default()
+                })
+                .await
+                .ok()?
+                .into_inner();
+            if changed.kvs.is_empty() && changed.count == count1 {
+                if let Ok(mut v) = self.verified.lock() {
+                    *v = (h1, x);
+                }
                 return Some(SyncPoint {
-                    read_at: h0,
+                    read_at: h1,
                     report: x,
                 });
             }
             // The watch has not delivered everything yet: wait for it, then check again.
             let wait = head_rx.wait_for(|h| *h >= x);
             match tokio::time::timeout(Duration::from_millis(200), wait).await {
-                Ok(Ok(_)) => {
-                    return Some(SyncPoint {
-                        read_at: 0,
-                        report: 0,
-                    })
-                }
+                Ok(Ok(_)) => return Some(at_head),
                 Ok(Err(_)) => return None,
                 Err(_) => continue,
             }
         }
     }
 }
+
+/// How long a linearizable read waits for events already in flight on the upstream watch
+/// before asking etcd whether the prefix changed at all.
+const IN_FLIGHT_WAIT: Duration = Duration::from_millis(10);
 
 /// Runs `f` when dropped.
 fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {

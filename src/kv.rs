@@ -87,7 +87,7 @@ impl KvService {
         // Between the two nothing in the prefix changed (see `Feed::sync_check`).
         let (base, report) = match sync {
             Some(p) if p.read_at > 0 => (p.read_at, p.report),
-            _ => (head, head),
+            _ => (head, feed.verified_revision(head)),
         };
         let at = if req.revision > 0 {
             if req.revision > report {

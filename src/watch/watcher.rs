@@ -44,10 +44,13 @@ pub struct Created {
     pub synced: bool,
 }
 
-/// Builds the `created` response for `spec` on `feed`: header at the cache head, start at
-/// `start_revision` or, when 0, right after the head.
+/// Builds the `created` response for `spec` on `feed`: header at the cache head (or the
+/// revision etcd was verified to have the same state at), start at `start_revision` or, when
+/// 0, right after that revision.
 pub fn created(feed: &Feed, spec: &WatchSpec) -> Created {
-    let head = feed.head();
+    // Past the head when a sync check proved etcd's state at a later revision is the
+    // cached one: "now" is that revision, as etcd would say.
+    let head = feed.verified_revision(feed.cache().head());
     let start = match spec.request.start_revision {
         r if r > 0 => r,
         _ => head + 1,

@@ -49,7 +49,12 @@ fn host_port(url: &str) -> &str {
 
 /// Runs etcdctl against `url`; returns "exit=N\nstdout...\nstderr..." normalised.
 /// (std::process in a blocking task: tokio's `process` feature is not enabled here.)
-async fn etcdctl(url: &str, args: &[&str], stdin: Option<&str>, repl: &[(String, String)]) -> String {
+async fn etcdctl(
+    url: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+    repl: &[(String, String)],
+) -> String {
     let url2 = url.to_string();
     let args2: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     let input = stdin.map(str::to_string);
@@ -63,7 +68,11 @@ async fn etcdctl(url: &str, args: &[&str], stdin: Option<&str>, repl: &[(String,
             .arg("--dial-timeout=3s")
             .arg("--command-timeout=5s")
             .args(&args2)
-            .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -142,12 +151,18 @@ fn etcdctl_watch(url: &str, args: &[&str]) -> BgWatch {
         let _ = out.read_to_string(&mut s);
         s
     });
-    BgWatch { child, reader: Some(reader) }
+    BgWatch {
+        child,
+        reader: Some(reader),
+    }
 }
 
 async fn stop_and_read(mut w: BgWatch) -> String {
     // SIGTERM to `timeout` is forwarded to etcdctl; closing its stdout ends the reader
-    let _ = Command::new("kill").arg("-TERM").arg(w.child.id().to_string()).status();
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(w.child.id().to_string())
+        .status();
     let reader = w.reader.take().unwrap();
     tokio::task::spawn_blocking(move || reader.join().unwrap_or_default())
         .await
@@ -236,7 +251,10 @@ async fn etcdctl_session() {
         rec.note(format!("watch --rev=2 (compacted) output:\n{}", stop_and_read(w_old).await));
     })
     .await;
-    assert!(r.contains("PUT\n/apisix/routes/1\nv1"), "see /tmp/etcd-fanout-diff/etcdctl_session.reference.txt");
+    assert!(
+        r.contains("PUT\n/apisix/routes/1\nv1"),
+        "see /tmp/etcd-fanout-diff/etcdctl_session.reference.txt"
+    );
     assert!(r.contains("exit=0"));
 }
 
@@ -244,84 +262,204 @@ async fn etcdctl_session() {
 /// leases with client-chosen ids.
 #[tokio::test(flavor = "multi_thread")]
 async fn etcd_client_crate_session() {
-    let r = differential("etcd_client_crate_session", Opts::default(), |side, rec| async move {
-        let mut c = match Client::connect([side.url.as_str()], None).await {
-            Ok(c) => c,
-            Err(e) => {
-                rec.note(format!("connect failed: {e}"));
-                return;
-            }
-        };
-        macro_rules! log {
-            ($label:expr, $e:expr) => {{
-                match $e {
-                    Ok(v) => rec.push($label, &v),
-                    Err(e) => rec.note(format!("{}: error {}", $label, e)),
+    let r = differential(
+        "etcd_client_crate_session",
+        Opts::default(),
+        |side, rec| async move {
+            let mut c = match Client::connect([side.url.as_str()], None).await {
+                Ok(c) => c,
+                Err(e) => {
+                    rec.note(format!("connect failed: {e}"));
+                    return;
                 }
-            }};
-        }
-        let mut ws = c.watch("/apisix/", Some(WatchOptions::new().with_prefix().with_prev_key())).await.expect("watch");
-        log!("watch created", tokio::time::timeout(Duration::from_secs(5), ws.message()).await.map_err(|_| "timeout").map(|m| m.ok().flatten()));
-        log!("put 1", c.put("/apisix/ec/1", "v1", None).await);
-        log!("put 2", c.put("/apisix/ec/2", "v2", None).await);
-        log!("put 1 prev", c.put("/apisix/ec/1", "v1b", Some(PutOptions::new().with_prev_key())).await);
-        log!("put outside", c.put("/outside/1", "o", None).await);
-        log!("get 1", c.get("/apisix/ec/1", None).await);
-        log!("get prefix", c.get("/apisix/", Some(GetOptions::new().with_prefix())).await);
-        log!("get prefix limit 1 sorted desc", c.get("/apisix/", Some(GetOptions::new().with_prefix().with_limit(1).with_sort(SortTarget::Key, SortOrder::Descend))).await);
-        log!("get at rev 2", c.get("/apisix/", Some(GetOptions::new().with_prefix().with_revision(2))).await);
-        log!("get count only", c.get("/apisix/", Some(GetOptions::new().with_prefix().with_count_only())).await);
-        log!("get future rev", c.get("/apisix/", Some(GetOptions::new().with_prefix().with_revision(99))).await);
-        log!("txn", c.txn(Txn::new()
-            .when([Compare::version("/apisix/ec/1", CompareOp::Greater, 0)])
-            .and_then([TxnOp::put("/apisix/ec/3", "t", None), TxnOp::delete("/apisix/ec/2", None)])
-            .or_else([TxnOp::get("/apisix/ec/1", None)])).await);
-        log!("delete prefix prev", c.delete("/apisix/ec/", Some(DeleteOptions::new().with_prefix().with_prev_key())).await);
-        for i in 0..5 {
+            };
+            macro_rules! log {
+                ($label:expr, $e:expr) => {{
+                    match $e {
+                        Ok(v) => rec.push($label, &v),
+                        Err(e) => rec.note(format!("{}: error {}", $label, e)),
+                    }
+                }};
+            }
+            let mut ws = c
+                .watch(
+                    "/apisix/",
+                    Some(WatchOptions::new().with_prefix().with_prev_key()),
+                )
+                .await
+                .expect("watch");
+            log!(
+                "watch created",
+                tokio::time::timeout(Duration::from_secs(5), ws.message())
+                    .await
+                    .map_err(|_| "timeout")
+                    .map(|m| m.ok().flatten())
+            );
+            log!("put 1", c.put("/apisix/ec/1", "v1", None).await);
+            log!("put 2", c.put("/apisix/ec/2", "v2", None).await);
+            log!(
+                "put 1 prev",
+                c.put(
+                    "/apisix/ec/1",
+                    "v1b",
+                    Some(PutOptions::new().with_prev_key())
+                )
+                .await
+            );
+            log!("put outside", c.put("/outside/1", "o", None).await);
+            log!("get 1", c.get("/apisix/ec/1", None).await);
+            log!(
+                "get prefix",
+                c.get("/apisix/", Some(GetOptions::new().with_prefix()))
+                    .await
+            );
+            log!(
+                "get prefix limit 1 sorted desc",
+                c.get(
+                    "/apisix/",
+                    Some(
+                        GetOptions::new()
+                            .with_prefix()
+                            .with_limit(1)
+                            .with_sort(SortTarget::Key, SortOrder::Descend)
+                    )
+                )
+                .await
+            );
+            log!(
+                "get at rev 2",
+                c.get(
+                    "/apisix/",
+                    Some(GetOptions::new().with_prefix().with_revision(2))
+                )
+                .await
+            );
+            log!(
+                "get count only",
+                c.get(
+                    "/apisix/",
+                    Some(GetOptions::new().with_prefix().with_count_only())
+                )
+                .await
+            );
+            log!(
+                "get future rev",
+                c.get(
+                    "/apisix/",
+                    Some(GetOptions::new().with_prefix().with_revision(99))
+                )
+                .await
+            );
+            log!(
+                "txn",
+                c.txn(
+                    Txn::new()
+                        .when([Compare::version("/apisix/ec/1", CompareOp::Greater, 0)])
+                        .and_then([
+                            TxnOp::put("/apisix/ec/3", "t", None),
+                            TxnOp::delete("/apisix/ec/2", None)
+                        ])
+                        .or_else([TxnOp::get("/apisix/ec/1", None)])
+                )
+                .await
+            );
+            log!(
+                "delete prefix prev",
+                c.delete(
+                    "/apisix/ec/",
+                    Some(DeleteOptions::new().with_prefix().with_prev_key())
+                )
+                .await
+            );
+            for i in 0..5 {
+                match tokio::time::timeout(Duration::from_secs(5), ws.message()).await {
+                    Ok(Ok(Some(m))) => rec.push(&format!("watch event {i}"), &m),
+                    other => {
+                        rec.note(format!(
+                            "watch event {i}: {:?}",
+                            other.map(|r| r.map(|_| ()))
+                        ));
+                        break;
+                    }
+                }
+            }
+            // replay from revision 2 on a new stream
+            let mut ws2 = c
+                .watch(
+                    "/apisix/",
+                    Some(WatchOptions::new().with_prefix().with_start_revision(2)),
+                )
+                .await
+                .expect("watch 2");
+            for i in 0..2 {
+                match tokio::time::timeout(Duration::from_secs(5), ws2.message()).await {
+                    Ok(Ok(Some(m))) => rec.push(&format!("replay {i}"), &m),
+                    other => rec.note(format!("replay {i}: {:?}", other.map(|r| r.map(|_| ())))),
+                }
+            }
+            // leases with a fixed id
+            log!(
+                "lease grant",
+                c.lease_grant(30, Some(LeaseGrantOptions::new().with_id(0x4242)))
+                    .await
+            );
+            log!(
+                "put leased",
+                c.put(
+                    "/apisix/ec/leased",
+                    "l",
+                    Some(PutOptions::new().with_lease(0x4242))
+                )
+                .await
+            );
+            match c.lease_keep_alive(0x4242).await {
+                Ok((mut keeper, mut stream)) => {
+                    let _ = keeper.keep_alive().await;
+                    match tokio::time::timeout(Duration::from_secs(5), stream.message()).await {
+                        Ok(Ok(Some(m))) => {
+                            rec.note(format!("keepalive: id={} ttl={}", m.id(), m.ttl()))
+                        }
+                        other => rec.note(format!("keepalive: {:?}", other.map(|r| r.map(|_| ())))),
+                    }
+                }
+                Err(e) => rec.note(format!("keepalive error: {e}")),
+            }
+            match c
+                .lease_time_to_live(0x4242, Some(LeaseTimeToLiveOptions::new().with_keys()))
+                .await
+            {
+                Ok(t) => rec.note(format!(
+                    "ttl: id={} granted={} keys={:?}",
+                    t.id(),
+                    t.granted_ttl(),
+                    t.keys()
+                        .iter()
+                        .map(|k| String::from_utf8_lossy(k).to_string())
+                        .collect::<Vec<_>>()
+                )),
+                Err(e) => rec.note(format!("ttl error: {e}")),
+            }
+            match c.leases().await {
+                Ok(l) => rec.note(format!(
+                    "leases: {:?}",
+                    l.leases().iter().map(|l| l.id()).collect::<Vec<_>>()
+                )),
+                Err(e) => rec.note(format!("leases error: {e}")),
+            }
+            log!("lease revoke", c.lease_revoke(0x4242).await);
             match tokio::time::timeout(Duration::from_secs(5), ws.message()).await {
-                Ok(Ok(Some(m))) => rec.push(&format!("watch event {i}"), &m),
-                other => {
-                    rec.note(format!("watch event {i}: {:?}", other.map(|r| r.map(|_| ()))));
-                    break;
-                }
+                Ok(Ok(Some(m))) => rec.push("watch after revoke", &m),
+                other => rec.note(format!(
+                    "watch after revoke: {:?}",
+                    other.map(|r| r.map(|_| ()))
+                )),
             }
-        }
-        // replay from revision 2 on a new stream
-        let mut ws2 = c.watch("/apisix/", Some(WatchOptions::new().with_prefix().with_start_revision(2))).await.expect("watch 2");
-        for i in 0..2 {
-            match tokio::time::timeout(Duration::from_secs(5), ws2.message()).await {
-                Ok(Ok(Some(m))) => rec.push(&format!("replay {i}"), &m),
-                other => rec.note(format!("replay {i}: {:?}", other.map(|r| r.map(|_| ())))),
-            }
-        }
-        // leases with a fixed id
-        log!("lease grant", c.lease_grant(30, Some(LeaseGrantOptions::new().with_id(0x4242))).await);
-        log!("put leased", c.put("/apisix/ec/leased", "l", Some(PutOptions::new().with_lease(0x4242))).await);
-        match c.lease_keep_alive(0x4242).await {
-            Ok((mut keeper, mut stream)) => {
-                let _ = keeper.keep_alive().await;
-                match tokio::time::timeout(Duration::from_secs(5), stream.message()).await {
-                    Ok(Ok(Some(m))) => rec.note(format!("keepalive: id={} ttl={}", m.id(), m.ttl())),
-                    other => rec.note(format!("keepalive: {:?}", other.map(|r| r.map(|_| ())))),
-                }
-            }
-            Err(e) => rec.note(format!("keepalive error: {e}")),
-        }
-        match c.lease_time_to_live(0x4242, Some(LeaseTimeToLiveOptions::new().with_keys())).await {
-            Ok(t) => rec.note(format!("ttl: id={} granted={} keys={:?}", t.id(), t.granted_ttl(), t.keys().iter().map(|k| String::from_utf8_lossy(k).to_string()).collect::<Vec<_>>())),
-            Err(e) => rec.note(format!("ttl error: {e}")),
-        }
-        match c.leases().await {
-            Ok(l) => rec.note(format!("leases: {:?}", l.leases().iter().map(|l| l.id()).collect::<Vec<_>>())),
-            Err(e) => rec.note(format!("leases error: {e}")),
-        }
-        log!("lease revoke", c.lease_revoke(0x4242).await);
-        match tokio::time::timeout(Duration::from_secs(5), ws.message()).await {
-            Ok(Ok(Some(m))) => rec.push("watch after revoke", &m),
-            other => rec.note(format!("watch after revoke: {:?}", other.map(|r| r.map(|_| ())))),
-        }
-        log!("lease revoke again", c.lease_revoke(0x4242).await);
-    })
+            log!("lease revoke again", c.lease_revoke(0x4242).await);
+        },
+    )
     .await;
-    assert!(r.contains("leases: [16962]") && r.contains("/apisix/ec/leased"), "see /tmp/etcd-fanout-diff/etcd_client_crate_session.reference.txt");
+    assert!(
+        r.contains("leases: [16962]") && r.contains("/apisix/ec/leased"),
+        "see /tmp/etcd-fanout-diff/etcd_client_crate_session.reference.txt"
+    );
 }

@@ -478,7 +478,10 @@ async fn linearizable_range_after_direct_write() {
     )
     .await;
     assert_eq!(r.count("get /apisix/lin/"), 25);
-    assert!(r.contains("b\"v24\""), "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/");
+    assert!(
+        r.contains("b\"v24\""),
+        "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/"
+    );
 }
 
 fn op_put(k: &str, v: &str) -> RequestOp {
@@ -760,8 +763,171 @@ fn diff_helper_detects_mismatch() {
     let err = std::panic::catch_unwind(|| assert_same("selftest_differs", &a, &b, ""))
         .expect_err("a differing transcript must fail");
     let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
-    assert!(msg.contains("- ") && msg.contains("revision: 5") && msg.contains("revision: 6"), "{msg}");
+    assert!(
+        msg.contains("- ") && msg.contains("revision: 5") && msg.contains("revision: 6"),
+        "{msg}"
+    );
     assert!(msg.contains("+ extra"), "{msg}");
     let c = vec![a[0].replace("count: 1", "count: 2"), "same".to_string()];
     assert!(std::panic::catch_unwind(|| assert_same("selftest_count", &a, &c, "")).is_err());
+}
+
+/// Writes outside the cached prefix still move etcd's revision: every answer about the
+/// prefix (range header, count_only, range at the current revision) must carry etcd's
+/// current revision, not the prefix's last one.
+#[tokio::test(flavor = "multi_thread")]
+async fn header_revision_after_writes_outside_prefix() {
+    let r = differential(
+        "header_revision_after_writes_outside_prefix",
+        Opts::default(),
+        |side, rec| async move {
+            let mut kv = side.kv().await;
+            let mut direct = side.etcd_kv().await;
+            let quiet = Rec::new();
+            put(&mut kv, &rec, "/apisix/routes/1", "a").await; // 2
+            put(&mut kv, &rec, "/other/1", "x").await; // 3 via target
+            range(
+                &mut kv,
+                &rec,
+                "prefix after 1 outside write",
+                rp("/apisix/"),
+            )
+            .await;
+            put(&mut direct, &quiet, "/other/2", "y").await; // 4 directly
+            put(&mut direct, &quiet, "/other/3", "z").await; // 5 directly
+            range(
+                &mut kv,
+                &rec,
+                "prefix after 2 direct outside writes",
+                rp("/apisix/"),
+            )
+            .await;
+            range(&mut kv, &rec, "single key", rr("/apisix/routes/1", b"")).await;
+            range(
+                &mut kv,
+                &rec,
+                "count_only",
+                RangeRequest {
+                    count_only: true,
+                    ..rp("/apisix/")
+                },
+            )
+            .await;
+            range(
+                &mut kv,
+                &rec,
+                "at rev 5",
+                RangeRequest {
+                    revision: 5,
+                    ..rp("/apisix/")
+                },
+            )
+            .await;
+            range(
+                &mut kv,
+                &rec,
+                "at rev 6 (future)",
+                RangeRequest {
+                    revision: 6,
+                    ..rp("/apisix/")
+                },
+            )
+            .await;
+            range(
+                &mut kv,
+                &rec,
+                "serializable",
+                RangeRequest {
+                    serializable: true,
+                    ..rp("/apisix/")
+                },
+            )
+            .await;
+            // a range straddling the cached prefix and the rest
+            range(
+                &mut kv,
+                &rec,
+                "straddling",
+                rr("/apisix/routes/", b"/other/2"),
+            )
+            .await;
+            range(
+                &mut kv,
+                &rec,
+                "straddling sorted desc limit 2",
+                RangeRequest {
+                    sort_order: 2,
+                    limit: 2,
+                    ..rr("/apisix/routes/", b"/other/9")
+                },
+            )
+            .await;
+        },
+    )
+    .await;
+    assert!(r.contains("revision: 5"), "see /tmp/etcd-fanout-diff/");
+}
+
+/// Two cached prefixes: ranges and txns spanning both, and the prefix between them.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_prefixes_ranges() {
+    let opts = Opts::default().prefixes(&["/apisix/", "/other/"]);
+    let r = differential("two_prefixes_ranges", opts, |side, rec| async move {
+        let mut kv = side.kv().await;
+        populate(&mut kv, &rec).await;
+        txn(
+            &mut kv,
+            &rec,
+            "txn over both prefixes",
+            TxnRequest {
+                success: vec![
+                    op_put("/apisix/x", "1"),
+                    op_put("/other/y", "2"),
+                    op_put("/between", "3"),
+                ],
+                ..Default::default()
+            },
+        )
+        .await;
+        for (label, req) in [
+            ("everything", rr("\0", b"\0")),
+            ("/ prefix", rp("/")),
+            ("spanning both", rr("/apisix/", b"/other/z")),
+            (
+                "spanning both, limit 3",
+                RangeRequest {
+                    limit: 3,
+                    ..rr("/apisix/", b"/other/z")
+                },
+            ),
+            (
+                "spanning both, count_only",
+                RangeRequest {
+                    count_only: true,
+                    ..rr("/apisix/", b"/other/z")
+                },
+            ),
+            (
+                "spanning both at rev 10",
+                RangeRequest {
+                    revision: 10,
+                    ..rr("/apisix/", b"/other/z")
+                },
+            ),
+            ("other prefix", rp("/other/")),
+            (
+                "other prefix sorted by mod desc",
+                RangeRequest {
+                    sort_order: 2,
+                    sort_target: 3,
+                    ..rp("/other/")
+                },
+            ),
+            ("between", rr("/between", b"")),
+        ] {
+            range(&mut kv, &rec, label, req).await;
+        }
+    })
+    .await;
+    assert!(r.contains("/between"), "see /tmp/etcd-fanout-diff/");
 }

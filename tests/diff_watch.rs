@@ -134,7 +134,11 @@ async fn watch_from_now() {
         w.quiet(&rec, "end", QUIET).await;
     })
     .await;
-    assert_eq!(r.count("event for"), 6, "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/");
+    assert_eq!(
+        r.count("event for"),
+        6,
+        "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/"
+    );
 }
 
 /// Watch from past revisions inside any reasonable history window: the replay (one response)
@@ -210,8 +214,14 @@ async fn watch_from_past_revision() {
         },
     )
     .await;
-    assert!(r.count(": replay") >= 9, "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/");
-    assert!(r.count(": live ") >= 10, "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/");
+    assert!(
+        r.count(": replay") >= 9,
+        "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/"
+    );
+    assert!(
+        r.count(": live ") >= 10,
+        "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/"
+    );
 }
 
 /// Keys written by [`populate`], indexed by revision (index 0 and 1 unused).
@@ -299,7 +309,10 @@ async fn watch_older_than_history_window() {
         },
     )
     .await;
-    assert!(r.count(": replay: WatchResponse") >= 20, "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/");
+    assert!(
+        r.count(": replay: WatchResponse") >= 20,
+        "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/"
+    );
 }
 
 /// Watches from compacted revisions: canceled with compact_revision. Boundary cases around
@@ -343,7 +356,8 @@ async fn watch_compacted_revision() {
             w.cancel(0);
             w.expect_within(&rec, "cancel compacted id 0", 1, Duration::from_secs(1))
                 .await;
-            w.quiet(&rec, "after cancel", Duration::from_millis(200)).await;
+            w.quiet(&rec, "after cancel", Duration::from_millis(200))
+                .await;
             // compaction directly on the etcd behind the target
             put(&mut kv, &rec, "/apisix/routes/5", "x").await; // 17
             w.expect(&rec, "17 to the 4 live watches", 4).await;
@@ -382,8 +396,14 @@ async fn watch_compacted_revision() {
         },
     )
     .await;
-    assert!(r.contains("compact_revision: 10"), "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/");
-    assert!(r.contains("compact_revision: 17"), "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/");
+    assert!(
+        r.contains("compact_revision: 10"),
+        "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/"
+    );
+    assert!(
+        r.contains("compact_revision: 17"),
+        "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/"
+    );
 }
 
 /// Several watches of different shapes on one stream (prefix, sub-prefix, single key,
@@ -447,7 +467,10 @@ async fn watch_shapes_on_one_stream() {
         },
     )
     .await;
-    assert!(r.count("WatchResponse") > 40, "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/");
+    assert!(
+        r.count("WatchResponse") > 40,
+        "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/"
+    );
 }
 
 /// prev_kv on live events and on a replay, for puts and deletes (created keys carry none).
@@ -497,7 +520,10 @@ async fn watch_prev_kv() {
         w.quiet(&rec, "end", QUIET).await;
     })
     .await;
-    assert!(r.count("prev_kv: Some(") >= 8, "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/");
+    assert!(
+        r.count("prev_kv: Some(") >= 8,
+        "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/"
+    );
 }
 
 /// NOPUT / NODELETE / both filters, live and on replay.
@@ -552,7 +578,10 @@ async fn watch_filters() {
         w.quiet(&rec, "end", QUIET).await;
     })
     .await;
-    assert!(r.count("WatchResponse") >= 16, "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/");
+    assert!(
+        r.count("WatchResponse") >= 16,
+        "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/"
+    );
 }
 
 /// A txn touching several keys (inside and outside the prefix): one response per watch with
@@ -617,7 +646,10 @@ async fn watch_txn_multi_key() {
         },
     )
     .await;
-    assert!(r.contains("/apisix/upstreams/9"), "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/");
+    assert!(
+        r.contains("/apisix/upstreams/9"),
+        "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/"
+    );
 }
 
 /// DeleteRange of several keys: one response, deletes sorted by key; delete of everything.
@@ -660,7 +692,10 @@ async fn watch_delete_range() {
         },
     )
     .await;
-    assert!(r.count("r#type: Delete") >= 8, "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/");
+    assert!(
+        r.count("r#type: Delete") >= 8,
+        "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/"
+    );
 }
 
 /// Keys attached to leases: expiry deletes them (one revision, sorted keys), revoke too.
@@ -747,7 +782,10 @@ async fn watch_lease_expiry_and_revoke() {
         },
     )
     .await;
-    assert!(r.count("r#type: Delete") >= 5, "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/");
+    assert!(
+        r.count("r#type: Delete") >= 5,
+        "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/"
+    );
 }
 
 /// Cancel: canceled response with the watch id; afterwards no events for it; unknown and
@@ -793,7 +831,10 @@ async fn watch_cancel() {
         w2.quiet(&rec, "w2 end", QUIET).await;
     })
     .await;
-    assert!(r.contains("canceled: true"), "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/");
+    assert!(
+        r.contains("canceled: true"),
+        "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/"
+    );
 }
 
 /// WatchProgressRequest: on an empty stream, with a synced watch, after writes, with a
@@ -842,7 +883,10 @@ async fn watch_progress_request() {
         },
     )
     .await;
-    assert!(r.count("watch_id: -1") >= 6, "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/");
+    assert!(
+        r.count("watch_id: -1") >= 6,
+        "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/"
+    );
 }
 
 /// Client-chosen and server-assigned watch ids mixed on one stream, duplicates, several
@@ -902,7 +946,10 @@ async fn watch_ids_multiple_watches() {
         },
     )
     .await;
-    assert!(r.contains("duplicate watch ID"), "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/");
+    assert!(
+        r.contains("duplicate watch ID"),
+        "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/"
+    );
 }
 
 /// Watches on keys outside every configured prefix (and ranges straddling the prefix).
@@ -945,14 +992,17 @@ async fn watch_outside_prefixes() {
             let mut w2 = side.watch().await;
             w2.create(W::prefix("/other/").create(2));
             w2.create(W::prefix("/apisix").create(2));
-            w2.expect(&rec, "past: created", 2).await;
-            w2.expect(&rec, "past: replays", 2).await;
+            w2.expect(&rec, "past: created + replay (per watch)", 4)
+                .await;
             w.quiet(&rec, "end", QUIET).await;
             w2.quiet(&rec, "end2", Duration::from_millis(100)).await;
         },
     )
     .await;
-    assert!(r.contains("/other/1"), "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/");
+    assert!(
+        r.contains("/other/1"),
+        "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/"
+    );
 }
 
 /// A start revision in the future waits: nothing until the store reaches it.
@@ -1031,7 +1081,11 @@ async fn watch_reconnect_resume() {
         },
     )
     .await;
-    assert_eq!(r.count(": replay: WatchResponse"), 4, "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/");
+    assert_eq!(
+        r.count(": replay: WatchResponse"),
+        4,
+        "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/"
+    );
 }
 
 /// A compact, readable summary of a (possibly huge) watch response.
@@ -1148,5 +1202,93 @@ async fn watch_fragment_large_revision() {
         },
     )
     .await;
-    assert!(r.contains("fragment=true"), "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/");
+    assert!(
+        r.contains("fragment=true"),
+        "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/"
+    );
+}
+
+/// Writes outside the watched/cached prefix move etcd's revision: created responses and
+/// progress responses must carry etcd's current revision.
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_header_revision_after_outside_writes() {
+    let r = differential(
+        "watch_header_revision_after_outside_writes",
+        Opts::default(),
+        |side, rec| async move {
+            let mut kv = side.kv().await;
+            let mut direct = side.etcd_kv().await;
+            let quiet = Rec::new();
+            put(&mut kv, &rec, "/apisix/routes/1", "a").await; // 2
+            put(&mut kv, &rec, "/other/1", "x").await; // 3
+            put(&mut direct, &quiet, "/other/2", "y").await; // 4
+            let mut w = side.watch().await;
+            w.create_prefix("/apisix/", 0);
+            w.expect(&rec, "created after outside writes", 1).await;
+            put(&mut direct, &quiet, "/other/3", "z").await; // 5
+            w.quiet(&rec, "no event", QUIET).await;
+            w.progress();
+            w.expect(&rec, "progress after direct outside write", 1)
+                .await;
+            w.create_prefix("/apisix/routes/", 0);
+            w.expect(&rec, "second created", 1).await;
+            w.create_prefix("/apisix/", 2);
+            w.expect(&rec, "from 2: created + replay", 2).await;
+            put(&mut direct, &quiet, "/apisix/routes/1", "b").await; // 6
+            w.expect(&rec, "event", 3).await;
+        },
+    )
+    .await;
+    assert!(r.contains("revision: 5"), "see /tmp/etcd-fanout-diff/");
+}
+
+/// Two cached prefixes: watches on each, on both at once, and a txn touching both.
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_two_prefixes() {
+    let opts = Opts::default().prefixes(&["/apisix/", "/other/"]);
+    let r = differential("watch_two_prefixes", opts, |side, rec| async move {
+        let mut kv = side.kv().await;
+        populate(&mut kv, &rec).await;
+        let defs = [
+            W::prefix("/apisix/"),
+            W::prefix("/other/"),
+            W {
+                key: b"/apisix/".to_vec(),
+                end: b"/other/z".to_vec(),
+            },
+            W::from_key("\0"),
+        ];
+        let mut w = side.watch().await;
+        for d in &defs {
+            w.create(d.create(0));
+        }
+        w.expect(&rec, "created", defs.len()).await;
+        txn(
+            &mut kv,
+            &rec,
+            "txn over both prefixes",
+            TxnRequest {
+                success: vec![
+                    op_put("/apisix/x", "1"),
+                    op_put("/other/y", "2"),
+                    op_put("/between", "3"),
+                ],
+                ..Default::default()
+            },
+        )
+        .await;
+        w.expect(&rec, "txn events", 4).await;
+        let mut w2 = side.watch().await;
+        for d in &defs {
+            w2.create(d.create(5));
+        }
+        // one batch: the interleaving of created/replay messages of different watches is timing
+        // (etcd syncs unsynced watches every 100 ms); per-watch order is kept by `expect`
+        w2.expect(&rec, "from 5: created + replay", 2 * defs.len())
+            .await;
+        w.quiet(&rec, "end", QUIET).await;
+        w2.quiet(&rec, "end2", Duration::from_millis(100)).await;
+    })
+    .await;
+    assert!(r.contains("/other/y"), "see /tmp/etcd-fanout-diff/");
 }

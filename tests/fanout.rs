@@ -31,15 +31,21 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
-    let etcd = tokio::task::spawn_blocking(Etcd::start).await.unwrap();
+    let etcd = start_etcd(&[]).await;
     let proxy = if selfcheck() {
         None
     } else {
-        let u = etcd.url.clone();
-        Some(tokio::task::spawn_blocking(move || Proxy::start(&u, &["/apisix/"])).await.unwrap())
+        Some(start_proxy(&etcd.url, &["/apisix/".to_string()], &[]).await)
     };
-    let url = proxy.as_ref().map(|p| p.url.clone()).unwrap_or_else(|| etcd.url.clone());
-    eprintln!("fanout target: {url} (etcd {}, proxy: {})", etcd.url, proxy.is_some());
+    let url = proxy
+        .as_ref()
+        .map(|p| p.url.clone())
+        .unwrap_or_else(|| etcd.url.clone());
+    eprintln!(
+        "fanout target: {url} (etcd {}, proxy: {})",
+        etcd.url,
+        proxy.is_some()
+    );
     Setup { etcd, proxy, url }
 }
 
@@ -111,7 +117,12 @@ async fn stream_task(
         let before = v.len();
         for e in &m.events {
             let kv = e.kv.clone().unwrap_or_default();
-            v.push((e.r#type, kv.key.to_vec(), kv.value.to_vec(), kv.mod_revision));
+            v.push((
+                e.r#type,
+                kv.key.to_vec(),
+                kv.value.to_vec(),
+                kv.mod_revision,
+            ));
         }
         if before < want && v.len() >= want {
             complete += 1;
@@ -123,7 +134,12 @@ async fn stream_task(
             let v = got.entry(m.watch_id).or_default();
             for e in &m.events {
                 let kv = e.kv.clone().unwrap_or_default();
-                v.push((e.r#type, kv.key.to_vec(), kv.value.to_vec(), kv.mod_revision));
+                v.push((
+                    e.r#type,
+                    kv.key.to_vec(),
+                    kv.value.to_vec(),
+                    kv.mod_revision,
+                ));
             }
         }
     }
@@ -149,7 +165,14 @@ async fn open_watchers(
         let ch = common::channel(url).await;
         for _ in 0..STREAMS_PER_CONN {
             let client = WatchClient::new(ch.clone()).max_decoding_message_size(usize::MAX);
-            handles.push(tokio::spawn(stream_task(client, per, start, want, ctx.clone(), deadline)));
+            handles.push(tokio::spawn(stream_task(
+                client,
+                per,
+                start,
+                want,
+                ctx.clone(),
+                deadline,
+            )));
         }
     }
     drop(ctx);
@@ -176,7 +199,10 @@ async fn do_writes_from(url: &str, etcd_url: &str, from: usize, n: usize) -> Vec
         let key = format!("/apisix/routes/{}", i % 7);
         if i % 5 == 4 {
             let r = kv
-                .delete_range(DeleteRangeRequest { key: b(&key), ..Default::default() })
+                .delete_range(DeleteRangeRequest {
+                    key: b(&key),
+                    ..Default::default()
+                })
                 .await
                 .expect("delete")
                 .into_inner();
@@ -186,26 +212,35 @@ async fn do_writes_from(url: &str, etcd_url: &str, from: usize, n: usize) -> Vec
         } else {
             let val = format!("value-{i}");
             let r = kv
-                .put(PutRequest { key: b(&key), value: b(&val), ..Default::default() })
+                .put(PutRequest {
+                    key: b(&key),
+                    value: b(&val),
+                    ..Default::default()
+                })
                 .await
                 .expect("put")
                 .into_inner();
-            expected.push((0, key.into_bytes(), val.into_bytes(), r.header.unwrap().revision));
+            expected.push((
+                0,
+                key.into_bytes(),
+                val.into_bytes(),
+                r.header.unwrap().revision,
+            ));
         }
         if i % 10 == 9 {
-            kv.put(PutRequest { key: b("/other/noise"), value: b("x"), ..Default::default() })
-                .await
-                .expect("put");
+            kv.put(PutRequest {
+                key: b("/other/noise"),
+                value: b("x"),
+                ..Default::default()
+            })
+            .await
+            .expect("put");
         }
     }
     expected
 }
 
-fn check_all(
-    results: Vec<Result<HashMap<i64, Vec<Ev>>, String>>,
-    expected: &[Ev],
-    total: usize,
-) {
+fn check_all(results: Vec<Result<HashMap<i64, Vec<Ev>>, String>>, expected: &[Ev], total: usize) {
     let mut watches = 0;
     let mut bad = Vec::new();
     for (si, r) in results.into_iter().enumerate() {
@@ -229,7 +264,12 @@ fn check_all(
             }
         }
     }
-    assert!(bad.is_empty(), "{} of {total} watchers wrong:\n{}", bad.len(), bad.iter().take(20).cloned().collect::<Vec<_>>().join("\n"));
+    assert!(
+        bad.is_empty(),
+        "{} of {total} watchers wrong:\n{}",
+        bad.len(),
+        bad.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
+    );
     assert_eq!(watches, total, "watch count");
 }
 
@@ -288,7 +328,9 @@ async fn five_hundred_watchers_resuming_from_history() {
         let deadline = Instant::now() + Duration::from_secs(40);
         let handles = open_watchers(&s.url, total, start, want, deadline).await;
         let (w1, st1) = watchers_on_etcd(&s);
-        eprintln!("etcd with {total} resumed watchers: watcher_total={w1} watch_stream_total={st1}");
+        eprintln!(
+            "etcd with {total} resumed watchers: watcher_total={w1} watch_stream_total={st1}"
+        );
         let live = do_writes_from(&s.url, &s.etcd.url, 30, more).await;
         let mut expected = replay.clone();
         expected.extend(live);
@@ -299,9 +341,15 @@ async fn five_hundred_watchers_resuming_from_history() {
         }
         check_all(results, &expected, total);
         if s.proxy.is_some() {
-            assert!(w1 <= 2.0, "etcd has {w1} watchers while {total} resumed watchers are active (want <= 2)");
+            assert!(
+                w1 <= 2.0,
+                "etcd has {w1} watchers while {total} resumed watchers are active (want <= 2)"
+            );
         } else {
-            assert!(w1 >= total as f64, "metric sanity: etcd should count {total} watchers, shows {w1}");
+            assert!(
+                w1 >= total as f64,
+                "metric sanity: etcd should count {total} watchers, shows {w1}"
+            );
         }
     })
     .await;
@@ -325,4 +373,3 @@ fn expected_event_count_from(from: usize, n: usize) -> usize {
     }
     c
 }
-

@@ -524,6 +524,67 @@ impl Side {
     }
 }
 
+fn panic_text(e: tokio::task::JoinError) -> String {
+    if e.is_panic() {
+        let p = e.into_panic();
+        p.downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default()
+    } else {
+        e.to_string()
+    }
+}
+
+/// Starts an etcd, retrying (up to 3 attempts) when its free port was taken by another process
+/// in the meantime (`free_port` binds then releases; other suites run concurrently).
+pub async fn start_etcd(args: &[String]) -> Etcd {
+    let mut last = String::new();
+    for _ in 0..3 {
+        let a = args.to_vec();
+        match tokio::task::spawn_blocking(move || {
+            Etcd::start_with(&a.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+        .await
+        {
+            Ok(e) => return e,
+            Err(e) => {
+                last = panic_text(e);
+                eprintln!(
+                    "etcd start failed, retrying: {}",
+                    last.lines().next().unwrap_or("")
+                );
+            }
+        }
+    }
+    panic!("etcd did not start in 3 attempts: {last}");
+}
+
+/// Starts etcd-fanout; retries only when its listen port was taken meanwhile.
+pub async fn start_proxy(etcd_url: &str, prefixes: &[String], extra: &[String]) -> Proxy {
+    let mut last = String::new();
+    for _ in 0..3 {
+        let (u, p, x) = (etcd_url.to_string(), prefixes.to_vec(), extra.to_vec());
+        match tokio::task::spawn_blocking(move || {
+            let p: Vec<&str> = p.iter().map(String::as_str).collect();
+            let x: Vec<&str> = x.iter().map(String::as_str).collect();
+            Proxy::start_with(&u, &p, &x)
+        })
+        .await
+        {
+            Ok(p) => return p,
+            Err(e) => {
+                last = panic_text(e);
+                if !last.to_lowercase().contains("in use") {
+                    break;
+                }
+                eprintln!("proxy port taken, retrying");
+            }
+        }
+    }
+    panic!("proxy did not start: {last}");
+}
+
 /// Two fresh etcds and, unless in self-check mode, a proxy in front of the second.
 pub struct Env {
     pub a: Etcd,
@@ -533,30 +594,11 @@ pub struct Env {
 
 impl Env {
     pub async fn start(opts: Opts) -> Env {
-        let ea = opts.etcd_args.clone();
-        let eb = opts.etcd_args.clone();
-        let ha = tokio::task::spawn_blocking(move || {
-            Etcd::start_with(&ea.iter().map(String::as_str).collect::<Vec<_>>())
-        });
-        let hb = tokio::task::spawn_blocking(move || {
-            Etcd::start_with(&eb.iter().map(String::as_str).collect::<Vec<_>>())
-        });
-        let a = ha.await.expect("etcd A");
-        let b = hb.await.expect("etcd B");
+        let (a, b) = tokio::join!(start_etcd(&opts.etcd_args), start_etcd(&opts.etcd_args));
         let proxy = if selfcheck() {
             None
         } else {
-            let url = b.url.clone();
-            let o = opts.clone();
-            Some(
-                tokio::task::spawn_blocking(move || {
-                    let p: Vec<&str> = o.prefixes.iter().map(String::as_str).collect();
-                    let x: Vec<&str> = o.proxy_args.iter().map(String::as_str).collect();
-                    Proxy::start_with(&url, &p, &x)
-                })
-                .await
-                .expect("proxy start"),
-            )
+            Some(start_proxy(&b.url, &opts.prefixes, &opts.proxy_args).await)
         };
         eprintln!(
             "differential env: reference etcd {} | target {}",

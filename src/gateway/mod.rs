@@ -394,9 +394,22 @@ impl From<crate::error::Error> for Failure {
     }
 }
 
+/// Go's `net/http` sends a body of at most this many bytes (written by a handler that then
+/// returns) with `Content-Length`, and anything larger chunked.
+const GO_CHUNKING_THRESHOLD: usize = 2048;
+
+/// A whole body framed as Go's server frames it: `Content-Length` up to 2 KiB, else chunked.
+fn go_body(body: Vec<u8>) -> Body {
+    if body.len() > GO_CHUNKING_THRESHOLD {
+        stream::frames(vec![http_body::Frame::data(Bytes::from(body))])
+    } else {
+        Body::new(Full::new(Bytes::from(body)))
+    }
+}
+
 /// The JSON answer of a successful unary call.
 fn json_response(body: Vec<u8>) -> Response<Body> {
-    let mut resp = Response::new(Body::new(Full::new(Bytes::from(body))));
+    let mut resp = Response::new(go_body(body));
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -422,7 +435,7 @@ fn error_response(code: Code, msg: &str, trailer: bool) -> Response<Body> {
         );
         r
     } else {
-        Response::new(Body::new(Full::new(Bytes::from(body))))
+        Response::new(go_body(body))
     };
     *resp.status_mut() = status;
     resp.headers_mut().insert(

@@ -84,6 +84,8 @@ pub fn frame_chunk(frame: &WatchFrame) -> Bytes {
     let f = match frame {
         WatchFrame::Msg(resp) => return watch_chunk(resp),
         WatchFrame::Events(f) => f,
+        // Session streams turn error frames into stream errors; none reaches an encoder.
+        WatchFrame::Error(_) => return Bytes::new(),
     };
     let parts: Vec<Bytes> = f
         .batches

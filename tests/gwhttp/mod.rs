@@ -1,0 +1,443 @@
+//! HTTP/1.1 test client for the JSON gateway tests: whole answers (chunked bodies decoded,
+//! chunk boundaries kept), streaming answers read chunk by chunk, and the normalisation and
+//! comparison used to diff etcd's gateway against the proxy's.
+//!
+//! Dependency-free on purpose (std sockets, every read bounded by a timeout): the tests check
+//! the wire framing itself (one JSON message per chunk, trailers, status lines).
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::time::{Duration, Instant};
+
+/// Default bound of one blocking read.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// One HTTP answer.
+#[derive(Debug, Clone)]
+pub struct Resp {
+    /// Status code.
+    pub status: u16,
+    /// Header names lowercased, in arrival order.
+    pub headers: Vec<(String, String)>,
+    /// The body (chunked bodies joined).
+    pub body: Vec<u8>,
+    /// The chunks of a chunked body.
+    pub chunks: Vec<Vec<u8>>,
+    /// True when the body was sent chunked.
+    pub chunked: bool,
+}
+
+impl Resp {
+    /// The first value of header `name` (lowercase).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+}
+
+fn request_bytes(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    let mut out = req.into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// A connection reading an answer incrementally.
+pub struct Conn {
+    sock: TcpStream,
+    buf: Vec<u8>,
+    /// Status of the answer (after [`Conn::read_head`]).
+    pub status: u16,
+    /// Headers of the answer.
+    pub headers: Vec<(String, String)>,
+    /// True when the answer is chunked.
+    pub chunked: bool,
+    content_length: Option<usize>,
+    done: bool,
+}
+
+impl Conn {
+    /// Connects and sends one request (without `Connection: close` unless in `headers`).
+    pub fn send(
+        port: u16,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<Conn, String> {
+        let mut sock = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+        sock.set_read_timeout(Some(READ_TIMEOUT)).ok();
+        sock.set_nodelay(true).ok();
+        sock.write_all(&request_bytes(method, path, headers, body))
+            .map_err(|e| e.to_string())?;
+        Ok(Conn {
+            sock,
+            buf: Vec::new(),
+            status: 0,
+            headers: Vec::new(),
+            chunked: false,
+            content_length: None,
+            done: false,
+        })
+    }
+
+    /// Sets the bound of each following read.
+    pub fn set_timeout(&self, t: Duration) {
+        self.sock.set_read_timeout(Some(t)).ok();
+    }
+
+    fn fill(&mut self) -> Result<usize, String> {
+        let mut tmp = [0u8; 65536];
+        match self.sock.read(&mut tmp) {
+            Ok(n) => {
+                self.buf.extend_from_slice(&tmp[..n]);
+                Ok(n)
+            }
+            Err(e) => Err(format!("read: {e}")),
+        }
+    }
+
+    /// Reads the status line and headers.
+    pub fn read_head(&mut self) -> Result<(), String> {
+        loop {
+            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+                self.buf.drain(..end + 4);
+                let mut lines = head.split("\r\n");
+                let status_line = lines.next().unwrap_or_default();
+                self.status = status_line
+                    .split(' ')
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| format!("bad status line {status_line:?}"))?;
+                for l in lines {
+                    if let Some((k, v)) = l.split_once(':') {
+                        self.headers
+                            .push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+                    }
+                }
+                // 1xx: read the real answer.
+                if (100..200).contains(&self.status) {
+                    self.headers.clear();
+                    continue;
+                }
+                self.chunked = self
+                    .headers
+                    .iter()
+                    .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+                self.content_length = self
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k == "content-length")
+                    .and_then(|(_, v)| v.parse().ok());
+                return Ok(());
+            }
+            if self.fill()? == 0 {
+                return Err(format!(
+                    "connection closed before the answer head ({} bytes)",
+                    self.buf.len()
+                ));
+            }
+        }
+    }
+
+    /// The next chunk of a chunked body (`None` at its end), or the rest of a plain body.
+    pub fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, String> {
+        if self.done {
+            return Ok(None);
+        }
+        if !self.chunked {
+            match self.content_length {
+                Some(n) => {
+                    while self.buf.len() < n {
+                        if self.fill()? == 0 {
+                            return Err("closed inside the body".into());
+                        }
+                    }
+                    self.done = true;
+                    return Ok(Some(self.buf.drain(..n).collect()));
+                }
+                None => {
+                    while self.fill()? > 0 {}
+                    self.done = true;
+                    return Ok(Some(std::mem::take(&mut self.buf)));
+                }
+            }
+        }
+        loop {
+            if let Some(eol) = find(&self.buf, b"\r\n") {
+                let size_line = String::from_utf8_lossy(&self.buf[..eol]).into_owned();
+                let size =
+                    usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
+                        .map_err(|_| format!("bad chunk size line {size_line:?}"))?;
+                if size == 0 {
+                    // Trailers until an empty line.
+                    loop {
+                        if let Some(end) = find(&self.buf[eol + 2..], b"\r\n") {
+                            if end == 0 {
+                                self.done = true;
+                                return Ok(None);
+                            }
+                            self.buf.drain(eol + 2..eol + 2 + end + 2);
+                            continue;
+                        }
+                        if self.fill()? == 0 {
+                            self.done = true;
+                            return Ok(None);
+                        }
+                    }
+                }
+                while self.buf.len() < eol + 2 + size + 2 {
+                    if self.fill()? == 0 {
+                        return Err("closed inside a chunk".into());
+                    }
+                }
+                let chunk: Vec<u8> = self.buf[eol + 2..eol + 2 + size].to_vec();
+                self.buf.drain(..eol + 2 + size + 2);
+                return Ok(Some(chunk));
+            }
+            if self.fill()? == 0 {
+                return Err("connection closed inside a chunked body".into());
+            }
+        }
+    }
+
+    /// Closes both directions (the client "vanishes").
+    pub fn close(self) {
+        let _ = self.sock.shutdown(Shutdown::Both);
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// One complete request/answer on a fresh connection.
+pub fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<Resp, String> {
+    let mut h: Vec<(&str, &str)> = headers.to_vec();
+    h.push(("Connection", "close"));
+    let mut c = Conn::send(port, method, path, &h, body)?;
+    c.read_head()?;
+    let mut chunks = Vec::new();
+    let mut body = Vec::new();
+    if method != "HEAD" {
+        while let Some(ch) = c.next_chunk()? {
+            body.extend_from_slice(&ch);
+            chunks.push(ch);
+        }
+    }
+    Ok(Resp {
+        status: c.status,
+        headers: c.headers,
+        body,
+        chunks,
+        chunked: c.chunked,
+    })
+}
+
+/// `POST path` with a JSON body (no Content-Type, as APISIX sends it).
+pub fn post(port: u16, path: &str, body: &str) -> Resp {
+    request(port, "POST", path, &[], body.as_bytes())
+        .unwrap_or_else(|e| panic!("POST {path} {body}: {e}"))
+}
+
+/// Standard base64 of a string.
+pub fn b64(s: &str) -> String {
+    b64_bytes(s.as_bytes())
+}
+
+/// Standard base64 with padding.
+pub fn b64_bytes(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for c in data.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        out.push(T[(n >> 18) as usize & 63] as char);
+        out.push(T[(n >> 12) as usize & 63] as char);
+        out.push(if c.len() > 1 {
+            T[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        out.push(if c.len() > 2 {
+            T[n as usize & 63] as char
+        } else {
+            '='
+        });
+    }
+    out
+}
+
+/// Decodes standard base64 (test data only).
+pub fn unb64(s: &str) -> Vec<u8> {
+    let val = |c: u8| -> u32 {
+        match c {
+            b'A'..=b'Z' => u32::from(c - b'A'),
+            b'a'..=b'z' => u32::from(c - b'a') + 26,
+            b'0'..=b'9' => u32::from(c - b'0') + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => 0,
+        }
+    };
+    let mut out = Vec::new();
+    for q in s.as_bytes().chunks(4) {
+        let pad = q.iter().filter(|&&c| c == b'=').count();
+        let n = q.iter().fold(0u32, |acc, &c| (acc << 6) | val(c));
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&bytes[..3 - pad]);
+    }
+    out
+}
+
+/// Replaces the string value of every `"name":"..."` in a JSON text with `"<name>"`
+/// (identity fields that differ between two clusters).
+pub fn mask(text: &str, names: &[&str]) -> String {
+    let mut out = text.to_string();
+    for name in names {
+        let pat = format!("\"{name}\":");
+        let mut res = String::with_capacity(out.len());
+        let mut rest = out.as_str();
+        while let Some(i) = rest.find(&pat) {
+            res.push_str(&rest[..i + pat.len()]);
+            rest = &rest[i + pat.len()..];
+            if let Some(r) = rest.strip_prefix('"') {
+                let end = r.find('"').unwrap_or(r.len());
+                res.push_str(&format!("\"<{name}>\""));
+                rest = &r[(end + 1).min(r.len())..];
+            } else if rest.starts_with('[') {
+                let end = rest.find(']').unwrap_or(rest.len());
+                res.push_str(&format!("[\"<{name}>\"]"));
+                rest = &rest[(end + 1).min(rest.len())..];
+            } else {
+                let end = rest
+                    .find(|c: char| c == ',' || c == '}')
+                    .unwrap_or(rest.len());
+                res.push_str(&format!("\"<{name}>\""));
+                rest = &rest[end..];
+            }
+        }
+        res.push_str(rest);
+        out = res;
+    }
+    out
+}
+
+/// Fields that legitimately differ between two etcd clusters.
+pub const IDENTITY: &[&str] = &["cluster_id", "member_id", "raft_term"];
+
+/// Headers whose presence and value must match etcd's.
+pub const COMPARED_HEADERS: &[&str] = &[
+    "content-type",
+    "grpc-metadata-content-type",
+    "access-control-allow-origin",
+    "access-control-allow-methods",
+    "access-control-allow-headers",
+    "x-content-type-options",
+    "allow",
+    "location",
+    "trailer",
+];
+
+/// A comparable rendering of an answer: status, compared headers, framing, masked body.
+pub fn render(r: &Resp, masked: &[&str]) -> String {
+    let mut s = format!("status {}\n", r.status);
+    for h in COMPARED_HEADERS {
+        if let Some(v) = r.header(h) {
+            s.push_str(&format!("{h}: {v}\n"));
+        }
+    }
+    s.push_str(if r.chunked {
+        "framing: chunked\n"
+    } else {
+        "framing: length\n"
+    });
+    s.push_str(&mask(&r.text(), masked));
+    s
+}
+
+/// Sends the same request to etcd (`a`) and to the proxy (`b`) and asserts equal answers.
+pub fn same(a: u16, b: u16, method: &str, path: &str, body: &str) -> (Resp, Resp) {
+    same_with(a, b, method, path, &[], body, IDENTITY)
+}
+
+/// [`same`] with extra headers and masked fields.
+pub fn same_with(
+    a: u16,
+    b: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+    masked: &[&str],
+) -> (Resp, Resp) {
+    let ra = request(a, method, path, headers, body.as_bytes())
+        .unwrap_or_else(|e| panic!("etcd {method} {path}: {e}"));
+    let rb = request(b, method, path, headers, body.as_bytes())
+        .unwrap_or_else(|e| panic!("proxy {method} {path}: {e}"));
+    let (sa, sb) = (render(&ra, masked), render(&rb, masked));
+    if sa != sb {
+        let short: String = body.chars().take(300).collect();
+        panic!("\n{method} {path} {short}\n{}", first_difference(&sa, &sb));
+    }
+    (ra, rb)
+}
+
+/// Both texts around their first difference (bounded, for readable failures).
+pub fn first_difference(a: &str, b: &str) -> String {
+    let i = a
+        .bytes()
+        .zip(b.bytes())
+        .position(|(x, y)| x != y)
+        .unwrap_or(a.len().min(b.len()));
+    let cut = |s: &str| -> String {
+        let mut from = i.saturating_sub(300).min(s.len());
+        while !s.is_char_boundary(from) {
+            from -= 1;
+        }
+        let mut to = (i + 300).min(s.len());
+        while !s.is_char_boundary(to) {
+            to += 1;
+        }
+        format!("[{} bytes, from {from}] {}", s.len(), &s[from..to])
+    };
+    format!("--- etcd ---\n{}\n--- proxy ---\n{}\n", cut(a), cut(b))
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}

@@ -21,7 +21,7 @@ pub struct Hub {
     /// etcd's compaction revision as known.
     pub compaction: Arc<Compaction>,
     /// Configuration the hub was built from.
-    pub config: Config,
+    pub config: Arc<Config>,
     /// Turns true when the proxy shuts down: sessions end their streams so clients reconnect
     /// to another replica.
     shutdown: watch::Sender<bool>,
@@ -52,7 +52,7 @@ impl Hub {
             feeds,
             upstream: upstream.clone(),
             compaction: compaction.clone(),
-            config: config.clone(),
+            config: Arc::new(config.clone()),
             shutdown: watch::channel(false).0,
         });
         let weak = Arc::downgrade(&hub);

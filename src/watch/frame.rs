@@ -29,10 +29,12 @@ use crate::proto::etcdserverpb::{ResponseHeader, WatchRequest, WatchResponse};
 /// One response of a watch session.
 #[derive(Debug, Clone)]
 pub enum Frame {
-    /// A response built as a message.
-    Msg(WatchResponse),
+    /// A response built as a message (boxed: frames wait in channels, keep them small).
+    Msg(Box<WatchResponse>),
     /// An events response with shared, pre-encoded events.
     Events(EventsFrame),
+    /// The stream ends with this error.
+    Error(Box<Status>),
 }
 
 /// An events response: header, watch id, and the batches whose shared encodings for `shape`
@@ -62,11 +64,26 @@ impl EventsFrame {
 }
 
 impl Frame {
-    /// The frame as a message (for consumers that need one, e.g. the JSON gateway).
-    pub fn into_response(self) -> WatchResponse {
+    /// A frame for a response built as a message.
+    pub fn msg(resp: WatchResponse) -> Frame {
+        Frame::Msg(Box::new(resp))
+    }
+
+    /// The frame as a message (for consumers that need one, e.g. the JSON gateway), or the
+    /// error that ends the stream.
+    pub fn into_response(self) -> Result<WatchResponse, Status> {
         match self {
-            Frame::Msg(m) => m,
-            Frame::Events(e) => e.to_response(),
+            Frame::Msg(m) => Ok(*m),
+            Frame::Events(e) => Ok(e.to_response()),
+            Frame::Error(s) => Err(*s),
+        }
+    }
+
+    /// The frame as a stream item: errors end the stream.
+    pub fn into_item(self) -> Result<Frame, Status> {
+        match self {
+            Frame::Error(s) => Err(*s),
+            f => Ok(f),
         }
     }
 
@@ -74,6 +91,7 @@ impl Frame {
     pub fn encode_to<B: BufMut>(&self, buf: &mut B) -> Result<(), prost::EncodeError> {
         match self {
             Frame::Msg(m) => m.encode(buf),
+            Frame::Error(_) => Ok(()),
             Frame::Events(e) => {
                 let head = WatchResponse {
                     header: Some(e.header),

@@ -48,7 +48,7 @@ const SHUTDOWN_MESSAGE: &str = "etcdserver: server stopped";
 pub const INVALID_WATCH_ID: i64 = -1;
 
 /// The sending half every watch of a session writes its responses to.
-pub type Out = mpsc::Sender<Result<Frame, Status>>;
+pub type Out = mpsc::Sender<Frame>;
 
 /// What one downstream watch asked for.
 #[derive(Debug, Clone)]
@@ -62,7 +62,7 @@ pub struct WatchSpec {
     /// Send periodic progress notifications.
     pub progress_notify: bool,
     /// The request as the client sent it (relayed as is when etcd must answer).
-    pub request: WatchCreateRequest,
+    pub request: Box<WatchCreateRequest>,
 }
 
 /// Serves the Watch service.
@@ -87,7 +87,7 @@ impl WatchService {
     {
         Box::pin(
             self.session_frames(metadata, requests)
-                .map(|r| r.map(Frame::into_response)),
+                .map(|r| r.and_then(Frame::into_response)),
         )
     }
 
@@ -100,13 +100,13 @@ impl WatchService {
         let (tx, rx) = mpsc::channel(SESSION_BUFFER);
         let session = Session {
             hub: self.hub.clone(),
-            metadata,
+            metadata: Arc::new(metadata),
             out: tx,
             watches: HashMap::new(),
             next_id: 0,
         };
         tokio::spawn(session.run(requests));
-        Box::pin(ReceiverStream::new(rx))
+        Box::pin(ReceiverStream::new(rx).map(Frame::into_item))
     }
 }
 
@@ -127,8 +127,8 @@ impl watch_server::Watch for WatchService {
 struct Session {
     /// Feeds and upstream.
     hub: Arc<Hub>,
-    /// The stream's metadata (credentials for relayed watches).
-    metadata: MetadataMap,
+    /// The stream's metadata (credentials for relayed watches), shared by its watches.
+    metadata: Arc<MetadataMap>,
     /// Responses to the client.
     out: Out,
     /// Active watches by id.
@@ -148,7 +148,7 @@ impl Session {
             tokio::select! {
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
                     // End the stream so the client reconnects (to another replica).
-                    let _ = self.out.send(Err(Status::unavailable(SHUTDOWN_MESSAGE))).await;
+                    let _ = self.out.send(Frame::Error(Box::new(Status::unavailable(SHUTDOWN_MESSAGE)))).await;
                     break;
                 }
                 req = requests.next() => match req {
@@ -186,7 +186,7 @@ impl Session {
                         canceled: true,
                         ..Default::default()
                     };
-                    return self.out.send(Ok(Frame::Msg(resp))).await.is_ok();
+                    return self.out.send(Frame::msg(resp)).await.is_ok();
                 }
                 true
             }
@@ -198,7 +198,7 @@ impl Session {
                     watch_id: INVALID_WATCH_ID,
                     ..Default::default()
                 };
-                self.out.send(Ok(Frame::Msg(resp))).await.is_ok()
+                self.out.send(Frame::msg(resp)).await.is_ok()
             }
             None => true,
         }
@@ -245,14 +245,14 @@ impl Session {
             shape,
             fragment: c.fragment,
             progress_notify: c.progress_notify,
-            request: c,
+            request: Box::new(c),
         };
         let handle = match feed {
             Some(feed) => {
                 let created = watcher::created(&feed, &spec);
                 if self
                     .out
-                    .send(Ok(Frame::Msg(created.response.clone())))
+                    .send(Frame::msg(created.response.clone()))
                     .await
                     .is_err()
                 {
@@ -261,7 +261,8 @@ impl Session {
                 tokio::spawn(watcher::run(
                     feed,
                     spec,
-                    created,
+                    created.start,
+                    created.synced,
                     self.out.clone(),
                     self.metadata.clone(),
                     self.hub.config.clone(),
@@ -295,6 +296,6 @@ impl Session {
             cancel_reason: reason.to_string(),
             ..Default::default()
         };
-        self.out.send(Ok(Frame::Msg(resp))).await.is_ok()
+        self.out.send(Frame::msg(resp)).await.is_ok()
     }
 }

@@ -106,11 +106,11 @@ pub async fn catch_up(
             if resp.canceled {
                 // Compacted (or refused): exactly what etcd tells a direct client.
                 let _ = out
-                    .send(Ok(Frame::Msg(WatchResponse {
+                    .send(Frame::msg(WatchResponse {
                         watch_id: spec.id,
                         created: false,
                         ..resp
-                    })))
+                    }))
                     .await;
                 return None;
             }
@@ -153,7 +153,7 @@ pub async fn catch_up(
 /// `created` fires once the downstream `created` response has been queued (or the watch failed).
 pub async fn run_uncached(
     hub: Arc<Hub>,
-    metadata: MetadataMap,
+    metadata: Arc<MetadataMap>,
     spec: WatchSpec,
     out: Out,
     created: oneshot::Sender<()>,
@@ -162,7 +162,7 @@ pub async fn run_uncached(
     let mut created = Some(created);
     let mut request = WatchCreateRequest {
         watch_id: 0,
-        ..spec.request.clone()
+        ..(*spec.request).clone()
     };
     // First revision not yet delivered, once known.
     let mut next: Option<i64> = None;
@@ -184,7 +184,7 @@ pub async fn run_uncached(
                         cancel_reason: e.message().to_string(),
                         ..Default::default()
                     };
-                    let _ = out.send(Ok(Frame::Msg(resp))).await;
+                    let _ = out.send(Frame::msg(resp)).await;
                     return;
                 }
                 tokio::select! {
@@ -205,7 +205,7 @@ pub async fn run_uncached(
             hub.upstream.observe_header(resp.header.as_ref());
             if resp.created {
                 if resp.canceled {
-                    let _ = out.send(Ok(Frame::Msg(resp))).await;
+                    let _ = out.send(Frame::msg(resp)).await;
                     return;
                 }
                 if let Some(c) = created.take() {
@@ -218,10 +218,10 @@ pub async fn run_uncached(
                         });
                     }
                     let ok = out
-                        .send(Ok(Frame::Msg(WatchResponse {
+                        .send(Frame::msg(WatchResponse {
                             watch_id: spec.id,
                             ..resp
-                        })))
+                        }))
                         .await
                         .is_ok();
                     let _ = c.send(());
@@ -243,10 +243,10 @@ pub async fn run_uncached(
             }
             let canceled = resp.canceled;
             if out
-                .send(Ok(Frame::Msg(WatchResponse {
+                .send(Frame::msg(WatchResponse {
                     watch_id: spec.id,
                     ..resp
-                })))
+                }))
                 .await
                 .is_err()
                 || canceled

@@ -71,26 +71,29 @@ pub fn created(feed: &Feed, spec: &WatchSpec) -> Created {
 pub async fn run(
     feed: Arc<Feed>,
     spec: WatchSpec,
-    created: Created,
+    start: i64,
+    synced: bool,
     out: Out,
-    metadata: MetadataMap,
-    config: Config,
+    metadata: Arc<MetadataMap>,
+    config: Arc<Config>,
 ) {
     let _gauge = WatcherGauge::new();
     let compacted = feed.compaction().revision();
-    if created.start < compacted {
-        let _ = out
-            .send(Ok(Frame::Msg(compacted_response(&feed, &spec, compacted))))
-            .await;
+    if start < compacted {
+        let resp = Frame::msg(compacted_response(&feed, &spec, compacted));
+        let _ = Box::pin(out.send(resp)).await;
         return;
     }
     let mut head_rx = feed.subscribe();
-    let mut next = created.start;
-    let mut synced = created.synced;
-    let mut progress = tokio::time::interval_at(
-        tokio::time::Instant::now() + config.progress_interval,
-        config.progress_interval,
-    );
+    let mut next = start;
+    let mut synced = synced;
+    // Boxed and only for watches that asked: idle watchers stay small.
+    let mut progress = spec.progress_notify.then(|| {
+        Box::pin(tokio::time::interval_at(
+            tokio::time::Instant::now() + config.progress_interval,
+            config.progress_interval,
+        ))
+    });
     // etcd sends a progress notification only if no event went out since the last tick.
     let mut quiet = true;
     loop {
@@ -99,14 +102,14 @@ pub async fn run(
             tokio::select! {
                 changed = head_rx.changed() => if changed.is_err() { return },
                 _ = out.closed() => return,
-                _ = progress.tick(), if spec.progress_notify => {
+                _ = tick(&mut progress) => {
                     if quiet && synced {
                         let resp = WatchResponse {
                             header: Some(feed.upstream().header(head)),
                             watch_id: spec.id,
                             ..Default::default()
                         };
-                        if out.send(Ok(Frame::Msg(resp))).await.is_err() {
+                        if Box::pin(out.send(Frame::msg(resp))).await.is_err() {
                             return;
                         }
                     }
@@ -126,7 +129,12 @@ pub async fn run(
         };
         let Some(batches) = batches else {
             // Older than the window: etcd has to replay it.
-            match relay::catch_up(&feed, &spec, next, &out, &metadata, &config).await {
+            // Boxed: the catch-up state is large and rarely needed; idle watchers stay small.
+            match Box::pin(relay::catch_up(
+                &feed, &spec, next, &out, &metadata, &config,
+            ))
+            .await
+            {
                 Some(resume) => {
                     next = resume;
                     synced = true;
@@ -159,6 +167,16 @@ pub async fn run(
             synced = last >= head;
         }
         next = last + 1;
+    }
+}
+
+/// The next progress tick, or never when the watch did not ask for progress.
+async fn tick(progress: &mut Option<std::pin::Pin<Box<tokio::time::Interval>>>) {
+    match progress {
+        Some(p) => {
+            p.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }
 
@@ -229,9 +247,17 @@ pub async fn send_batches(
     };
     if spec.fragment {
         let resp = frame.to_response();
-        send_events(out, spec, header, resp.events, config.fragment_threshold()).await?;
+        // Rare: boxed so that it does not grow every watcher's future.
+        Box::pin(send_events(
+            out,
+            spec,
+            header,
+            resp.events,
+            config.fragment_threshold(),
+        ))
+        .await?;
     } else {
-        out.send(Ok(Frame::Events(frame))).await.map_err(|_| ())?;
+        out.send(Frame::Events(frame)).await.map_err(|_| ())?;
         metrics::EVENTS_SENT.inc_by(count as u64);
     }
     Ok(count)
@@ -258,7 +284,7 @@ pub async fn send_events(
         vec![resp]
     };
     for p in parts {
-        out.send(Ok(Frame::Msg(p))).await.map_err(|_| ())?;
+        out.send(Frame::msg(p)).await.map_err(|_| ())?;
     }
     metrics::EVENTS_SENT.inc_by(n);
     Ok(())
@@ -333,5 +359,58 @@ mod tests {
             .iter()
             .all(|p| p.encoded_len() < 350 || p.events.len() == 1));
         assert_eq!(fragment(resp, 1 << 20).len(), 1);
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+    use crate::compaction::Compaction;
+    use crate::keys::KeyRange;
+    use crate::proto::etcdserverpb::WatchCreateRequest;
+    use crate::upstream::Upstream;
+    use crate::watch::shape::{ShapeKey, SHAPES};
+    use clap::Parser;
+
+    /// An idle watcher is one task holding this future: it must stay small (the catch-up
+    /// state is boxed).
+    #[tokio::test]
+    async fn watcher_future_is_small() {
+        let upstream = Arc::new(Upstream::new(&["http://127.0.0.1:1".to_string()]).unwrap());
+        let feed = Feed::spawn(
+            "/a/",
+            upstream,
+            Arc::new(Compaction::default()),
+            10,
+            1 << 20,
+            10,
+            Duration::from_secs(1),
+        );
+        let spec = WatchSpec {
+            id: 0,
+            shape: SHAPES.intern(ShapeKey {
+                range: KeyRange::prefix(b"/a/"),
+                no_put: false,
+                no_delete: false,
+                prev_kv: false,
+            }),
+            fragment: false,
+            progress_notify: false,
+            request: Box::default(),
+        };
+        let created = created(&feed, &spec);
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let config = Arc::new(Config::parse_from(["etcd-fanout"]));
+        let fut = run(
+            feed,
+            spec,
+            created.start,
+            created.synced,
+            tx,
+            Arc::new(MetadataMap::new()),
+            config,
+        );
+        let size = std::mem::size_of_val(&fut);
+        assert!(size < 1024, "watcher future is {size} bytes");
     }
 }

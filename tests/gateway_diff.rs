@@ -243,7 +243,7 @@ fn malformed_requests_and_http_edges() {
         format!(r#"{{"key":"{k}","a":tru}}"#),
         format!(r#"{{"key":"{k}","a":01}}"#),
         format!(r#"{{"key":"{k}" "a":1}}"#),
-        format!(r#"{{"key":"\u0059\u0051==","x":"\ud83d"}}"#),
+        r#"{"key":"\u0059\u0051==","x":"\ud83d"}"#.to_string(),
     ] {
         same(a, p, "POST", "/v3/kv/range", &body);
     }

@@ -337,7 +337,7 @@ pub fn mask(text: &str, names: &[&str]) -> String {
                 rest = &rest[(end + 1).min(rest.len())..];
             } else {
                 let end = rest
-                    .find(|c: char| c == ',' || c == '}')
+                    .find([',', '}'])
                     .unwrap_or(rest.len());
                 res.push_str(&format!("\"<{name}>\""));
                 rest = &rest[end..];

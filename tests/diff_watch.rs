@@ -1292,3 +1292,49 @@ async fn watch_two_prefixes() {
     .await;
     assert!(r.contains("/other/y"), "see /tmp/etcd-fanout-diff/");
 }
+
+/// A compaction made directly on etcd (behind the proxy's back), then 3 s of quiet: watches
+/// from compacted revisions must be canceled with etcd's compact_revision, the boundary
+/// revision itself replays. (watch_compacted_revision checks the same right after the
+/// compaction, without the wait.)
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_after_direct_compaction_settled() {
+    let r = differential(
+        "watch_after_direct_compaction_settled",
+        Opts::default(),
+        |side, rec| async move {
+            let mut kv = side.kv().await;
+            populate(&mut kv, &rec).await; // 16
+            let mut direct = side.etcd_kv().await;
+            let _ = direct
+                .compact(CompactionRequest {
+                    revision: 10,
+                    physical: true,
+                })
+                .await
+                .expect("compact");
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let mut w = side.watch().await;
+            for start in [5, 9, 10, 11] {
+                w.create(W::prefix("/apisix/").create(start));
+                w.expect(
+                    &rec,
+                    &format!("from {start} 3 s after direct compact 10"),
+                    2,
+                )
+                .await;
+                w.quiet(
+                    &rec,
+                    &format!("from {start}: nothing more"),
+                    Duration::from_millis(250),
+                )
+                .await;
+            }
+        },
+    )
+    .await;
+    assert!(
+        r.contains("compact_revision: 10"),
+        "see /tmp/etcd-fanout-diff/"
+    );
+}

@@ -336,9 +336,7 @@ pub fn mask(text: &str, names: &[&str]) -> String {
                 res.push_str(&format!("[\"<{name}>\"]"));
                 rest = &rest[(end + 1).min(rest.len())..];
             } else {
-                let end = rest
-                    .find([',', '}'])
-                    .unwrap_or(rest.len());
+                let end = rest.find([',', '}']).unwrap_or(rest.len());
                 res.push_str(&format!("\"<{name}>\""));
                 rest = &rest[end..];
             }

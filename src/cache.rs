@@ -183,6 +183,29 @@ impl Cache {
         Ok(batch)
     }
 
+    /// Extends the window back to `base` with older history: `batches` (oldest first) hold
+    /// every event of the range in revisions `(base, upto]`, where `upto` must still be the
+    /// floor. Returns false, changing nothing, when the window moved in the meantime.
+    pub fn prepend(&mut self, base: i64, upto: i64, batches: Vec<RevBatch>) -> bool {
+        if self.floor != upto || base >= upto {
+            return false;
+        }
+        if batches
+            .iter()
+            .any(|b| b.revision <= base || b.revision > upto)
+            || batches.windows(2).any(|w| w[0].revision >= w[1].revision)
+        {
+            return false;
+        }
+        for b in batches.into_iter().rev() {
+            self.history_bytes += b.bytes;
+            self.history.push_front(Arc::new(b));
+        }
+        self.floor = base;
+        self.evict();
+        true
+    }
+
     /// Records that nothing changed in the range up to `revision` (e.g. an upstream progress
     /// notification), so reads at that revision can be answered.
     pub fn advance(&mut self, revision: i64) {
@@ -353,6 +376,37 @@ mod tests {
         assert_eq!(revs(c.batches_after(11, 1).unwrap()), [12]);
         assert_eq!(revs(c.batches_after(13, 10).unwrap()), Vec::<i64>::new());
         assert!(c.batches_after(9, 10).is_none());
+    }
+
+    #[test]
+    fn prepend_extends_the_window() {
+        let mut c = Cache::new(KeyRange::prefix(b"/a/"), 100, 1 << 20);
+        // State at 12: /a/1=z (created 5, updated 12). History before: created at 5, updated 12.
+        c.reset(12, vec![kv("/a/1", "z", 5, 12, 2)]);
+        c.apply(RevBatch::new(
+            13,
+            vec![put(kv("/a/2", "n", 13, 13, 1), None)],
+        ))
+        .unwrap();
+        let older = vec![RevBatch::new(
+            12,
+            vec![put(
+                kv("/a/1", "z", 5, 12, 2),
+                Some(kv("/a/1", "x", 5, 5, 1)),
+            )],
+        )];
+        assert!(!c.prepend(10, 11, vec![]), "upto must be the floor");
+        assert!(c.prepend(10, 12, older));
+        assert_eq!(c.floor(), 10);
+        let all = KeyRange::prefix(b"/a/");
+        assert_eq!(keys(&c.kvs_at(&all, 11).unwrap()), ["/a/1=x"]);
+        let revs: Vec<i64> = c
+            .batches_after(10, 10)
+            .unwrap()
+            .iter()
+            .map(|b| b.revision)
+            .collect();
+        assert_eq!(revs, [12, 13]);
     }
 
     #[test]

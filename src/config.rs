@@ -37,6 +37,11 @@ pub struct Config {
     #[arg(long, env = "ETCD_FANOUT_HISTORY_BYTES", default_value_t = 256 << 20)]
     pub history_bytes: usize,
 
+    /// Revisions of event history fetched back from etcd after a prefix is loaded, so that
+    /// clients resuming from a recent revision (after a proxy restart) are served from memory.
+    #[arg(long, env = "ETCD_FANOUT_BACKFILL_REVISIONS", default_value_t = 1000)]
+    pub backfill_revisions: usize,
+
     /// Keys per page when loading a prefix from etcd.
     #[arg(long, env = "ETCD_FANOUT_LOAD_PAGE_SIZE", default_value_t = 1000)]
     pub load_page_size: i64,

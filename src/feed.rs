@@ -22,6 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::cache::{Cache, RevBatch};
 use crate::compaction::Compaction;
+use crate::config::Config;
 use crate::keys::KeyRange;
 use crate::metrics;
 use crate::proto::etcdserverpb::{
@@ -58,6 +59,8 @@ pub struct Feed {
     compaction: Arc<Compaction>,
     /// Keys per load page.
     page_size: i64,
+    /// Revisions of history fetched back from etcd after each load.
+    backfill_revisions: i64,
     /// The last sync check's finding `(h, x)`: the cached state at head `h` is etcd's state at
     /// revision `x` (serializable reads at head `h` report `x`, as etcd would).
     verified: std::sync::Mutex<(i64, i64)>,
@@ -71,28 +74,30 @@ impl Feed {
         prefix: &str,
         upstream: Arc<Upstream>,
         compaction: Arc<Compaction>,
-        history_revisions: usize,
-        history_bytes: usize,
-        page_size: i64,
-        sync_timeout: Duration,
+        config: &Config,
     ) -> Arc<Feed> {
         let range = KeyRange::prefix(prefix.as_bytes());
         let (head_tx, _) = watch::channel(0);
         let (sync_tx, sync_rx) = mpsc::unbounded_channel();
         let feed = Arc::new(Feed {
             name: prefix.to_string(),
-            cache: RwLock::new(Cache::new(range.clone(), history_revisions, history_bytes)),
+            cache: RwLock::new(Cache::new(
+                range.clone(),
+                config.history_revisions,
+                config.history_bytes,
+            )),
             range,
             head_tx,
             ready: AtomicBool::new(false),
             upstream,
             compaction,
-            page_size: page_size.max(1),
+            page_size: config.load_page_size.max(1),
+            backfill_revisions: config.backfill_revisions.min(config.history_revisions) as i64,
             verified: std::sync::Mutex::new((0, 0)),
             sync_tx,
         });
         tokio::spawn(feed.clone().run());
-        tokio::spawn(feed.clone().sync_loop(sync_rx, sync_timeout));
+        tokio::spawn(feed.clone().sync_loop(sync_rx, config.sync_timeout));
         feed
     }
 
@@ -137,7 +142,10 @@ impl Feed {
         loop {
             if need_load {
                 match self.load().await {
-                    Ok(()) => need_load = false,
+                    Ok(revision) => {
+                        need_load = false;
+                        tokio::spawn(self.clone().backfill(revision));
+                    }
                     Err(e) => {
                         tracing::warn!(prefix = %self.name, error = %e, "loading prefix failed");
                         tokio::time::sleep(backoff).await;
@@ -163,8 +171,9 @@ impl Feed {
         }
     }
 
-    /// Pages the whole prefix out of etcd at one revision and resets the cache to it.
-    async fn load(&self) -> Result<(), tonic::Status> {
+    /// Pages the whole prefix out of etcd at one revision and resets the cache to it; returns
+    /// that revision.
+    async fn load(&self) -> Result<i64, tonic::Status> {
         let mut kv = self.upstream.kv();
         let end = self.range.range_end();
         let mut key = self.range.start.clone();
@@ -203,7 +212,97 @@ impl Feed {
         }
         tracing::info!(prefix = %self.name, keys = n, revision, "prefix loaded");
         self.publish(revision);
-        Ok(())
+        Ok(revision)
+    }
+
+    /// Fetches the history before a load at `upto` back from etcd, so that clients resuming
+    /// from a revision shortly before it are served from memory. It watches the whole keyspace
+    /// from `upto - backfill_revisions`: every revision has at least one event somewhere, so the
+    /// event at `upto` itself proves everything before it was delivered. Events of this prefix
+    /// are kept; the cache takes them only if its window has not moved meanwhile.
+    async fn backfill(self: Arc<Self>, upto: i64) {
+        if self.backfill_revisions <= 0 || upto <= 1 {
+            return;
+        }
+        let mut base = (upto - self.backfill_revisions)
+            .max(self.compaction.revision() - 1)
+            .max(1);
+        for _ in 0..3 {
+            if base >= upto {
+                return;
+            }
+            match tokio::time::timeout(BACKFILL_TIMEOUT, self.replay(base, upto)).await {
+                Ok(Ok(batches)) => {
+                    let n = batches.len();
+                    let ok = self
+                        .cache
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .prepend(base, upto, batches);
+                    tracing::info!(prefix = %self.name, from = base, to = upto, batches = n, applied = ok, "history backfilled");
+                    return;
+                }
+                Ok(Err(Replay::Compacted(c))) => {
+                    self.compaction.observe(c);
+                    base = c - 1;
+                }
+                Ok(Err(Replay::Failed(e))) => {
+                    tracing::debug!(prefix = %self.name, error = %e, "backfill failed");
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// The batches of this prefix in revisions `(base, upto]`, from a whole-keyspace watch.
+    async fn replay(&self, base: i64, upto: i64) -> Result<Vec<RevBatch>, Replay> {
+        let (tx, rx) = mpsc::channel(1);
+        let create = WatchRequest {
+            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                key: Bytes::from_static(b"\0"),
+                range_end: Bytes::from_static(b"\0"),
+                start_revision: base + 1,
+                prev_kv: true,
+                ..Default::default()
+            })),
+        };
+        let _ = tx.send(create).await;
+        let mut stream = self
+            .upstream
+            .watch()
+            .watch(watch_stream(&Default::default(), ReceiverStream::new(rx)))
+            .await
+            .map_err(Replay::Failed)?
+            .into_inner();
+        let mut events = Vec::new();
+        loop {
+            let resp = stream
+                .message()
+                .await
+                .map_err(Replay::Failed)?
+                .ok_or_else(|| Replay::Failed(tonic::Status::unavailable("stream ended")))?;
+            if resp.compact_revision > 0 {
+                return Err(Replay::Compacted(resp.compact_revision));
+            }
+            if resp.canceled {
+                return Err(Replay::Failed(tonic::Status::unavailable(
+                    resp.cancel_reason,
+                )));
+            }
+            let mut done = false;
+            for ev in resp.events {
+                let Some(kv) = &ev.kv else { continue };
+                done |= kv.mod_revision >= upto;
+                if kv.mod_revision <= upto && self.range.contains_key(&kv.key) {
+                    events.push(ev);
+                }
+            }
+            if done {
+                drop(tx);
+                return Ok(group_by_revision(events));
+            }
+        }
     }
 
     /// Runs one upstream watch from head+1 until it fails (`Err`) or etcd says the resume
@@ -265,20 +364,7 @@ impl Feed {
 
     /// Groups events by revision and applies each group as one batch.
     fn apply_events(&self, events: Vec<Event>) {
-        let mut batches: Vec<RevBatch> = Vec::new();
-        let mut cur: Vec<Event> = Vec::new();
-        let mut cur_rev = 0;
-        for ev in events {
-            let rev = ev.kv.as_ref().map_or(0, |kv| kv.mod_revision);
-            if rev != cur_rev && !cur.is_empty() {
-                batches.push(RevBatch::new(cur_rev, std::mem::take(&mut cur)));
-            }
-            cur_rev = rev;
-            cur.push(ev);
-        }
-        if !cur.is_empty() {
-            batches.push(RevBatch::new(cur_rev, cur));
-        }
+        let batches = group_by_revision(events);
         let n: usize = batches.iter().map(|b| b.events.len()).sum();
         let head = {
             let mut c = self.cache.write().unwrap_or_else(|e| e.into_inner());
@@ -417,6 +503,37 @@ impl Feed {
 /// How long a linearizable read waits for events already in flight on the upstream watch
 /// before asking etcd whether the prefix changed at all.
 const IN_FLIGHT_WAIT: Duration = Duration::from_millis(10);
+
+/// Longest a history backfill may take before it is abandoned.
+const BACKFILL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a backfill replay stopped.
+#[derive(Debug)]
+enum Replay {
+    /// etcd compacted past the start: retry from this revision.
+    Compacted(i64),
+    /// Anything else: give up (the cache works without the backfill).
+    Failed(tonic::Status),
+}
+
+/// Splits events (in etcd's order) into one batch per revision.
+fn group_by_revision(events: Vec<Event>) -> Vec<RevBatch> {
+    let mut batches: Vec<RevBatch> = Vec::new();
+    let mut cur: Vec<Event> = Vec::new();
+    let mut cur_rev = 0;
+    for ev in events {
+        let rev = ev.kv.as_ref().map_or(0, |kv| kv.mod_revision);
+        if rev != cur_rev && !cur.is_empty() {
+            batches.push(RevBatch::new(cur_rev, std::mem::take(&mut cur)));
+        }
+        cur_rev = rev;
+        cur.push(ev);
+    }
+    if !cur.is_empty() {
+        batches.push(RevBatch::new(cur_rev, cur));
+    }
+    batches
+}
 
 /// Runs `f` when dropped.
 fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {

@@ -36,17 +36,7 @@ impl Hub {
         prefixes.dedup();
         let feeds: Vec<Arc<Feed>> = prefixes
             .iter()
-            .map(|p| {
-                Feed::spawn(
-                    p,
-                    upstream.clone(),
-                    compaction.clone(),
-                    config.history_revisions,
-                    config.history_bytes,
-                    config.load_page_size,
-                    config.sync_timeout,
-                )
-            })
+            .map(|p| Feed::spawn(p, upstream.clone(), compaction.clone(), &config))
             .collect();
         let hub = Arc::new(Hub {
             feeds,

@@ -377,15 +377,8 @@ mod size_tests {
     #[tokio::test]
     async fn watcher_future_is_small() {
         let upstream = Arc::new(Upstream::new(&["http://127.0.0.1:1".to_string()]).unwrap());
-        let feed = Feed::spawn(
-            "/a/",
-            upstream,
-            Arc::new(Compaction::default()),
-            10,
-            1 << 20,
-            10,
-            Duration::from_secs(1),
-        );
+        let config = Arc::new(Config::parse_from(["etcd-fanout"]));
+        let feed = Feed::spawn("/a/", upstream, Arc::new(Compaction::default()), &config);
         let spec = WatchSpec {
             id: 0,
             shape: SHAPES.intern(ShapeKey {
@@ -400,7 +393,6 @@ mod size_tests {
         };
         let created = created(&feed, &spec);
         let (tx, _rx) = tokio::sync::mpsc::channel(1);
-        let config = Arc::new(Config::parse_from(["etcd-fanout"]));
         let fut = run(
             feed,
             spec,

@@ -367,7 +367,6 @@ mod size_tests {
     use super::*;
     use crate::compaction::Compaction;
     use crate::keys::KeyRange;
-    use crate::proto::etcdserverpb::WatchCreateRequest;
     use crate::upstream::Upstream;
     use crate::watch::shape::{ShapeKey, SHAPES};
     use clap::Parser;

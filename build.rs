@@ -23,6 +23,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Keys and values are shared between the cache and every response: `Bytes` makes
         // that a reference-count bump instead of a copy.
         .bytes(".")
+        // prost with etcd's wording of decode errors (src/codec.rs).
+        .codec_path("crate::codec::EtcdCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -25,10 +25,19 @@ use crate::upstream::Upstream;
 const PROBE_KEY: &[u8] = b"\0etcd-fanout/compaction-probe";
 
 /// The highest compaction revision known to have happened in etcd.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Compaction {
-    /// Revisions below this are compacted (etcd's `compactMainRev`); 0 if none known.
+    /// Revisions below this are compacted: etcd's `compactMainRev`, which is -1 before the
+    /// first compaction (so a watch from a negative revision is cancelled with -1, as by etcd).
     revision: AtomicI64,
+}
+
+impl Default for Compaction {
+    fn default() -> Self {
+        Compaction {
+            revision: AtomicI64::new(-1),
+        }
+    }
 }
 
 impl Compaction {

@@ -99,8 +99,10 @@ impl KeyRange {
         match &self.end {
             End::Single => (start, Included(self.start.as_ref())),
             End::Unbounded => (start, Unbounded),
+            // Empty (`range_end <= key`): `[start, start)` selects nothing and, unlike two
+            // equal excluded bounds, is a range `BTreeMap::range` accepts.
             End::Before(e) if e.as_ref() <= self.start.as_ref() => {
-                (Excluded(self.start.as_ref()), Excluded(self.start.as_ref()))
+                (start, Excluded(self.start.as_ref()))
             }
             End::Before(e) => (start, Excluded(e.as_ref())),
         }
@@ -161,5 +163,18 @@ mod tests {
         assert!(r("b", "").contains_key(b"b") && !r("b", "").contains_key(b"ba"));
         assert!(r("b", "\0").contains_key(b"zzz") && !r("b", "\0").contains_key(b"a"));
         assert!(r("d", "b").is_empty());
+    }
+
+    #[test]
+    fn empty_ranges_select_nothing() {
+        let mut m = std::collections::BTreeMap::new();
+        for k in ["a", "b", "c"] {
+            m.insert(k.as_bytes().to_vec(), ());
+        }
+        for (k, e) in [("b", "b"), ("c", "a")] {
+            let range = r(k, e);
+            assert_eq!(m.range::<[u8], _>(range.bounds()).count(), 0, "{k}..{e}");
+        }
+        assert_eq!(m.range::<[u8], _>(r("a", "c").bounds()).count(), 2);
     }
 }

@@ -6,6 +6,7 @@
 //! services go straight to etcd through [`upstream`] and [`passthrough`].
 
 pub mod cache;
+pub mod codec;
 pub mod compaction;
 pub mod config;
 pub mod error;

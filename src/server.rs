@@ -72,6 +72,82 @@ impl Services {
     }
 }
 
+/// Every gRPC method etcd 3.4 serves, by service.
+const GRPC_METHODS: [(&str, &[&str]); 6] = [
+    (
+        "etcdserverpb.KV",
+        &["Range", "Put", "DeleteRange", "Txn", "Compact"],
+    ),
+    ("etcdserverpb.Watch", &["Watch"]),
+    (
+        "etcdserverpb.Lease",
+        &[
+            "LeaseGrant",
+            "LeaseRevoke",
+            "LeaseKeepAlive",
+            "LeaseTimeToLive",
+            "LeaseLeases",
+        ],
+    ),
+    (
+        "etcdserverpb.Cluster",
+        &[
+            "MemberAdd",
+            "MemberRemove",
+            "MemberUpdate",
+            "MemberList",
+            "MemberPromote",
+        ],
+    ),
+    (
+        "etcdserverpb.Maintenance",
+        &[
+            "Alarm",
+            "Status",
+            "Defragment",
+            "Hash",
+            "HashKV",
+            "Snapshot",
+            "MoveLeader",
+        ],
+    ),
+    (
+        "etcdserverpb.Auth",
+        &[
+            "AuthEnable",
+            "AuthDisable",
+            "Authenticate",
+            "UserAdd",
+            "UserGet",
+            "UserList",
+            "UserDelete",
+            "UserChangePassword",
+            "UserGrantRole",
+            "UserRevokeRole",
+            "RoleAdd",
+            "RoleGet",
+            "RoleList",
+            "RoleDelete",
+            "RoleGrantPermission",
+            "RoleRevokePermission",
+        ],
+    ),
+];
+
+/// grpc-go's answer to a path no service serves, or `None` when the method exists.
+fn unknown_grpc_method(path: &str) -> Option<tonic::Status> {
+    let (service, method) = path.trim_start_matches('/').split_once('/')?;
+    match GRPC_METHODS.iter().find(|(s, _)| *s == service) {
+        None => Some(tonic::Status::unimplemented(format!(
+            "unknown service {service}"
+        ))),
+        Some((_, methods)) if !methods.contains(&method) => Some(tonic::Status::unimplemented(
+            format!("unknown method {method} for service {service}"),
+        )),
+        Some(_) => None,
+    }
+}
+
 fn is_grpc<B>(req: &http::Request<B>) -> bool {
     req.headers()
         .get(http::header::CONTENT_TYPE)
@@ -97,7 +173,11 @@ pub async fn serve(
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10))
         .timer(TokioTimer::new());
-    builder.http1().timer(TokioTimer::new());
+    // Go's net/http writes canonical header case (`Content-Type`); so does etcd's gateway.
+    builder
+        .http1()
+        .title_case_headers(true)
+        .timer(TokioTimer::new());
     let builder = Arc::new(builder);
     let (conn_shutdown_tx, _) = watch::channel(false);
     let conn_shutdown_tx = Arc::new(conn_shutdown_tx);
@@ -125,6 +205,9 @@ pub async fn serve(
                 let services = services.clone();
                 async move {
                     if is_grpc(&req) {
+                        if let Some(status) = unknown_grpc_method(req.uri().path()) {
+                            return Ok(status.into_http());
+                        }
                         routes.oneshot(req).await
                     } else {
                         Ok::<_, Infallible>(crate::http::handle(req, &services).await)

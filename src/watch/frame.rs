@@ -135,9 +135,13 @@ impl Decoder for RequestDecoder {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<WatchRequest>, Status> {
-        WatchRequest::decode(buf)
-            .map(Some)
-            .map_err(|e| Status::internal(e.to_string()))
+        WatchRequest::decode(buf).map(Some).map_err(|e| {
+            Status::internal(format!(
+                "{}{}",
+                crate::codec::STREAM_DECODE_PREFIX,
+                crate::codec::go_error(&e)
+            ))
+        })
     }
 }
 

@@ -157,8 +157,13 @@ impl Session {
                             break;
                         }
                     }
-                    // Request stream ended or broke: keep serving until the client leaves.
-                    Some(Err(_)) | None => {
+                    // An undecodable request ends the stream with etcd's error.
+                    Some(Err(status)) => {
+                        let _ = self.out.send(Frame::Error(Box::new(status))).await;
+                        break;
+                    }
+                    // Request stream closed: keep serving until the client leaves.
+                    None => {
                         self.out.closed().await;
                         break;
                     }

@@ -51,9 +51,10 @@ pub fn created(feed: &Feed, spec: &WatchSpec) -> Created {
     // Past the head when a sync check proved etcd's state at a later revision is the
     // cached one: "now" is that revision, as etcd would say.
     let head = feed.verified_revision(feed.cache().head());
+    // Only 0 means "now"; a negative start is kept (etcd cancels it as compacted).
     let start = match spec.request.start_revision {
-        r if r > 0 => r,
-        _ => head + 1,
+        0 => head + 1,
+        r => r,
     };
     Created {
         response: WatchResponse {

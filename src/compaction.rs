@@ -94,7 +94,11 @@ impl Compaction {
             ..Default::default()
         };
         match upstream.kv().range(req).await {
-            Ok(_) => Ok(false),
+            Ok(resp) => {
+                // Also a cheap look at etcd's current revision.
+                upstream.observe_header(resp.get_ref().header.as_ref());
+                Ok(false)
+            }
             Err(s) if s.code() == Code::OutOfRange && s.message().contains("compacted") => Ok(true),
             Err(s) => Err(s),
         }

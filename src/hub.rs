@@ -82,9 +82,15 @@ impl Hub {
         self.shutdown.subscribe()
     }
 
-    /// The newest revision the proxy has seen from etcd (max over the feeds' heads).
+    /// The newest revision the proxy has seen from etcd: the feeds' heads and every response
+    /// header etcd sent (a lower bound of etcd's current revision).
     pub fn revision(&self) -> i64 {
-        self.feeds.iter().map(|f| f.head()).max().unwrap_or(0)
+        self.feeds
+            .iter()
+            .map(|f| f.head())
+            .max()
+            .unwrap_or(0)
+            .max(self.upstream.observed_revision())
     }
 
     /// etcd's current revision, as far as the caches can vouch for it: one shared

@@ -29,6 +29,8 @@ pub struct Upstream {
     channel: Channel,
     /// Cluster id, member id and raft term from the most recent upstream response.
     header: Mutex<ResponseHeader>,
+    /// Highest revision any etcd response header has shown (etcd's revision is at least this).
+    revision: std::sync::atomic::AtomicI64,
 }
 
 impl Upstream {
@@ -63,6 +65,7 @@ impl Upstream {
         Ok(Upstream {
             channel,
             header: Mutex::new(ResponseHeader::default()),
+            revision: std::sync::atomic::AtomicI64::new(0),
         })
     }
 
@@ -100,15 +103,22 @@ impl Upstream {
         AuthClient::new(self.channel.clone()).max_decoding_message_size(usize::MAX)
     }
 
-    /// Remembers the identity fields of a header etcd sent.
+    /// Remembers the identity fields and the revision of a header etcd sent.
     pub fn observe_header(&self, h: Option<&ResponseHeader>) {
         if let Some(h) = h {
+            self.revision
+                .fetch_max(h.revision, std::sync::atomic::Ordering::AcqRel);
             if let Ok(mut cur) = self.header.lock() {
                 cur.cluster_id = h.cluster_id;
                 cur.member_id = h.member_id;
                 cur.raft_term = h.raft_term;
             }
         }
+    }
+
+    /// The highest revision etcd has been seen at (a lower bound of its current revision).
+    pub fn observed_revision(&self) -> i64 {
+        self.revision.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// A response header for an answer the proxy makes itself, at `revision`.

@@ -179,7 +179,7 @@ fn kv_reads_writes_and_txn() {
 
 /// `range_end` before `key` inside a cached prefix: etcd answers an empty range.
 #[test]
-#[ignore = "core bug: KeyRange::bounds (src/keys.rs) gives BTreeMap::range equal excluded bounds for an empty range and the cache read panics, dropping the connection"]
+
 fn range_end_before_key() {
     let t = pair();
     let (a, p) = (t.a, t.p);

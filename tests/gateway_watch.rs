@@ -255,7 +255,7 @@ fn watch_bad_and_empty_bodies() {
 /// etcd answers `created` with its current store revision; the proxy answers with the
 /// prefix's cache head, which lags when the latest writes were outside the prefix.
 #[test]
-#[ignore = "core: created header.revision is the prefix feed's head (src/watch/watcher.rs `created`), not etcd's current revision, after writes outside the prefix"]
+
 fn created_header_is_store_revision() {
     let t = pair();
     write_both(t.a, t.p, "/v3/kv/put", &put("/apisix/routes/1", "v"));

@@ -222,9 +222,7 @@ impl Session {
         } else {
             self.hub.feed_for(&range).filter(|f| f.is_ready()).cloned()
         };
-        let header_rev = feed
-            .as_ref()
-            .map_or_else(|| self.hub.revision(), |f| f.head());
+        let header_rev = self.hub.revision();
         if range.is_empty() {
             return self.refuse(header_rev, WATCH_RANGE_EMPTY).await;
         }

@@ -44,13 +44,16 @@ pub struct Created {
     pub synced: bool,
 }
 
-/// Builds the `created` response for `spec` on `feed`: header at the cache head (or the
-/// revision etcd was verified to have the same state at), start at `start_revision` or, when
-/// 0, right after that revision.
+/// Builds the `created` response for `spec` on `feed`: header at etcd's revision as far as
+/// the proxy knows it, start at `start_revision` or, when 0, right after that revision.
 pub fn created(feed: &Feed, spec: &WatchSpec) -> Created {
-    // Past the head when a sync check proved etcd's state at a later revision is the
-    // cached one: "now" is that revision, as etcd would say.
-    let head = feed.verified_revision(feed.cache().head());
+    // "Now" is the newest revision etcd is known to have reached: the cache head, a revision
+    // a sync check proved has the cached state, or any header etcd sent (writes through the
+    // proxy). A watch from now starts after it, as etcd's would; it waits for the cache to
+    // get there.
+    let head = feed
+        .verified_revision(feed.cache().head())
+        .max(feed.upstream().observed_revision());
     // Only 0 means "now"; a negative start is kept (etcd cancels it as compacted).
     let start = match spec.request.start_revision {
         0 => head + 1,

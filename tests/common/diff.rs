@@ -701,7 +701,7 @@ pub enum Next {
 
 enum RxState {
     Pending(JoinHandle<Result<tonic::Streaming<WatchResponse>, tonic::Status>>),
-    Ready(tonic::Streaming<WatchResponse>),
+    Ready(Box<tonic::Streaming<WatchResponse>>),
     Done,
 }
 
@@ -782,7 +782,7 @@ impl WatchConn {
                 RxState::Done => return Next::End,
                 RxState::Pending(h) => match tokio::time::timeout_at(deadline, h).await {
                     Err(_) => return Next::Timeout,
-                    Ok(Ok(Ok(s))) => self.rx = RxState::Ready(s),
+                    Ok(Ok(Ok(s))) => self.rx = RxState::Ready(Box::new(s)),
                     Ok(Ok(Err(st))) => {
                         self.rx = RxState::Done;
                         return Next::Err(st);
@@ -950,10 +950,7 @@ pub fn http_get_body(port: u16, path: &str) -> Result<(u16, String), String> {
     {
         let mut out = Vec::new();
         let mut i = 0;
-        loop {
-            let Some(eol) = body[i..].windows(2).position(|w| w == b"\r\n") else {
-                break;
-            };
+        while let Some(eol) = body[i..].windows(2).position(|w| w == b"\r\n") {
             let size_s = String::from_utf8_lossy(&body[i..i + eol]).to_string();
             let size = usize::from_str_radix(size_s.split(';').next().unwrap_or("").trim(), 16)
                 .map_err(|e| format!("chunk size {size_s:?}: {e}"))?;

@@ -12,13 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
-use crate::proto::etcdserverpb::{
-    watch_request::RequestUnion, RangeRequest, WatchCreateRequest, WatchRequest,
-};
+use crate::proto::etcdserverpb::{RangeRequest, WatchCreateRequest};
 use crate::upstream::Upstream;
 
 /// A key no one writes, used for compaction probes.
@@ -106,26 +102,18 @@ impl Compaction {
 
     /// Learns the exact compaction revision: etcd cancels a watch from revision 1 with it.
     pub async fn probe_watch(&self, upstream: &Upstream) -> Result<i64, tonic::Status> {
-        let (tx, rx) = mpsc::channel(1);
-        let create = WatchRequest {
-            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
-                key: Bytes::from_static(PROBE_KEY),
-                start_revision: 1,
-                ..Default::default()
-            })),
+        let create = WatchCreateRequest {
+            key: Bytes::from_static(PROBE_KEY),
+            start_revision: 1,
+            ..Default::default()
         };
-        let _ = tx.send(create).await;
-        let mut stream = upstream
-            .watch()
-            .watch(ReceiverStream::new(rx))
-            .await?
-            .into_inner();
+        let mut up = upstream.open_watch(&Default::default(), create).await?;
         let deadline = tokio::time::sleep(Duration::from_secs(3));
         tokio::pin!(deadline);
         loop {
             tokio::select! {
                 _ = &mut deadline => return Ok(self.revision()),
-                msg = stream.message() => match msg? {
+                msg = up.responses.message() => match msg? {
                     Some(r) if r.compact_revision > 0 => {
                         self.observe(r.compact_revision);
                         return Ok(r.compact_revision);

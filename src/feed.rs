@@ -18,18 +18,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_stream::wrappers::ReceiverStream;
 
 use crate::cache::{Cache, RevBatch};
 use crate::compaction::Compaction;
 use crate::config::Config;
 use crate::keys::KeyRange;
 use crate::metrics;
-use crate::proto::etcdserverpb::{
-    watch_request::RequestUnion, RangeRequest, WatchCreateRequest, WatchRequest,
-};
+use crate::proto::etcdserverpb::{RangeRequest, WatchCreateRequest};
 use crate::proto::mvccpb::Event;
-use crate::upstream::{watch_stream, Upstream};
+use crate::upstream::Upstream;
 
 /// How a linearizable read may be answered from the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -257,27 +254,22 @@ impl Feed {
 
     /// The batches of this prefix in revisions `(base, upto]`, from a whole-keyspace watch.
     async fn replay(&self, base: i64, upto: i64) -> Result<Vec<RevBatch>, Replay> {
-        let (tx, rx) = mpsc::channel(1);
-        let create = WatchRequest {
-            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
-                key: Bytes::from_static(b"\0"),
-                range_end: Bytes::from_static(b"\0"),
-                start_revision: base + 1,
-                prev_kv: true,
-                ..Default::default()
-            })),
+        let create = WatchCreateRequest {
+            key: Bytes::from_static(b"\0"),
+            range_end: Bytes::from_static(b"\0"),
+            start_revision: base + 1,
+            prev_kv: true,
+            ..Default::default()
         };
-        let _ = tx.send(create).await;
-        let mut stream = self
+        let mut up = self
             .upstream
-            .watch()
-            .watch(watch_stream(&Default::default(), ReceiverStream::new(rx)))
+            .open_watch(&Default::default(), create)
             .await
-            .map_err(Replay::Failed)?
-            .into_inner();
+            .map_err(Replay::Failed)?;
         let mut events = Vec::new();
         loop {
-            let resp = stream
+            let resp = up
+                .responses
                 .message()
                 .await
                 .map_err(Replay::Failed)?
@@ -299,7 +291,6 @@ impl Feed {
                 }
             }
             if done {
-                drop(tx);
                 return Ok(group_by_revision(events));
             }
         }
@@ -309,27 +300,21 @@ impl Feed {
     /// revision is compacted (`Ok(compact_revision)`).
     async fn watch_once(&self) -> Result<i64, tonic::Status> {
         let start = self.cache().head() + 1;
-        let (tx, rx) = mpsc::channel(4);
-        let create = WatchRequest {
-            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
-                key: self.range.start.clone(),
-                range_end: self.range.range_end(),
-                start_revision: start,
-                prev_kv: true,
-                progress_notify: true,
-                ..Default::default()
-            })),
+        let create = WatchCreateRequest {
+            key: self.range.start.clone(),
+            range_end: self.range.range_end(),
+            start_revision: start,
+            prev_kv: true,
+            progress_notify: true,
+            ..Default::default()
         };
-        let _ = tx.send(create).await;
-        let mut stream = self
+        let mut up = self
             .upstream
-            .watch()
-            .watch(watch_stream(&Default::default(), ReceiverStream::new(rx)))
-            .await?
-            .into_inner();
+            .open_watch(&Default::default(), create)
+            .await?;
         metrics::UPSTREAM_WATCHES.inc();
         let _gauge = scopeguard(|| metrics::UPSTREAM_WATCHES.dec());
-        while let Some(resp) = stream.message().await? {
+        while let Some(resp) = up.responses.message().await? {
             self.upstream.observe_header(resp.header.as_ref());
             if resp.canceled {
                 if resp.compact_revision > 0 {
@@ -358,7 +343,6 @@ impl Feed {
             }
             self.apply_events(resp.events);
         }
-        drop(tx);
         Err(tonic::Status::unavailable("upstream watch stream ended"))
     }
 

@@ -15,7 +15,7 @@ use tonic::Request;
 use crate::proto::etcdserverpb::{
     auth_client::AuthClient, cluster_client::ClusterClient, kv_client::KvClient,
     lease_client::LeaseClient, maintenance_client::MaintenanceClient, watch_client::WatchClient,
-    ResponseHeader,
+    watch_request::RequestUnion, ResponseHeader, WatchCreateRequest, WatchRequest, WatchResponse,
 };
 
 /// Metadata keys copied from a downstream request to the upstream one: the auth token
@@ -134,6 +134,43 @@ pub fn forward<T>(from: &MetadataMap, msg: T) -> Request<T> {
     let mut req = Request::new(msg);
     copy_credentials(from, req.metadata_mut());
     req
+}
+
+/// One watch on its own upstream stream. Dropping it closes the stream (and so the watch).
+#[derive(Debug)]
+pub struct UpstreamWatch {
+    /// Keeps the request stream open; dropping it half-closes the stream.
+    _requests: tokio::sync::mpsc::Sender<WatchRequest>,
+    /// etcd's responses.
+    pub responses: tonic::Streaming<WatchResponse>,
+}
+
+impl Upstream {
+    /// Opens a new upstream watch stream carrying one watch, `create`, with `metadata`'s
+    /// credentials and the require-leader flag.
+    pub async fn open_watch(
+        &self,
+        metadata: &MetadataMap,
+        create: WatchCreateRequest,
+    ) -> Result<UpstreamWatch, tonic::Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let req = WatchRequest {
+            request_union: Some(RequestUnion::CreateRequest(create)),
+        };
+        tx.send(req)
+            .await
+            .map_err(|_| tonic::Status::internal("request channel closed"))?;
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let responses = self
+            .watch()
+            .watch(watch_stream(metadata, stream))
+            .await?
+            .into_inner();
+        Ok(UpstreamWatch {
+            _requests: tx,
+            responses,
+        })
+    }
 }
 
 /// A watch stream request for etcd carrying `metadata`'s credentials and clientv3's

@@ -13,10 +13,8 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::oneshot;
 use tonic::metadata::MetadataMap;
-use tonic::Streaming;
 
 use super::frame::Frame;
 use super::watcher::{filter_into, send_events, WatcherGauge, RETRY_DELAY};
@@ -25,44 +23,10 @@ use crate::config::Config;
 use crate::feed::Feed;
 use crate::hub::Hub;
 use crate::metrics;
-use crate::proto::etcdserverpb::{
-    watch_request::RequestUnion, WatchCreateRequest, WatchRequest, WatchResponse,
-};
-use crate::upstream::{watch_stream, Upstream};
+use crate::proto::etcdserverpb::{WatchCreateRequest, WatchResponse};
 
 /// Tries to open an upstream watch before a relay gives up and cancels the downstream one.
 const CREATE_ATTEMPTS: u32 = 10;
-
-/// An open upstream watch: keep `_requests` alive or etcd sees the stream close.
-struct UpstreamWatch {
-    /// Sender side of the request stream (dropping it half-closes the stream).
-    _requests: mpsc::Sender<WatchRequest>,
-    /// etcd's responses.
-    responses: Streaming<WatchResponse>,
-}
-
-async fn open(
-    upstream: &Upstream,
-    metadata: &MetadataMap,
-    create: WatchCreateRequest,
-) -> Result<UpstreamWatch, tonic::Status> {
-    let (tx, rx) = mpsc::channel(1);
-    let req = WatchRequest {
-        request_union: Some(RequestUnion::CreateRequest(create)),
-    };
-    tx.send(req)
-        .await
-        .map_err(|_| tonic::Status::internal("request channel closed"))?;
-    let responses = upstream
-        .watch()
-        .watch(watch_stream(metadata, ReceiverStream::new(rx)))
-        .await?
-        .into_inner();
-    Ok(UpstreamWatch {
-        _requests: tx,
-        responses,
-    })
-}
 
 /// Relays etcd's replay of `spec` from revision `from` until it reaches the cache window.
 /// Returns the revision to continue from in the cache, or `None` when the watch is over
@@ -84,7 +48,7 @@ pub async fn catch_up(
             prev_kv: true,
             ..Default::default()
         };
-        let mut up = match open(feed.upstream(), metadata, create).await {
+        let mut up = match feed.upstream().open_watch(metadata, create).await {
             Ok(up) => up,
             Err(e) => {
                 tracing::debug!(error = %e, "catch-up watch failed to open");
@@ -171,7 +135,7 @@ pub async fn run_uncached(
         if let Some(n) = next {
             request.start_revision = n;
         }
-        let mut up = match open(&hub.upstream, &metadata, request.clone()).await {
+        let mut up = match hub.upstream.open_watch(&metadata, request.clone()).await {
             Ok(up) => up,
             Err(e) => {
                 failures += 1;

@@ -1,0 +1,1035 @@
+//! The workload: writers, gRPC watch streams, APISIX-style HTTP/JSON watchers, cold-start
+//! ranges, and the per-watcher correctness bookkeeping.
+//!
+//! Every written value carries `<seq:016x><send time ns:016x>` (then padding): `seq` counts
+//! the writes of one prefix from 0, so each watcher can check that it saw every write of its
+//! prefix exactly once and in order, and the fan-out latency is measured at receipt.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use bytes::{Bytes, BytesMut};
+use etcd_fanout::proto::etcdserverpb::{
+    kv_client::KvClient, watch_client::WatchClient, watch_request::RequestUnion, PutRequest,
+    RangeRequest, WatchCreateRequest, WatchRequest, WatchResponse,
+};
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::http1::{self, BoxError};
+use crate::stats::Hist;
+
+/// Phases of one target's run; latencies are kept per phase.
+pub const CREATE: usize = 0;
+pub const LIVE: usize = 1;
+pub const STORM: usize = 2;
+pub const COLD: usize = 3;
+pub const PHASES: usize = 4;
+
+/// Most error messages kept as samples.
+const ERROR_SAMPLES: usize = 20;
+
+/// State shared by every task of one target's run.
+pub struct Shared {
+    t0: Instant,
+    pub phase: AtomicUsize,
+    pub hists: Vec<Mutex<Hist>>,
+    /// First-time deliveries of an event to a watcher (history and live).
+    pub fresh: AtomicU64,
+    /// First-time deliveries of live writes, per phase.
+    pub fresh_live: Vec<AtomicU64>,
+    /// Deliveries of an event a watcher had already seen on an earlier stream (replays).
+    pub replayed: AtomicU64,
+    /// Watchers whose first `created` arrived.
+    pub created: AtomicUsize,
+    /// Watchers re-created after a reconnect storm.
+    pub recreated: AtomicUsize,
+    /// HTTP watch reconnections completed (created again).
+    pub http_reconnects: AtomicU64,
+    pub errors: AtomicU64,
+    pub error_samples: Mutex<Vec<String>>,
+    pub prefixes: Vec<Bytes>,
+    /// Writes per prefix before the watchers are created (replayed as history).
+    pub history: u64,
+    /// Revision of every write, per prefix, indexed by seq.
+    pub revs: Vec<Mutex<Vec<i64>>>,
+    /// Writes acknowledged per prefix.
+    pub written: Vec<AtomicU64>,
+}
+
+impl Shared {
+    pub fn new(prefixes: Vec<Bytes>, history: u64) -> Shared {
+        let n = prefixes.len();
+        Shared {
+            t0: Instant::now(),
+            phase: AtomicUsize::new(CREATE),
+            hists: (0..PHASES).map(|_| Mutex::new(Hist::default())).collect(),
+            fresh: AtomicU64::new(0),
+            fresh_live: (0..PHASES).map(|_| AtomicU64::new(0)).collect(),
+            replayed: AtomicU64::new(0),
+            created: AtomicUsize::new(0),
+            recreated: AtomicUsize::new(0),
+            http_reconnects: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            error_samples: Mutex::new(Vec::new()),
+            prefixes,
+            history,
+            revs: (0..n).map(|_| Mutex::new(Vec::new())).collect(),
+            written: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    pub fn now_ns(&self) -> u64 {
+        self.t0.elapsed().as_nanos() as u64
+    }
+
+    pub fn error(&self, msg: impl Into<String>) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        self.note(msg);
+    }
+
+    /// Keeps `msg` as a sample (distinct messages only) without counting an error.
+    pub fn note(&self, msg: impl Into<String>) {
+        let msg = msg.into();
+        let mut s = self.error_samples.lock().unwrap();
+        if s.len() < ERROR_SAMPLES && !s.contains(&msg) {
+            s.push(msg);
+        }
+    }
+
+    fn rev_of(&self, prefix: usize, seq: u64) -> Option<i64> {
+        self.revs[prefix].lock().unwrap().get(seq as usize).copied()
+    }
+}
+
+/// The end of the range of all keys starting with `prefix`.
+pub fn prefix_end(prefix: &[u8]) -> Bytes {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Bytes::from(end);
+        }
+    }
+    Bytes::from_static(&[0])
+}
+
+/// A value of `size` bytes (at least 40) carrying `seq` and the send time.
+pub fn encode_value(seq: u64, t_ns: u64, size: usize) -> Bytes {
+    let mut v = format!("{seq:016x}{t_ns:016x}").into_bytes();
+    v.resize(size.max(40), b'.');
+    Bytes::from(v)
+}
+
+/// `(seq, send time ns)` from a value made by [`encode_value`].
+pub fn decode_value(v: &[u8]) -> Option<(u64, u64)> {
+    if v.len() < 32 {
+        return None;
+    }
+    let s = std::str::from_utf8(&v[..32]).ok()?;
+    Some((
+        u64::from_str_radix(&s[..16], 16).ok()?,
+        u64::from_str_radix(&s[16..], 16).ok()?,
+    ))
+}
+
+/// What one watcher saw, checked as it arrives.
+pub struct Track {
+    pub prefix: usize,
+    /// First seq this watcher must receive (0 with history replay, else the first live write).
+    pub first: u64,
+    bits: Vec<u64>,
+    seg_first: u64,
+    seg_next: u64,
+    seg_last_rev: i64,
+    pub last_seq: Option<u64>,
+    pub last_rev: i64,
+    last_header: i64,
+    pub duplicated: u64,
+    pub out_of_order: u64,
+    pub bad: u64,
+    /// Responses whose header.revision was lower than an earlier one of this watcher.
+    pub header_regressions: u64,
+    pub created: bool,
+}
+
+impl Track {
+    pub fn new(prefix: usize, first: u64) -> Track {
+        Track {
+            prefix,
+            first,
+            bits: Vec::new(),
+            seg_first: first,
+            seg_next: first,
+            seg_last_rev: 0,
+            last_seq: None,
+            last_rev: 0,
+            last_header: 0,
+            duplicated: 0,
+            out_of_order: 0,
+            bad: 0,
+            header_regressions: 0,
+            created: false,
+        }
+    }
+
+    /// A new stream for this watcher, whose first event must be `first_seq`.
+    pub fn begin_segment(&mut self, first_seq: u64) {
+        self.seg_first = first_seq;
+        self.seg_next = first_seq;
+        self.seg_last_rev = 0;
+    }
+
+    fn seen(&self, seq: u64) -> bool {
+        self.bits
+            .get((seq / 64) as usize)
+            .is_some_and(|w| w & (1 << (seq % 64)) != 0)
+    }
+
+    /// Records one event; true when the watcher sees `seq` for the first time.
+    pub fn on_event(&mut self, seq: u64, rev: i64) -> bool {
+        if rev <= self.seg_last_rev {
+            self.out_of_order += 1;
+        }
+        self.seg_last_rev = self.seg_last_rev.max(rev);
+        if seq > self.seg_next || seq < self.seg_first {
+            self.out_of_order += 1;
+        } else if seq < self.seg_next {
+            self.duplicated += 1;
+        }
+        self.seg_next = self.seg_next.max(seq + 1);
+        self.last_rev = self.last_rev.max(rev);
+        if seq < self.first {
+            return false;
+        }
+        self.last_seq = Some(self.last_seq.map_or(seq, |l| l.max(seq)));
+        if self.seen(seq) {
+            return false;
+        }
+        let w = (seq / 64) as usize;
+        if self.bits.len() <= w {
+            self.bits.resize(w + 1, 0);
+        }
+        self.bits[w] |= 1 << (seq % 64);
+        true
+    }
+
+    /// header.revision must never go down along one watcher, across reconnects too (APISIX
+    /// takes a lower one for an etcd restart and re-reads everything). Returns the earlier,
+    /// higher revision when it went down.
+    pub fn on_header(&mut self, rev: i64) -> Option<i64> {
+        let prev = self.last_header;
+        self.last_header = prev.max(rev);
+        if rev < prev {
+            self.header_regressions += 1;
+            return Some(prev);
+        }
+        None
+    }
+
+    /// Writes of the prefix (`[first, written)`) this watcher never received.
+    pub fn missing(&self, written: u64) -> u64 {
+        (self.first..written).filter(|s| !self.seen(*s)).count() as u64
+    }
+}
+
+/// Per-response counters, added to [`Shared`] once per response.
+#[derive(Default)]
+struct Local {
+    fresh: u64,
+    fresh_live: u64,
+    replayed: u64,
+    lat: Vec<u32>,
+    lat_phase: usize,
+}
+
+impl Local {
+    fn flush(&mut self, sh: &Shared, force: bool) {
+        if self.fresh > 0 {
+            sh.fresh.fetch_add(self.fresh, Ordering::Relaxed);
+            self.fresh = 0;
+        }
+        if self.fresh_live > 0 {
+            sh.fresh_live[self.lat_phase].fetch_add(self.fresh_live, Ordering::Relaxed);
+            self.fresh_live = 0;
+        }
+        if self.replayed > 0 {
+            sh.replayed.fetch_add(self.replayed, Ordering::Relaxed);
+            self.replayed = 0;
+        }
+        if !self.lat.is_empty() && (force || self.lat.len() >= 512) {
+            let mut h = sh.hists[self.lat_phase].lock().unwrap();
+            for v in self.lat.drain(..) {
+                h.record(v as u64);
+            }
+        }
+    }
+
+    /// Accounts one event already checked by `Track::on_event`.
+    fn event(&mut self, sh: &Shared, fresh: bool, seq: u64, sent_ns: u64, now_ns: u64) {
+        if !fresh {
+            self.replayed += 1;
+            return;
+        }
+        self.fresh += 1;
+        if seq >= sh.history {
+            let phase = sh.phase.load(Ordering::Relaxed);
+            if phase != self.lat_phase {
+                self.flush(sh, true);
+                self.lat_phase = phase;
+            }
+            self.fresh_live += 1;
+            let us = now_ns.saturating_sub(sent_ns) / 1000;
+            self.lat.push(us.min(u32::MAX as u64) as u32);
+        }
+    }
+}
+
+/// A gRPC connection to `url` with generous HTTP/2 windows.
+pub async fn connect(url: &str) -> Result<Channel, BoxError> {
+    let ch = Endpoint::from_shared(url.to_string())?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .initial_connection_window_size(16 << 20)
+        .initial_stream_window_size(4 << 20)
+        .connect()
+        .await
+        .map_err(|e| format!("connect {url}: {e}"))?;
+    Ok(ch)
+}
+
+/// One watch of a stream: its prefix, start revision and first expected seq.
+#[derive(Clone, Copy)]
+pub struct Plan {
+    pub prefix: usize,
+    pub start_rev: i64,
+    pub first: u64,
+}
+
+fn create_request(prefix: &Bytes, start_rev: i64) -> WatchRequest {
+    WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+            key: prefix.clone(),
+            range_end: prefix_end(prefix),
+            start_revision: start_rev,
+            ..Default::default()
+        })),
+    }
+}
+
+/// Most streams one watch stream task opens (the first plus reconnect storms).
+const MAX_SEGMENTS: usize = 64;
+
+/// One gRPC watch stream carrying `plans.len()` watches, created one after another like
+/// etcd's Go client does. On a storm signal the stream is dropped and every watch re-created
+/// on a new stream from `storm_back` events before its last one.
+pub async fn grpc_stream(
+    ch: Channel,
+    plans: Vec<Plan>,
+    sh: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    mut storm: watch::Receiver<u64>,
+    storm_back: u64,
+) -> Vec<Track> {
+    let mut tracks: Vec<Track> = plans
+        .iter()
+        .map(|p| Track::new(p.prefix, p.first))
+        .collect();
+    let mut starts: Vec<i64> = plans.iter().map(|p| p.start_rev).collect();
+    let mut local = Local::default();
+    let mut storm_round = false;
+    'outer: for _ in 0..MAX_SEGMENTS {
+        if *stop.borrow() {
+            break;
+        }
+        let (tx, rx) = mpsc::channel::<WatchRequest>(4);
+        let mut next = 0usize;
+        if tx
+            .send(create_request(&sh.prefixes[tracks[0].prefix], starts[0]))
+            .await
+            .is_err()
+        {
+            sh.error("watch request channel closed");
+            break;
+        }
+        let mut client = WatchClient::new(ch.clone()).max_decoding_message_size(64 << 20);
+        let mut stream = tokio::select! {
+            r = client.watch(ReceiverStream::new(rx)) => match r {
+                Ok(resp) => resp.into_inner(),
+                Err(status) => {
+                    sh.error(format!("watch: {status}"));
+                    break 'outer;
+                }
+            },
+            _ = stop.changed() => break 'outer,
+        };
+        let mut ids: HashMap<i64, usize> = HashMap::with_capacity(tracks.len());
+        // Bounded by the stop signal, which the driver always sends.
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.changed() => break 'outer,
+                r = storm.changed() => {
+                    if r.is_err() {
+                        // The driver is gone: stop.
+                        break 'outer;
+                    }
+                    // Drop this stream; resume every watch `storm_back` events back.
+                    for (i, t) in tracks.iter_mut().enumerate() {
+                        let (seq, rev) = match t.last_seq {
+                            Some(last) => {
+                                let want = (last + 1).saturating_sub(storm_back).max(t.first);
+                                match sh.rev_of(t.prefix, want) {
+                                    Some(rev) if want <= last => (want, rev),
+                                    _ => (last + 1, t.last_rev + 1),
+                                }
+                            }
+                            None => (t.first, starts[i]),
+                        };
+                        starts[i] = rev;
+                        t.begin_segment(seq);
+                    }
+                    storm_round = true;
+                    continue 'outer;
+                }
+                m = stream.message() => match m {
+                    Ok(Some(resp)) => {
+                        if let Some(i) = handle_response(resp, &mut tracks, &mut ids, &mut next, &sh, &mut local, storm_round) {
+                            if tx.send(create_request(&sh.prefixes[tracks[i].prefix], starts[i])).await.is_err() {
+                                sh.error("watch request channel closed");
+                                break 'outer;
+                            }
+                        }
+                        local.flush(&sh, false);
+                    }
+                    Ok(None) => {
+                        sh.error("watch stream ended by the server");
+                        break 'outer;
+                    }
+                    Err(status) => {
+                        sh.error(format!("watch stream error: {status}"));
+                        break 'outer;
+                    }
+                },
+            }
+        }
+    }
+    local.flush(&sh, true);
+    tracks
+}
+
+/// Applies one response; returns the index of the next watch to create, if any.
+fn handle_response(
+    resp: WatchResponse,
+    tracks: &mut [Track],
+    ids: &mut HashMap<i64, usize>,
+    next: &mut usize,
+    sh: &Shared,
+    local: &mut Local,
+    storm_round: bool,
+) -> Option<usize> {
+    let mut create_next = None;
+    if resp.created {
+        if *next < tracks.len() && !ids.contains_key(&resp.watch_id) {
+            ids.insert(resp.watch_id, *next);
+            let t = &mut tracks[*next];
+            if storm_round {
+                sh.recreated.fetch_add(1, Ordering::Relaxed);
+            } else if !t.created {
+                sh.created.fetch_add(1, Ordering::Relaxed);
+            }
+            t.created = true;
+            *next += 1;
+            if *next < tracks.len() {
+                create_next = Some(*next);
+            }
+        } else {
+            sh.error(format!(
+                "unexpected created response for watch {}",
+                resp.watch_id
+            ));
+        }
+    }
+    if resp.canceled {
+        sh.error(format!(
+            "watch {} canceled (compact_revision {}, reason {:?})",
+            resp.watch_id, resp.compact_revision, resp.cancel_reason
+        ));
+    }
+    let Some(&i) = ids.get(&resp.watch_id) else {
+        if !resp.events.is_empty() {
+            sh.error(format!("events for unknown watch id {}", resp.watch_id));
+        }
+        return create_next;
+    };
+    let t = &mut tracks[i];
+    if let Some(h) = &resp.header {
+        if let Some(prev) = t.on_header(h.revision) {
+            sh.note(format!(
+                "header.revision went down from {prev} to {} (watch {}, {} events, created {})",
+                h.revision,
+                resp.watch_id,
+                resp.events.len(),
+                resp.created
+            ));
+        }
+    }
+    if resp.events.is_empty() {
+        return create_next;
+    }
+    let now = sh.now_ns();
+    let prefix = &sh.prefixes[t.prefix];
+    for ev in resp.events {
+        let Some(kv) = ev.kv else {
+            t.bad += 1;
+            continue;
+        };
+        if ev.r#type != 0 || !kv.key.starts_with(prefix) {
+            t.bad += 1;
+            continue;
+        }
+        let Some((seq, sent)) = decode_value(&kv.value) else {
+            t.bad += 1;
+            continue;
+        };
+        let fresh = t.on_event(seq, kv.mod_revision);
+        local.event(sh, fresh, seq, sent, now);
+    }
+    create_next
+}
+
+/// Writes `count` values to prefix `p` at `rate` puts/s (unpaced when rate is 0), stopping
+/// at `deadline`. Values are stamped with their seq and send time.
+#[allow(clippy::too_many_arguments)]
+pub async fn writer(
+    ch: Channel,
+    p: usize,
+    sh: Arc<Shared>,
+    rate: f64,
+    count: u64,
+    deadline: Instant,
+    value_size: usize,
+    keys: u64,
+) {
+    let mut kv = KvClient::new(ch);
+    let mut tick = (rate > 0.0).then(|| {
+        let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        t
+    });
+    let prefix = String::from_utf8_lossy(&sh.prefixes[p]).into_owned();
+    for _ in 0..count {
+        if let Some(t) = tick.as_mut() {
+            t.tick().await;
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        let seq = sh.written[p].load(Ordering::Relaxed);
+        let key = format!("{prefix}k{:05}", seq % keys.max(1));
+        let req = PutRequest {
+            key: Bytes::from(key),
+            value: encode_value(seq, sh.now_ns(), value_size),
+            ..Default::default()
+        };
+        match tokio::time::timeout(Duration::from_secs(10), kv.put(req)).await {
+            Ok(Ok(resp)) => {
+                let rev = resp.into_inner().header.map_or(0, |h| h.revision);
+                sh.revs[p].lock().unwrap().push(rev);
+                sh.written[p].store(seq + 1, Ordering::Relaxed);
+            }
+            Ok(Err(s)) => {
+                sh.error(format!("put: {s}"));
+                break;
+            }
+            Err(_) => {
+                sh.error("put timed out after 10s");
+                break;
+            }
+        }
+    }
+}
+
+// ---- HTTP/JSON (grpc-gateway), the way APISIX 3.x uses it -----------------------------
+
+fn de_i64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    use serde::de::Error;
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(s) => s.parse().map_err(D::Error::custom),
+        serde_json::Value::Number(n) => n.as_i64().ok_or_else(|| D::Error::custom("not an i64")),
+        serde_json::Value::Null => Ok(0),
+        other => Err(D::Error::custom(format!("not an integer: {other}"))),
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct JHeader {
+    #[serde(default, deserialize_with = "de_i64")]
+    revision: i64,
+}
+
+#[derive(Deserialize)]
+struct JRange {
+    header: Option<JHeader>,
+    #[serde(default)]
+    kvs: Vec<serde::de::IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct JLine {
+    result: Option<JWatch>,
+    error: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct JWatch {
+    header: Option<JHeader>,
+    #[serde(default)]
+    created: bool,
+    #[serde(default)]
+    canceled: bool,
+    #[serde(default, deserialize_with = "de_i64")]
+    compact_revision: i64,
+    #[serde(default)]
+    cancel_reason: String,
+    #[serde(default)]
+    events: Vec<JEvent>,
+}
+
+#[derive(Deserialize)]
+struct JEvent {
+    #[serde(rename = "type", default)]
+    kind: Option<serde_json::Value>,
+    kv: Option<JKv>,
+}
+
+#[derive(Deserialize)]
+struct JKv {
+    #[serde(default)]
+    key: String,
+    #[serde(default, deserialize_with = "de_i64")]
+    mod_revision: i64,
+    #[serde(default)]
+    value: String,
+}
+
+/// `POST /v3/kv/range` of `prefix` over HTTP/JSON; returns (header.revision, number of kvs).
+pub async fn http_range(
+    addr: SocketAddr,
+    prefix: &[u8],
+    serializable: bool,
+) -> Result<(i64, usize), BoxError> {
+    let body = format!(
+        "{{\"key\":\"{}\",\"range_end\":\"{}\"{}}}",
+        B64.encode(prefix),
+        B64.encode(prefix_end(prefix)),
+        if serializable {
+            ",\"serializable\":true"
+        } else {
+            ""
+        }
+    );
+    let (status, resp) = http1::request(
+        addr,
+        "POST",
+        "/v3/kv/range",
+        body.as_bytes(),
+        Duration::from_secs(30),
+    )
+    .await?;
+    if status != 200 {
+        return Err(format!(
+            "POST /v3/kv/range: status {status}: {}",
+            String::from_utf8_lossy(&resp[..resp.len().min(200)])
+        )
+        .into());
+    }
+    let r: JRange = serde_json::from_slice(&resp)?;
+    Ok((r.header.unwrap_or_default().revision, r.kvs.len()))
+}
+
+/// How an HTTP watcher picks its start revision when it reconnects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum Resume {
+    /// Last seen revision + 1 (what APISIX 3.x does).
+    Last,
+    /// The start revision of its first watch, replaying everything since (worst case).
+    First,
+}
+
+/// Settings of the HTTP watchers.
+#[derive(Clone, Copy)]
+pub struct HttpOpts {
+    pub reconnect: Duration,
+    pub resume: Resume,
+    pub create_deadline: Instant,
+}
+
+/// One APISIX-style watcher: range the prefix, then `POST /v3/watch` from
+/// header.revision + 1, reading the chunked stream, closing and reopening it every
+/// `reconnect` (first one after a random part of it).
+pub async fn http_watcher(
+    addr: SocketAddr,
+    prefix: usize,
+    sh: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    opts: HttpOpts,
+    gate: Arc<Semaphore>,
+    first_offset: Duration,
+) -> Track {
+    let mut track = Track::new(prefix, sh.history);
+    let pfx = sh.prefixes[prefix].clone();
+    let range = {
+        let _permit = gate.acquire().await;
+        http_range(addr, &pfx, false).await
+    };
+    let rev = match range {
+        Ok((rev, _)) => rev,
+        Err(e) => {
+            sh.error(format!("http range: {e}"));
+            return track;
+        }
+    };
+    let first_start = rev + 1;
+    let mut start = first_start;
+    track.begin_segment(track.first);
+    let mut session_len = first_offset;
+    let mut local = Local::default();
+    // Bounded: at most 100,000 reconnections, and by the stop signal.
+    for round in 0..100_000u32 {
+        if *stop.borrow() {
+            break;
+        }
+        let r = http_session(
+            addr,
+            &pfx,
+            start,
+            &mut track,
+            &sh,
+            &mut stop,
+            &mut local,
+            Instant::now() + session_len,
+            round,
+            &gate,
+            opts.create_deadline,
+        )
+        .await;
+        local.flush(&sh, true);
+        if let Err(e) = r {
+            sh.error(format!("http watch: {e}"));
+            break;
+        }
+        session_len = opts.reconnect;
+        match opts.resume {
+            Resume::Last => {
+                if let Some(last) = track.last_seq {
+                    start = track.last_rev + 1;
+                    track.begin_segment(last + 1);
+                } else {
+                    track.begin_segment(track.first);
+                }
+            }
+            Resume::First => {
+                start = first_start;
+                track.begin_segment(track.first);
+            }
+        }
+    }
+    local.flush(&sh, true);
+    track
+}
+
+/// One `/v3/watch` connection until `until` or the stop signal.
+#[allow(clippy::too_many_arguments)]
+async fn http_session(
+    addr: SocketAddr,
+    prefix: &Bytes,
+    start: i64,
+    track: &mut Track,
+    sh: &Shared,
+    stop: &mut watch::Receiver<bool>,
+    local: &mut Local,
+    until: Instant,
+    round: u32,
+    gate: &Semaphore,
+    create_deadline: Instant,
+) -> Result<(), BoxError> {
+    let body = format!(
+        "{{\"create_request\":{{\"key\":\"{}\",\"range_end\":\"{}\",\"start_revision\":\"{start}\"}}}}",
+        B64.encode(prefix),
+        B64.encode(prefix_end(prefix))
+    );
+    let mut s = {
+        let _permit = gate.acquire().await;
+        let mut s = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+            .await
+            .map_err(|_| "connect timed out")??;
+        s.set_nodelay(true)?;
+        s.write_all(&http1::request_bytes(
+            "POST",
+            addr,
+            "/v3/watch",
+            body.as_bytes(),
+            false,
+        ))
+        .await?;
+        s
+    };
+    let mut buf = BytesMut::with_capacity(8 << 10);
+    let mut head = None;
+    let mut chunked = http1::Chunked::default();
+    let mut lines: Vec<u8> = Vec::with_capacity(4 << 10);
+    let mut created = false;
+    let head_deadline = if round == 0 {
+        create_deadline
+    } else {
+        Instant::now() + Duration::from_secs(30)
+    };
+    // Bounded by `until` and the stop signal.
+    loop {
+        let deadline = if created { until } else { head_deadline };
+        let n = tokio::select! {
+            biased;
+            _ = stop.changed() => return Ok(()),
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                if created {
+                    return Ok(());
+                }
+                return Err(format!("no created response within the time limit (start {start})").into());
+            }
+            r = s.read_buf(&mut buf) => r?,
+        };
+        if n == 0 {
+            return Err("server closed the watch connection".into());
+        }
+        if head.is_none() {
+            match http1::parse_head(&mut buf)? {
+                None => continue,
+                Some(h) => {
+                    if h.status != 200 || !h.chunked {
+                        return Err(format!(
+                            "POST /v3/watch: status {}, chunked {}: {}",
+                            h.status,
+                            h.chunked,
+                            String::from_utf8_lossy(&buf[..buf.len().min(200)])
+                        )
+                        .into());
+                    }
+                    head = Some(h);
+                }
+            }
+        }
+        chunked.decode(&mut buf, &mut lines)?;
+        let mut consumed = 0;
+        while let Some(nl) = lines[consumed..].iter().position(|b| *b == b'\n') {
+            let line = &lines[consumed..consumed + nl];
+            consumed += nl + 1;
+            if line.iter().all(|b| b.is_ascii_whitespace()) {
+                continue;
+            }
+            let msg: JLine = serde_json::from_slice(line)
+                .map_err(|e| format!("bad watch line ({e}): {}", String::from_utf8_lossy(line)))?;
+            if let Some(err) = msg.error {
+                return Err(format!("watch stream error: {err}").into());
+            }
+            let Some(w) = msg.result else {
+                continue;
+            };
+            if w.created {
+                if !created {
+                    created = true;
+                    if round == 0 {
+                        track.created = true;
+                        sh.created.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        sh.http_reconnects.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                continue;
+            }
+            if w.canceled {
+                return Err(format!(
+                    "watch canceled (compact_revision {}, reason {:?})",
+                    w.compact_revision, w.cancel_reason
+                )
+                .into());
+            }
+            if let Some(h) = &w.header {
+                if let Some(prev) = track.on_header(h.revision) {
+                    sh.note(format!(
+                        "HTTP watch: header.revision went down from {prev} to {}",
+                        h.revision
+                    ));
+                }
+            }
+            if w.events.is_empty() {
+                // APISIX raises errors on a non-created response without events.
+                track.bad += 1;
+                continue;
+            }
+            let now = sh.now_ns();
+            for ev in w.events {
+                let Some(kv) = ev.kv else {
+                    track.bad += 1;
+                    continue;
+                };
+                let key_ok = B64
+                    .decode(kv.key.as_bytes())
+                    .is_ok_and(|k| k.starts_with(prefix));
+                let put = ev.kind.as_ref().is_none_or(|k| k == "PUT" || k == 0);
+                let val = kv.value.get(..44).and_then(|v| B64.decode(v).ok());
+                match (key_ok && put, val.as_deref().and_then(decode_value)) {
+                    (true, Some((seq, sent))) => {
+                        let fresh = track.on_event(seq, kv.mod_revision);
+                        local.event(sh, fresh, seq, sent, now);
+                    }
+                    _ => track.bad += 1,
+                }
+            }
+            local.flush(sh, false);
+        }
+        lines.drain(..consumed);
+        if chunked.done {
+            return Err("server ended the watch stream".into());
+        }
+    }
+}
+
+// ---- Cold start: many full ranges of one prefix --------------------------------------
+
+/// Result of the cold-start ranges.
+pub struct ColdOutcome {
+    pub hist: Hist,
+    pub seconds: f64,
+    pub ok: u64,
+    pub errors: Vec<String>,
+}
+
+/// `n` full ranges of `prefix` with `conc` concurrent clients over `chans` (gRPC) or over
+/// HTTP/JSON at `http` when given; each must return `expect` keys.
+#[allow(clippy::too_many_arguments)]
+pub async fn cold_ranges(
+    chans: &[Channel],
+    http: Option<SocketAddr>,
+    prefix: Bytes,
+    n: u64,
+    conc: usize,
+    expect: usize,
+    serializable: bool,
+    timeout: Duration,
+) -> ColdOutcome {
+    let next = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + timeout;
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..conc.max(1) {
+        let ch = chans[i % chans.len()].clone();
+        let (next, prefix) = (next.clone(), prefix.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut kv = KvClient::new(ch).max_decoding_message_size(256 << 20);
+            let mut h = Hist::default();
+            let mut errs = Vec::new();
+            let mut ok = 0u64;
+            while next.fetch_add(1, Ordering::Relaxed) < n && Instant::now() < deadline {
+                let t = Instant::now();
+                let got = match http {
+                    Some(addr) => http_range(addr, &prefix, serializable)
+                        .await
+                        .map(|(_, n)| n),
+                    None => kv
+                        .range(RangeRequest {
+                            key: prefix.clone(),
+                            range_end: prefix_end(&prefix),
+                            serializable,
+                            ..Default::default()
+                        })
+                        .await
+                        .map(|r| r.into_inner().kvs.len())
+                        .map_err(|s| s.to_string().into()),
+                };
+                match got {
+                    Ok(k) if k == expect => {
+                        ok += 1;
+                        h.record(t.elapsed().as_micros() as u64);
+                    }
+                    Ok(k) => errs.push(format!("range returned {k} keys, expected {expect}")),
+                    Err(e) => errs.push(format!("range: {e}")),
+                }
+                if errs.len() > 20 {
+                    break;
+                }
+            }
+            (h, ok, errs)
+        }));
+    }
+    let mut out = ColdOutcome {
+        hist: Hist::default(),
+        seconds: 0.0,
+        ok: 0,
+        errors: Vec::new(),
+    };
+    for t in tasks {
+        match t.await {
+            Ok((h, ok, errs)) => {
+                out.hist.merge(&h);
+                out.ok += ok;
+                out.errors.extend(errs);
+            }
+            Err(e) => out.errors.push(format!("range task: {e}")),
+        }
+    }
+    out.seconds = t0.elapsed().as_secs_f64();
+    if out.ok < n {
+        out.errors
+            .push(format!("only {} of {n} ranges completed", out.ok));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn value_round_trip() {
+        let v = encode_value(42, 123_456_789, 256);
+        assert_eq!(v.len(), 256);
+        assert_eq!(decode_value(&v), Some((42, 123_456_789)));
+        let b = B64.encode(&v);
+        let back = B64.decode(&b[..44]).unwrap();
+        assert_eq!(decode_value(&back), Some((42, 123_456_789)));
+    }
+
+    #[test]
+    fn track_counts_gaps_duplicates_and_replays() {
+        let mut t = Track::new(0, 0);
+        assert!(t.on_event(0, 10));
+        assert!(t.on_event(1, 11));
+        assert!(!t.on_event(1, 11)); // duplicate, and revision not increasing
+        assert_eq!(t.duplicated, 1);
+        assert_eq!(t.out_of_order, 1);
+        assert!(t.on_event(3, 13)); // skipped 2
+        assert_eq!(t.out_of_order, 2);
+        assert_eq!(t.missing(4), 1);
+        // A new stream replaying from seq 1 is fine.
+        t.begin_segment(1);
+        assert!(!t.on_event(1, 11));
+        assert!(t.on_event(2, 12));
+        assert!(!t.on_event(3, 13));
+        assert_eq!((t.duplicated, t.out_of_order), (1, 2));
+        assert_eq!(t.missing(4), 0);
+        // An event before the segment's start is out of order.
+        t.begin_segment(4);
+        t.on_event(3, 13);
+        assert_eq!(t.out_of_order, 3);
+    }
+}

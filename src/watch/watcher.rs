@@ -1,26 +1,25 @@
 //! One downstream watch served from a prefix's cache.
 //!
-//! The watcher keeps a cursor (`next`: the first revision it has not delivered) and sleeps on
-//! the feed's head revision. When the head passes the cursor it copies the new batches out of
-//! the cache (reference-counted, under a short read lock), keeps the events in its own key range
-//! that its filters let through, and sends them. Like etcd:
+//! A [`CachedWatch`] is a cursor (`next`: the first revision it has not delivered), not a
+//! task: its session wakes when the feed's head moves and asks each of its watches what to do
+//! ([`CachedWatch::step`], under one short read lock of the cache), then sends the
+//! reference-counted batches, encoded once per shape. Like etcd:
 //! - a watch that starts in the past first gets its backlog batched, up to 1,000 revisions per
 //!   response, with the header at the revision the cache had reached;
 //! - once caught up, it gets one response per revision, header at that revision;
 //! - a revision with no matching event sends nothing.
 //!
-//! A watcher never blocks the feed or other watchers: if its client is slow it simply falls
+//! A watch never blocks the feed or other sessions: if its client is slow it simply falls
 //! behind; if it falls behind the cache window it is caught up from etcd ([`super::relay`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
-use tonic::metadata::MetadataMap;
 
 use super::frame::{EventsFrame, Frame};
-use super::{relay, Out, WatchSpec};
-use crate::cache::RevBatch;
+use super::{Out, WatchSpec};
+use crate::cache::{Cache, RevBatch};
 use crate::config::Config;
 use crate::feed::Feed;
 use crate::metrics;
@@ -71,120 +70,112 @@ pub fn created(feed: &Feed, spec: &WatchSpec) -> Created {
     }
 }
 
-/// Serves one cached watch until it is cancelled (its task aborted) or the client leaves.
-pub async fn run(
-    feed: Arc<Feed>,
-    spec: WatchSpec,
-    start: i64,
-    synced: bool,
-    out: Out,
-    metadata: Arc<MetadataMap>,
-    config: Arc<Config>,
-) {
-    let _gauge = WatcherGauge::new();
-    let compacted = feed.compaction().revision();
-    if start < compacted {
-        let resp = Frame::msg(compacted_response(&feed, &spec, compacted));
-        let _ = Box::pin(out.send(resp)).await;
-        return;
-    }
-    let mut head_rx = feed.subscribe();
-    let mut next = start;
-    let mut synced = synced;
-    // Boxed and only for watches that asked: idle watchers stay small.
-    let mut progress = spec.progress_notify.then(|| {
-        Box::pin(tokio::time::interval_at(
-            tokio::time::Instant::now() + config.progress_interval,
-            config.progress_interval,
-        ))
-    });
-    // etcd sends a progress notification only if no event went out since the last tick.
-    let mut quiet = true;
-    loop {
-        let head = *head_rx.borrow_and_update();
-        if head < next {
-            tokio::select! {
-                changed = head_rx.changed() => if changed.is_err() { return },
-                _ = out.closed() => return,
-                _ = tick(&mut progress) => {
-                    if quiet && synced {
-                        let resp = WatchResponse {
-                            header: Some(feed.upstream().header(head)),
-                            watch_id: spec.id,
-                            ..Default::default()
-                        };
-                        if Box::pin(out.send(Frame::msg(resp))).await.is_err() {
-                            return;
-                        }
-                    }
-                    quiet = true;
-                }
-            }
-            continue;
+/// A cached watch's position: what it has delivered and how it wants the rest.
+#[derive(Debug)]
+pub struct CachedWatch {
+    /// What the client asked for.
+    pub spec: WatchSpec,
+    /// The feed whose cache serves it.
+    pub feed: Arc<Feed>,
+    /// First revision not delivered yet.
+    pub next: i64,
+    /// Caught up: one response per revision from now on (before: backlog batched).
+    pub synced: bool,
+    /// No event sent since the last progress tick.
+    pub quiet: bool,
+    /// Counts the watch in the watcher gauge.
+    _gauge: WatcherGauge,
+}
+
+/// What a cached watch has to do, decided under the cache's read lock.
+#[derive(Debug)]
+pub enum Step {
+    /// Nothing new for it.
+    Idle,
+    /// Send these batches (read when the cache head was `head`).
+    Send(Vec<Arc<RevBatch>>, i64),
+    /// The head moved without events (upstream progress): skip to after `head`.
+    Skip(i64),
+    /// Its next revision is older than the cache window: etcd has to replay it.
+    CatchUp,
+}
+
+impl CachedWatch {
+    /// A watch on `feed` starting as `created` says.
+    pub fn new(feed: Arc<Feed>, spec: WatchSpec, created: &Created) -> CachedWatch {
+        CachedWatch {
+            spec,
+            feed,
+            next: created.start,
+            synced: created.synced,
+            quiet: true,
+            _gauge: WatcherGauge::new(),
         }
-        let max = if synced {
+    }
+
+    /// What to do next, given the feed's cache (locked by the caller, briefly).
+    pub fn step(&self, cache: &Cache) -> Step {
+        let head = cache.head();
+        if head < self.next {
+            return Step::Idle;
+        }
+        let max = if self.synced {
             LIVE_READ_BATCHES
         } else {
             MAX_REVS_PER_RESPONSE
         };
-        let (batches, head) = {
-            let c = feed.cache();
-            (c.batches_after(next - 1, max), c.head())
-        };
-        let Some(batches) = batches else {
-            // Older than the window: etcd has to replay it.
-            // Boxed: the catch-up state is large and rarely needed; idle watchers stay small.
-            match Box::pin(relay::catch_up(
-                &feed, &spec, next, &out, &metadata, &config,
-            ))
-            .await
-            {
-                Some(resume) => {
-                    next = resume;
-                    synced = true;
-                    continue;
-                }
-                None => return,
-            }
-        };
+        match cache.batches_after(self.next - 1, max) {
+            None => Step::CatchUp,
+            Some(b) if b.is_empty() => Step::Skip(head),
+            Some(b) => Step::Send(b, head),
+        }
+    }
+
+    /// Sends what [`CachedWatch::step`] found, as etcd batches it: a backlog in one response
+    /// with the header at the head, a caught-up watch one response per revision.
+    pub async fn deliver(
+        &mut self,
+        batches: Vec<Arc<RevBatch>>,
+        head: i64,
+        out: &Out,
+        config: &Config,
+    ) -> Result<(), ()> {
         let Some(last) = batches.last().map(|b| b.revision) else {
-            // The head moved without events (upstream progress): nothing to send.
-            next = head + 1;
-            continue;
+            return Ok(());
         };
-        if synced {
+        if self.synced {
             for b in batches {
-                let header = feed.upstream().header(b.revision);
-                match send_batches(&out, &spec, header, vec![b], &config).await {
-                    Ok(0) => {}
-                    Ok(_) => quiet = false,
-                    Err(()) => return,
+                let header = self.feed.upstream().header(b.revision);
+                if send_batches(out, &self.spec, header, vec![b], config).await? > 0 {
+                    self.quiet = false;
                 }
             }
         } else {
-            let header = feed.upstream().header(head);
-            match send_batches(&out, &spec, header, batches, &config).await {
-                Ok(0) => {}
-                Ok(_) => quiet = false,
-                Err(()) => return,
+            let header = self.feed.upstream().header(head);
+            if send_batches(out, &self.spec, header, batches, config).await? > 0 {
+                self.quiet = false;
             }
-            synced = last >= head;
+            self.synced = last >= head;
         }
-        next = last + 1;
+        self.next = last + 1;
+        Ok(())
     }
-}
 
-/// The next progress tick, or never when the watch did not ask for progress.
-async fn tick(progress: &mut Option<std::pin::Pin<Box<tokio::time::Interval>>>) {
-    match progress {
-        Some(p) => {
-            p.tick().await;
-        }
-        None => std::future::pending().await,
+    /// etcd's progress notification for this watch, when one is due at a tick: the watch asked
+    /// for them, is caught up, and sent nothing since the last tick. Resets the tick state.
+    pub fn progress_due(&mut self) -> Option<WatchResponse> {
+        let due = self.spec.progress_notify && self.quiet && self.synced;
+        self.quiet = true;
+        due.then(|| WatchResponse {
+            header: Some(self.feed.upstream().header(self.feed.head())),
+            watch_id: self.spec.id,
+            ..Default::default()
+        })
     }
 }
 
 /// Counts a downstream watch in the watcher gauge for as long as it lives.
+#[derive(Debug)]
 pub struct WatcherGauge(());
 
 impl WatcherGauge {
@@ -369,43 +360,11 @@ mod tests {
 #[cfg(test)]
 mod size_tests {
     use super::*;
-    use crate::compaction::Compaction;
-    use crate::keys::KeyRange;
-    use crate::upstream::Upstream;
-    use crate::watch::shape::{ShapeKey, SHAPES};
-    use clap::Parser;
 
-    /// An idle watcher is one task holding this future: it must stay small (the catch-up
-    /// state is boxed).
-    #[tokio::test]
-    async fn watcher_future_is_small() {
-        let upstream = Arc::new(Upstream::new(&["http://127.0.0.1:1".to_string()]).unwrap());
-        let config = Arc::new(Config::parse_from(["etcd-fanout"]));
-        let feed = Feed::spawn("/a/", upstream, Arc::new(Compaction::default()), &config);
-        let spec = WatchSpec {
-            id: 0,
-            shape: SHAPES.intern(ShapeKey {
-                range: KeyRange::prefix(b"/a/"),
-                no_put: false,
-                no_delete: false,
-                prev_kv: false,
-            }),
-            fragment: false,
-            progress_notify: false,
-            request: Box::default(),
-        };
-        let created = created(&feed, &spec);
-        let (tx, _rx) = tokio::sync::mpsc::channel(1);
-        let fut = run(
-            feed,
-            spec,
-            created.start,
-            created.synced,
-            tx,
-            Arc::new(MetadataMap::new()),
-            config,
-        );
-        let size = std::mem::size_of_val(&fut);
-        assert!(size < 1024, "watcher future is {size} bytes");
+    /// An idle watch is just this struct in its session: keep it small.
+    #[test]
+    fn cached_watch_is_small() {
+        let size = std::mem::size_of::<CachedWatch>();
+        assert!(size <= 96, "CachedWatch is {size} bytes");
     }
 }

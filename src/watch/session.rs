@@ -1,0 +1,461 @@
+//! One downstream watch stream and every watch on it.
+//!
+//! The session is one task. It reads create / cancel / progress requests in order and answers
+//! them as etcd does (each `created` before the next request is read). It also serves all of
+//! its cached watches itself: it sleeps on the head revision of the feeds they use, and when a
+//! head moves it steps every watch of that feed under one read lock of the cache and sends
+//! what they need. A feed change therefore costs one wake-up per stream, not one per watch,
+//! and a stream's responses for one revision leave together.
+//!
+//! Watches etcd has to answer run as their own tasks and write to the same channel: relays for
+//! watches outside every prefix (for their whole life), and catch-ups for cached watches that
+//! fell behind the cache window (they hand the watch back when it reaches the window).
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::WatchStream;
+use tokio_stream::StreamMap;
+use tonic::metadata::MetadataMap;
+use tonic::Status;
+
+use super::frame::Frame;
+use super::shape::{ShapeKey, SHAPES};
+use super::watcher::{self, CachedWatch, Step};
+use super::{relay, Out, WatchSpec, INVALID_WATCH_ID, SHUTDOWN_MESSAGE};
+use crate::error::{WATCH_DUPLICATE_ID, WATCH_RANGE_EMPTY};
+use crate::feed::Feed;
+use crate::hub::Hub;
+use crate::keys::KeyRange;
+use crate::metrics;
+use crate::proto::etcdserverpb::watch_create_request::FilterType;
+use crate::proto::etcdserverpb::{
+    watch_request::RequestUnion, WatchCreateRequest, WatchRequest, WatchResponse,
+};
+use crate::upstream::has_credentials;
+
+/// A feed, identified by the address of its (never freed) `Arc`.
+type FeedKey = usize;
+
+fn feed_key(feed: &Arc<Feed>) -> FeedKey {
+    Arc::as_ptr(feed) as usize
+}
+
+/// A catch-up task's result: (watch id, generation, revision to resume at or `None` if the
+/// watch ended).
+type Handoff = (i64, u64, Option<i64>);
+
+/// One watch id on the stream.
+enum Entry {
+    /// Served by the session from a feed's cache.
+    Cached(CachedWatch),
+    /// Being replayed by etcd (older than the cache window); comes back as `Cached`.
+    CatchingUp {
+        /// The watch, as it will resume.
+        watch: CachedWatch,
+        /// The catch-up task.
+        task: JoinHandle<()>,
+        /// Tells this catch-up's handoff from an older one for a reused id.
+        generation: u64,
+    },
+    /// Relayed to its own upstream watch for its whole life.
+    Relayed(JoinHandle<()>),
+    /// Ended by etcd (compacted); like etcd, the id stays taken until cancelled.
+    Ended,
+}
+
+impl Entry {
+    fn feed(&self) -> Option<&Arc<Feed>> {
+        match self {
+            Entry::Cached(w) | Entry::CatchingUp { watch: w, .. } => Some(&w.feed),
+            _ => None,
+        }
+    }
+
+    fn stop(&self) {
+        match self {
+            Entry::CatchingUp { task, .. } | Entry::Relayed(task) => task.abort(),
+            _ => {}
+        }
+    }
+}
+
+/// One downstream watch stream.
+pub(super) struct Session {
+    /// Feeds and upstream.
+    hub: Arc<Hub>,
+    /// The stream's metadata (credentials for relayed watches), shared with its tasks.
+    metadata: Arc<MetadataMap>,
+    /// Responses to the client.
+    out: Out,
+    /// Every watch id in use.
+    watches: HashMap<i64, Entry>,
+    /// Next id to try for a server-assigned watch id.
+    next_id: i64,
+    /// Head revisions of the feeds the cached watches use.
+    heads: StreamMap<FeedKey, WatchStream<i64>>,
+    /// The feeds in `heads`, with how many watches use each.
+    feeds: HashMap<FeedKey, (Arc<Feed>, usize)>,
+    /// Catch-up tasks report here.
+    handoff_tx: mpsc::UnboundedSender<Handoff>,
+    /// Receiving side of `handoff_tx`.
+    handoff_rx: mpsc::UnboundedReceiver<Handoff>,
+    /// Source of catch-up generations.
+    generation: u64,
+    /// Progress ticker, created with the first watch that asks for progress notifications
+    /// (etcd has one per stream too).
+    progress: Option<Pin<Box<tokio::time::Interval>>>,
+}
+
+impl Session {
+    /// A session writing to `out`.
+    pub(super) fn new(hub: Arc<Hub>, metadata: MetadataMap, out: Out) -> Session {
+        let (handoff_tx, handoff_rx) = mpsc::unbounded_channel();
+        Session {
+            hub,
+            metadata: Arc::new(metadata),
+            out,
+            watches: HashMap::new(),
+            next_id: 0,
+            heads: StreamMap::new(),
+            feeds: HashMap::new(),
+            handoff_tx,
+            handoff_rx,
+            generation: 0,
+            progress: None,
+        }
+    }
+
+    /// Serves the stream until the client leaves, sends a bad request, or the proxy stops.
+    pub(super) async fn run<S>(mut self, mut requests: S)
+    where
+        S: Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
+    {
+        metrics::WATCH_STREAMS.inc();
+        let mut shutdown = self.hub.shutdown_signal();
+        let mut requests_open = true;
+        loop {
+            tokio::select! {
+                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
+                    // End the stream so the client reconnects (to another replica).
+                    let status = Status::unavailable(SHUTDOWN_MESSAGE);
+                    let _ = self.out.send(Frame::Error(Box::new(status))).await;
+                    break;
+                }
+                req = requests.next(), if requests_open => match req {
+                    Some(Ok(req)) => {
+                        if self.handle(req).await.is_err() {
+                            break;
+                        }
+                    }
+                    // An undecodable request ends the stream with etcd's error.
+                    Some(Err(status)) => {
+                        let _ = self.out.send(Frame::Error(Box::new(status))).await;
+                        break;
+                    }
+                    // Request stream closed: keep serving until the client leaves.
+                    None => requests_open = false,
+                },
+                Some((key, _)) = self.heads.next() => {
+                    if self.deliver(key).await.is_err() {
+                        break;
+                    }
+                }
+                Some(handoff) = self.handoff_rx.recv() => {
+                    if self.handoff(handoff).await.is_err() {
+                        break;
+                    }
+                }
+                _ = tick(&mut self.progress) => {
+                    if self.progress_tick().await.is_err() {
+                        break;
+                    }
+                }
+                _ = self.out.closed() => break,
+            }
+        }
+        for entry in self.watches.values() {
+            entry.stop();
+        }
+        metrics::WATCH_STREAMS.dec();
+    }
+
+    /// Handles one request; `Err` when the client is gone.
+    async fn handle(&mut self, req: WatchRequest) -> Result<(), ()> {
+        match req.request_union {
+            Some(RequestUnion::CreateRequest(c)) => self.create(c).await,
+            Some(RequestUnion::CancelRequest(c)) => {
+                // etcd 3.4 ignores a cancel for an unknown id.
+                let Some(entry) = self.watches.remove(&c.watch_id) else {
+                    return Ok(());
+                };
+                entry.stop();
+                self.release(&entry);
+                let resp = WatchResponse {
+                    header: Some(self.hub.upstream.header(self.hub.revision())),
+                    watch_id: c.watch_id,
+                    canceled: true,
+                    ..Default::default()
+                };
+                self.send(resp).await
+            }
+            Some(RequestUnion::ProgressRequest(_)) => {
+                // etcd 3.4 answers at once with its current revision.
+                let rev = self.hub.current_revision().await;
+                let resp = WatchResponse {
+                    header: Some(self.hub.upstream.header(rev)),
+                    watch_id: INVALID_WATCH_ID,
+                    ..Default::default()
+                };
+                self.send(resp).await
+            }
+            None => Ok(()),
+        }
+    }
+
+    async fn send(&self, resp: WatchResponse) -> Result<(), ()> {
+        self.out.send(Frame::msg(resp)).await.map_err(|_| ())
+    }
+
+    async fn create(&mut self, mut c: WatchCreateRequest) -> Result<(), ()> {
+        if c.key.is_empty() {
+            // etcd: "\x00 is the smallest key".
+            c.key = bytes::Bytes::from_static(b"\0");
+        }
+        let range = KeyRange::new(&c.key, &c.range_end);
+        if range.is_empty() {
+            return self.refuse(WATCH_RANGE_EMPTY).await;
+        }
+        let id = if c.watch_id == 0 {
+            while self.watches.contains_key(&self.next_id) {
+                self.next_id += 1;
+            }
+            self.next_id += 1;
+            self.next_id - 1
+        } else if self.watches.contains_key(&c.watch_id) {
+            return self.refuse(WATCH_DUPLICATE_ID).await;
+        } else {
+            c.watch_id
+        };
+        // Callers with credentials, and watches before the prefix is loaded, are relayed to
+        // etcd (see `upstream::has_credentials`).
+        let feed = if has_credentials(&self.metadata) {
+            None
+        } else {
+            self.hub.feed_for(&range).filter(|f| f.is_ready()).cloned()
+        };
+        let shape = SHAPES.intern(ShapeKey {
+            range,
+            no_put: c.filters.contains(&(FilterType::Noput as i32)),
+            no_delete: c.filters.contains(&(FilterType::Nodelete as i32)),
+            prev_kv: c.prev_kv,
+        });
+        if c.progress_notify && self.progress.is_none() {
+            let every = self.hub.config.progress_interval;
+            let first = tokio::time::Instant::now() + every;
+            self.progress = Some(Box::pin(tokio::time::interval_at(first, every)));
+        }
+        let spec = WatchSpec {
+            id,
+            shape,
+            fragment: c.fragment,
+            progress_notify: c.progress_notify,
+            request: Box::new(c),
+        };
+        let Some(feed) = feed else {
+            return self.create_relayed(spec).await;
+        };
+        let created = watcher::created(&feed, &spec);
+        self.send(created.response.clone()).await?;
+        let compacted = feed.compaction().revision();
+        if created.start < compacted {
+            let resp = watcher::compacted_response(&feed, &spec, compacted);
+            self.watches.insert(id, Entry::Ended);
+            return self.send(resp).await;
+        }
+        let key = feed_key(&feed);
+        let watch = CachedWatch::new(feed.clone(), spec, &created);
+        self.acquire(&feed);
+        self.watches.insert(id, Entry::Cached(watch));
+        // A feed already subscribed does not wake the session for a new watch: serve its
+        // backlog now.
+        self.deliver(key).await
+    }
+
+    /// A watch outside every prefix (or with credentials): its own upstream watch.
+    async fn create_relayed(&mut self, spec: WatchSpec) -> Result<(), ()> {
+        let id = spec.id;
+        let (created_tx, created_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(relay::run_uncached(
+            self.hub.clone(),
+            self.metadata.clone(),
+            spec,
+            self.out.clone(),
+            created_tx,
+        ));
+        // Answer creates in order: wait for etcd's `created` before the next request.
+        let _ = created_rx.await;
+        self.watches.insert(id, Entry::Relayed(task));
+        Ok(())
+    }
+
+    /// etcd's answer to a create it refuses: created and canceled at once, id -1.
+    async fn refuse(&mut self, reason: &str) -> Result<(), ()> {
+        let resp = WatchResponse {
+            header: Some(self.hub.upstream.header(self.hub.revision())),
+            watch_id: INVALID_WATCH_ID,
+            created: true,
+            canceled: true,
+            cancel_reason: reason.to_string(),
+            ..Default::default()
+        };
+        self.send(resp).await
+    }
+
+    /// Counts one more watch on `feed`, subscribing to its head on the first.
+    fn acquire(&mut self, feed: &Arc<Feed>) {
+        let key = feed_key(feed);
+        let users = &mut self.feeds.entry(key).or_insert_with(|| (feed.clone(), 0)).1;
+        *users += 1;
+        if *users == 1 {
+            self.heads.insert(key, WatchStream::new(feed.subscribe()));
+        }
+    }
+
+    /// Forgets `entry`'s use of its feed, unsubscribing after the last watch.
+    fn release(&mut self, entry: &Entry) {
+        let Some(feed) = entry.feed() else { return };
+        let key = feed_key(feed);
+        if let Some((_, users)) = self.feeds.get_mut(&key) {
+            *users -= 1;
+            if *users == 0 {
+                self.feeds.remove(&key);
+                self.heads.remove(&key);
+            }
+        }
+    }
+
+    /// Brings every cached watch of feed `key` up to the feed's head.
+    async fn deliver(&mut self, key: FeedKey) -> Result<(), ()> {
+        let Some(feed) = self.feeds.get(&key).map(|(f, _)| f.clone()) else {
+            return Ok(());
+        };
+        let config = self.hub.config.clone();
+        loop {
+            let work: Vec<(i64, Step)> = {
+                let cache = feed.cache();
+                self.watches
+                    .iter()
+                    .filter_map(|(id, e)| match e {
+                        Entry::Cached(w) if feed_key(&w.feed) == key => Some((*id, w.step(&cache))),
+                        _ => None,
+                    })
+                    .filter(|(_, step)| !matches!(step, Step::Idle))
+                    .collect()
+            };
+            if work.is_empty() {
+                return Ok(());
+            }
+            for (id, step) in work {
+                match step {
+                    Step::Idle => {}
+                    Step::Skip(head) => {
+                        if let Some(Entry::Cached(w)) = self.watches.get_mut(&id) {
+                            w.next = head + 1;
+                        }
+                    }
+                    Step::Send(batches, head) => {
+                        if let Some(Entry::Cached(w)) = self.watches.get_mut(&id) {
+                            w.deliver(batches, head, &self.out, &config).await?;
+                        }
+                    }
+                    Step::CatchUp => self.start_catch_up(id),
+                }
+            }
+        }
+    }
+
+    /// Hands watch `id` to a catch-up task replaying from etcd.
+    fn start_catch_up(&mut self, id: i64) {
+        let Some(Entry::Cached(watch)) = self.watches.remove(&id) else {
+            return;
+        };
+        self.generation += 1;
+        let generation = self.generation;
+        let (feed, spec, from) = (watch.feed.clone(), watch.spec.clone(), watch.next);
+        let (out, metadata) = (self.out.clone(), self.metadata.clone());
+        let config = self.hub.config.clone();
+        let handoff = self.handoff_tx.clone();
+        let task = tokio::spawn(async move {
+            let resume = relay::catch_up(&feed, &spec, from, &out, &metadata, &config).await;
+            let _ = handoff.send((spec.id, generation, resume));
+        });
+        self.watches.insert(
+            id,
+            Entry::CatchingUp {
+                watch,
+                task,
+                generation,
+            },
+        );
+    }
+
+    /// A catch-up finished: the watch continues from the cache, or it ended.
+    async fn handoff(&mut self, (id, generation, resume): Handoff) -> Result<(), ()> {
+        let current = matches!(
+            self.watches.get(&id),
+            Some(Entry::CatchingUp { generation: g, .. }) if *g == generation
+        );
+        if !current {
+            return Ok(());
+        }
+        let Some(Entry::CatchingUp { mut watch, .. }) = self.watches.remove(&id) else {
+            return Ok(());
+        };
+        match resume {
+            Some(next) => {
+                watch.next = next;
+                watch.synced = true;
+                let key = feed_key(&watch.feed);
+                self.watches.insert(id, Entry::Cached(watch));
+                self.deliver(key).await
+            }
+            None => {
+                let entry = Entry::Cached(watch);
+                self.release(&entry);
+                self.watches.insert(id, Entry::Ended);
+                Ok(())
+            }
+        }
+    }
+
+    /// A progress tick: notifications for the cached watches that are due one.
+    async fn progress_tick(&mut self) -> Result<(), ()> {
+        let due: Vec<WatchResponse> = self
+            .watches
+            .values_mut()
+            .filter_map(|e| match e {
+                Entry::Cached(w) => w.progress_due(),
+                _ => None,
+            })
+            .collect();
+        for resp in due {
+            self.send(resp).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The next progress tick, or never when no watch asked for progress.
+async fn tick(progress: &mut Option<Pin<Box<tokio::time::Interval>>>) {
+    match progress {
+        Some(p) => {
+            p.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}

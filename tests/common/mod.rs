@@ -344,4 +344,8 @@ pub fn wait_http_ok(port: u16, path: &str, timeout: Duration) -> Result<(), Stri
     }
     Err(format!("GET {path} on port {port}: {last}"))
 }
+pub mod checker;
+pub mod cluster;
 pub mod diff;
+pub mod fault;
+pub mod watchers;

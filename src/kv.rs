@@ -8,6 +8,8 @@
 use std::cmp::Ordering as CmpOrdering;
 use std::sync::Arc;
 
+use prost::Message;
+
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
@@ -44,6 +46,15 @@ impl KvService {
         metadata: &MetadataMap,
         req: RangeRequest,
     ) -> Result<RangeResponse, Error> {
+        Ok(self.range_answer(metadata, req).await?.into_response())
+    }
+
+    /// Answers a range; a cached answer keeps its shared, pre-encoded body.
+    pub async fn range_answer(
+        &self,
+        metadata: &MetadataMap,
+        req: RangeRequest,
+    ) -> Result<RangeAnswer, Error> {
         if req.key.is_empty() {
             return Err(Error::EmptyKey);
         }
@@ -54,9 +65,9 @@ impl KvService {
             self.hub.feed_for(&range).filter(|f| f.is_ready())
         };
         if let Some(feed) = cached {
-            if let Some(resp) = self.range_cached(feed, &range, &req).await? {
+            if let Some(answer) = self.range_cached(feed, &range, &req).await? {
                 metrics::RANGES_CACHED.inc();
-                return Ok(resp);
+                return Ok(answer);
             }
         }
         metrics::RANGES_FORWARDED.inc();
@@ -64,7 +75,7 @@ impl KvService {
         self.hub
             .upstream
             .observe_header(resp.get_ref().header.as_ref());
-        Ok(resp.into_inner())
+        Ok(RangeAnswer::Forwarded(resp.into_inner()))
     }
 
     /// The cached answer, or `None` when only etcd can answer (the caller forwards).
@@ -73,7 +84,7 @@ impl KvService {
         feed: &Feed,
         range: &KeyRange,
         req: &RangeRequest,
-    ) -> Result<Option<RangeResponse>, Error> {
+    ) -> Result<Option<RangeAnswer>, Error> {
         let sync = if req.serializable {
             None
         } else {
@@ -119,6 +130,8 @@ impl KvService {
     }
 
     /// Answers `req` from the cache state at revision `at`, reporting `report` in the header.
+    /// The state at a revision never changes, so the answer body is memoized per request and
+    /// revision and shared by identical reads (a restart storm of full-prefix ranges).
     fn read_at(
         &self,
         feed: &Feed,
@@ -126,9 +139,121 @@ impl KvService {
         req: &RangeRequest,
         at: i64,
         report: i64,
-    ) -> Option<RangeResponse> {
+    ) -> Option<RangeAnswer> {
+        let header = feed.upstream().header(report);
+        let key = RangeRequest {
+            revision: at,
+            serializable: false,
+            ..req.clone()
+        }
+        .encode_to_vec();
+        if let Some(body) = feed.range_memo().get(&key) {
+            return Some(RangeAnswer::Cached(header, body));
+        }
         let kvs = feed.cache().kvs_at(range, at)?;
-        answer_range(req, kvs, feed.upstream().header(report))
+        let resp = answer_range(req, kvs, ResponseHeader::default())?;
+        let body = Arc::new(RangeBody::new(RangeResponse {
+            header: None,
+            ..resp
+        }));
+        feed.range_memo().put(key, body.clone());
+        Some(RangeAnswer::Cached(header, body))
+    }
+}
+
+/// A range answer: made from the cache (a fresh header and a shared body) or etcd's own.
+#[derive(Debug, Clone)]
+pub enum RangeAnswer {
+    /// From the cache.
+    Cached(ResponseHeader, Arc<RangeBody>),
+    /// Forwarded to etcd.
+    Forwarded(RangeResponse),
+}
+
+impl RangeAnswer {
+    /// The answer as a message.
+    pub fn into_response(self) -> RangeResponse {
+        match self {
+            RangeAnswer::Cached(header, body) => RangeResponse {
+                header: Some(header),
+                ..body.response.clone()
+            },
+            RangeAnswer::Forwarded(r) => r,
+        }
+    }
+
+    /// Writes the answer as an encoded RangeResponse: the header, then the shared body.
+    pub fn encode_to<B: bytes::BufMut>(&self, buf: &mut B) -> Result<(), prost::EncodeError> {
+        match self {
+            RangeAnswer::Cached(header, body) => {
+                RangeResponse {
+                    header: Some(*header),
+                    ..Default::default()
+                }
+                .encode(buf)?;
+                buf.put_slice(&body.proto);
+                Ok(())
+            }
+            RangeAnswer::Forwarded(r) => r.encode(buf),
+        }
+    }
+}
+
+/// The part of a cached range answer that does not depend on the header: the message and
+/// its encoding (fields `kvs`, `more`, `count`, which follow the header on the wire).
+#[derive(Debug)]
+pub struct RangeBody {
+    /// The answer without header.
+    pub response: RangeResponse,
+    /// `response` encoded.
+    pub proto: bytes::Bytes,
+}
+
+impl RangeBody {
+    fn new(response: RangeResponse) -> RangeBody {
+        let proto = response.encode_to_vec().into();
+        RangeBody { response, proto }
+    }
+}
+
+/// Recently answered range bodies of one feed, by request and revision: small, bounded in
+/// entries and bytes, oldest dropped first.
+#[derive(Debug, Default)]
+pub struct RangeMemo {
+    /// `(request bytes with the revision read, body)`, newest last.
+    entries: std::sync::Mutex<std::collections::VecDeque<(Vec<u8>, Arc<RangeBody>)>>,
+}
+
+/// Most memoized range bodies per feed.
+const RANGE_MEMO_ENTRIES: usize = 16;
+/// Most bytes of memoized range bodies per feed.
+const RANGE_MEMO_BYTES: usize = 64 << 20;
+
+impl RangeMemo {
+    /// The memoized body for `key`.
+    pub fn get(&self, key: &[u8]) -> Option<Arc<RangeBody>> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries
+            .iter()
+            .rev()
+            .find(|(k, _)| k.as_slice() == key)
+            .map(|(_, b)| b.clone())
+    }
+
+    /// Remembers `body` for `key`, dropping the oldest entries beyond the bounds.
+    pub fn put(&self, key: Vec<u8>, body: Arc<RangeBody>) {
+        if body.proto.len() > RANGE_MEMO_BYTES {
+            return;
+        }
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.push_back((key, body));
+        let mut bytes: usize = entries.iter().map(|(_, b)| b.proto.len()).sum();
+        while entries.len() > RANGE_MEMO_ENTRIES || bytes > RANGE_MEMO_BYTES {
+            match entries.pop_front() {
+                Some((_, b)) => bytes -= b.proto.len(),
+                None => break,
+            }
+        }
     }
 }
 
@@ -366,6 +491,33 @@ mod tests {
         let r = answer_range(&req, sample(), Default::default()).unwrap();
         assert!(r.kvs.is_empty() && !r.more);
         assert_eq!(r.count, 3);
+    }
+
+    #[test]
+    fn shared_body_encodes_like_the_message() {
+        let resp = answer_range(&RangeRequest::default(), sample(), Default::default()).unwrap();
+        let body = Arc::new(RangeBody::new(RangeResponse {
+            header: None,
+            ..resp
+        }));
+        let header = ResponseHeader {
+            cluster_id: 1,
+            member_id: 2,
+            revision: 42,
+            raft_term: 3,
+        };
+        let answer = RangeAnswer::Cached(header, body.clone());
+        let mut wire = Vec::new();
+        answer.encode_to(&mut wire).unwrap();
+        assert_eq!(wire, answer.clone().into_response().encode_to_vec());
+        assert_eq!(answer.into_response().header.unwrap().revision, 42);
+
+        let memo = RangeMemo::default();
+        for i in 0..(RANGE_MEMO_ENTRIES + 3) {
+            memo.put(vec![i as u8], body.clone());
+        }
+        assert!(memo.get(&[0]).is_none(), "oldest entries are dropped");
+        assert!(memo.get(&[(RANGE_MEMO_ENTRIES + 2) as u8]).is_some());
     }
 
     #[test]

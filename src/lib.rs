@@ -19,6 +19,7 @@ pub mod kv;
 pub mod metrics;
 pub mod passthrough;
 pub mod proto;
+pub mod range_wire;
 pub mod server;
 pub mod upstream;
 pub mod watch;

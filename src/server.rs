@@ -22,6 +22,7 @@ use crate::proto::etcdserverpb::{
     auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
     lease_server::LeaseServer, maintenance_server::MaintenanceServer,
 };
+use crate::range_wire::{self, RangeGrpc};
 use crate::watch::frame::WatchGrpc;
 use crate::watch::WatchService;
 
@@ -164,6 +165,7 @@ pub async fn serve(
     drain: Duration,
 ) {
     let routes = services.grpc_routes();
+    let range = RangeGrpc::new(services.kv.clone(), MAX_DECODING_MESSAGE);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http2()
@@ -196,17 +198,22 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let routes = routes.clone();
+        let range = range.clone();
         let services = services.clone();
         let builder = builder.clone();
         let mut conn_shutdown = conn_shutdown_tx.subscribe();
         conns.spawn(async move {
             let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
                 let routes = routes.clone();
+                let range = range.clone();
                 let services = services.clone();
                 async move {
                     if is_grpc(&req) {
                         if let Some(status) = unknown_grpc_method(req.uri().path()) {
                             return Ok(status.into_http());
+                        }
+                        if req.uri().path() == range_wire::PATH {
+                            return range.oneshot(req).await;
                         }
                         routes.oneshot(req).await
                     } else {

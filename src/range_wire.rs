@@ -1,0 +1,115 @@
+//! The `KV/Range` gRPC route, answering with [`RangeAnswer`]s: a cached answer is written as
+//! a fresh header followed by its shared, already encoded body, so a storm of identical full
+//! ranges (every APISIX pod restarting) costs one encoding, not one per request.
+//!
+//! The other KV methods stay on tonic's generated `KvServer`; this route only swaps the
+//! encoder, and speaks exactly the same protocol.
+
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+
+use tonic::body::Body;
+use tonic::codec::{Codec, EncodeBuf, Encoder};
+use tonic::server::{Grpc, UnaryService};
+use tonic::Status;
+
+use crate::codec::{EtcdCodec, EtcdDecoder};
+use crate::kv::{KvService, RangeAnswer};
+use crate::proto::etcdserverpb::{RangeRequest, RangeResponse};
+
+/// The gRPC path this route serves.
+pub const PATH: &str = "/etcdserverpb.KV/Range";
+
+/// Encodes range answers, decodes range requests (with etcd's error wording).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RangeCodec;
+
+/// Encoding half of [`RangeCodec`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AnswerEncoder;
+
+impl Encoder for AnswerEncoder {
+    type Item = RangeAnswer;
+    type Error = Status;
+
+    fn encode(&mut self, item: RangeAnswer, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        item.encode_to(dst)
+            .map_err(|e| Status::internal(format!("grpc: error while marshaling: {e}")))
+    }
+}
+
+impl Codec for RangeCodec {
+    type Encode = RangeAnswer;
+    type Decode = RangeRequest;
+    type Encoder = AnswerEncoder;
+    type Decoder = EtcdDecoder<RangeRequest>;
+
+    fn encoder(&mut self) -> AnswerEncoder {
+        AnswerEncoder
+    }
+
+    fn decoder(&mut self) -> EtcdDecoder<RangeRequest> {
+        EtcdCodec::<RangeResponse, RangeRequest>::default().decoder()
+    }
+}
+
+/// The route.
+#[derive(Debug, Clone)]
+pub struct RangeGrpc {
+    /// The KV service answering.
+    kv: KvService,
+    /// Largest accepted request message.
+    max_decoding: usize,
+}
+
+impl RangeGrpc {
+    /// The route for `kv`.
+    pub fn new(kv: KvService, max_decoding: usize) -> Self {
+        RangeGrpc { kv, max_decoding }
+    }
+}
+
+/// Adapts [`KvService::range_answer`] to tonic's unary handler.
+struct Handler(KvService);
+
+impl UnaryService<RangeRequest> for Handler {
+    type Response = RangeAnswer;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<tonic::Response<RangeAnswer>, Status>> + Send>,
+    >;
+
+    fn call(&mut self, request: tonic::Request<RangeRequest>) -> Self::Future {
+        let kv = self.0.clone();
+        Box::pin(async move {
+            let (metadata, _, req) = request.into_parts();
+            let answer = kv.range_answer(&metadata, req).await?;
+            Ok(tonic::Response::new(answer))
+        })
+    }
+}
+
+impl<B> tower::Service<http::Request<B>> for RangeGrpc
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<http::Response<Body>, Infallible>> + Send>,
+    >;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let kv = self.kv.clone();
+        let max_decoding = self.max_decoding;
+        Box::pin(async move {
+            let mut grpc = Grpc::new(RangeCodec)
+                .apply_max_message_size_config(Some(max_decoding), Some(usize::MAX));
+            Ok(grpc.unary(Handler(kv), req).await)
+        })
+    }
+}

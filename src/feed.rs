@@ -159,7 +159,7 @@ impl Feed {
                     }
                 }
             }
-            match self.watch_once().await {
+            match self.watch_once(&mut backoff).await {
                 Ok(compact) => {
                     tracing::warn!(prefix = %self.name, compact, "upstream watch compacted; reloading");
                     self.compaction.observe(compact);
@@ -306,7 +306,7 @@ impl Feed {
 
     /// Runs one upstream watch from head+1 until it fails (`Err`) or etcd says the resume
     /// revision is compacted (`Ok(compact_revision)`).
-    async fn watch_once(&self) -> Result<i64, tonic::Status> {
+    async fn watch_once(&self, backoff: &mut Duration) -> Result<i64, tonic::Status> {
         let start = self.cache().head() + 1;
         let create = WatchCreateRequest {
             key: self.range.start.clone(),
@@ -335,6 +335,8 @@ impl Feed {
             }
             if resp.created {
                 tracing::info!(prefix = %self.name, start, "upstream watch established");
+                // A healthy watch: the next failure retries quickly again.
+                *backoff = Duration::from_millis(100);
                 self.ready.store(true, Ordering::Release);
                 continue;
             }

@@ -233,6 +233,9 @@ pub async fn serve(
         });
         while conns.try_join_next().is_some() {}
     }
+    // Refuse new connections at once (clients go to another replica) while the open ones
+    // drain.
+    drop(listener);
     let _ = conn_shutdown_tx.send(true);
     let _ = tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await;
 }

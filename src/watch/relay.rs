@@ -30,11 +30,13 @@ const CREATE_ATTEMPTS: u32 = 10;
 
 /// Relays etcd's replay of `spec` from revision `from` until it reaches the cache window.
 /// Returns the revision to continue from in the cache, or `None` when the watch is over
-/// (canceled by etcd, or the client left).
+/// (canceled by etcd, or the client left). `floor` is the highest header revision the watch
+/// has sent; it is raised by etcd's headers and never undercut.
 pub async fn catch_up(
     feed: &Feed,
     spec: &WatchSpec,
     mut from: i64,
+    floor: &mut i64,
     out: &Out,
     metadata: &MetadataMap,
     config: &Config,
@@ -90,7 +92,9 @@ pub async fn catch_up(
             let mut events = Vec::new();
             filter_into(spec, &resp.events, &mut events);
             if !events.is_empty() {
-                let header = resp.header.unwrap_or_default();
+                let mut header = resp.header.unwrap_or_default();
+                header.revision = header.revision.max(*floor);
+                *floor = header.revision;
                 if send_events(out, spec, header, events, config.fragment_threshold())
                     .await
                     .is_err()

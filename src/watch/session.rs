@@ -45,9 +45,9 @@ fn feed_key(feed: &Arc<Feed>) -> FeedKey {
     Arc::as_ptr(feed) as usize
 }
 
-/// A catch-up task's result: (watch id, generation, revision to resume at or `None` if the
-/// watch ended).
-type Handoff = (i64, u64, Option<i64>);
+/// A catch-up task's result: (watch id, generation, and the revision to resume at with the
+/// highest header sent so far, or `None` if the watch ended).
+type Handoff = (i64, u64, Option<(i64, i64)>);
 
 /// One watch id on the stream.
 enum Entry {
@@ -387,12 +387,14 @@ impl Session {
         self.generation += 1;
         let generation = self.generation;
         let (feed, spec, from) = (watch.feed.clone(), watch.spec.clone(), watch.next);
+        let mut floor = watch.floor;
         let (out, metadata) = (self.out.clone(), self.metadata.clone());
         let config = self.hub.config.clone();
         let handoff = self.handoff_tx.clone();
         let task = tokio::spawn(async move {
-            let resume = relay::catch_up(&feed, &spec, from, &out, &metadata, &config).await;
-            let _ = handoff.send((spec.id, generation, resume));
+            let resume =
+                relay::catch_up(&feed, &spec, from, &mut floor, &out, &metadata, &config).await;
+            let _ = handoff.send((spec.id, generation, resume.map(|next| (next, floor))));
         });
         self.watches.insert(
             id,
@@ -417,8 +419,9 @@ impl Session {
             return Ok(());
         };
         match resume {
-            Some(next) => {
+            Some((next, floor)) => {
                 watch.next = next;
+                watch.floor = floor;
                 watch.synced = true;
                 let key = feed_key(&watch.feed);
                 self.watches.insert(id, Entry::Cached(watch));

@@ -83,6 +83,9 @@ pub struct CachedWatch {
     pub synced: bool,
     /// No event sent since the last progress tick.
     pub quiet: bool,
+    /// Highest header revision sent so far: headers never go backwards for a watch (a
+    /// `created` at etcd's revision may be ahead of the cache head it then reads from).
+    pub floor: i64,
     /// Counts the watch in the watcher gauge.
     _gauge: WatcherGauge,
 }
@@ -109,6 +112,7 @@ impl CachedWatch {
             next: created.start,
             synced: created.synced,
             quiet: true,
+            floor: created.response.header.map_or(0, |h| h.revision),
             _gauge: WatcherGauge::new(),
         }
     }
@@ -145,15 +149,17 @@ impl CachedWatch {
         };
         if self.synced {
             for b in batches {
-                let header = self.feed.upstream().header(b.revision);
+                let header = self.header(b.revision);
                 if send_batches(out, &self.spec, header, vec![b], config).await? > 0 {
                     self.quiet = false;
+                    self.floor = header.revision;
                 }
             }
         } else {
-            let header = self.feed.upstream().header(head);
+            let header = self.header(head);
             if send_batches(out, &self.spec, header, batches, config).await? > 0 {
                 self.quiet = false;
+                self.floor = header.revision;
             }
             self.synced = last >= head;
         }
@@ -166,11 +172,21 @@ impl CachedWatch {
     pub fn progress_due(&mut self) -> Option<WatchResponse> {
         let due = self.spec.progress_notify && self.quiet && self.synced;
         self.quiet = true;
-        due.then(|| WatchResponse {
-            header: Some(self.feed.upstream().header(self.feed.head())),
+        if !due {
+            return None;
+        }
+        let header = self.header(self.feed.head());
+        self.floor = header.revision;
+        Some(WatchResponse {
+            header: Some(header),
             watch_id: self.spec.id,
             ..Default::default()
         })
+    }
+
+    /// A response header at `revision`, or at the floor if that is higher.
+    fn header(&self, revision: i64) -> ResponseHeader {
+        self.feed.upstream().header(revision.max(self.floor))
     }
 }
 
@@ -365,6 +381,6 @@ mod size_tests {
     #[test]
     fn cached_watch_is_small() {
         let size = std::mem::size_of::<CachedWatch>();
-        assert!(size <= 96, "CachedWatch is {size} bytes");
+        assert!(size <= 104, "CachedWatch is {size} bytes");
     }
 }

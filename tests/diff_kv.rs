@@ -757,7 +757,7 @@ fn diff_helper_detects_mismatch() {
     let mut b = a.clone();
     assert!(std::panic::catch_unwind(|| assert_same("selftest_equal", &a, &b, "")).is_ok());
     let other_ids = normalize(&a[0].replace("<n>", "999"));
-    assert_eq!(other_ids.contains("revision: 5"), true);
+    assert!(other_ids.contains("revision: 5"));
     b[0] = a[0].replace("revision: 5", "revision: 6");
     b.push("extra".to_string());
     let err = std::panic::catch_unwind(|| assert_same("selftest_differs", &a, &b, ""))

@@ -49,15 +49,14 @@ async fn progress_notifications_follow_etcd_rules() {
         value: Bytes::from_static(b"v"),
         ..Default::default()
     };
-    let rev = c
-        .kv
-        .put(put("/apisix/a"))
-        .await
-        .expect("put")
-        .into_inner()
-        .header
-        .expect("header")
-        .revision;
+    let rev =
+        c.kv.put(put("/apisix/a"))
+            .await
+            .expect("put")
+            .into_inner()
+            .header
+            .expect("header")
+            .revision;
 
     let (tx, rx) = mpsc::unbounded_channel();
     tx.send(create(1, true)).expect("send");

@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 use bytes::BufMut;
 use prost::Message;
 use tonic::body::Body;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::server::{Grpc, NamedService, StreamingService};
 use tonic::{Status, Streaming};
 
@@ -124,7 +124,18 @@ impl Encoder for FrameEncoder {
         item.encode_to(dst)
             .map_err(|e| Status::internal(format!("encoding watch response: {e}")))
     }
+
+    /// Small buffers: a stream is mostly idle, and tonic's 8 KiB default per stream dominates
+    /// the memory of an idle watch stream. Buffers grow when responses need it.
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(STREAM_BUFFER, YIELD_THRESHOLD)
+    }
 }
+
+/// Initial encode and decode buffer of a watch stream.
+const STREAM_BUFFER: usize = 512;
+/// Encoded bytes after which the encoder yields to the connection (tonic's default).
+const YIELD_THRESHOLD: usize = 32 * 1024;
 
 /// The decoding half of [`FrameCodec`] (plain protobuf).
 #[derive(Debug, Clone, Copy, Default)]
@@ -133,6 +144,10 @@ pub struct RequestDecoder;
 impl Decoder for RequestDecoder {
     type Item = WatchRequest;
     type Error = Status;
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(STREAM_BUFFER, YIELD_THRESHOLD)
+    }
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<WatchRequest>, Status> {
         WatchRequest::decode(buf).map(Some).map_err(|e| {

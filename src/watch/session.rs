@@ -462,3 +462,24 @@ async fn tick(progress: &mut Option<Pin<Box<tokio::time::Interval>>>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::upstream::Upstream;
+    use clap::Parser;
+
+    /// Each downstream stream is one session task holding this future: keep it small.
+    #[tokio::test]
+    async fn session_future_is_small() {
+        let upstream = Arc::new(Upstream::new(&["http://127.0.0.1:1".to_string()]).unwrap());
+        let hub = Hub::start(Config::parse_from(["etcd-fanout"]), upstream);
+        let (tx, _rx) = mpsc::channel(1);
+        let session = Session::new(hub, MetadataMap::new(), tx);
+        let requests = futures::stream::empty::<Result<WatchRequest, Status>>();
+        let fut = session.run(requests);
+        let size = std::mem::size_of_val(&fut);
+        assert!(size < 4096, "session future is {size} bytes");
+    }
+}

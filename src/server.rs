@@ -212,12 +212,15 @@ pub async fn serve(
                         if let Some(status) = unknown_grpc_method(req.uri().path()) {
                             return Ok(status.into_http());
                         }
+                        // Boxed here and below: hyper keeps one allocation the size of this
+                        // future per HTTP/1.1 connection for as long as it is open, so it
+                        // must stay small however large the handlers' futures are.
                         if req.uri().path() == range_wire::PATH {
-                            return range.oneshot(req).await;
+                            return Box::pin(range.oneshot(req)).await;
                         }
-                        routes.oneshot(req).await
+                        Box::pin(routes.oneshot(req)).await
                     } else {
-                        Ok::<_, Infallible>(crate::http::handle(req, &services).await)
+                        Ok::<_, Infallible>(Box::pin(crate::http::handle(req, &services)).await)
                     }
                 }
             });

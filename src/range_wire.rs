@@ -5,9 +5,6 @@
 //! The other KV methods stay on tonic's generated `KvServer`; this route only swaps the
 //! encoder, and speaks exactly the same protocol.
 
-use std::convert::Infallible;
-use std::task::{Context, Poll};
-
 use tonic::body::Body;
 use tonic::codec::{Codec, EncodeBuf, Encoder};
 use tonic::server::{Grpc, UnaryService};
@@ -53,22 +50,6 @@ impl Codec for RangeCodec {
     }
 }
 
-/// The route.
-#[derive(Debug, Clone)]
-pub struct RangeGrpc {
-    /// The KV service answering.
-    kv: KvService,
-    /// Largest accepted request message.
-    max_decoding: usize,
-}
-
-impl RangeGrpc {
-    /// The route for `kv`.
-    pub fn new(kv: KvService, max_decoding: usize) -> Self {
-        RangeGrpc { kv, max_decoding }
-    }
-}
-
 /// Adapts [`KvService::range_answer`] to tonic's unary handler.
 struct Handler(KvService);
 
@@ -88,28 +69,17 @@ impl UnaryService<RangeRequest> for Handler {
     }
 }
 
-impl<B> tower::Service<http::Request<B>> for RangeGrpc
+/// Serves one `KV/Range` call with the answer encoder.
+pub async fn serve<B>(
+    kv: KvService,
+    req: http::Request<B>,
+    max_decoding: usize,
+) -> http::Response<Body>
 where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<http::Response<Body>, Infallible>> + Send>,
-    >;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let kv = self.kv.clone();
-        let max_decoding = self.max_decoding;
-        Box::pin(async move {
-            let mut grpc = Grpc::new(RangeCodec)
-                .apply_max_message_size_config(Some(max_decoding), Some(usize::MAX));
-            Ok(grpc.unary(Handler(kv), req).await)
-        })
-    }
+    let mut grpc =
+        Grpc::new(RangeCodec).apply_max_message_size_config(Some(max_decoding), Some(usize::MAX));
+    grpc.unary(Handler(kv), req).await
 }

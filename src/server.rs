@@ -22,8 +22,8 @@ use crate::proto::etcdserverpb::{
     auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
     lease_server::LeaseServer, maintenance_server::MaintenanceServer,
 };
-use crate::range_wire::{self, RangeGrpc};
-use crate::watch::frame::WatchGrpc;
+use crate::range_wire;
+use crate::watch::frame;
 use crate::watch::WatchService;
 
 /// etcd's largest accepted request (`--max-request-bytes` 1.5 MiB plus 512 KiB gRPC overhead).
@@ -53,7 +53,8 @@ impl Services {
         }
     }
 
-    /// The tonic routes of the six etcd services.
+    /// The tonic routes of the etcd services (`Watch` and `KV/Range` are served by
+    /// [`frame::serve`] and [`range_wire::serve`], with encoders that share encoded bytes).
     pub fn grpc_routes(&self) -> Routes {
         let p = self.passthrough.clone();
         Routes::new(
@@ -61,7 +62,6 @@ impl Services {
                 .max_decoding_message_size(MAX_DECODING_MESSAGE)
                 .max_encoding_message_size(usize::MAX),
         )
-        .add_service(WatchGrpc::new(self.watch.clone(), MAX_DECODING_MESSAGE))
         .add_service(LeaseServer::new(p.clone()).max_decoding_message_size(MAX_DECODING_MESSAGE))
         .add_service(ClusterServer::new(p.clone()).max_decoding_message_size(MAX_DECODING_MESSAGE))
         .add_service(
@@ -165,7 +165,6 @@ pub async fn serve(
     drain: Duration,
 ) {
     let routes = services.grpc_routes();
-    let range = RangeGrpc::new(services.kv.clone(), MAX_DECODING_MESSAGE);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http2()
@@ -198,14 +197,12 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let routes = routes.clone();
-        let range = range.clone();
         let services = services.clone();
         let builder = builder.clone();
         let mut conn_shutdown = conn_shutdown_tx.subscribe();
         conns.spawn(async move {
             let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
                 let routes = routes.clone();
-                let range = range.clone();
                 let services = services.clone();
                 async move {
                     if is_grpc(&req) {
@@ -215,10 +212,18 @@ pub async fn serve(
                         // Boxed here and below: hyper keeps one allocation the size of this
                         // future per HTTP/1.1 connection for as long as it is open, so it
                         // must stay small however large the handlers' futures are.
-                        if req.uri().path() == range_wire::PATH {
-                            return Box::pin(range.oneshot(req)).await;
+                        let max = MAX_DECODING_MESSAGE;
+                        match req.uri().path() {
+                            range_wire::PATH => {
+                                let kv = services.kv.clone();
+                                Ok(Box::pin(range_wire::serve(kv, req, max)).await)
+                            }
+                            frame::PATH => {
+                                let watch = services.watch.clone();
+                                Ok(Box::pin(frame::serve(watch, req, max)).await)
+                            }
+                            _ => Box::pin(routes.oneshot(req)).await,
                         }
-                        Box::pin(routes.oneshot(req)).await
                     } else {
                         Ok::<_, Infallible>(Box::pin(crate::http::handle(req, &services)).await)
                     }

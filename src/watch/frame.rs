@@ -6,18 +6,16 @@
 //! watchers of that shape. The encoder writes the header and watch id, then copies the shared
 //! bytes: per-watcher work is a few bytes of framing and one copy into the connection's buffer.
 //!
-//! The Watch gRPC route is written out here (instead of tonic's generated `WatchServer`) only
-//! to use this encoder; it speaks exactly the same protocol.
+//! The Watch gRPC method is served here ([`serve`], instead of tonic's generated
+//! `WatchServer`) only to use this encoder; it speaks exactly the same protocol.
 
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use bytes::BufMut;
 use prost::Message;
 use tonic::body::Body;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::server::{Grpc, NamedService, StreamingService};
+use tonic::server::{Grpc, StreamingService};
 use tonic::{Status, Streaming};
 
 use super::shape::Shape;
@@ -175,26 +173,6 @@ impl Codec for FrameCodec {
     }
 }
 
-/// The `etcdserverpb.Watch` gRPC service, answering with [`Frame`]s.
-#[derive(Debug, Clone)]
-pub struct WatchGrpc {
-    /// The service behind the route.
-    svc: WatchService,
-    /// Largest accepted request message.
-    max_decoding: usize,
-}
-
-impl WatchGrpc {
-    /// The route for `svc`.
-    pub fn new(svc: WatchService, max_decoding: usize) -> Self {
-        WatchGrpc { svc, max_decoding }
-    }
-}
-
-impl NamedService for WatchGrpc {
-    const NAME: &'static str = "etcdserverpb.Watch";
-}
-
 /// Adapts the session to tonic's streaming handler.
 struct Handler(WatchService);
 
@@ -211,31 +189,20 @@ impl StreamingService<WatchRequest> for Handler {
     }
 }
 
-impl<B> tower::Service<http::Request<B>> for WatchGrpc
+/// The gRPC path of the Watch method.
+pub const PATH: &str = "/etcdserverpb.Watch/Watch";
+
+/// Serves one `Watch` call (a whole stream) with the frame encoder.
+pub async fn serve<B>(
+    svc: WatchService,
+    req: http::Request<B>,
+    max_decoding: usize,
+) -> http::Response<Body>
 where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<http::Response<Body>, Infallible>> + Send>,
-    >;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let svc = self.svc.clone();
-        let max_decoding = self.max_decoding;
-        Box::pin(async move {
-            if req.uri().path() != "/etcdserverpb.Watch/Watch" {
-                return Ok(Status::unimplemented("").into_http());
-            }
-            let mut grpc = Grpc::new(FrameCodec)
-                .apply_max_message_size_config(Some(max_decoding), Some(usize::MAX));
-            Ok(grpc.streaming(Handler(svc), req).await)
-        })
-    }
+    let mut grpc =
+        Grpc::new(FrameCodec).apply_max_message_size_config(Some(max_decoding), Some(usize::MAX));
+    grpc.streaming(Handler(svc), req).await
 }

@@ -23,11 +23,11 @@ use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::Status;
 
 use crate::hub::Hub;
 use crate::passthrough::BoxStream;
-use crate::proto::etcdserverpb::{watch_server, WatchCreateRequest, WatchRequest, WatchResponse};
+use crate::proto::etcdserverpb::{WatchCreateRequest, WatchRequest, WatchResponse};
 use frame::Frame;
 use session::Session;
 use shape::Shape;
@@ -95,18 +95,5 @@ impl WatchService {
         let session = Session::new(self.hub.clone(), metadata, tx);
         tokio::spawn(session.run(requests));
         Box::pin(ReceiverStream::new(rx).map(Frame::into_item))
-    }
-}
-
-#[tonic::async_trait]
-impl watch_server::Watch for WatchService {
-    type WatchStream = BoxStream<WatchResponse>;
-
-    async fn watch(
-        &self,
-        request: Request<Streaming<WatchRequest>>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
-        let (metadata, _, stream) = request.into_parts();
-        Ok(Response::new(self.session(metadata, stream)))
     }
 }

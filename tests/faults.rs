@@ -233,6 +233,33 @@ async fn wait_acked(w: &Writer, n: u64, timeout: Duration) {
     }
 }
 
+/// A seeded etcd behind a fault-injecting relay, the proxy in front of the relay, 12 watches
+/// on 2 streams, and a writer (one put every `pace`) that already had 50 puts acknowledged.
+struct RelayRig {
+    etcd: Etcd,
+    relay: Relay,
+    proxy: Proxy,
+    streams: Vec<Stream>,
+    writer: Writer,
+}
+
+async fn relay_rig(prefix: &str, pace: Duration) -> RelayRig {
+    let etcd = start_etcd().await;
+    seed(&etcd.url, prefix, 20).await;
+    let relay = Relay::start(etcd.port);
+    let proxy = start_proxy(&relay.url, &[prefix], &[]).await;
+    let streams = open_streams(&proxy.url, watch_mix(prefix, 2, 6), false).await;
+    let writer = Writer::spawn(vec![etcd.url.clone()], WriterOpts::new(prefix, 30, pace));
+    wait_acked(&writer, 50, Duration::from_secs(10)).await;
+    RelayRig {
+        etcd,
+        relay,
+        proxy,
+        streams,
+        writer,
+    }
+}
+
 async fn seed(url: &str, prefix: &str, n: usize) {
     let mut kv = KvClient::new(lazy_channel(url));
     for i in 0..n {
@@ -382,16 +409,13 @@ fn cluster_leader_kills() {
 fn relay_stall_then_resume() {
     serial_test("relay_stall_then_resume", async {
         let prefix = "/stall/";
-        let etcd = start_etcd().await;
-        seed(&etcd.url, prefix, 20).await;
-        let relay = Relay::start(etcd.port);
-        let proxy = start_proxy(&relay.url, &[prefix], &[]).await;
-        let streams = open_streams(&proxy.url, watch_mix(prefix, 2, 6), false).await;
-        let writer = Writer::spawn(
-            vec![etcd.url.clone()],
-            WriterOpts::new(prefix, 30, Duration::from_millis(10)),
-        );
-        wait_acked(&writer, 50, Duration::from_secs(10)).await;
+        let RelayRig {
+            etcd,
+            relay,
+            proxy,
+            streams,
+            writer,
+        } = relay_rig(prefix, Duration::from_millis(10)).await;
         let before = restarts(&proxy);
         relay.stall();
         let t0 = Instant::now();
@@ -432,16 +456,13 @@ fn relay_stall_then_resume() {
 fn relay_blackholed_connection_is_detected() {
     serial_test("relay_blackholed_connection_is_detected", async {
         let prefix = "/hole/";
-        let etcd = start_etcd().await;
-        seed(&etcd.url, prefix, 20).await;
-        let relay = Relay::start(etcd.port);
-        let proxy = start_proxy(&relay.url, &[prefix], &[]).await;
-        let streams = open_streams(&proxy.url, watch_mix(prefix, 2, 6), false).await;
-        let writer = Writer::spawn(
-            vec![etcd.url.clone()],
-            WriterOpts::new(prefix, 30, Duration::from_millis(10)),
-        );
-        wait_acked(&writer, 50, Duration::from_secs(10)).await;
+        let RelayRig {
+            etcd,
+            relay,
+            proxy,
+            streams,
+            writer,
+        } = relay_rig(prefix, Duration::from_millis(10)).await;
         let accepted = relay.accepted();
         relay.stall_existing();
         let t0 = Instant::now();
@@ -474,16 +495,13 @@ fn relay_blackholed_connection_is_detected() {
 fn relay_drop_reset_refuse() {
     serial_test("relay_drop_reset_refuse", async {
         let prefix = "/drop/";
-        let etcd = start_etcd().await;
-        seed(&etcd.url, prefix, 20).await;
-        let relay = Relay::start(etcd.port);
-        let proxy = start_proxy(&relay.url, &[prefix], &[]).await;
-        let streams = open_streams(&proxy.url, watch_mix(prefix, 2, 6), false).await;
-        let writer = Writer::spawn(
-            vec![etcd.url.clone()],
-            WriterOpts::new(prefix, 30, Duration::from_millis(5)),
-        );
-        wait_acked(&writer, 50, Duration::from_secs(10)).await;
+        let RelayRig {
+            etcd,
+            relay,
+            proxy,
+            streams,
+            writer,
+        } = relay_rig(prefix, Duration::from_millis(5)).await;
         let r0 = restarts(&proxy);
         relay.drop_all();
         let a = writer.acked();

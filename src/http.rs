@@ -1,10 +1,10 @@
 //! Plain HTTP requests on the shared port. Everything goes through [`crate::gateway`] (etcd's
 //! HTTP server and JSON gateway); the proxy's own endpoints `/readyz` and `/metrics` are here.
 
+use crate::http1::ReqBody;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper::body::Incoming;
 
 use crate::server::Services;
 
@@ -22,7 +22,7 @@ fn text(
 }
 
 /// Answers one non-gRPC request.
-pub async fn handle(req: Request<Incoming>, services: &Services) -> Response<tonic::body::Body> {
+pub async fn handle(req: Request<ReqBody>, services: &Services) -> Response<tonic::body::Body> {
     crate::gateway::handle(req, services).await
 }
 

@@ -207,12 +207,35 @@ pub struct RangeBody {
     pub response: RangeResponse,
     /// `response` encoded.
     pub proto: bytes::Bytes,
+    /// The JSON of the same fields (for the HTTP gateway), made by the first JSON answer.
+    json: std::sync::OnceLock<bytes::Bytes>,
 }
 
 impl RangeBody {
     fn new(response: RangeResponse) -> RangeBody {
         let proto = response.encode_to_vec().into();
-        RangeBody { response, proto }
+        RangeBody {
+            response,
+            proto,
+            json: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The JSON of the body's fields, written by `write` the first time it is asked for.
+    pub fn json(&self, write: fn(&mut Vec<u8>, &RangeResponse)) -> bytes::Bytes {
+        self.json
+            .get_or_init(|| {
+                let mut out = Vec::with_capacity(self.proto.len() * 3 / 2 + 64);
+                write(&mut out, &self.response);
+                out.into()
+            })
+            .clone()
+    }
+
+    /// Bytes this body may hold: its protobuf and, once made, its JSON (base64 makes that
+    /// about 1.4 times larger).
+    fn cost(&self) -> usize {
+        self.proto.len() * 5 / 2
     }
 }
 
@@ -242,15 +265,15 @@ impl RangeMemo {
 
     /// Remembers `body` for `key`, dropping the oldest entries beyond the bounds.
     pub fn put(&self, key: Vec<u8>, body: Arc<RangeBody>) {
-        if body.proto.len() > RANGE_MEMO_BYTES {
+        if body.cost() > RANGE_MEMO_BYTES {
             return;
         }
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries.push_back((key, body));
-        let mut bytes: usize = entries.iter().map(|(_, b)| b.proto.len()).sum();
+        let mut bytes: usize = entries.iter().map(|(_, b)| b.cost()).sum();
         while entries.len() > RANGE_MEMO_ENTRIES || bytes > RANGE_MEMO_BYTES {
             match entries.pop_front() {
-                Some((_, b)) => bytes -= b.proto.len(),
+                Some((_, b)) => bytes -= b.cost(),
                 None => break,
             }
         }

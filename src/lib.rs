@@ -13,6 +13,7 @@ pub mod error;
 pub mod feed;
 pub mod gateway;
 pub mod http;
+pub mod http1;
 pub mod hub;
 pub mod keys;
 pub mod kv;

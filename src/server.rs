@@ -1,20 +1,29 @@
 //! The listener: one TCP port serving the etcd v3 gRPC API and plain HTTP on every
-//! connection. hyper detects HTTP/1.1 or HTTP/2 per connection; each request then goes to
-//! tonic when it is gRPC (`content-type: application/grpc...`) and to [`crate::http`]
-//! otherwise (health, readiness, metrics, and the JSON gateway).
+//! connection. The first bytes of a connection tell HTTP/2 (the preface) from HTTP/1.x. HTTP/2
+//! connections are served by hyper: gRPC requests (`content-type: application/grpc...`) go to
+//! tonic, anything else to [`crate::http`]. HTTP/1.x connections are served by [`http1`], every
+//! request to [`crate::http`] (health, readiness, metrics, and the JSON gateway), as etcd sends
+//! every HTTP/1 request to its HTTP handlers.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tonic::service::Routes;
 use tower::ServiceExt;
 
+use crate::http1;
 use crate::hub::Hub;
 use crate::kv::KvService;
 use crate::passthrough::PassThrough;
@@ -156,6 +165,139 @@ fn is_grpc<B>(req: &http::Request<B>) -> bool {
         .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
+/// The first bytes an HTTP/2 client sends (prior knowledge: gRPC, h2c).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The protocol a connection speaks, told from its first bytes.
+enum Protocol {
+    /// HTTP/2: gRPC and JSON over h2c, served by hyper.
+    Http2,
+    /// HTTP/1.x: the JSON gateway, served by [`http1`].
+    Http1,
+}
+
+/// Reads the first bytes of a connection until they tell HTTP/2's preface from anything else;
+/// `None` if the client leaves first. The bytes read are returned with the answer.
+async fn sniff(stream: &mut TcpStream) -> Option<(Protocol, BytesMut)> {
+    let mut buf = BytesMut::with_capacity(H2_PREFACE.len());
+    loop {
+        let n = buf.len().min(H2_PREFACE.len());
+        if buf[..n] != H2_PREFACE[..n] {
+            return Some((Protocol::Http1, buf));
+        }
+        if n == H2_PREFACE.len() {
+            return Some((Protocol::Http2, buf));
+        }
+        match stream.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// A stream whose first reads return bytes already read from it (the sniffed preface).
+struct Rewind {
+    /// Bytes to return before reading the stream again.
+    prefix: Bytes,
+    /// The connection.
+    inner: TcpStream,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// An answer being computed (boxed: connections keep no handler-sized state, and the boxing
+/// pins down that it is `Send`).
+type Answer = Pin<Box<dyn Future<Output = http::Response<tonic::body::Body>> + Send>>;
+
+/// Which handler an HTTP/2 request goes to.
+enum H2Route {
+    /// JSON over h2c: the HTTP handlers.
+    Http,
+    /// A gRPC method etcd does not have.
+    Unknown(tonic::Status),
+    /// `KV/Range` with its shared encoder.
+    Range,
+    /// `Watch/Watch` with its shared encoder.
+    Watch,
+    /// Any other gRPC method.
+    Grpc,
+}
+
+/// One HTTP/2 request: gRPC to tonic (Watch and KV/Range to their own encoders), anything
+/// else (JSON over h2c) to [`crate::http`].
+fn h2_request(req: http::Request<Incoming>, routes: Routes, services: Services) -> Answer {
+    let route = if !is_grpc(&req) {
+        H2Route::Http
+    } else if let Some(status) = unknown_grpc_method(req.uri().path()) {
+        H2Route::Unknown(status)
+    } else {
+        match req.uri().path() {
+            range_wire::PATH => H2Route::Range,
+            frame::PATH => H2Route::Watch,
+            _ => H2Route::Grpc,
+        }
+    };
+    let max = MAX_DECODING_MESSAGE;
+    match route {
+        H2Route::Http => {
+            let req = req.map(|b| b.map_err(|e| http1::BodyError(e.to_string())).boxed());
+            Box::pin(async move { crate::http::handle(req, &services).await })
+        }
+        H2Route::Unknown(status) => Box::pin(async move { status.into_http() }),
+        H2Route::Range => Box::pin(range_wire::serve(services.kv, req, max)),
+        H2Route::Watch => Box::pin(frame::serve(services.watch, req, max)),
+        H2Route::Grpc => Box::pin(async move {
+            match routes.oneshot(req).await {
+                Ok(resp) => resp,
+                Err(never) => match never {},
+            }
+        }),
+    }
+}
+
 /// Accepts connections until `shutdown` turns true, then stops accepting and lets open
 /// connections finish gracefully for at most `drain`.
 pub async fn serve(
@@ -165,26 +307,19 @@ pub async fn serve(
     drain: Duration,
 ) {
     let routes = services.grpc_routes();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http2()
-        .max_concurrent_streams(u32::MAX)
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.max_concurrent_streams(u32::MAX)
         .initial_stream_window_size(1 << 20)
         .initial_connection_window_size(8 << 20)
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10))
         .timer(TokioTimer::new());
-    // Go's net/http writes canonical header case (`Content-Type`); so does etcd's gateway.
-    builder
-        .http1()
-        .title_case_headers(true)
-        .timer(TokioTimer::new());
-    let builder = Arc::new(builder);
+    let h2 = Arc::new(h2);
     let (conn_shutdown_tx, _) = watch::channel(false);
     let conn_shutdown_tx = Arc::new(conn_shutdown_tx);
     let mut conns = tokio::task::JoinSet::new();
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (mut stream, _peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(s) => s,
                 Err(e) => {
@@ -198,44 +333,39 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let routes = routes.clone();
         let services = services.clone();
-        let builder = builder.clone();
+        let h2 = h2.clone();
         let mut conn_shutdown = conn_shutdown_tx.subscribe();
         conns.spawn(async move {
-            let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-                let routes = routes.clone();
-                let services = services.clone();
-                async move {
-                    if is_grpc(&req) {
-                        if let Some(status) = unknown_grpc_method(req.uri().path()) {
-                            return Ok(status.into_http());
-                        }
-                        // Boxed here and below: hyper keeps one allocation the size of this
-                        // future per HTTP/1.1 connection for as long as it is open, so it
-                        // must stay small however large the handlers' futures are.
-                        let max = MAX_DECODING_MESSAGE;
-                        match req.uri().path() {
-                            range_wire::PATH => {
-                                let kv = services.kv.clone();
-                                Ok(Box::pin(range_wire::serve(kv, req, max)).await)
-                            }
-                            frame::PATH => {
-                                let watch = services.watch.clone();
-                                Ok(Box::pin(frame::serve(watch, req, max)).await)
-                            }
-                            _ => Box::pin(routes.oneshot(req)).await,
-                        }
-                    } else {
-                        Ok::<_, Infallible>(Box::pin(crate::http::handle(req, &services)).await)
-                    }
+            let Some((protocol, read)) = sniff(&mut stream).await else {
+                return;
+            };
+            match protocol {
+                Protocol::Http1 => {
+                    let handle = move |req| -> Answer {
+                        let services = services.clone();
+                        Box::pin(async move { crate::http::handle(req, &services).await })
+                    };
+                    http1::serve(stream, read, handle, conn_shutdown).await;
                 }
-            });
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => { if let Err(e) = r { tracing::debug!(error = %e, "connection ended"); } }
-                _ = async { let _ = conn_shutdown.wait_for(|s| *s).await; } => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+                Protocol::Http2 => {
+                    let io = Rewind {
+                        prefix: read.freeze(),
+                        inner: stream,
+                    };
+                    let svc = hyper::service::service_fn(move |req| {
+                        let answer = h2_request(req, routes.clone(), services.clone());
+                        async move { Ok::<_, Infallible>(answer.await) }
+                    });
+                    let mut conn = std::pin::pin!(h2.serve_connection(TokioIo::new(io), svc));
+                    tokio::select! {
+                        r = conn.as_mut() => if let Err(e) = r {
+                            tracing::debug!(error = %e, "connection ended");
+                        },
+                        _ = async { let _ = conn_shutdown.wait_for(|s| *s).await; } => {
+                            conn.as_mut().graceful_shutdown();
+                            let _ = conn.await;
+                        }
+                    }
                 }
             }
         });

@@ -158,44 +158,80 @@ pub async fn request(
     body: &[u8],
     timeout: Duration,
 ) -> Result<(u16, Vec<u8>), BoxError> {
-    tokio::time::timeout(timeout, request_inner(addr, method, path, body))
-        .await
-        .map_err(|_| format!("{method} http://{addr}{path}: timed out after {timeout:?}"))?
+    let mut buf = BytesMut::with_capacity(16 << 10);
+    let mut out = Vec::new();
+    let status = tokio::time::timeout(
+        timeout,
+        request_inner(addr, method, path, body, &mut buf, &mut out),
+    )
+    .await
+    .map_err(|_| format!("{method} http://{addr}{path}: timed out after {timeout:?}"))??;
+    Ok((status, out))
 }
 
+/// Read and body buffers kept across the requests of one caller, so a large body does not
+/// cost fresh allocations (and their page faults) every time.
+#[derive(Default)]
+pub struct Bufs {
+    read: BytesMut,
+    /// The body of the last response.
+    pub body: Vec<u8>,
+}
+
+/// [`request`] with the caller's buffers: returns the status, the body is in `bufs.body`.
+pub async fn request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    timeout: Duration,
+    bufs: &mut Bufs,
+) -> Result<u16, BoxError> {
+    bufs.read.clear();
+    bufs.read.reserve(16 << 10);
+    bufs.body.clear();
+    tokio::time::timeout(
+        timeout,
+        request_inner(addr, method, path, body, &mut bufs.read, &mut bufs.body),
+    )
+    .await
+    .map_err(|_| format!("{method} http://{addr}{path}: timed out after {timeout:?}"))?
+}
+
+/// Sends the request and reads the response through `buf`; the body goes to `out`.
 async fn request_inner(
     addr: SocketAddr,
     method: &str,
     path: &str,
     body: &[u8],
-) -> Result<(u16, Vec<u8>), BoxError> {
+    buf: &mut BytesMut,
+    out: &mut Vec<u8>,
+) -> Result<u16, BoxError> {
     let mut s = TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
     s.write_all(&request_bytes(method, addr, path, body, true))
         .await?;
-    let mut buf = BytesMut::with_capacity(16 << 10);
     let head = loop {
-        if let Some(h) = parse_head(&mut buf)? {
+        if let Some(h) = parse_head(buf)? {
             break h;
         }
-        if s.read_buf(&mut buf).await? == 0 {
+        if s.read_buf(buf).await? == 0 {
             return Err(
                 format!("{method} {path}: connection closed before the response head").into(),
             );
         }
     };
-    let mut out = Vec::new();
     if head.chunked {
         let mut ch = Chunked::default();
         loop {
-            ch.decode(&mut buf, &mut out)?;
+            ch.decode(buf, out)?;
             if ch.done {
                 break;
             }
             if out.len() > MAX_BODY {
                 return Err("response too large".into());
             }
-            if s.read_buf(&mut buf).await? == 0 {
+            if s.read_buf(buf).await? == 0 {
                 return Err(
                     format!("{method} {path}: connection closed inside a chunked body").into(),
                 );
@@ -213,16 +249,16 @@ async fn request_inner(
             if buf.len() > MAX_BODY {
                 return Err("response too large".into());
             }
-            if s.read_buf(&mut buf).await? == 0 {
+            if s.read_buf(buf).await? == 0 {
                 if want.is_some() {
                     return Err(format!("{method} {path}: body shorter than Content-Length").into());
                 }
-                out.extend_from_slice(&buf);
+                out.extend_from_slice(buf);
                 break;
             }
         }
     }
-    Ok((head.status, out))
+    Ok(head.status)
 }
 
 /// `GET path`, expecting 200; the body as text.

@@ -151,6 +151,13 @@ struct Args {
     /// etcd's clients do).
     #[arg(long)]
     cold_serializable: bool,
+    /// Read cold-start answers as loadgen did before (gRPC: decoded into `RangeResponse`,
+    /// every KeyValue; HTTP/JSON: fresh buffers per request, int64 fields through
+    /// `serde_json::Value`). Default: lean (gRPC: the answer's top-level protobuf fields
+    /// walked, KeyValues counted, not decoded; HTTP/JSON: reused buffers). Both check the
+    /// same things: key count, count, more, one positive header.revision for the run.
+    #[arg(long)]
+    cold_full_decode: bool,
 
     /// Seconds allowed to create every watcher (and replay history).
     #[arg(long, default_value_t = 120)]
@@ -858,6 +865,7 @@ async fn run_target_in(
             a.cold_concurrency,
             a.cold_keys,
             a.cold_serializable,
+            a.cold_full_decode,
             Duration::from_secs(300),
         )
         .await;

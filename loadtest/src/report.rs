@@ -124,13 +124,14 @@ pub fn render(a: &Args, rs: &[TargetResult], started: SystemTime) -> String {
         },
         if a.cold > 0 {
             format!(
-                ", cold start: {} {} ranges of {} keys x {} B ({} concurrent{})",
+                ", cold start: {} {} ranges of {} keys x {} B ({} concurrent{}, {} client decode)",
                 a.cold,
                 if a.cold_http { "HTTP/JSON" } else { "gRPC" },
                 a.cold_keys,
                 a.cold_value_size,
                 a.cold_concurrency,
-                if a.cold_serializable { ", serializable" } else { ", linearizable" }
+                if a.cold_serializable { ", serializable" } else { ", linearizable" },
+                if a.cold_full_decode { "full" } else { "lean" }
             )
         } else {
             String::new()

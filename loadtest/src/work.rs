@@ -7,23 +7,29 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
+use bytes::Buf;
 use bytes::{Bytes, BytesMut};
+use etcd_fanout::codec::{EtcdCodec, EtcdEncoder};
 use etcd_fanout::proto::etcdserverpb::{
     kv_client::KvClient, watch_client::WatchClient, watch_request::RequestUnion, PutRequest,
-    RangeRequest, WatchCreateRequest, WatchRequest, WatchResponse,
+    RangeRequest, RangeResponse, WatchCreateRequest, WatchRequest, WatchResponse,
 };
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::client::Grpc;
+use tonic::codec::{Codec, DecodeBuf, Decoder};
+use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint};
+use tonic::Status;
 
 use crate::http1::{self, BoxError};
 use crate::stats::Hist;
@@ -582,6 +588,52 @@ struct JRange {
     header: Option<JHeader>,
     #[serde(default)]
     kvs: Vec<serde::de::IgnoredAny>,
+    #[serde(default, deserialize_with = "de_i64")]
+    count: i64,
+    #[serde(default)]
+    more: bool,
+}
+
+/// An int64 as etcd's gateway writes it (a JSON string), or a JSON number, read without a
+/// `serde_json::Value`.
+fn de_int<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    struct IntVisitor;
+    impl serde::de::Visitor<'_> for IntVisitor {
+        type Value = i64;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an int64 as a JSON string or number")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<i64, E> {
+            v.parse().map_err(E::custom)
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<i64, E> {
+            Ok(v)
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<i64, E> {
+            i64::try_from(v).map_err(E::custom)
+        }
+    }
+    d.deserialize_any(IntVisitor)
+}
+
+#[derive(Deserialize, Default)]
+struct LeanHeader {
+    #[serde(default, deserialize_with = "de_int")]
+    revision: i64,
+}
+
+/// A range answer read lean: the kvs are only skipped over (still parsed, so malformed JSON
+/// is an error), nothing is allocated per key.
+#[derive(Deserialize)]
+struct LeanRange {
+    #[serde(default)]
+    header: LeanHeader,
+    #[serde(default)]
+    kvs: Vec<serde::de::IgnoredAny>,
+    #[serde(default, deserialize_with = "de_int")]
+    count: i64,
+    #[serde(default)]
+    more: bool,
 }
 
 #[derive(Deserialize)]
@@ -628,7 +680,13 @@ pub async fn http_range(
     prefix: &[u8],
     serializable: bool,
 ) -> Result<(i64, usize), BoxError> {
-    let body = format!(
+    let s = http_range_full(addr, prefix, serializable).await?;
+    Ok((s.revision, s.kvs))
+}
+
+/// The JSON request of a full range of `prefix`.
+fn http_range_request(prefix: &[u8], serializable: bool) -> String {
+    format!(
         "{{\"key\":\"{}\",\"range_end\":\"{}\"{}}}",
         B64.encode(prefix),
         B64.encode(prefix_end(prefix)),
@@ -637,7 +695,29 @@ pub async fn http_range(
         } else {
             ""
         }
-    );
+    )
+}
+
+/// Only status 200 is an answer.
+fn http_range_status(status: u16, resp: &[u8]) -> Result<(), BoxError> {
+    if status != 200 {
+        return Err(format!(
+            "POST /v3/kv/range: status {status}: {}",
+            String::from_utf8_lossy(&resp[..resp.len().min(200)])
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// A range over HTTP/JSON read as loadgen always did (fresh buffers, int64 fields through
+/// `serde_json::Value`).
+async fn http_range_full(
+    addr: SocketAddr,
+    prefix: &[u8],
+    serializable: bool,
+) -> Result<RangeSummary, BoxError> {
+    let body = http_range_request(prefix, serializable);
     let (status, resp) = http1::request(
         addr,
         "POST",
@@ -646,15 +726,42 @@ pub async fn http_range(
         Duration::from_secs(30),
     )
     .await?;
-    if status != 200 {
-        return Err(format!(
-            "POST /v3/kv/range: status {status}: {}",
-            String::from_utf8_lossy(&resp[..resp.len().min(200)])
-        )
-        .into());
-    }
+    http_range_status(status, &resp)?;
     let r: JRange = serde_json::from_slice(&resp)?;
-    Ok((r.header.unwrap_or_default().revision, r.kvs.len()))
+    Ok(RangeSummary {
+        revision: r.header.unwrap_or_default().revision,
+        kvs: r.kvs.len(),
+        more: r.more,
+        count: r.count,
+    })
+}
+
+/// A range over HTTP/JSON read into the caller's reused buffers and parsed into
+/// [`LeanRange`].
+async fn http_range_lean(
+    addr: SocketAddr,
+    prefix: &[u8],
+    serializable: bool,
+    bufs: &mut http1::Bufs,
+) -> Result<RangeSummary, BoxError> {
+    let body = http_range_request(prefix, serializable);
+    let status = http1::request_with(
+        addr,
+        "POST",
+        "/v3/kv/range",
+        body.as_bytes(),
+        Duration::from_secs(30),
+        bufs,
+    )
+    .await?;
+    http_range_status(status, &bufs.body)?;
+    let r: LeanRange = serde_json::from_slice(&bufs.body)?;
+    Ok(RangeSummary {
+        revision: r.header.revision,
+        kvs: r.kvs.len(),
+        more: r.more,
+        count: r.count,
+    })
 }
 
 /// How an HTTP watcher picks its start revision when it reconnects.
@@ -914,8 +1021,227 @@ pub struct ColdOutcome {
     pub errors: Vec<String>,
 }
 
+/// What a range answer says at its top level: all a cold-start range is checked against.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RangeSummary {
+    /// header.revision (0 when absent).
+    pub revision: i64,
+    /// Entries of `kvs`.
+    pub kvs: usize,
+    pub more: bool,
+    pub count: i64,
+}
+
+/// gRPC path of KV/Range.
+const RANGE_PATH: &str = "/etcdserverpb.KV/Range";
+
+/// Codec of the lean cold-start client: the RangeRequest is prost-encoded (etcd-fanout's
+/// codec, as its generated `KvClient` does), the RangeResponse is kept as its raw bytes and
+/// checked by [`walk_range_response`] without decoding the KeyValues.
+#[derive(Debug, Clone, Copy, Default)]
+struct RawRangeCodec;
+
+/// Decoder half of [`RawRangeCodec`]: the whole message, without copying it.
+#[derive(Debug, Clone, Copy, Default)]
+struct RawDecoder;
+
+impl Decoder for RawDecoder {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        Ok(Some(buf.copy_to_bytes(buf.remaining())))
+    }
+}
+
+impl Codec for RawRangeCodec {
+    type Encode = RangeRequest;
+    type Decode = Bytes;
+    type Encoder = EtcdEncoder<RangeRequest>;
+    type Decoder = RawDecoder;
+
+    fn encoder(&mut self) -> EtcdEncoder<RangeRequest> {
+        EtcdCodec::<RangeRequest, RangeResponse>::default().encoder()
+    }
+
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+/// One KV/Range call answered with the raw RangeResponse bytes.
+async fn grpc_range_raw(grpc: &mut Grpc<Channel>, req: RangeRequest) -> Result<Bytes, Status> {
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unknown(format!("service was not ready: {e}")))?;
+    grpc.unary(
+        tonic::Request::new(req),
+        PathAndQuery::from_static(RANGE_PATH),
+        RawRangeCodec,
+    )
+    .await
+    .map(|r| r.into_inner())
+}
+
+/// Reads a base-128 varint from the front of `b`.
+fn read_varint(b: &mut &[u8]) -> Result<u64, String> {
+    let mut v = 0u64;
+    for i in 0..10 {
+        let Some((&byte, rest)) = b.split_first() else {
+            return Err("truncated varint".into());
+        };
+        *b = rest;
+        if i == 9 && byte > 1 {
+            return Err("varint overflows 64 bits".into());
+        }
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte < 0x80 {
+            return Ok(v);
+        }
+    }
+    Err("varint longer than 10 bytes".into())
+}
+
+/// Reads a field key: (field number, wire type).
+fn read_key(b: &mut &[u8]) -> Result<(u32, u8), String> {
+    let k = read_varint(b)?;
+    let field = u32::try_from(k >> 3).map_err(|_| format!("field number {} too large", k >> 3))?;
+    if field == 0 {
+        return Err("field number 0".into());
+    }
+    Ok((field, (k & 7) as u8))
+}
+
+/// Takes `n` bytes from the front of `b`.
+fn take<'a>(b: &mut &'a [u8], n: u64) -> Result<&'a [u8], String> {
+    let n = usize::try_from(n)
+        .ok()
+        .filter(|n| *n <= b.len())
+        .ok_or_else(|| format!("truncated: {n} bytes announced, {} left", b.len()))?;
+    let (head, rest) = b.split_at(n);
+    *b = rest;
+    Ok(head)
+}
+
+/// Takes a length-delimited field's payload from the front of `b`.
+fn take_delimited<'a>(b: &mut &'a [u8]) -> Result<&'a [u8], String> {
+    let n = read_varint(b)?;
+    take(b, n)
+}
+
+/// Skips the value of field `field` of wire type `wire` (groups included, nested at most
+/// 32 deep).
+fn skip_field(b: &mut &[u8], field: u32, wire: u8, depth: u32) -> Result<(), String> {
+    match wire {
+        0 => read_varint(b).map(drop),
+        1 => take(b, 8).map(drop),
+        2 => take_delimited(b).map(drop),
+        5 => take(b, 4).map(drop),
+        3 => {
+            if depth >= 32 {
+                return Err("groups nested too deep".into());
+            }
+            // Bounded: every field read consumes at least one byte of `b`.
+            loop {
+                let (f, w) = read_key(b)?;
+                if w == 4 {
+                    if f == field {
+                        return Ok(());
+                    }
+                    return Err(format!("group {field} closed by end group {f}"));
+                }
+                skip_field(b, f, w, depth + 1)?;
+            }
+        }
+        4 => Err(format!("unexpected end group {field}")),
+        _ => Err(format!("field {field} has invalid wire type {wire}")),
+    }
+}
+
+/// header.revision (field 3) of an encoded ResponseHeader, when present.
+fn header_revision(mut b: &[u8]) -> Result<Option<i64>, String> {
+    let mut rev = None;
+    while !b.is_empty() {
+        match read_key(&mut b)? {
+            (3, 0) => rev = Some(read_varint(&mut b)? as i64),
+            (3, w) => return Err(format!("header.revision has wire type {w}")),
+            (f, w) => skip_field(&mut b, f, w, 0)?,
+        }
+    }
+    Ok(rev)
+}
+
+/// Walks the top-level fields of an encoded RangeResponse: header (1, only its revision is
+/// read), kvs (2, entries counted, not decoded), more (3), count (4); unknown fields are
+/// skipped. Malformed or truncated input is an error.
+pub fn walk_range_response(mut b: &[u8]) -> Result<RangeSummary, String> {
+    let mut s = RangeSummary::default();
+    while !b.is_empty() {
+        let (field, wire) = read_key(&mut b)?;
+        match (field, wire) {
+            (1, 2) => {
+                // Repeated occurrences of a message field merge: a later revision wins.
+                if let Some(rev) = header_revision(take_delimited(&mut b)?)? {
+                    s.revision = rev;
+                }
+            }
+            (2, 2) => {
+                take_delimited(&mut b)?;
+                s.kvs += 1;
+            }
+            (3, 0) => s.more = read_varint(&mut b)? != 0,
+            (4, 0) => s.count = read_varint(&mut b)? as i64,
+            (1..=4, _) => return Err(format!("field {field} has wire type {wire}")),
+            _ => skip_field(&mut b, field, wire, 0)?,
+        }
+    }
+    Ok(s)
+}
+
+/// The summary of a decoded RangeResponse.
+fn summarize(r: &RangeResponse) -> RangeSummary {
+    RangeSummary {
+        revision: r.header.as_ref().map_or(0, |h| h.revision),
+        kvs: r.kvs.len(),
+        more: r.more,
+        count: r.count,
+    }
+}
+
+/// Checks one cold-start answer: `expect` keys, count = `expect`, no more, a positive
+/// header.revision equal to that of every other answer of the run (`run_rev`, 0 until the
+/// first one; the prefix does not change during the cold phase).
+fn check_range(s: &RangeSummary, expect: usize, run_rev: &AtomicI64) -> Result<(), String> {
+    if s.kvs != expect {
+        return Err(format!("range returned {} keys, expected {expect}", s.kvs));
+    }
+    if s.count != expect as i64 {
+        return Err(format!("range count {}, expected {expect}", s.count));
+    }
+    if s.more {
+        return Err("range says more = true".into());
+    }
+    if s.revision <= 0 {
+        return Err(format!("range header.revision {}", s.revision));
+    }
+    match run_rev.compare_exchange(0, s.revision, Ordering::Relaxed, Ordering::Relaxed) {
+        Ok(_) => Ok(()),
+        Err(first) if first == s.revision => Ok(()),
+        Err(first) => Err(format!(
+            "range header.revision {} differs from {first} of an earlier range",
+            s.revision
+        )),
+    }
+}
+
 /// `n` full ranges of `prefix` with `conc` concurrent clients over `chans` (gRPC) or over
-/// HTTP/JSON at `http` when given; each must return `expect` keys.
+/// HTTP/JSON at `http` when given; each must return `expect` keys (see [`check_range`]).
+///
+/// By default the answers are checked lean: gRPC answers walked as raw protobuf
+/// ([`walk_range_response`]), HTTP/JSON ones read into reused buffers and a struct that
+/// skips over the kvs. With `full_decode`, gRPC answers are decoded into `RangeResponse`
+/// (every KeyValue) and HTTP ones read as before ([`http_range_full`]), for older figures.
+/// Both check the same things, identically for every target.
 #[allow(clippy::too_many_arguments)]
 pub async fn cold_ranges(
     chans: &[Channel],
@@ -925,43 +1251,58 @@ pub async fn cold_ranges(
     conc: usize,
     expect: usize,
     serializable: bool,
+    full_decode: bool,
     timeout: Duration,
 ) -> ColdOutcome {
     let next = Arc::new(AtomicU64::new(0));
+    let run_rev = Arc::new(AtomicI64::new(0));
     let deadline = Instant::now() + timeout;
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..conc.max(1) {
         let ch = chans[i % chans.len()].clone();
-        let (next, prefix) = (next.clone(), prefix.clone());
+        let (next, run_rev, prefix) = (next.clone(), run_rev.clone(), prefix.clone());
         tasks.push(tokio::spawn(async move {
-            let mut kv = KvClient::new(ch).max_decoding_message_size(256 << 20);
+            let mut kv = KvClient::new(ch.clone()).max_decoding_message_size(256 << 20);
+            let mut grpc = Grpc::new(ch).max_decoding_message_size(256 << 20);
+            let req = RangeRequest {
+                key: prefix.clone(),
+                range_end: prefix_end(&prefix),
+                serializable,
+                ..Default::default()
+            };
+            let mut bufs = http1::Bufs::default();
             let mut h = Hist::default();
             let mut errs = Vec::new();
             let mut ok = 0u64;
             while next.fetch_add(1, Ordering::Relaxed) < n && Instant::now() < deadline {
                 let t = Instant::now();
-                let got = match http {
-                    Some(addr) => http_range(addr, &prefix, serializable)
+                let got: Result<RangeSummary, BoxError> = match (http, full_decode) {
+                    (Some(addr), false) => {
+                        http_range_lean(addr, &prefix, serializable, &mut bufs).await
+                    }
+                    (Some(addr), true) => http_range_full(addr, &prefix, serializable).await,
+                    (None, false) => grpc_range_raw(&mut grpc, req.clone())
                         .await
-                        .map(|(_, n)| n),
-                    None => kv
-                        .range(RangeRequest {
-                            key: prefix.clone(),
-                            range_end: prefix_end(&prefix),
-                            serializable,
-                            ..Default::default()
-                        })
+                        .map_err(|s| s.to_string().into())
+                        .and_then(|b| {
+                            walk_range_response(&b)
+                                .map_err(|e| format!("malformed RangeResponse: {e}").into())
+                        }),
+                    (None, true) => kv
+                        .range(req.clone())
                         .await
-                        .map(|r| r.into_inner().kvs.len())
+                        .map(|r| summarize(&r.into_inner()))
                         .map_err(|s| s.to_string().into()),
                 };
                 match got {
-                    Ok(k) if k == expect => {
-                        ok += 1;
-                        h.record(t.elapsed().as_micros() as u64);
-                    }
-                    Ok(k) => errs.push(format!("range returned {k} keys, expected {expect}")),
+                    Ok(s) => match check_range(&s, expect, &run_rev) {
+                        Ok(()) => {
+                            ok += 1;
+                            h.record(t.elapsed().as_micros() as u64);
+                        }
+                        Err(e) => errs.push(e),
+                    },
                     Err(e) => errs.push(format!("range: {e}")),
                 }
                 if errs.len() > 20 {
@@ -1007,6 +1348,164 @@ mod tests {
         let b = B64.encode(&v);
         let back = B64.decode(&b[..44]).unwrap();
         assert_eq!(decode_value(&back), Some((42, 123_456_789)));
+    }
+
+    /// `resp` encoded by prost (etcd-fanout's encoder of range answers).
+    fn encode_range(resp: RangeResponse) -> Vec<u8> {
+        let mut buf = Vec::new();
+        etcd_fanout::kv::RangeAnswer::Forwarded(resp)
+            .encode_to(&mut buf)
+            .unwrap();
+        buf
+    }
+
+    #[test]
+    fn walks_range_response_fields() {
+        use etcd_fanout::proto::etcdserverpb::ResponseHeader;
+        use etcd_fanout::proto::mvccpb::KeyValue;
+        let kvs: Vec<KeyValue> = (0..3)
+            .map(|i| KeyValue {
+                key: Bytes::from(format!("/cold/{i}")),
+                create_revision: 2 + i,
+                mod_revision: 2 + i,
+                version: 1,
+                value: Bytes::from(vec![b'x'; 300]),
+                lease: 0,
+            })
+            .collect();
+        let resp = RangeResponse {
+            header: Some(ResponseHeader {
+                cluster_id: u64::MAX,
+                member_id: 7,
+                revision: 1004,
+                raft_term: 2,
+            }),
+            kvs,
+            more: true,
+            count: 3,
+        };
+        let want = RangeSummary {
+            revision: 1004,
+            kvs: 3,
+            more: true,
+            count: 3,
+        };
+        let mut wire = encode_range(resp.clone());
+        assert_eq!(walk_range_response(&wire), Ok(want));
+        assert_eq!(summarize(&resp), want);
+
+        // Unknown fields of every wire type, a group among them, are skipped.
+        // Field numbers up to 15 keep each key one byte.
+        wire.extend_from_slice(&[11 << 3, 0x96, 0x01]); // 11: varint 150
+        wire.extend_from_slice(&[(12 << 3) | 2, 3, b'a', b'b', b'c']); // 12: 3 bytes
+        wire.extend_from_slice(&[(13 << 3) | 5, 1, 2, 3, 4]); // 13: fixed32
+        wire.extend_from_slice(&[(14 << 3) | 1, 1, 2, 3, 4, 5, 6, 7, 8]); // 14: fixed64
+                                                                          // 15: a group holding field 1 (varint) and a nested, empty group 2; then its end.
+        wire.extend_from_slice(&[(15 << 3) | 3, 1 << 3, 5, (2 << 3) | 3, (2 << 3) | 4]);
+        wire.extend_from_slice(&[(15 << 3) | 4]);
+        // A two-byte key: field 300, varint 1.
+        wire.extend_from_slice(&[0xe0, 0x12, 1]);
+        assert_eq!(walk_range_response(&wire), Ok(want));
+
+        // A later header merges in: its revision wins; one without a revision keeps it.
+        let mut twice = wire.clone();
+        twice.extend_from_slice(&[(1 << 3) | 2, 3, 3 << 3, 0xee, 0x07]); // revision 1006
+        twice.extend_from_slice(&[(1 << 3) | 2, 2, 1 << 3, 9]); // cluster_id only
+        assert_eq!(walk_range_response(&twice).map(|s| s.revision), Ok(1006));
+
+        // Defaults are not on the wire: no header, no kvs, more false, count 0.
+        assert_eq!(
+            walk_range_response(&encode_range(RangeResponse::default())),
+            Ok(RangeSummary::default())
+        );
+
+        // Truncated anywhere: never a panic; inside a field, an error.
+        for cut in 0..wire.len() {
+            let _ = walk_range_response(&wire[..cut]);
+        }
+        assert!(walk_range_response(&wire[..wire.len() - 1]).is_err());
+        assert!(walk_range_response(&wire[..wire.len() / 2]).is_err());
+        let no_unknown = encode_range(resp);
+        assert!(walk_range_response(&no_unknown[..no_unknown.len() - 1]).is_err());
+        assert!(walk_range_response(&no_unknown[..5]).is_err());
+
+        // Malformed input.
+        let ff9 = [0xffu8; 9];
+        let bad: Vec<(&str, Vec<u8>)> = vec![
+            ("truncated length varint", vec![(2 << 3) | 2, 0x80]),
+            ("huge length", [&[(2 << 3) | 2][..], &ff9, &[0x01]].concat()),
+            (
+                "varint over 64 bits",
+                [&[10 << 3][..], &ff9, &[0x7f]].concat(),
+            ),
+            (
+                "varint over 10 bytes",
+                [&[10 << 3][..], &ff9, &[0x80, 0]].concat(),
+            ),
+            ("kvs as a varint", vec![2 << 3, 1]),
+            ("count as bytes", vec![(4 << 3) | 2, 0]),
+            (
+                "header.revision as bytes",
+                vec![(1 << 3) | 2, 2, (3 << 3) | 2, 0],
+            ),
+            ("wire type 6", vec![(10 << 3) | 6]),
+            ("end group without start", vec![(10 << 3) | 4]),
+            ("group never ended", vec![(10 << 3) | 3, 1 << 3, 1]),
+            ("group ended by another", vec![(10 << 3) | 3, (9 << 3) | 4]),
+            ("field number 0", vec![0x00, 0x00]),
+        ];
+        for (what, b) in bad {
+            assert!(walk_range_response(&b).is_err(), "{what}");
+        }
+    }
+
+    #[test]
+    fn range_checks() {
+        let rev = AtomicI64::new(0);
+        let good = RangeSummary {
+            revision: 1001,
+            kvs: 1000,
+            more: false,
+            count: 1000,
+        };
+        assert_eq!(check_range(&good, 1000, &rev), Ok(()));
+        assert_eq!(rev.load(Ordering::Relaxed), 1001);
+        assert_eq!(check_range(&good, 1000, &rev), Ok(()));
+        for s in [
+            RangeSummary { kvs: 999, ..good },
+            RangeSummary { count: 999, ..good },
+            RangeSummary { more: true, ..good },
+            RangeSummary {
+                revision: 0,
+                ..good
+            },
+            RangeSummary {
+                revision: 1002,
+                ..good
+            },
+        ] {
+            assert!(check_range(&s, 1000, &rev).is_err(), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn lean_json_range() {
+        let body = br#"{"header":{"cluster_id":"1","member_id":"2","revision":"1001","raft_term":"2"},"kvs":[{"key":"YQ==","create_revision":"2","mod_revision":"2","version":"1","value":"Yg=="},{"key":"Yw==","value":"ZA=="}],"count":"2"}"#;
+        let r: LeanRange = serde_json::from_slice(body).unwrap();
+        assert_eq!(
+            (r.header.revision, r.kvs.len(), r.count, r.more),
+            (1001, 2, 2, false)
+        );
+        let r: LeanRange =
+            serde_json::from_slice(br#"{"header":{"revision":7},"count":3,"more":true}"#).unwrap();
+        assert_eq!(
+            (r.header.revision, r.kvs.len(), r.count, r.more),
+            (7, 0, 3, true)
+        );
+        assert!(serde_json::from_slice::<LeanRange>(br#"{"kvs":[{"key":"YQ=="}"#).is_err());
+        assert!(serde_json::from_slice::<LeanRange>(br#"{"count":"x"}"#).is_err());
+        let full: JRange = serde_json::from_slice(body).unwrap();
+        assert_eq!((full.kvs.len(), full.count, full.more), (2, 2, false));
     }
 
     #[test]

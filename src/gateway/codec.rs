@@ -503,12 +503,35 @@ pub fn write_range_response(out: &mut Vec<u8>, r: &RangeResponse) {
             .map(|kv| 120 + (kv.key.len() + kv.value.len()) * 4 / 3)
             .sum::<usize>(),
     );
+    match &r.header {
+        Some(h) => {
+            write_range_head(out, h);
+            write_range_fields(out, r, false);
+        }
+        None => {
+            out.push(b'{');
+            write_range_fields(out, r, true);
+        }
+    }
+}
+
+/// The start of a `RangeResponse` JSON with a header: `{"header":{...}`; the rest is
+/// [`write_range_tail`].
+pub fn write_range_head(out: &mut Vec<u8>, h: &ResponseHeader) {
     out.push(b'{');
     let mut first = true;
-    if let Some(h) = &r.header {
-        key(out, &mut first, "header");
-        write_header(out, h);
-    }
+    key(out, &mut first, "header");
+    write_header(out, h);
+}
+
+/// The rest of a `RangeResponse` JSON after [`write_range_head`] (`r`'s own header ignored):
+/// what is shared by every answer with the same kvs.
+pub fn write_range_tail(out: &mut Vec<u8>, r: &RangeResponse) {
+    write_range_fields(out, r, false);
+}
+
+/// `kvs`, `more` and `count`, then the closing brace; `first`: nothing written before them.
+fn write_range_fields(out: &mut Vec<u8>, r: &RangeResponse, mut first: bool) {
     if !r.kvs.is_empty() {
         key(out, &mut first, "kvs");
         out.push(b'[');
@@ -595,6 +618,43 @@ mod tests {
         range_request::SortOrder, RangeRequest, TxnRequest, WatchRequest,
     };
     use bytes::Bytes;
+
+    #[test]
+    fn range_head_and_shared_tail_make_the_whole_answer() {
+        use crate::proto::mvccpb::KeyValue;
+        let kv = |k: &str| KeyValue {
+            key: Bytes::from(k.to_string()),
+            value: Bytes::from_static(b"v"),
+            create_revision: 2,
+            mod_revision: 3,
+            version: 1,
+            lease: 0,
+        };
+        let header = ResponseHeader {
+            cluster_id: 1,
+            member_id: 2,
+            revision: 9,
+            raft_term: 3,
+        };
+        for (kvs, more, count) in [
+            (vec![kv("/a"), kv("/b")], true, 5),
+            (vec![], false, 0),
+            (vec![], false, 7),
+        ] {
+            let r = RangeResponse {
+                header: Some(header),
+                kvs,
+                more,
+                count,
+            };
+            let mut whole = Vec::new();
+            write_range_response(&mut whole, &r);
+            let mut split = Vec::new();
+            write_range_head(&mut split, &header);
+            write_range_tail(&mut split, &r);
+            assert_eq!(String::from_utf8(split), String::from_utf8(whole));
+        }
+    }
 
     fn parse(s: &str) -> Value<'_> {
         match Decoder::new(s.as_bytes()).next_value() {

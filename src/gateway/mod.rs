@@ -18,10 +18,10 @@
 //!
 //! Compared with etcd 3.4.23 by `tests/gateway_*.rs` (same requests to both, answers diffed:
 //! status, headers, exact JSON text). Known differences, all deliberate or harmless:
-//! - header names are lowercase and in another order, chunk sizes are upper-case hex
-//!   (HTTP says both are case-insensitive);
-//! - the `Grpc-Trailer-Content-Type` trailer of an error answer is only sent to clients that
-//!   sent `TE: trailers` (hyper's rule); the `Trailer` header and the chunked framing are;
+//! - headers come in another order and chunk sizes are upper-case hex (HTTP says the latter is
+//!   case-insensitive); the HTTP/1.x wire itself (keep-alive, pipelining, chunked bodies,
+//!   `Expect`, HTTP/1.0, malformed requests) is [`crate::http1`]'s, diffed against etcd by
+//!   `tests/gateway_wire.rs`;
 //! - a stream message is always exactly one chunk: etcd splits a message over 2 KiB into
 //!   two chunks (the JSON, then its newline), which old lua-resty-etcd cannot parse;
 //! - JSON over h2c is served (etcd sends every HTTP/2 request to gRPC), WebSocket upgrades and
@@ -38,17 +38,18 @@ pub mod json;
 pub mod stream;
 pub mod upstream_http;
 
+use crate::http1::ReqBody;
 use bytes::Bytes;
 use futures::StreamExt;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
 use prost::Message as _;
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue, MetadataMap};
 use tonic::{Code, Status};
 
 use self::json::{Decoder, Next, Value};
 use self::stream::Body;
+use crate::kv::RangeAnswer;
 use crate::passthrough::BoxStream;
 use crate::proto::etcdserverpb::*;
 use crate::server::{Services, MAX_DECODING_MESSAGE};
@@ -109,7 +110,7 @@ const ROUTES: &[&str] = &[
 const RELAYED_PREFIXES: &[&str] = &["/v3/lock/", "/v3/election/"];
 
 /// Answers one non-gRPC HTTP request.
-pub async fn handle(req: Request<Incoming>, services: &Services) -> Response<Body> {
+pub async fn handle(req: Request<ReqBody>, services: &Services) -> Response<Body> {
     let mut resp = route(req, services).await;
     let h = resp.headers_mut();
     // Upstream answers relayed as is already carry them: keep one copy.
@@ -128,7 +129,7 @@ pub async fn handle(req: Request<Incoming>, services: &Services) -> Response<Bod
     resp
 }
 
-async fn route(req: Request<Incoming>, services: &Services) -> Response<Body> {
+async fn route(req: Request<ReqBody>, services: &Services) -> Response<Body> {
     let method = req.method().clone();
     let mut path = percent_decode(req.uri().path());
     if let Some(rest) = path.strip_prefix("/v3beta/") {
@@ -289,7 +290,7 @@ async fn version(method: &Method, services: &Services) -> Response<Body> {
 
 /// `GET /health`: etcd's health as etcd answers it, and unhealthy while the proxy's caches
 /// are not loaded.
-async fn health(req: Request<Incoming>, services: &Services) -> Response<Body> {
+async fn health(req: Request<ReqBody>, services: &Services) -> Response<Body> {
     if req.method() != Method::GET {
         let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
         r.headers_mut()
@@ -328,7 +329,7 @@ async fn health(req: Request<Incoming>, services: &Services) -> Response<Body> {
 }
 
 /// Relays a request to etcd's own HTTP server and its answer back.
-async fn relay(req: Request<Incoming>, services: &Services) -> Response<Body> {
+async fn relay(req: Request<ReqBody>, services: &Services) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
@@ -417,16 +418,25 @@ const GO_CHUNKING_THRESHOLD: usize = 2048;
 
 /// A whole body framed as Go's server frames it: `Content-Length` up to 2 KiB, else chunked.
 fn go_body(body: Vec<u8>) -> Body {
-    if body.len() > GO_CHUNKING_THRESHOLD {
-        stream::frames(vec![http_body::Frame::data(Bytes::from(body))])
+    go_body_of(vec![Bytes::from(body)])
+}
+
+/// [`go_body`] of a body made of consecutive pieces (shared ones are not copied when the body
+/// is large).
+fn go_body_of(mut pieces: Vec<Bytes>) -> Body {
+    let len: usize = pieces.iter().map(Bytes::len).sum();
+    if len > GO_CHUNKING_THRESHOLD {
+        stream::frames(pieces.into_iter().map(http_body::Frame::data).collect())
+    } else if pieces.len() == 1 {
+        Body::new(Full::new(pieces.pop().unwrap_or_default()))
     } else {
-        Body::new(Full::new(Bytes::from(body)))
+        Body::new(Full::new(Bytes::from(pieces.concat())))
     }
 }
 
-/// The JSON answer of a successful unary call.
-fn json_response(body: Vec<u8>) -> Response<Body> {
-    let mut resp = Response::new(go_body(body));
+/// The JSON answer of a successful unary call, in pieces.
+fn json_response(body: Vec<Bytes>) -> Response<Body> {
+    let mut resp = Response::new(go_body_of(body));
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -463,7 +473,7 @@ fn error_response(code: Code, msg: &str, trailer: bool) -> Response<Body> {
 }
 
 /// Routes under `/v3/`.
-async fn gateway(req: Request<Incoming>, path: &str, services: &Services) -> Response<Body> {
+async fn gateway(req: Request<ReqBody>, path: &str, services: &Services) -> Response<Body> {
     if RELAYED_PREFIXES.iter().any(|p| path.starts_with(p)) {
         return relay(req, services).await;
     }
@@ -499,7 +509,14 @@ async fn gateway(req: Request<Incoming>, path: &str, services: &Services) -> Res
         Ok(Next::End) => Value::Null,
         Err(e) => return error_response(Code::InvalidArgument, &e.0, false),
     };
-    match unary(route, services, md, &value).await {
+    let answer = if route == "/v3/kv/range" {
+        range(services, md, &value).await
+    } else {
+        unary(route, services, md, &value)
+            .await
+            .map(|json| vec![Bytes::from(json)])
+    };
+    match answer {
         Ok(json) => json_response(json),
         Err(Failure::Decode(msg)) => error_response(Code::InvalidArgument, &msg, false),
         Err(Failure::Call(s)) => error_response(s.code(), s.message(), true),
@@ -514,6 +531,32 @@ fn request<T>(md: &MetadataMap, msg: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
     *req.metadata_mut() = md.clone();
     req
+}
+
+/// `/v3/kv/range`. A cached answer is its header's JSON followed by the JSON of its shared
+/// body, made once per memoized answer: a restart storm of full-prefix reads costs a header
+/// each, not a JSON encoding of the whole prefix each.
+async fn range(services: &Services, md: MetadataMap, v: &Value<'_>) -> Result<Vec<Bytes>, Failure> {
+    let msg: RangeRequest = decode("etcdserverpb.RangeRequest", v)?;
+    let len = msg.encoded_len();
+    if len > MAX_DECODING_MESSAGE {
+        return Err(Failure::Call(Status::resource_exhausted(format!(
+            "grpc: received message larger than max ({len} vs. {MAX_DECODING_MESSAGE})"
+        ))));
+    }
+    match services.kv.range_answer(&md, msg).await? {
+        RangeAnswer::Cached(header, body) => {
+            let mut head = Vec::with_capacity(160);
+            codec::write_range_head(&mut head, &header);
+            let tail = body.json(codec::write_range_tail);
+            Ok(vec![Bytes::from(head), tail])
+        }
+        RangeAnswer::Forwarded(resp) => {
+            let mut out = Vec::new();
+            codec::write_range_response(&mut out, &resp);
+            Ok(vec![Bytes::from(out)])
+        }
+    }
 }
 
 /// Decodes, calls a service method with the caller's metadata, encodes the answer.
@@ -541,19 +584,6 @@ async fn unary(
     let kv = &services.kv;
     let p = &services.passthrough;
     match route {
-        "/v3/kv/range" => {
-            let msg: RangeRequest = decode("etcdserverpb.RangeRequest", v)?;
-            let len = msg.encoded_len();
-            if len > MAX_DECODING_MESSAGE {
-                return Err(Failure::Call(Status::resource_exhausted(format!(
-                    "grpc: received message larger than max ({len} vs. {MAX_DECODING_MESSAGE})"
-                ))));
-            }
-            let resp = kv.range_request(&md, msg).await?;
-            let mut out = Vec::new();
-            codec::write_range_response(&mut out, &resp);
-            Ok(out)
-        }
         "/v3/kv/put" => call!(kv, Kv, put, PutRequest, "PutRequest", "PutResponse", md, v),
         "/v3/kv/deleterange" => call!(
             kv,

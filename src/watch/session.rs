@@ -100,10 +100,12 @@ pub(super) struct Session {
     heads: StreamMap<FeedKey, WatchStream<i64>>,
     /// The feeds in `heads`, with how many watches use each.
     feeds: HashMap<FeedKey, (Arc<Feed>, usize)>,
-    /// Catch-up tasks report here.
-    handoff_tx: mpsc::UnboundedSender<Handoff>,
-    /// Receiving side of `handoff_tx`.
-    handoff_rx: mpsc::UnboundedReceiver<Handoff>,
+    /// Catch-up tasks report here: the channel (both ends) is made by the first catch-up, as
+    /// most streams never need one and an idle stream should cost little.
+    handoffs: Option<(
+        mpsc::UnboundedSender<Handoff>,
+        mpsc::UnboundedReceiver<Handoff>,
+    )>,
     /// Source of catch-up generations.
     generation: u64,
     /// Progress ticker, created with the first watch that asks for progress notifications
@@ -114,7 +116,6 @@ pub(super) struct Session {
 impl Session {
     /// A session writing to `out`.
     pub(super) fn new(hub: Arc<Hub>, metadata: MetadataMap, out: Out) -> Session {
-        let (handoff_tx, handoff_rx) = mpsc::unbounded_channel();
         Session {
             hub,
             metadata: Arc::new(metadata),
@@ -123,8 +124,7 @@ impl Session {
             next_id: 0,
             heads: StreamMap::new(),
             feeds: HashMap::new(),
-            handoff_tx,
-            handoff_rx,
+            handoffs: None,
             generation: 0,
             progress: None,
         }
@@ -165,7 +165,7 @@ impl Session {
                         break;
                     }
                 }
-                Some(handoff) = self.handoff_rx.recv() => {
+                Some(handoff) = next_handoff(&mut self.handoffs) => {
                     if self.handoff(handoff).await.is_err() {
                         break;
                     }
@@ -390,7 +390,11 @@ impl Session {
         let mut floor = watch.floor;
         let (out, metadata) = (self.out.clone(), self.metadata.clone());
         let config = self.hub.config.clone();
-        let handoff = self.handoff_tx.clone();
+        let handoff = self
+            .handoffs
+            .get_or_insert_with(mpsc::unbounded_channel)
+            .0
+            .clone();
         let task = tokio::spawn(async move {
             let resume =
                 relay::catch_up(&feed, &spec, from, &mut floor, &out, &metadata, &config).await;
@@ -450,6 +454,19 @@ impl Session {
             self.send(resp).await?;
         }
         Ok(())
+    }
+}
+
+/// The next report of a catch-up task; never, while the stream has had none.
+async fn next_handoff(
+    handoffs: &mut Option<(
+        mpsc::UnboundedSender<Handoff>,
+        mpsc::UnboundedReceiver<Handoff>,
+    )>,
+) -> Option<Handoff> {
+    match handoffs {
+        Some((_, rx)) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

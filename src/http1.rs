@@ -32,6 +32,7 @@ use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use bytes::{Buf, Bytes, BytesMut};
+use futures::FutureExt;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::combinators::BoxBody;
@@ -570,21 +571,35 @@ async fn write_response(
         wr.write_all(&head).await?;
         return Ok(keep_alive);
     }
-    // The head goes out with the first chunk of the body (one write for a unary answer).
-    let mut pending_head = Some(head);
+    // Bytes waiting to be written, the head first (so a unary answer is one write). Frames
+    // that are ready together are written together: a connection that fell behind catches up
+    // in few system calls instead of one per frame.
+    let mut pending = head;
     let mut trailers: Option<HeaderMap> = None;
     let mut reading = true;
+    let mut readable = std::pin::pin!(rd.readable());
     loop {
-        let frame = tokio::select! {
-            biased;
-            f = body.frame() => f,
-            r = rd.readable(), if reading => {
-                r?;
-                if !keep_pipelined(rd, buf)? {
-                    return Err(io::ErrorKind::ConnectionAborted.into());
+        let frame = if pending.is_empty() {
+            tokio::select! {
+                biased;
+                f = body.frame() => f,
+                r = &mut readable, if reading => {
+                    r?;
+                    if !keep_pipelined(rd, buf)? {
+                        return Err(io::ErrorKind::ConnectionAborted.into());
+                    }
+                    reading = buf.len() < MAX_HEAD;
+                    readable.set(rd.readable());
+                    continue;
                 }
-                reading = buf.len() < MAX_HEAD;
-                continue;
+            }
+        } else {
+            match body.frame().now_or_never() {
+                Some(f) => f,
+                None => {
+                    wr.write_all(&std::mem::take(&mut pending)).await?;
+                    continue;
+                }
             }
         };
         let data = match frame {
@@ -592,9 +607,7 @@ async fn write_response(
             Some(Err(e)) => {
                 // The answer cannot be completed; the connection cannot be reused either.
                 tracing::debug!(error = %e, "answer body failed");
-                if let Some(head) = pending_head.take() {
-                    wr.write_all(&head).await?;
-                }
+                wr.write_all(&pending).await?;
                 return Err(io::ErrorKind::Other.into());
             }
             Some(Ok(f)) => match f.into_data() {
@@ -607,31 +620,62 @@ async fn write_response(
                 }
             },
         };
-        if data.is_empty() && pending_head.is_none() {
+        if data.is_empty() {
             continue;
         }
-        let head = pending_head.take().unwrap_or_default();
-        match out {
-            Out::Chunked if !data.is_empty() => {
-                let size = format!("{:X}\r\n", data.len());
-                write_all(wr, &[&head, size.as_bytes(), &data, b"\r\n"]).await?;
-            }
-            _ => write_all(wr, &[&head, &data]).await?,
+        let chunked = out == Out::Chunked;
+        if data.len() >= LARGE_FRAME {
+            // Large: written from its own buffer, not copied.
+            let size = chunked.then(|| format!("{:X}\r\n", data.len()));
+            let size = size.as_deref().unwrap_or("").as_bytes();
+            let crlf: &[u8] = if chunked { b"\r\n" } else { b"" };
+            write_all(wr, &[&pending, size, &data, crlf]).await?;
+            pending = Vec::new();
+            continue;
+        }
+        if chunked {
+            write_chunk_size(&mut pending, data.len());
+            pending.extend_from_slice(&data);
+            pending.extend_from_slice(b"\r\n");
+        } else {
+            pending.extend_from_slice(&data);
+        }
+        if pending.len() >= LARGE_FRAME {
+            wr.write_all(&std::mem::take(&mut pending)).await?;
         }
     }
-    let head = pending_head.take().unwrap_or_default();
     if out == Out::Chunked {
-        let mut end = Vec::with_capacity(64);
-        end.extend_from_slice(b"0\r\n");
+        pending.extend_from_slice(b"0\r\n");
         for (name, value) in trailers.iter().flatten() {
-            write_header(&mut end, name.as_str(), value.as_bytes());
+            write_header(&mut pending, name.as_str(), value.as_bytes());
         }
-        end.extend_from_slice(b"\r\n");
-        write_all(wr, &[&head, &end]).await?;
-    } else {
-        write_all(wr, &[&head]).await?;
+        pending.extend_from_slice(b"\r\n");
+    }
+    if !pending.is_empty() {
+        wr.write_all(&pending).await?;
     }
     Ok(keep_alive)
+}
+
+/// Frames at least this large are written from their own buffer; smaller ones are gathered
+/// into one write.
+const LARGE_FRAME: usize = 16 << 10;
+
+/// Appends a chunk-size line (`1A2\r\n`).
+fn write_chunk_size(out: &mut Vec<u8>, n: usize) {
+    let mut digits = [0u8; 16];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b"0123456789ABCDEF"[n & 15];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Reads what the client sent while an answer streams. `Ok(false)`: the client closed.
@@ -660,14 +704,15 @@ fn write_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Writes every slice, in as few system calls as the socket allows.
+/// Writes every slice (at most four), in as few system calls as the socket allows.
 async fn write_all(wr: &mut WriteHalf<'_>, parts: &[&[u8]]) -> io::Result<()> {
-    let mut slices: Vec<IoSlice<'_>> = parts
-        .iter()
-        .filter(|p| !p.is_empty())
-        .map(|p| IoSlice::new(p))
-        .collect();
-    let mut rest = &mut slices[..];
+    let mut slices = [IoSlice::new(&[]); 4];
+    let mut n = 0;
+    for p in parts.iter().filter(|p| !p.is_empty()).take(slices.len()) {
+        slices[n] = IoSlice::new(p);
+        n += 1;
+    }
+    let mut rest = &mut slices[..n];
     while !rest.is_empty() {
         let n = wr.write_vectored(rest).await?;
         if n == 0 {
@@ -738,6 +783,15 @@ mod tests {
             head(&format!("GET / HTTP/1.1\r\n{many}\r\n")).err(),
             Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
         );
+    }
+
+    #[test]
+    fn chunk_size_lines() {
+        for n in [1usize, 15, 16, 255, 4096, 0x1A2B3C] {
+            let mut out = Vec::new();
+            write_chunk_size(&mut out, n);
+            assert_eq!(out, format!("{n:X}\r\n").into_bytes());
+        }
     }
 
     #[test]

@@ -215,7 +215,8 @@ async fn read_request(
             // `n` is at most MAX_BODY here.
             let n = n as usize;
             if buf.len() < n {
-                buf.reserve(n - buf.len());
+                // Grow with what arrives: a declared length alone reserves little.
+                buf.reserve((n - buf.len()).min(64 << 10));
             }
             while buf.len() < n {
                 if fill(rd, buf).await? == 0 {

@@ -237,3 +237,21 @@ fn http1_wire_matches_etcd() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// A declared body over the proxy's 32 MiB limit is refused without being read (etcd would
+/// read it whole, then refuse it with the same error), and the connection is closed.
+#[test]
+fn oversized_declared_body_is_refused_unread() {
+    let b = Etcd::start_with(&[]);
+    let proxy = Proxy::start(&b.url, &["/apisix/"]);
+    let head = b"POST /v3/kv/put HTTP/1.1\r\nHost: x\r\nContent-Length: 40000000\r\n\r\n{\"key\":";
+    let raw = exchange(proxy.port, &[head], Duration::from_secs(5));
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 429 "), "{text}");
+    assert!(
+        text.contains("grpc: received message larger than max"),
+        "{text}"
+    );
+    assert!(text.contains("Connection: close"), "{text}");
+    assert!(!text.contains("<connection left open>"), "{text}");
+}

@@ -787,6 +787,36 @@ mod tests {
     }
 
     #[test]
+    fn arbitrary_bytes_never_panic_the_parser() {
+        // Every prefix of valid requests, and pseudo-random mutations of them.
+        let seeds: [&[u8]; 3] = [
+            b"POST /v3/kv/range HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\n\r\n{}",
+            b"POST /v3/watch HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n",
+            b"GET /version HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        ];
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for seed in seeds {
+            for cut in 0..=seed.len() {
+                let _ = parse_head(&seed[..cut]);
+            }
+            for _ in 0..2000 {
+                let mut bytes = seed.to_vec();
+                for _ in 0..1 + next() % 4 {
+                    let i = (next() as usize) % bytes.len();
+                    bytes[i] = next() as u8;
+                }
+                let _ = parse_head(&bytes);
+            }
+        }
+    }
+
+    #[test]
     fn chunk_size_lines() {
         for n in [1usize, 15, 16, 255, 4096, 0x1A2B3C] {
             let mut out = Vec::new();

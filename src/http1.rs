@@ -12,9 +12,9 @@
 //! What it speaks, as Go's `net/http` server does for etcd's gateway:
 //! - keep-alive, pipelined requests answered in order; HTTP/1.0 requests answered, then closed
 //!   unless they ask for keep-alive;
-//! - request bodies by `Content-Length` or chunked, up to [`MAX_BODY`] (a larger one is not read:
-//!   the handler sees a body that fails, answers, and the connection closes), and
-//!   `Expect: 100-continue`;
+//! - request bodies by `Content-Length` or chunked, up to [`MAX_BODY`] (a larger one is not read,
+//!   and a malformed chunked one not further: the handler sees a body that fails with Go's
+//!   words, answers, and the connection closes), and `Expect: 100-continue`;
 //! - answers framed by `Content-Length` when their size is known and chunked otherwise, with
 //!   trailers when the body has some (Go sends declared trailers to every client); `Date` added;
 //!   header names written in Go's canonical case (`Content-Type`); nothing after the head of a
@@ -44,8 +44,18 @@ use tokio::sync::watch;
 
 /// Why a request body could not be read.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct BodyError(pub String);
+pub enum BodyError {
+    /// Over [`MAX_BODY`]: not read.
+    #[error("request body over the limit, not read")]
+    TooLarge,
+    /// Malformed chunked framing, worded as Go's chunked reader words it (etcd's gateway
+    /// answers it as an invalid argument).
+    #[error("{0}")]
+    Malformed(&'static str),
+    /// The connection failed while the body was read (HTTP/2).
+    #[error("{0}")]
+    Transport(String),
+}
 
 /// The body of a request handed to [`crate::http::handle`], whatever the HTTP version.
 pub type ReqBody = BoxBody<Bytes, BodyError>;
@@ -121,7 +131,8 @@ struct Received {
     request: Request<ReqBody>,
     /// The client allows another request on this connection.
     keep_alive: bool,
-    /// The body was read to its end (false for a refused, unread one: the connection closes).
+    /// The body was read to its end (false for one too large or malformed: the connection
+    /// closes after the answer).
     body_consumed: bool,
 }
 
@@ -209,8 +220,8 @@ async fn read_request(
         wr.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
     }
     let (body, consumed) = match framing {
-        Framing::Empty => (Some(Bytes::new()), true),
-        Framing::Length(_) if too_large => (None, false),
+        Framing::Empty => (Ok(Bytes::new()), true),
+        Framing::Length(_) if too_large => (Err(BodyError::TooLarge), false),
         Framing::Length(n) => {
             // `n` is at most MAX_BODY here.
             let n = n as usize;
@@ -223,11 +234,11 @@ async fn read_request(
                     return Err(ReadError::Io);
                 }
             }
-            (Some(buf.split_to(n).freeze()), true)
+            (Ok(buf.split_to(n).freeze()), true)
         }
         Framing::Chunked => match read_chunked(rd, buf).await? {
-            Some(b) => (Some(b), true),
-            None => (None, false),
+            Ok(b) => (Ok(b), true),
+            Err(e) => (Err(e), false),
         },
     };
     if buf.is_empty() {
@@ -235,8 +246,8 @@ async fn read_request(
         *buf = BytesMut::new();
     }
     let body = match body {
-        Some(b) => Full::new(b).map_err(|never| match never {}).boxed(),
-        None => Unread.boxed(),
+        Ok(b) => Full::new(b).map_err(|never| match never {}).boxed(),
+        Err(e) => Failed(Some(e)).boxed(),
     };
     Ok(Some(Received {
         request: Request::from_parts(parts, body),
@@ -359,12 +370,12 @@ fn bad_because(detail: &'static str) -> ReadError {
     ReadError::Refuse(StatusCode::BAD_REQUEST, Some(detail))
 }
 
-/// Reads a chunked body; `None` when it is over [`MAX_BODY`] (left unread).
+/// Reads a chunked body. `Ok(Err(_))`: the body is over [`MAX_BODY`] or its framing is
+/// malformed; the handler sees that error (as Go's handlers do), and the connection closes.
 async fn read_chunked(
     rd: &mut ReadHalf<'_>,
     buf: &mut BytesMut,
-) -> Result<Option<Bytes>, ReadError> {
-    let bad = || ReadError::Refuse(StatusCode::BAD_REQUEST, None);
+) -> Result<Result<Bytes, BodyError>, ReadError> {
     let mut body = BytesMut::new();
     loop {
         // The chunk-size line.
@@ -373,7 +384,7 @@ async fn read_chunked(
                 break i;
             }
             if buf.len() > MAX_CHUNK_LINE {
-                return Err(bad());
+                return Ok(Err(BodyError::Malformed("header line too long")));
             }
             if fill(rd, buf).await? == 0 {
                 return Err(ReadError::Io);
@@ -381,9 +392,15 @@ async fn read_chunked(
         };
         let size = {
             let line = &buf[..line_end];
-            let hex = line.split(|b| *b == b';').next().unwrap_or(&[]);
-            let hex = std::str::from_utf8(hex).map_err(|_| bad())?.trim();
-            u64::from_str_radix(hex, 16).map_err(|_| bad())?
+            let hex = line
+                .split(|b| *b == b';')
+                .next()
+                .unwrap_or(&[])
+                .trim_ascii();
+            match parse_chunk_size(hex) {
+                Ok(n) => n,
+                Err(e) => return Ok(Err(e)),
+            }
         };
         buf.advance(line_end + 2);
         if size == 0 {
@@ -405,12 +422,12 @@ async fn read_chunked(
                 };
                 buf.advance(end + 2);
                 if end == 0 {
-                    return Ok(Some(body.freeze()));
+                    return Ok(Ok(body.freeze()));
                 }
             }
         }
         if size > (MAX_BODY - body.len()) as u64 {
-            return Ok(None);
+            return Ok(Err(BodyError::TooLarge));
         }
         let size = size as usize;
         while buf.len() < size + 2 {
@@ -420,31 +437,53 @@ async fn read_chunked(
         }
         body.extend_from_slice(&buf[..size]);
         if &buf[size..size + 2] != b"\r\n" {
-            return Err(bad());
+            return Ok(Err(BodyError::Malformed("malformed chunked encoding")));
         }
         buf.advance(size + 2);
     }
 }
 
-/// A request body that was not read because it is too large: reading it fails, so the
-/// handler answers as it does for any oversized body.
-struct Unread;
+/// A chunk size in hex, with the errors of Go's chunked reader.
+fn parse_chunk_size(hex: &[u8]) -> Result<u64, BodyError> {
+    if hex.is_empty() {
+        return Err(BodyError::Malformed("empty hex number for chunk length"));
+    }
+    let mut n: u64 = 0;
+    for (i, b) in hex.iter().enumerate() {
+        let d = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            b'A'..=b'F' => b - b'A' + 10,
+            _ => return Err(BodyError::Malformed("invalid byte in chunk length")),
+        };
+        if i == 16 {
+            return Err(BodyError::Malformed("http chunk length too large"));
+        }
+        n = n << 4 | u64::from(d);
+    }
+    Ok(n)
+}
 
-impl http_body::Body for Unread {
+/// A request body that could not be read (too large, or malformed): reading it fails with
+/// why, and the handler answers as it does for any such body.
+struct Failed(Option<BodyError>);
+
+impl http_body::Body for Failed {
     type Data = Bytes;
     type Error = BodyError;
 
     fn poll_frame(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         _cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        Poll::Ready(Some(Err(BodyError(
-            "request body over the limit, not read".into(),
-        ))))
+        Poll::Ready(self.0.take().map(Err))
     }
 
     fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(MAX_BODY as u64 + 1)
+        match self.0 {
+            Some(BodyError::TooLarge) => SizeHint::with_exact(MAX_BODY as u64 + 1),
+            _ => SizeHint::default(),
+        }
     }
 }
 
@@ -813,6 +852,23 @@ mod tests {
                 }
                 let _ = parse_head(&bytes);
             }
+        }
+    }
+
+    #[test]
+    fn chunk_sizes_parse_as_go_reads_them() {
+        assert_eq!(parse_chunk_size(b"1a").ok(), Some(26));
+        assert_eq!(parse_chunk_size(b"FFFFFFFFFFFFFFFF").ok(), Some(u64::MAX));
+        for (bad, why) in [
+            (&b""[..], "empty hex number for chunk length"),
+            (b"zz", "invalid byte in chunk length"),
+            (b"-1", "invalid byte in chunk length"),
+            (b"10000000000000000", "http chunk length too large"),
+        ] {
+            assert_eq!(
+                parse_chunk_size(bad).err().map(|e| e.to_string()),
+                Some(why.into())
+            );
         }
     }
 

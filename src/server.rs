@@ -283,7 +283,10 @@ fn h2_request(req: http::Request<Incoming>, routes: Routes, services: Services) 
     let max = MAX_DECODING_MESSAGE;
     match route {
         H2Route::Http => {
-            let req = req.map(|b| b.map_err(|e| http1::BodyError(e.to_string())).boxed());
+            let req = req.map(|b| {
+                b.map_err(|e| http1::BodyError::Transport(e.to_string()))
+                    .boxed()
+            });
             Box::pin(async move { crate::http::handle(req, &services).await })
         }
         H2Route::Unknown(status) => Box::pin(async move { status.into_http() }),

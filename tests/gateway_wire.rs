@@ -223,6 +223,9 @@ fn http1_wire_matches_etcd() {
         ("unknown transfer-encoding", vec![
             b"POST /v3/kv/range HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n".to_vec(),
         ]),
+        ("malformed chunk size", vec![
+            b"POST /v3/kv/range HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n".to_vec(),
+        ]),
         ("HEAD", vec![b"HEAD /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec()]),
         ("client closes without a request", vec![]),
     ];

@@ -21,7 +21,8 @@
 //! - headers come in another order and chunk sizes are upper-case hex (HTTP says the latter is
 //!   case-insensitive); the HTTP/1.x wire itself (keep-alive, pipelining, chunked bodies,
 //!   `Expect`, HTTP/1.0, malformed requests) is [`crate::http1`]'s, diffed against etcd by
-//!   `tests/gateway_wire.rs`;
+//!   `tests/gateway_wire.rs`; a chunked body whose framing breaks after a complete JSON value
+//!   is refused with the framing error (etcd decodes the value it read before the break);
 //! - a stream message is always exactly one chunk: etcd splits a message over 2 KiB into
 //!   two chunks (the JSON, then its newline), which old lua-resty-etcd cannot parse;
 //! - JSON over h2c is served (etcd sends every HTTP/2 request to gRPC), WebSocket upgrades and
@@ -38,7 +39,7 @@ pub mod json;
 pub mod stream;
 pub mod upstream_http;
 
-use crate::http1::ReqBody;
+use crate::http1::{BodyError, ReqBody};
 use bytes::Bytes;
 use futures::StreamExt;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -57,7 +58,7 @@ use crate::server::{Services, MAX_DECODING_MESSAGE};
 /// Largest request body read. etcd has no limit, but nothing above this can be a valid etcd
 /// request (2 MiB of protobuf is under 3 MiB of base64 JSON); larger bodies get the answer
 /// etcd's gRPC server gives an oversized message.
-const MAX_BODY: usize = 32 << 20;
+const MAX_BODY: usize = crate::http1::MAX_BODY;
 
 /// Every `POST` route of etcd 3.4's gateway (`google.api.http` options of `rpc.proto`, plus
 /// the lock and election services).
@@ -472,6 +473,23 @@ fn error_response(code: Code, msg: &str, trailer: bool) -> Response<Body> {
     resp
 }
 
+/// The answer to a request body that could not be read: etcd reads bodies whole, refuses an
+/// oversized one with its gRPC size error, and answers a body it could not read (a malformed
+/// chunked one) as an invalid argument with the reader's words.
+fn body_error(e: &(dyn std::error::Error + 'static)) -> Response<Body> {
+    match e.downcast_ref::<BodyError>() {
+        Some(BodyError::Malformed(why)) => error_response(Code::InvalidArgument, why, false),
+        Some(BodyError::Transport(why)) => error_response(Code::InvalidArgument, why, false),
+        Some(BodyError::TooLarge) | None => error_response(
+            Code::ResourceExhausted,
+            &format!(
+                "grpc: received message larger than max ({MAX_BODY} vs. {MAX_DECODING_MESSAGE})"
+            ),
+            true,
+        ),
+    }
+}
+
 /// Routes under `/v3/`.
 async fn gateway(req: Request<ReqBody>, path: &str, services: &Services) -> Response<Body> {
     if RELAYED_PREFIXES.iter().any(|p| path.starts_with(p)) {
@@ -487,15 +505,7 @@ async fn gateway(req: Request<ReqBody>, path: &str, services: &Services) -> Resp
     let md = metadata(&parts.headers);
     let body = match Limited::new(body, MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return error_response(
-                Code::ResourceExhausted,
-                &format!(
-                    "grpc: received message larger than max ({MAX_BODY} vs. {MAX_DECODING_MESSAGE})"
-                ),
-                true,
-            )
-        }
+        Err(e) => return body_error(&*e),
     };
     match route {
         "/v3/watch" => return watch(services, md, body).await,

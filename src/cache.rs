@@ -287,16 +287,7 @@ impl Cache {
 mod tests {
     use super::*;
 
-    fn kv(k: &str, v: &str, create: i64, rev: i64, version: i64) -> KeyValue {
-        KeyValue {
-            key: Bytes::from(k.to_string()),
-            value: Bytes::from(v.to_string()),
-            create_revision: create,
-            mod_revision: rev,
-            version,
-            lease: 0,
-        }
-    }
+    use crate::proto::testing::kv;
 
     fn put(kv: KeyValue, prev: Option<KeyValue>) -> Event {
         Event {

@@ -427,18 +427,8 @@ impl kv_server::Kv for KvService {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
 
-    fn kv(k: &str, v: &str, create: i64, rev: i64, version: i64) -> KeyValue {
-        KeyValue {
-            key: Bytes::from(k.to_string()),
-            value: Bytes::from(v.to_string()),
-            create_revision: create,
-            mod_revision: rev,
-            version,
-            lease: 0,
-        }
-    }
+    use crate::proto::testing::kv;
 
     fn keys(r: &RangeResponse) -> Vec<String> {
         r.kvs

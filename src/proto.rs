@@ -17,3 +17,21 @@ pub mod authpb {
 pub mod etcdserverpb {
     tonic::include_proto!("etcdserverpb");
 }
+
+/// Builders shared by unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::mvccpb::KeyValue;
+
+    /// A KeyValue with the given key, value and revisions, no lease.
+    pub fn kv(k: &str, v: &str, create: i64, rev: i64, version: i64) -> KeyValue {
+        KeyValue {
+            key: bytes::Bytes::from(k.to_string()),
+            value: bytes::Bytes::from(v.to_string()),
+            create_revision: create,
+            mod_revision: rev,
+            version,
+            lease: 0,
+        }
+    }
+}

@@ -67,6 +67,31 @@ pub struct Config {
     /// (etcd's default is 10 minutes).
     #[arg(long, env = "ETCD_FANOUT_PROGRESS_INTERVAL", default_value = "10m", value_parser = parse_duration)]
     pub progress_interval: Duration,
+
+    /// How often the proxy checks whether etcd has authentication enabled (etcd 3.4 has no
+    /// status call: a tokenless read tells). Nothing is served from the cache while unknown.
+    #[arg(long, env = "ETCD_FANOUT_AUTH_POLL", default_value = "1s", value_parser = parse_duration)]
+    pub auth_poll: Duration,
+
+    /// How long etcd's "allowed" for a (token, key range) is remembered: the longest a range
+    /// stays readable through the proxy after its permission is revoked on etcd. Keep it well
+    /// below etcd's `--auth-token-ttl` (300 s): reads served from the cache do not renew a
+    /// simple token at etcd.
+    #[arg(long, env = "ETCD_FANOUT_AUTH_DECISION_TTL", default_value = "5s", value_parser = parse_duration)]
+    pub auth_decision_ttl: Duration,
+
+    /// How long etcd's refusal for a (token, key range) is remembered (at most the decision
+    /// TTL): the longest a newly granted permission stays refused through the proxy.
+    #[arg(long, env = "ETCD_FANOUT_AUTH_DENIAL_TTL", default_value = "1s", value_parser = parse_duration)]
+    pub auth_denial_ttl: Duration,
+
+    /// Most permission decisions remembered (least used dropped first).
+    #[arg(
+        long,
+        env = "ETCD_FANOUT_AUTH_DECISION_ENTRIES",
+        default_value_t = 65_536
+    )]
+    pub auth_decision_entries: u64,
 }
 
 /// etcd's `grpcOverheadBytes`: added to `--max-request-bytes` for gRPC message limits.

@@ -24,13 +24,16 @@ pub enum Error {
     /// The proxy is shutting down or has no usable upstream.
     #[error("etcdserver: {0}")]
     Unavailable(String),
+    /// A request without identity while etcd has auth enabled (`rpctypes.ErrGRPCUserEmpty`).
+    #[error("etcdserver: user name is empty")]
+    UserEmpty,
 }
 
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
         match e {
             Error::Upstream(s) => s,
-            Error::EmptyKey => Status::new(Code::InvalidArgument, e.to_string()),
+            Error::EmptyKey | Error::UserEmpty => Status::new(Code::InvalidArgument, e.to_string()),
             Error::FutureRevision | Error::Compacted => {
                 Status::new(Code::OutOfRange, e.to_string())
             }
@@ -43,3 +46,46 @@ impl From<Error> for Status {
 pub const WATCH_RANGE_EMPTY: &str = "mvcc: watcher range is empty";
 /// etcd's watch `cancel_reason` for a create request reusing an active watch id.
 pub const WATCH_DUPLICATE_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";
+
+/// A status as Go's gRPC prints it (`status.Error(...).Error()`): etcd's watch refusals carry
+/// this text as their `cancel_reason`, e.g.
+/// `rpc error: code = PermissionDenied desc = etcdserver: permission denied`.
+pub fn go_status_text(status: &Status) -> String {
+    let code = match status.code() {
+        Code::Ok => "OK",
+        Code::Cancelled => "Canceled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
+    };
+    format!("rpc error: code = {code} desc = {}", status.message())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watch_cancel_reasons_read_as_go_prints_them() {
+        assert_eq!(
+            go_status_text(&Error::UserEmpty.into()),
+            "rpc error: code = InvalidArgument desc = etcdserver: user name is empty"
+        );
+        assert_eq!(
+            go_status_text(&Status::unauthenticated("etcdserver: invalid auth token")),
+            "rpc error: code = Unauthenticated desc = etcdserver: invalid auth token"
+        );
+    }
+}

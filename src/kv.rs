@@ -13,6 +13,7 @@ use prost::Message;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
+use crate::access::Verdict;
 use crate::error::Error;
 use crate::feed::Feed;
 use crate::hub::Hub;
@@ -21,7 +22,7 @@ use crate::metrics;
 use crate::proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 use crate::proto::etcdserverpb::*;
 use crate::proto::mvccpb::KeyValue;
-use crate::upstream::{forward, has_credentials};
+use crate::upstream::forward;
 
 /// Go's `sort.Sort` is an insertion sort (stable) up to this many elements; above it, the
 /// order of equal elements is etcd's own, so such sorts are forwarded.
@@ -59,11 +60,20 @@ impl KvService {
             return Err(Error::EmptyKey);
         }
         let range = KeyRange::new(&req.key, &req.range_end);
-        let cached = if has_credentials(metadata) {
-            None
-        } else {
-            self.hub.feed_for(&range).filter(|f| f.is_ready())
-        };
+        let mut cached = self.hub.feed_for(&range).filter(|f| f.is_ready());
+        if cached.is_some() {
+            // etcd's permission check comes before the read (and its revision errors).
+            match self
+                .hub
+                .access
+                .check(metadata, &req.key, &req.range_end, true)
+                .await
+            {
+                Verdict::Serve => {}
+                Verdict::Refuse(e) => return Err(e),
+                Verdict::Forward => cached = None,
+            }
+        }
         if let Some(feed) = cached {
             if let Some(answer) = self.range_cached(feed, &range, &req).await? {
                 metrics::RANGES_CACHED.inc();
@@ -71,7 +81,13 @@ impl KvService {
             }
         }
         metrics::RANGES_FORWARDED.inc();
-        let resp = self.hub.upstream.kv().range(forward(metadata, req)).await?;
+        let resp = self
+            .hub
+            .upstream
+            .kv()
+            .range(forward(metadata, req))
+            .await
+            .inspect_err(|s| self.hub.access.observe_status(s))?;
         self.hub
             .upstream
             .observe_header(resp.get_ref().header.as_ref());
@@ -113,12 +129,16 @@ impl KvService {
             if req.revision < head {
                 // A compaction made directly on etcd may not be known yet: ask (historical
                 // reads are rare, so one small request each is cheap).
-                if feed
+                match feed
                     .compaction()
                     .probe_range(feed.upstream(), req.revision)
-                    .await?
+                    .await
                 {
-                    return Err(Error::Compacted);
+                    Ok(true) => return Err(Error::Compacted),
+                    Ok(false) => {}
+                    // Not the caller's answer (e.g. the proxy's own read refused): let etcd
+                    // answer the caller.
+                    Err(_) => return Ok(None),
                 }
                 return Ok(self.read_at(feed, range, req, req.revision.min(base), report));
             }

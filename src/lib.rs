@@ -5,6 +5,7 @@
 //! -> [`watch`] / [`kv`] (downstream sessions) -> [`server`] (wire). Writes and the non-KV
 //! services go straight to etcd through [`upstream`] and [`passthrough`].
 
+pub mod access;
 pub mod cache;
 pub mod codec;
 pub mod compaction;

@@ -92,6 +92,43 @@ pub static SYNC_CHECKS: LazyLock<IntCounter> = LazyLock::new(|| {
         "Shared upstream checks made for linearizable reads.",
     )
 });
+/// Auth state as known: -1 unknown, 0 disabled, 1 enabled.
+pub static AUTH_STATE: LazyLock<IntGauge> = LazyLock::new(|| {
+    let g = gauge(
+        "etcd_fanout_auth_enabled",
+        "etcd authentication as known: -1 unknown, 0 disabled, 1 enabled.",
+    );
+    g.set(-1);
+    g
+});
+/// Permission probes sent to etcd.
+pub static AUTH_PROBES: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "etcd_fanout_auth_probes_total",
+        "Permission probes (count-only ranges with a caller's token) sent to etcd.",
+    )
+});
+/// Permission decisions answered from the decision table (or by a probe already in flight).
+pub static AUTH_DECISION_HITS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "etcd_fanout_auth_decision_hits_total",
+        "Permission decisions taken from the shared table or an in-flight probe.",
+    )
+});
+/// Requests refused with etcd's auth error.
+pub static AUTH_DENIALS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "etcd_fanout_auth_denials_total",
+        "Requests the cache could serve, refused with etcd's auth error.",
+    )
+});
+/// Requests forwarded because the auth state was unknown.
+pub static AUTH_UNKNOWN_FORWARDS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "etcd_fanout_auth_unknown_forwards_total",
+        "Requests forwarded to etcd because its auth state was unknown.",
+    )
+});
 
 /// Forces registration of every metric (so they appear at zero).
 pub fn init() {
@@ -106,6 +143,11 @@ pub fn init() {
         &*RANGES_CACHED,
         &*RANGES_FORWARDED,
         &*SYNC_CHECKS,
+        &*AUTH_STATE,
+        &*AUTH_PROBES,
+        &*AUTH_DECISION_HITS,
+        &*AUTH_DENIALS,
+        &*AUTH_UNKNOWN_FORWARDS,
     );
 }
 

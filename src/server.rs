@@ -57,7 +57,7 @@ impl Services {
         Services {
             kv: KvService::new(hub.clone()),
             watch: WatchService::new(hub.clone()),
-            passthrough: PassThrough::new(hub.upstream.clone()),
+            passthrough: PassThrough::new(hub.upstream.clone(), hub.access.clone()),
             hub,
         }
     }

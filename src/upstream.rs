@@ -185,13 +185,6 @@ pub fn watch_stream<S>(metadata: &MetadataMap, requests: S) -> Request<S> {
     req
 }
 
-/// True when the caller presented credentials (an auth token). Such callers are served by
-/// etcd itself until per-identity permission checks exist: the shared cache must never show
-/// a key to a caller etcd would refuse it to.
-pub fn has_credentials(metadata: &MetadataMap) -> bool {
-    metadata.contains_key("token") || metadata.contains_key("authorization")
-}
-
 /// Copies the credential metadata (see [`FORWARDED_METADATA`]) from one map to another.
 pub fn copy_credentials(from: &MetadataMap, to: &mut MetadataMap) {
     for key in FORWARDED_METADATA {

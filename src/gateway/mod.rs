@@ -11,8 +11,8 @@
 //!   watches from the cache, the rest forwarded), the answer or error written as etcd writes it
 //!   ([`errors`], [`stream`]).
 //!
-//! `Authorization` becomes the gRPC `token` (and `authorization`) metadata, and
-//! `Grpc-Metadata-*` headers become metadata, as in grpc-gateway. Lock and election routes,
+//! `Authorization` becomes the gRPC `authorization` metadata and `Grpc-Metadata-*` headers
+//! become metadata, as in grpc-gateway (so `Grpc-Metadata-Token` wins over `Authorization`). Lock and election routes,
 //! `/debug/vars` and `/config/local/log` are relayed to etcd's own HTTP server
 //! ([`upstream_http`]); `/metrics` and `/readyz` are the proxy's own.
 //!
@@ -369,12 +369,10 @@ fn metadata(headers: &http::HeaderMap) -> MetadataMap {
     let mut md = MetadataMap::new();
     for (k, v) in headers {
         let name = k.as_str();
+        // grpc-gateway passes `Authorization` as `authorization` metadata; a
+        // `Grpc-Metadata-Token` header becomes `token`, which etcd reads first.
         let key = if name == "authorization" {
-            if let Ok(v) = AsciiMetadataValue::try_from(v.as_bytes()) {
-                md.insert("token", v.clone());
-                md.insert("authorization", v);
-            }
-            continue;
+            name
         } else if let Some(rest) = name.strip_prefix("grpc-metadata-") {
             rest
         } else {

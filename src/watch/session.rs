@@ -27,7 +27,8 @@ use super::frame::Frame;
 use super::shape::{ShapeKey, SHAPES};
 use super::watcher::{self, CachedWatch, Step};
 use super::{relay, Out, WatchSpec, INVALID_WATCH_ID, SHUTDOWN_MESSAGE};
-use crate::error::{WATCH_DUPLICATE_ID, WATCH_RANGE_EMPTY};
+use crate::access::Verdict;
+use crate::error::{go_status_text, WATCH_DUPLICATE_ID, WATCH_RANGE_EMPTY};
 use crate::feed::Feed;
 use crate::hub::Hub;
 use crate::keys::KeyRange;
@@ -36,7 +37,6 @@ use crate::proto::etcdserverpb::watch_create_request::FilterType;
 use crate::proto::etcdserverpb::{
     watch_request::RequestUnion, WatchCreateRequest, WatchRequest, WatchResponse,
 };
-use crate::upstream::has_credentials;
 
 /// A feed, identified by the address of its (never freed) `Arc`.
 type FeedKey = usize;
@@ -227,6 +227,27 @@ impl Session {
             c.key = bytes::Bytes::from_static(b"\0");
         }
         let range = KeyRange::new(&c.key, &c.range_end);
+        let cacheable = (!range.is_empty())
+            .then(|| self.hub.feed_for(&range).filter(|f| f.is_ready()).cloned())
+            .flatten();
+        // etcd checks the caller's permission before anything else (range, id); the check
+        // covers the whole range, also for `range_end` "\0" (see `access`).
+        let duplicate = c.watch_id != 0 && self.watches.contains_key(&c.watch_id);
+        let verdict = self
+            .hub
+            .access
+            .check(
+                &self.metadata,
+                &c.key,
+                &c.range_end,
+                cacheable.is_some() || duplicate || range.is_empty(),
+            )
+            .await;
+        let feed = match verdict {
+            Verdict::Serve => cacheable,
+            Verdict::Refuse(e) => return self.refuse(&go_status_text(&e.into())).await,
+            Verdict::Forward => None,
+        };
         if range.is_empty() {
             return self.refuse(WATCH_RANGE_EMPTY).await;
         }
@@ -240,13 +261,6 @@ impl Session {
             return self.refuse(WATCH_DUPLICATE_ID).await;
         } else {
             c.watch_id
-        };
-        // Callers with credentials, and watches before the prefix is loaded, are relayed to
-        // etcd (see `upstream::has_credentials`).
-        let feed = if has_credentials(&self.metadata) {
-            None
-        } else {
-            self.hub.feed_for(&range).filter(|f| f.is_ready()).cloned()
         };
         let shape = SHAPES.intern(ShapeKey {
             range,

@@ -1,0 +1,188 @@
+//! Access control in front of the shared cache: for every request the cache could answer,
+//! etcd's own decision for the caller, so that no one reads through the proxy what etcd would
+//! refuse them, and permitted callers with tokens share the cache (and the one upstream watch
+//! per prefix) like anonymous ones.
+//!
+//! - [`identity`]: the caller's token, found as etcd finds it;
+//! - [`state`]: whether auth is on, polled every second (tokens are ignored while it is off,
+//!   as by etcd; nothing is served from the cache while it is unknown);
+//! - [`decisions`]: per `(token, key, range_end)` decisions made by etcd (one probe, shared,
+//!   remembered for a bounded time).
+//!
+//! A tokenless request while auth is on gets etcd's refusal (`user name is empty`) without
+//! asking etcd. Watches are checked when created only, as etcd checks them.
+
+pub mod decisions;
+pub mod identity;
+pub mod state;
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::task::JoinHandle;
+use tonic::metadata::MetadataMap;
+use tonic::Status;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::metrics;
+use crate::upstream::Upstream;
+use decisions::{Decision, Decisions};
+pub use state::AuthState;
+use state::State;
+
+/// What to do with a request the cache could answer.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Answer it from the cache.
+    Serve,
+    /// Refuse it with etcd's error.
+    Refuse(Error),
+    /// Only etcd can answer it: forward (or relay) it with the caller's credentials.
+    Forward,
+}
+
+/// Auth state, decisions and the poll that keeps the state fresh.
+#[derive(Debug)]
+pub struct Access {
+    /// Whether auth is on, and the decision epoch.
+    state: State,
+    /// Shared permission decisions.
+    decisions: Decisions,
+    /// Where probes and polls go.
+    upstream: Arc<Upstream>,
+    /// The auth poll (stopped when the `Access` is dropped).
+    poller: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Access {
+    fn drop(&mut self) {
+        if let Some(task) = self.poller.lock().ok().and_then(|mut p| p.take()) {
+            task.abort();
+        }
+    }
+}
+
+impl Access {
+    /// Access control over `upstream`, with its auth poll running.
+    pub fn start(config: &Config, upstream: Arc<Upstream>) -> Arc<Access> {
+        let access = Arc::new(Access {
+            state: State::default(),
+            decisions: Decisions::new(
+                config.auth_decision_entries,
+                config.auth_decision_ttl,
+                config.auth_denial_ttl.min(config.auth_decision_ttl),
+            ),
+            upstream,
+            poller: Mutex::new(None),
+        });
+        let task = tokio::spawn(poll(Arc::downgrade(&access), config.auth_poll));
+        if let Ok(mut p) = access.poller.lock() {
+            *p = Some(task);
+        }
+        access
+    }
+
+    /// Whether auth is on, as known.
+    pub fn state(&self) -> AuthState {
+        self.state.get()
+    }
+
+    /// The verdict for a Range or Watch create of `[key, range_end)` by the caller of
+    /// `metadata`. `cacheable`: the cache could answer it (otherwise a caller with a token is
+    /// left to etcd; a tokenless one is still refused, as etcd checks identity first).
+    pub async fn check(
+        &self,
+        metadata: &MetadataMap,
+        key: &Bytes,
+        range_end: &Bytes,
+        cacheable: bool,
+    ) -> Verdict {
+        match self.state.get() {
+            AuthState::Off => Verdict::Serve,
+            AuthState::Unknown => {
+                metrics::AUTH_UNKNOWN_FORWARDS.inc();
+                Verdict::Forward
+            }
+            AuthState::On => match identity::token(metadata) {
+                None => {
+                    metrics::AUTH_DENIALS.inc();
+                    Verdict::Refuse(Error::UserEmpty)
+                }
+                Some(_) if !cacheable => Verdict::Forward,
+                Some(token) => {
+                    let epoch = self.state.epoch();
+                    let decided = Box::pin(self.decisions.decide(
+                        &self.upstream,
+                        epoch,
+                        token,
+                        key,
+                        range_end,
+                    ))
+                    .await;
+                    match decided {
+                        Ok(Decision::Allow) => Verdict::Serve,
+                        Ok(deny) => {
+                            metrics::AUTH_DENIALS.inc();
+                            match deny.status() {
+                                Some(s) => {
+                                    self.state.observe(&s);
+                                    Verdict::Refuse(Error::Upstream(s))
+                                }
+                                None => Verdict::Forward,
+                            }
+                        }
+                        Err(_) => Verdict::Forward,
+                    }
+                }
+            },
+        }
+    }
+
+    /// Learns from an error etcd returned to a forwarded request (`user name is empty` means
+    /// auth is on).
+    pub fn observe_status(&self, status: &Status) {
+        self.state.observe(status);
+    }
+
+    /// Learns from a successful call forwarded to etcd: `method` is the gRPC method name in
+    /// snake case (only Auth methods tell something). Enabling or disabling auth switches the state at once; any user or role
+    /// change starts a new decision epoch (a permission granted or revoked through the proxy
+    /// is seen by the next request).
+    pub fn observe_auth_call(&self, method: &str) {
+        match method {
+            "auth_enable" => self.state.set(AuthState::On),
+            "auth_disable" => self.state.set(AuthState::Off),
+            "user_add"
+            | "user_delete"
+            | "user_change_password"
+            | "user_grant_role"
+            | "user_revoke_role"
+            | "role_add"
+            | "role_delete"
+            | "role_grant_permission"
+            | "role_revoke_permission" => {
+                self.state.new_epoch();
+                self.decisions.clear();
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Polls etcd's auth state every `interval` until the `Access` is dropped.
+async fn poll(access: Weak<Access>, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(access) = access.upgrade() else {
+            return;
+        };
+        access
+            .state
+            .poll_once(&access.upstream, interval.max(Duration::from_millis(500)))
+            .await;
+    }
+}

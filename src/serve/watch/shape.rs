@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex, Weak};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::cache::RevBatch;
 use crate::keys::KeyRange;
 use crate::proto::mvccpb::{event::EventType, Event};
+use crate::source::cache::RevBatch;
 
 /// Field number of `WatchResponse.events`.
 const EVENTS_FIELD: u32 = 11;

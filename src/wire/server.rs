@@ -1,8 +1,8 @@
 //! The listener: one TCP port serving the etcd v3 gRPC API and plain HTTP on every
 //! connection. The first bytes of a connection tell HTTP/2 (the preface) from HTTP/1.x. HTTP/2
 //! connections are served by hyper: gRPC requests (`content-type: application/grpc...`) go to
-//! tonic, anything else to [`crate::http`]. HTTP/1.x connections are served by [`http1`], every
-//! request to [`crate::http`] (health, readiness, metrics, and the JSON gateway), as etcd sends
+//! tonic, anything else to [`crate::wire::http`]. HTTP/1.x connections are served by [`http1`], every
+//! request to [`crate::wire::http`] (health, readiness, metrics, and the JSON gateway), as etcd sends
 //! every HTTP/1 request to its HTTP handlers.
 
 use std::convert::Infallible;
@@ -23,17 +23,17 @@ use tokio::sync::watch;
 use tonic::service::Routes;
 use tower::ServiceExt;
 
-use crate::http1;
-use crate::hub::Hub;
-use crate::kv::KvService;
-use crate::passthrough::PassThrough;
 use crate::proto::etcdserverpb::{
     auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
     lease_server::LeaseServer, maintenance_server::MaintenanceServer,
 };
-use crate::range_wire;
-use crate::watch::frame;
-use crate::watch::WatchService;
+use crate::serve::kv::KvService;
+use crate::serve::passthrough::PassThrough;
+use crate::serve::watch::frame;
+use crate::serve::watch::WatchService;
+use crate::source::hub::Hub;
+use crate::wire::grpc::range;
+use crate::wire::http1;
 
 /// etcd's largest accepted request (`--max-request-bytes` 1.5 MiB plus 512 KiB gRPC overhead).
 pub const MAX_DECODING_MESSAGE: usize = 2 << 20;
@@ -63,7 +63,7 @@ impl Services {
     }
 
     /// The tonic routes of the etcd services (`Watch` and `KV/Range` are served by
-    /// [`frame::serve`] and [`range_wire::serve`], with encoders that share encoded bytes).
+    /// [`frame::serve`] and [`range::serve`], with encoders that share encoded bytes).
     pub fn grpc_routes(&self) -> Routes {
         let p = self.passthrough.clone();
         Routes::new(
@@ -267,7 +267,7 @@ enum H2Route {
 }
 
 /// One HTTP/2 request: gRPC to tonic (Watch and KV/Range to their own encoders), anything
-/// else (JSON over h2c) to [`crate::http`].
+/// else (JSON over h2c) to [`crate::wire::http`].
 fn h2_request(req: http::Request<Incoming>, routes: Routes, services: Services) -> Answer {
     let route = if !is_grpc(&req) {
         H2Route::Http
@@ -275,7 +275,7 @@ fn h2_request(req: http::Request<Incoming>, routes: Routes, services: Services) 
         H2Route::Unknown(status)
     } else {
         match req.uri().path() {
-            range_wire::PATH => H2Route::Range,
+            range::PATH => H2Route::Range,
             frame::PATH => H2Route::Watch,
             _ => H2Route::Grpc,
         }
@@ -287,10 +287,10 @@ fn h2_request(req: http::Request<Incoming>, routes: Routes, services: Services) 
                 b.map_err(|e| http1::BodyError::Transport(e.to_string()))
                     .boxed()
             });
-            Box::pin(async move { crate::http::handle(req, &services).await })
+            Box::pin(async move { crate::wire::http::handle(req, &services).await })
         }
         H2Route::Unknown(status) => Box::pin(async move { status.into_http() }),
-        H2Route::Range => Box::pin(range_wire::serve(services.kv, req, max)),
+        H2Route::Range => Box::pin(range::serve(services.kv, req, max)),
         H2Route::Watch => Box::pin(frame::serve(services.watch, req, max)),
         H2Route::Grpc => Box::pin(async move {
             match routes.oneshot(req).await {
@@ -346,7 +346,7 @@ pub async fn serve(
                 Protocol::Http1 => {
                     let handle = move |req| -> Answer {
                         let services = services.clone();
-                        Box::pin(async move { crate::http::handle(req, &services).await })
+                        Box::pin(async move { crate::wire::http::handle(req, &services).await })
                     };
                     http1::serve(stream, read, handle, conn_shutdown).await;
                 }

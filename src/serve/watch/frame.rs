@@ -20,9 +20,9 @@ use tonic::{Status, Streaming};
 
 use super::shape::Shape;
 use super::WatchService;
-use crate::cache::RevBatch;
-use crate::passthrough::BoxStream;
 use crate::proto::etcdserverpb::{ResponseHeader, WatchRequest, WatchResponse};
+use crate::serve::passthrough::BoxStream;
+use crate::source::cache::RevBatch;
 
 /// One response of a watch session.
 #[derive(Debug, Clone)]
@@ -151,8 +151,8 @@ impl Decoder for RequestDecoder {
         WatchRequest::decode(buf).map(Some).map_err(|e| {
             Status::internal(format!(
                 "{}{}",
-                crate::codec::STREAM_DECODE_PREFIX,
-                crate::codec::go_error(&e)
+                crate::wire::grpc::codec::STREAM_DECODE_PREFIX,
+                crate::wire::grpc::codec::go_error(&e)
             ))
         })
     }

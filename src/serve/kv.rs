@@ -14,14 +14,14 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
-use crate::feed::Feed;
-use crate::hub::Hub;
 use crate::keys::KeyRange;
 use crate::metrics;
 use crate::proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 use crate::proto::etcdserverpb::*;
 use crate::proto::mvccpb::KeyValue;
-use crate::upstream::{forward, has_credentials};
+use crate::source::feed::Feed;
+use crate::source::hub::Hub;
+use crate::source::upstream::{forward, has_credentials};
 
 /// Go's `sort.Sort` is an insertion sort (stable) up to this many elements; above it, the
 /// order of equal elements is etcd's own, so such sorts are forwarded.

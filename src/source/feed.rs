@@ -19,14 +19,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::cache::{Cache, RevBatch};
-use crate::compaction::Compaction;
 use crate::config::Config;
 use crate::keys::KeyRange;
 use crate::metrics;
 use crate::proto::etcdserverpb::{RangeRequest, WatchCreateRequest};
 use crate::proto::mvccpb::Event;
-use crate::upstream::Upstream;
+use crate::source::cache::{Cache, RevBatch};
+use crate::source::compaction::Compaction;
+use crate::source::upstream::Upstream;
 
 /// How a linearizable read may be answered from the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,7 +62,7 @@ pub struct Feed {
     /// revision `x` (serializable reads at head `h` report `x`, as etcd would).
     verified: std::sync::Mutex<(i64, i64)>,
     /// Recent range answers, shared by identical reads.
-    range_memo: crate::kv::RangeMemo,
+    range_memo: crate::serve::kv::RangeMemo,
     /// Queue of linearizable reads waiting for a sync check.
     sync_tx: mpsc::UnboundedSender<oneshot::Sender<Option<SyncPoint>>>,
 }
@@ -107,7 +107,7 @@ impl Feed {
     }
 
     /// Recent range answers of this prefix.
-    pub fn range_memo(&self) -> &crate::kv::RangeMemo {
+    pub fn range_memo(&self) -> &crate::serve::kv::RangeMemo {
         &self.range_memo
     }
 

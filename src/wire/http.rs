@@ -1,12 +1,12 @@
-//! Plain HTTP requests on the shared port. Everything goes through [`crate::gateway`] (etcd's
+//! Plain HTTP requests on the shared port. Everything goes through [`crate::wire::gateway`] (etcd's
 //! HTTP server and JSON gateway); the proxy's own endpoints `/readyz` and `/metrics` are here.
 
-use crate::http1::ReqBody;
+use crate::wire::http1::ReqBody;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 
-use crate::server::Services;
+use crate::wire::server::Services;
 
 fn text(
     status: StatusCode,
@@ -23,7 +23,7 @@ fn text(
 
 /// Answers one non-gRPC request.
 pub async fn handle(req: Request<ReqBody>, services: &Services) -> Response<tonic::body::Body> {
-    crate::gateway::handle(req, services).await
+    crate::wire::gateway::handle(req, services).await
 }
 
 /// The proxy's own endpoints (`/readyz`, `/metrics`), or `None` for any other path.

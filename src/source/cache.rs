@@ -31,13 +31,23 @@ pub struct RevBatch {
     /// Approximate memory held by the batch.
     pub bytes: usize,
     /// This batch's events encoded once per watch shape, shared by every watcher of that
-    /// shape (filled by [`crate::serve::watch::shape`]).
+    /// shape (filled by the watch shapes of the serving layer).
     pub encoded: EncodedMemo,
 }
 
 /// Per-shape encodings of one batch: `(shape id, encoding)` pairs, few per batch.
 #[derive(Debug, Default)]
-pub struct EncodedMemo(pub std::sync::Mutex<Vec<(u64, Arc<crate::serve::watch::shape::Encoded>)>>);
+pub struct EncodedMemo(pub std::sync::Mutex<Vec<(u64, Arc<Encoded>)>>);
+
+/// One batch's events selected and encoded for one watch shape.
+#[derive(Debug)]
+pub struct Encoded {
+    /// The selected events, encoded as repeated `WatchResponse.events` fields (tag included):
+    /// appended to an encoded response header they form a complete WatchResponse.
+    pub proto: Bytes,
+    /// How many events were selected.
+    pub count: usize,
+}
 
 impl RevBatch {
     /// Groups events of one revision into a batch.

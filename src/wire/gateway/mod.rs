@@ -53,7 +53,8 @@ use self::stream::Body;
 use crate::proto::etcdserverpb::*;
 use crate::serve::kv::RangeAnswer;
 use crate::serve::passthrough::BoxStream;
-use crate::wire::server::{Services, MAX_DECODING_MESSAGE};
+use crate::serve::Services;
+use crate::wire::grpc::MAX_DECODING_MESSAGE;
 
 /// Largest request body read. etcd has no limit, but nothing above this can be a valid etcd
 /// request (2 MiB of protobuf is under 3 MiB of base64 JSON); larger bodies get the answer

@@ -5,12 +5,11 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::access::Access;
-use crate::compaction::Compaction;
 use crate::config::Config;
-use crate::feed::Feed;
 use crate::keys::KeyRange;
-use crate::upstream::Upstream;
+use crate::source::compaction::Compaction;
+use crate::source::feed::Feed;
+use crate::source::upstream::Upstream;
 
 /// All feeds and the shared upstream.
 #[derive(Debug)]
@@ -23,8 +22,6 @@ pub struct Hub {
     pub compaction: Arc<Compaction>,
     /// Configuration the hub was built from.
     pub config: Arc<Config>,
-    /// etcd's auth state and permission decisions for requests the caches could answer.
-    pub access: Arc<Access>,
     /// Turns true when the proxy shuts down: sessions end their streams so clients reconnect
     /// to another replica.
     shutdown: watch::Sender<bool>,
@@ -46,7 +43,6 @@ impl Hub {
             upstream: upstream.clone(),
             compaction: compaction.clone(),
             config: Arc::new(config.clone()),
-            access: Access::start(&config, upstream.clone()),
             shutdown: watch::channel(false).0,
         });
         let weak = Arc::downgrade(&hub);

@@ -27,16 +27,16 @@ use super::frame::Frame;
 use super::shape::{ShapeKey, SHAPES};
 use super::watcher::{self, CachedWatch, Step};
 use super::{relay, Out, WatchSpec, INVALID_WATCH_ID, SHUTDOWN_MESSAGE};
-use crate::access::Verdict;
 use crate::error::{go_status_text, WATCH_DUPLICATE_ID, WATCH_RANGE_EMPTY};
-use crate::feed::Feed;
-use crate::hub::Hub;
 use crate::keys::KeyRange;
 use crate::metrics;
 use crate::proto::etcdserverpb::watch_create_request::FilterType;
 use crate::proto::etcdserverpb::{
     watch_request::RequestUnion, WatchCreateRequest, WatchRequest, WatchResponse,
 };
+use crate::serve::access::{Access, Verdict};
+use crate::source::feed::Feed;
+use crate::source::hub::Hub;
 
 /// A feed, identified by the address of its (never freed) `Arc`.
 type FeedKey = usize;
@@ -88,6 +88,8 @@ impl Entry {
 pub(super) struct Session {
     /// Feeds and upstream.
     hub: Arc<Hub>,
+    /// etcd's decisions for this stream's creates.
+    access: Arc<Access>,
     /// The stream's metadata (credentials for relayed watches), shared with its tasks.
     metadata: Arc<MetadataMap>,
     /// Responses to the client.
@@ -115,9 +117,15 @@ pub(super) struct Session {
 
 impl Session {
     /// A session writing to `out`.
-    pub(super) fn new(hub: Arc<Hub>, metadata: MetadataMap, out: Out) -> Session {
+    pub(super) fn new(
+        hub: Arc<Hub>,
+        access: Arc<Access>,
+        metadata: MetadataMap,
+        out: Out,
+    ) -> Session {
         Session {
             hub,
+            access,
             metadata: Arc::new(metadata),
             out,
             watches: HashMap::new(),
@@ -234,7 +242,6 @@ impl Session {
         // covers the whole range, also for `range_end` "\0" (see `access`).
         let duplicate = c.watch_id != 0 && self.watches.contains_key(&c.watch_id);
         let verdict = self
-            .hub
             .access
             .check(
                 &self.metadata,
@@ -300,7 +307,8 @@ impl Session {
         self.deliver(key).await
     }
 
-    /// A watch outside every prefix (or with credentials): its own upstream watch.
+    /// A watch the caches cannot serve (outside every prefix, or one only etcd can judge):
+    /// its own upstream watch.
     async fn create_relayed(&mut self, spec: WatchSpec) -> Result<(), ()> {
         let id = spec.id;
         let (created_tx, created_rx) = tokio::sync::oneshot::channel();
@@ -498,16 +506,18 @@ async fn tick(progress: &mut Option<Pin<Box<tokio::time::Interval>>>) {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::upstream::Upstream;
+    use crate::source::upstream::Upstream;
     use clap::Parser;
 
     /// Each downstream stream is one session task holding this future: keep it small.
     #[tokio::test]
     async fn session_future_is_small() {
         let upstream = Arc::new(Upstream::new(&["http://127.0.0.1:1".to_string()]).unwrap());
-        let hub = Hub::start(Config::parse_from(["etcd-fanout"]), upstream);
+        let config = Config::parse_from(["etcd-fanout"]);
+        let access = Access::start(&config, upstream.clone());
+        let hub = Hub::start(config, upstream);
         let (tx, _rx) = mpsc::channel(1);
-        let session = Session::new(hub, MetadataMap::new(), tx);
+        let session = Session::new(hub, access, MetadataMap::new(), tx);
         let requests = futures::stream::empty::<Result<WatchRequest, Status>>();
         let fut = session.run(requests);
         let size = std::mem::size_of_val(&fut);

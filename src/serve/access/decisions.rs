@@ -27,7 +27,7 @@ use tonic::{Code, Request, Status};
 use super::identity::TOKEN;
 use crate::metrics;
 use crate::proto::etcdserverpb::RangeRequest;
-use crate::upstream::Upstream;
+use crate::source::upstream::Upstream;
 
 /// Longest wait for a probe's answer before the request is forwarded instead.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);

@@ -21,7 +21,7 @@ use tonic::{Code, Status};
 
 use crate::metrics;
 use crate::proto::etcdserverpb::RangeRequest;
-use crate::upstream::Upstream;
+use crate::source::upstream::Upstream;
 
 /// A key no one writes, read by the auth poll.
 const POLL_KEY: &[u8] = b"\0etcd-fanout/auth-probe";

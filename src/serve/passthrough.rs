@@ -11,9 +11,9 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::access::Access;
 use crate::proto::etcdserverpb::*;
-use crate::upstream::{forward, Upstream};
+use crate::serve::access::Access;
+use crate::source::upstream::{forward, Upstream};
 
 /// A boxed response stream, as the streaming methods return.
 pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;

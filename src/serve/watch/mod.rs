@@ -4,8 +4,8 @@
 //! - Inside a configured prefix a watch is a [`watcher::CachedWatch`], a cursor the session
 //!   advances over the prefix's cache (never etcd, unless it needs revisions older than the
 //!   cache window: then [`relay::catch_up`] replays them from etcd);
-//! - outside every prefix (or with credentials) [`relay::run_uncached`] holds a dedicated
-//!   upstream watch for it.
+//! - outside every prefix (or while etcd's auth state is unknown, or when a permission probe
+//!   could not decide) [`relay::run_uncached`] holds a dedicated upstream watch for it.
 //!
 //! Events are encoded once per watch [`shape`] and revision and shared ([`frame`]). All of a
 //! session's responses go through one bounded channel to the client, so a client that stops
@@ -25,9 +25,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
-use crate::hub::Hub;
-use crate::passthrough::BoxStream;
 use crate::proto::etcdserverpb::{WatchCreateRequest, WatchRequest, WatchResponse};
+use crate::serve::access::Access;
+use crate::serve::passthrough::BoxStream;
+use crate::source::hub::Hub;
 use frame::Frame;
 use session::Session;
 use shape::Shape;
@@ -64,12 +65,14 @@ pub struct WatchSpec {
 pub struct WatchService {
     /// Feeds and upstream.
     hub: Arc<Hub>,
+    /// etcd's decisions for watch creates the caches could serve.
+    access: Arc<Access>,
 }
 
 impl WatchService {
-    /// A watch service over `hub`.
-    pub fn new(hub: Arc<Hub>) -> Self {
-        WatchService { hub }
+    /// A watch service over `hub`, checking creates with `access`.
+    pub fn new(hub: Arc<Hub>, access: Arc<Access>) -> Self {
+        WatchService { hub, access }
     }
 
     /// Runs a watch session over `requests`; the returned stream carries every response.
@@ -92,7 +95,7 @@ impl WatchService {
         S: Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
     {
         let (tx, rx) = mpsc::channel(SESSION_BUFFER);
-        let session = Session::new(self.hub.clone(), metadata, tx);
+        let session = Session::new(self.hub.clone(), self.access.clone(), metadata, tx);
         tokio::spawn(session.run(requests));
         Box::pin(ReceiverStream::new(rx).map(Frame::into_item))
     }

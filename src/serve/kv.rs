@@ -13,16 +13,16 @@ use prost::Message;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
-use crate::access::Verdict;
 use crate::error::Error;
-use crate::feed::Feed;
-use crate::hub::Hub;
 use crate::keys::KeyRange;
 use crate::metrics;
 use crate::proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 use crate::proto::etcdserverpb::*;
 use crate::proto::mvccpb::KeyValue;
-use crate::upstream::forward;
+use crate::serve::access::{Access, Verdict};
+use crate::source::feed::Feed;
+use crate::source::hub::Hub;
+use crate::source::upstream::forward;
 
 /// Go's `sort.Sort` is an insertion sort (stable) up to this many elements; above it, the
 /// order of equal elements is etcd's own, so such sorts are forwarded.
@@ -33,12 +33,28 @@ const GO_STABLE_SORT_MAX: usize = 12;
 pub struct KvService {
     /// Feeds and upstream.
     hub: Arc<Hub>,
+    /// Recent range answers of each feed (same order as [`Hub::feeds`]), shared by identical
+    /// reads.
+    memos: Arc<[RangeMemo]>,
+    /// etcd's decisions for callers of cached ranges.
+    access: Arc<Access>,
 }
 
 impl KvService {
-    /// A KV service over `hub`.
-    pub fn new(hub: Arc<Hub>) -> Self {
-        KvService { hub }
+    /// A KV service over `hub`, checking callers with `access`.
+    pub fn new(hub: Arc<Hub>, access: Arc<Access>) -> Self {
+        let memos = hub.feeds().iter().map(|_| RangeMemo::default()).collect();
+        KvService { hub, memos, access }
+    }
+
+    /// The range memo of `feed`.
+    fn memo(&self, feed: &Feed) -> Option<&RangeMemo> {
+        let i = self
+            .hub
+            .feeds()
+            .iter()
+            .position(|f| std::ptr::eq(Arc::as_ptr(f), feed))?;
+        self.memos.get(i)
     }
 
     /// Answers a range, from the cache when possible.
@@ -64,7 +80,6 @@ impl KvService {
         if cached.is_some() {
             // etcd's permission check comes before the read (and its revision errors).
             match self
-                .hub
                 .access
                 .check(metadata, &req.key, &req.range_end, true)
                 .await
@@ -87,7 +102,7 @@ impl KvService {
             .kv()
             .range(forward(metadata, req))
             .await
-            .inspect_err(|s| self.hub.access.observe_status(s))?;
+            .inspect_err(|s| self.access.observe_status(s))?;
         self.hub
             .upstream
             .observe_header(resp.get_ref().header.as_ref());
@@ -167,7 +182,8 @@ impl KvService {
             ..req.clone()
         }
         .encode_to_vec();
-        if let Some(body) = feed.range_memo().get(&key) {
+        let memo = self.memo(feed);
+        if let Some(body) = memo.and_then(|m| m.get(&key)) {
             return Some(RangeAnswer::Cached(header, body));
         }
         let kvs = feed.cache().kvs_at(range, at)?;
@@ -176,7 +192,9 @@ impl KvService {
             header: None,
             ..resp
         }));
-        feed.range_memo().put(key, body.clone());
+        if let Some(memo) = memo {
+            memo.put(key, body.clone());
+        }
         Some(RangeAnswer::Cached(header, body))
     }
 }

@@ -27,7 +27,7 @@ use tonic::Status;
 use crate::config::Config;
 use crate::error::Error;
 use crate::metrics;
-use crate::upstream::Upstream;
+use crate::source::upstream::Upstream;
 use decisions::{Decision, Decisions};
 pub use state::AuthState;
 use state::State;

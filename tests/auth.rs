@@ -509,3 +509,431 @@ async fn decisions_match_etcd_and_nothing_leaks() {
         );
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// The HTTP/JSON gateway
+// ------------------------------------------------------------------------------------------
+
+/// A token from the gateway at `port` (`POST /v3/auth/authenticate`, as APISIX logs in).
+fn gw_login(port: u16, user: &str) -> String {
+    let r = gwhttp::post(
+        port,
+        "/v3/auth/authenticate",
+        &format!(r#"{{"name":"{user}","password":"{PASSWORD}"}}"#),
+    );
+    r.json()["token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no token: {}", r.text()))
+        .to_string()
+}
+
+/// How a gateway client presents its token (`{t}` is replaced by the token).
+const CARRIERS: &[&[(&str, &str)]] = &[
+    &[("Authorization", "{t}")],
+    &[("Grpc-Metadata-Token", "{t}")],
+    &[("Grpc-Metadata-Token", "{t}"), ("Authorization", "bogus")],
+    &[("Authorization", "{t}"), ("Grpc-Metadata-Token", "bogus")],
+    &[("Authorization", "Bearer {t}")],
+];
+
+fn headers(carrier: &[(&'static str, &'static str)], token: &str) -> Vec<(&'static str, String)> {
+    carrier
+        .iter()
+        .map(|(k, v)| (*k, v.replace("{t}", token)))
+        .collect()
+}
+
+/// The first message of a watch stream opened with `headers` (and the stream, kept open).
+fn gw_watch(port: u16, headers: &[(&str, String)], body: &str) -> (gwhttp::Conn, String) {
+    let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut c = gwhttp::Conn::send(port, "POST", "/v3/watch", &h, body.as_bytes()).expect("watch");
+    c.set_timeout(Duration::from_secs(10));
+    c.read_head().expect("watch head");
+    let first = c.next_chunk().ok().flatten().unwrap_or_default();
+    let text = format!(
+        "status {} {}",
+        c.status,
+        gwhttp::mask(&String::from_utf8_lossy(&first), gwhttp::IDENTITY)
+    );
+    (c, text)
+}
+
+#[test]
+fn gateway_decisions_match_etcd() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let a = common::Etcd::start();
+    let b = common::Etcd::start();
+    let proxy = common::Proxy::start(&b.url, &["/apisix/"]);
+    rt.block_on(async {
+        for url in [&a.url, &b.url] {
+            for (i, k) in KEYS.iter().enumerate() {
+                put_as(url, None, k, &format!("v{i}")).await;
+            }
+            create_users(url).await;
+            enable_auth(url).await;
+        }
+        wait_auth(&proxy.url, true).await;
+    });
+    let (ea, pp) = (a.port, proxy.port);
+    let mut compared = 0;
+    let mut seen = String::new();
+    let mut open = Vec::new();
+    for who in ["", "bogus", "root", "pre", "adj", "wo", "pt"] {
+        let (ta, tp) = match who {
+            "" | "bogus" => (who.to_string(), who.to_string()),
+            u => (gw_login(ea, u), gw_login(pp, u)),
+        };
+        let carriers: Vec<&[(&str, &str)]> = if who.is_empty() {
+            vec![&[]]
+        } else {
+            CARRIERS.to_vec()
+        };
+        for carrier in carriers {
+            let (ha, hp) = (headers(carrier, &ta), headers(carrier, &tp));
+            let ha_ref: Vec<(&str, &str)> = ha.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let hp_ref: Vec<(&str, &str)> = hp.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            for (k, e) in RANGES {
+                for extra in ["", r#","serializable":true"#] {
+                    let body = format!(
+                        r#"{{"key":"{}","range_end":"{}"{extra}}}"#,
+                        gwhttp::b64(k),
+                        gwhttp::b64(e)
+                    );
+                    let ra = gwhttp::request(ea, "POST", "/v3/kv/range", &ha_ref, body.as_bytes())
+                        .expect("etcd range");
+                    let rp = gwhttp::request(pp, "POST", "/v3/kv/range", &hp_ref, body.as_bytes())
+                        .expect("proxy range");
+                    let (sa, sp) = (
+                        gwhttp::render(&ra, gwhttp::IDENTITY),
+                        gwhttp::render(&rp, gwhttp::IDENTITY),
+                    );
+                    assert_eq!(sa, sp, "{who} {carrier:?} range {body}");
+                    seen.push_str(&sa);
+                    compared += 1;
+                }
+                let body = format!(
+                    r#"{{"create_request":{{"key":"{}","range_end":"{}"}}}}"#,
+                    gwhttp::b64(k),
+                    gwhttp::b64(e)
+                );
+                let (ca, wa) = gw_watch(ea, &ha, &body);
+                let (cp, wp) = gw_watch(pp, &hp, &body);
+                assert_eq!(wa, wp, "{who} {carrier:?} watch {body}");
+                seen.push_str(&wa);
+                compared += 1;
+                if wa.contains(r#""created":true"#) && !wa.contains("canceled") {
+                    open.push((format!("{who} {carrier:?} {k} {e}"), ca, cp));
+                }
+            }
+        }
+    }
+    // The permitted watches get the same events.
+    rt.block_on(async {
+        for url in [&a.url, &b.url] {
+            let root = login(url, "root").await;
+            put_as(url, Some(&root), "/apisix/b1", "new").await;
+        }
+    });
+    let mut events = 0;
+    for (what, mut ca, mut cp) in open {
+        let (mut xa, mut xp) = (String::new(), String::new());
+        for (c, x) in [(&mut ca, &mut xa), (&mut cp, &mut xp)] {
+            c.set_timeout(Duration::from_millis(700));
+            if let Ok(Some(chunk)) = c.next_chunk() {
+                *x = gwhttp::mask(&String::from_utf8_lossy(&chunk), gwhttp::IDENTITY);
+            }
+        }
+        assert_eq!(xa, xp, "events of {what}");
+        events += usize::from(!xa.is_empty());
+    }
+    assert!(
+        compared > 500 && events > 5,
+        "{compared} answers, {events} events"
+    );
+    for needle in [
+        "status 400",
+        "status 401",
+        "status 403",
+        "etcdserver: user name is empty",
+        r#""cancel_reason":"rpc error: code = PermissionDenied desc = etcdserver: permission denied""#,
+        r#""cancel_reason":"rpc error: code = Unauthenticated desc = etcdserver: invalid auth token""#,
+        r#""cancel_reason":"rpc error: code = InvalidArgument desc = etcdserver: user name is empty""#,
+    ] {
+        assert!(
+            seen.contains(needle),
+            "no {needle} among the answers: {}",
+            &seen[..2000.min(seen.len())]
+        );
+    }
+    eprintln!("gateway: {compared} answers and {events} event messages equal to etcd's");
+}
+
+// ------------------------------------------------------------------------------------------
+// Auth turned on and off under open watches
+// ------------------------------------------------------------------------------------------
+
+async fn disable_auth(url: &str, root: &str) {
+    AuthClient::new(channel(url).await)
+        .auth_disable(req(
+            etcd_fanout::proto::etcdserverpb::AuthDisableRequest {},
+            Some(root),
+        ))
+        .await
+        .expect("auth disable");
+}
+
+fn prefix_watch(prefix: &str) -> WatchCreateRequest {
+    WatchCreateRequest {
+        key: b(prefix),
+        range_end: diff::prefix_end(prefix),
+        ..Default::default()
+    }
+}
+
+/// Open watches live through `auth enable` and `auth disable` (etcd never re-checks them);
+/// new creates get etcd's answer for the state of the moment, noticed within the poll. With
+/// auth off again, etcd 3.4.23 still refuses a token it does not know.
+async fn enable_disable(side: Side, rec: Rec) {
+    for (i, k) in KEYS.iter().enumerate() {
+        put_as(&side.etcd_url, None, k, &format!("v{i}")).await;
+    }
+    create_users(&side.etcd_url).await;
+    let quiet = Duration::from_millis(600);
+    let mut got = Vec::new();
+    let mut anon = WatchConn::open_with(&mut WatchClient::new(channel(&side.url).await), md(None));
+    anon.create(prefix_watch("/apisix/"));
+    for l in drain(&mut anon, quiet, &mut got).await {
+        rec.note(format!("auth off, tokenless create: {l}"));
+    }
+
+    enable_auth(&side.etcd_url).await;
+    wait_auth(&side.url, true).await;
+    let root = login(&side.etcd_url, "root").await;
+    anon.create(prefix_watch("/apisix/routes/"));
+    for l in drain(&mut anon, quiet, &mut got).await {
+        rec.note(format!("auth on, tokenless create: {l}"));
+    }
+    let pre = login(&side.url, "pre").await;
+    let mut user = WatchConn::open_with(
+        &mut WatchClient::new(channel(&side.url).await),
+        md(Some(&pre)),
+    );
+    user.create(prefix_watch("/apisix/routes/"));
+    user.create(prefix_watch("/apisix/"));
+    for l in drain(&mut user, quiet, &mut got).await {
+        rec.note(format!("auth on, pre creates: {l}"));
+    }
+    put_as(&side.etcd_url, Some(&root), "/apisix/routes/9", "on").await;
+    for (name, c) in [("tokenless", &mut anon), ("pre", &mut user)] {
+        for l in drain(c, quiet, &mut got).await {
+            rec.note(format!("auth on, {name} stream gets: {l}"));
+        }
+    }
+
+    disable_auth(&side.etcd_url, &root).await;
+    wait_auth(&side.url, false).await;
+    anon.create(prefix_watch("/apisix/routes/"));
+    user.create(prefix_watch("/apisix/"));
+    let mut bogus = WatchConn::open_with(
+        &mut WatchClient::new(channel(&side.url).await),
+        md(Some("bogus")),
+    );
+    bogus.create(prefix_watch("/apisix/"));
+    for (name, c) in [
+        ("tokenless", &mut anon),
+        ("pre", &mut user),
+        ("bogus", &mut bogus),
+    ] {
+        for l in drain(c, quiet, &mut got).await {
+            rec.note(format!("auth off again, {name} creates: {l}"));
+        }
+    }
+    put_as(&side.etcd_url, None, "/apisix/routes/10", "off").await;
+    for (name, c) in [
+        ("tokenless", &mut anon),
+        ("pre", &mut user),
+        ("bogus", &mut bogus),
+    ] {
+        for l in drain(c, quiet, &mut got).await {
+            rec.note(format!("auth off again, {name} stream gets: {l}"));
+        }
+    }
+    let mut kv = KvClient::new(channel(&side.url).await);
+    let r = kv
+        .range(req(
+            RangeRequest {
+                key: b("/apisix/"),
+                range_end: diff::prefix_end("/apisix/"),
+                serializable: true,
+                keys_only: true,
+                ..Default::default()
+            },
+            Some("bogus"),
+        ))
+        .await;
+    rec.note(format!(
+        "auth off again, bogus token range: {}",
+        show_range(r)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn auth_enabled_and_disabled_under_open_watches() {
+    let env = diff::Env::start(Opts::default()).await;
+    let (r, t) = tokio::join!(
+        run_side(env.reference(), enable_disable),
+        run_side(env.target(), enable_disable)
+    );
+    diff::assert_same("auth on and off", &r, &t, &env.target_log());
+    let text = r.join("\n");
+    for needle in [
+        "auth on, tokenless create: id=-1",
+        "auth on, tokenless stream gets: id=0",
+        "auth on, pre creates: id=0 rev=9 created=true canceled=false",
+        // etcd 3.4.23 still validates tokens with auth off (ignored only from 3.4.28 on).
+        "auth off again, bogus creates: id=-1 rev=10 created=true canceled=true",
+        "auth off again, bogus token range: ERR code=Unauthenticated",
+        "auth off again, tokenless stream gets: id=1",
+    ] {
+        assert!(text.contains(needle), "no {needle:?} in the transcript");
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Revocation
+// ------------------------------------------------------------------------------------------
+
+/// A permission revoked directly on etcd is refused through the proxy within the decision TTL
+/// (plus one poll); one revoked through the proxy at once. Open watches keep running, as on
+/// etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn revoked_permission_is_refused_within_the_decision_ttl() {
+    const TTL: Duration = Duration::from_secs(2);
+    let etcd = diff::start_etcd(&[]).await;
+    let proxy = diff::start_proxy(
+        &etcd.url,
+        &["/apisix/".into()],
+        &["--auth-decision-ttl".into(), "2s".into()],
+    )
+    .await;
+    for (i, k) in KEYS.iter().enumerate() {
+        put_as(&etcd.url, None, k, &format!("v{i}")).await;
+    }
+    create_users(&etcd.url).await;
+    enable_auth(&etcd.url).await;
+    wait_auth(&proxy.url, true).await;
+    let root = login(&etcd.url, "root").await;
+    let ro = login(&proxy.url, "ro").await;
+    let read = |url: String, token: String| async move {
+        KvClient::new(channel(&url).await)
+            .range(req(
+                RangeRequest {
+                    key: b("/apisix/"),
+                    range_end: diff::prefix_end("/apisix/"),
+                    serializable: true,
+                    ..Default::default()
+                },
+                Some(&token),
+            ))
+            .await
+    };
+    read(proxy.url.clone(), ro.clone()).await.expect("ro reads");
+    let mut open = WatchConn::open_with(
+        &mut WatchClient::new(channel(&proxy.url).await),
+        md(Some(&ro)),
+    );
+    open.create(prefix_watch("/apisix/"));
+    let mut got = Vec::new();
+    drain(&mut open, Duration::from_millis(500), &mut got).await;
+    assert!(got.iter().any(|m| m.created && !m.canceled), "{got:?}");
+
+    // Revoke on etcd directly (the proxy does not see it).
+    let revoke = |url: String, root: String| async move {
+        AuthClient::new(channel(&url).await)
+            .role_revoke_permission(req(
+                etcd_fanout::proto::etcdserverpb::AuthRoleRevokePermissionRequest {
+                    role: "ro0".into(),
+                    key: b("/apisix/"),
+                    range_end: b("/apisix0"),
+                },
+                Some(&root),
+            ))
+            .await
+            .expect("revoke")
+    };
+    let grant = |url: String, root: String| async move {
+        AuthClient::new(channel(&url).await)
+            .role_grant_permission(req(
+                AuthRoleGrantPermissionRequest {
+                    name: "ro0".into(),
+                    perm: Some(authpb::Permission {
+                        perm_type: authpb::permission::Type::Read as i32,
+                        key: b("/apisix/"),
+                        range_end: b("/apisix0"),
+                    }),
+                },
+                Some(&root),
+            ))
+            .await
+            .expect("grant")
+    };
+    read(proxy.url.clone(), ro.clone())
+        .await
+        .expect("still allowed");
+    revoke(etcd.url.clone(), root.clone()).await;
+    let revoked = Instant::now();
+    let direct = read(etcd.url.clone(), ro.clone()).await;
+    assert_eq!(
+        direct.expect_err("etcd refuses at once").message(),
+        "etcdserver: permission denied"
+    );
+    let delay = loop {
+        match read(proxy.url.clone(), ro.clone()).await {
+            Ok(_) => {
+                assert!(
+                    revoked.elapsed() < TTL + Duration::from_secs(2),
+                    "still served {:?} after the revocation",
+                    revoked.elapsed()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(s) => {
+                assert_eq!(s.message(), "etcdserver: permission denied");
+                break revoked.elapsed();
+            }
+        }
+    };
+    eprintln!("revoked on etcd: refused through the proxy after {delay:?} (TTL {TTL:?})");
+    // A new watch is refused too; the open one keeps its events (etcd does not re-check).
+    let mut late = WatchConn::open_with(
+        &mut WatchClient::new(channel(&proxy.url).await),
+        md(Some(&ro)),
+    );
+    late.create(prefix_watch("/apisix/"));
+    let mut refused = Vec::new();
+    drain(&mut late, Duration::from_millis(500), &mut refused).await;
+    assert!(
+        refused.iter().any(|m| m.canceled
+            && m.cancel_reason
+                == "rpc error: code = PermissionDenied desc = etcdserver: permission denied"),
+        "{refused:?}"
+    );
+    put_as(&etcd.url, Some(&root), "/apisix/a9", "after").await;
+    got.clear();
+    drain(&mut open, Duration::from_millis(700), &mut got).await;
+    assert!(
+        got.iter().any(|m| !m.events.is_empty()),
+        "open watch: {got:?}"
+    );
+
+    // Granted and revoked through the proxy: seen by the next request.
+    grant(proxy.url.clone(), root.clone()).await;
+    read(proxy.url.clone(), ro.clone())
+        .await
+        .expect("granted through the proxy: allowed at once");
+    revoke(proxy.url.clone(), root.clone()).await;
+    let s = read(proxy.url.clone(), ro.clone())
+        .await
+        .expect_err("revoked through the proxy: refused at once");
+    assert_eq!(s.message(), "etcdserver: permission denied");
+}

@@ -4,13 +4,16 @@
 //! per prefix) like anonymous ones.
 //!
 //! - [`identity`]: the caller's token, found as etcd finds it;
-//! - [`state`]: whether auth is on, polled every second (tokens are ignored while it is off,
-//!   as by etcd; nothing is served from the cache while it is unknown);
+//! - [`state`]: whether auth is on, polled every second (nothing is served from the cache
+//!   while it is unknown; with auth off a tokenless request is served without asking);
 //! - [`decisions`]: per `(token, key, range_end)` decisions made by etcd (one probe, shared,
 //!   remembered for a bounded time).
 //!
 //! A tokenless request while auth is on gets etcd's refusal (`user name is empty`) without
-//! asking etcd. Watches are checked when created only, as etcd checks them.
+//! asking etcd. A request with a token is decided by etcd (a probe) whether auth is on or off:
+//! etcd 3.4.23 validates a token it is sent even with auth off (the fix that ignores it came
+//! in 3.4.28), so a stale or bogus token is refused there too. Watches are checked when
+//! created only, as etcd checks them.
 
 pub mod decisions;
 pub mod identity;
@@ -99,44 +102,44 @@ impl Access {
         range_end: &Bytes,
         cacheable: bool,
     ) -> Verdict {
-        match self.state.get() {
-            AuthState::Off => Verdict::Serve,
-            AuthState::Unknown => {
-                metrics::AUTH_UNKNOWN_FORWARDS.inc();
-                Verdict::Forward
+        let state = self.state.get();
+        if state == AuthState::Unknown {
+            metrics::AUTH_UNKNOWN_FORWARDS.inc();
+            return Verdict::Forward;
+        }
+        match identity::token(metadata) {
+            None if state == AuthState::Off => Verdict::Serve,
+            None => {
+                metrics::AUTH_DENIALS.inc();
+                Verdict::Refuse(Error::UserEmpty)
             }
-            AuthState::On => match identity::token(metadata) {
-                None => {
-                    metrics::AUTH_DENIALS.inc();
-                    Verdict::Refuse(Error::UserEmpty)
-                }
-                Some(_) if !cacheable => Verdict::Forward,
-                Some(token) => {
-                    let epoch = self.state.epoch();
-                    let decided = Box::pin(self.decisions.decide(
-                        &self.upstream,
-                        epoch,
-                        token,
-                        key,
-                        range_end,
-                    ))
+            Some(_) if !cacheable => Verdict::Forward,
+            // Also while auth is off: etcd 3.4 (before 3.4.28) still validates a token it is
+            // sent, and with auth off it knows no simple token (`invalid auth token`), while
+            // a JWT passes. The probe gets whichever answer the fronted etcd gives.
+            Some(token) => {
+                let epoch = self.state.epoch();
+                let decided =
+                    Box::pin(
+                        self.decisions
+                            .decide(&self.upstream, epoch, token, key, range_end),
+                    )
                     .await;
-                    match decided {
-                        Ok(Decision::Allow) => Verdict::Serve,
-                        Ok(deny) => {
-                            metrics::AUTH_DENIALS.inc();
-                            match deny.status() {
-                                Some(s) => {
-                                    self.state.observe(&s);
-                                    Verdict::Refuse(Error::Upstream(s))
-                                }
-                                None => Verdict::Forward,
+                match decided {
+                    Ok(Decision::Allow) => Verdict::Serve,
+                    Ok(deny) => {
+                        metrics::AUTH_DENIALS.inc();
+                        match deny.status() {
+                            Some(s) => {
+                                self.state.observe(&s);
+                                Verdict::Refuse(Error::Upstream(s))
                             }
+                            None => Verdict::Forward,
                         }
-                        Err(_) => Verdict::Forward,
                     }
+                    Err(_) => Verdict::Forward,
                 }
-            },
+            }
         }
     }
 

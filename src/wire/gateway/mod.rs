@@ -39,7 +39,7 @@ pub mod json;
 pub mod stream;
 pub mod upstream_http;
 
-use crate::wire::http1::{BodyError, ReqBody};
+use crate::wire::body::{BodyError, ReqBody};
 use bytes::Bytes;
 use futures::StreamExt;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -59,7 +59,7 @@ use crate::wire::grpc::MAX_DECODING_MESSAGE;
 /// Largest request body read. etcd has no limit, but nothing above this can be a valid etcd
 /// request (2 MiB of protobuf is under 3 MiB of base64 JSON); larger bodies get the answer
 /// etcd's gRPC server gives an oversized message.
-const MAX_BODY: usize = crate::wire::http1::MAX_BODY;
+const MAX_BODY: usize = crate::wire::body::MAX_BODY;
 
 /// Every `POST` route of etcd 3.4's gateway (`google.api.http` options of `rpc.proto`, plus
 /// the lock and election services).

@@ -4,6 +4,5 @@
 pub mod body;
 pub mod gateway;
 pub mod grpc;
-pub mod http;
 pub mod http1;
 pub mod server;

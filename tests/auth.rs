@@ -937,3 +937,132 @@ async fn revoked_permission_is_refused_within_the_decision_ttl() {
         .expect_err("revoked through the proxy: refused at once");
     assert_eq!(s.message(), "etcdserver: permission denied");
 }
+
+// ------------------------------------------------------------------------------------------
+// Fan-out for authenticated clients
+// ------------------------------------------------------------------------------------------
+
+/// Sum of the samples of `name` whose labels contain `label` in a Prometheus text.
+fn metric_with(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// 1,000 watchers of 10 users through the proxy: etcd serves one watcher (the proxy's), and
+/// the permission checks cost etcd one probe per user and key range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn authenticated_watchers_share_one_upstream_watch() {
+    const USERS_N: usize = 10;
+    const STREAMS: usize = 4;
+    const PER_STREAM: usize = 25;
+    const WRITES: usize = 20;
+    let etcd = diff::start_etcd(&[]).await;
+    let proxy = diff::start_proxy(&etcd.url, &["/apisix/".into()], &[]).await;
+    let mut auth = AuthClient::new(channel(&etcd.url).await);
+    auth.role_add(AuthRoleAddRequest { name: "rd".into() })
+        .await
+        .expect("role");
+    auth.role_grant_permission(AuthRoleGrantPermissionRequest {
+        name: "rd".into(),
+        perm: Some(authpb::Permission {
+            perm_type: authpb::permission::Type::Read as i32,
+            key: b("/apisix/"),
+            range_end: b("/apisix0"),
+        }),
+    })
+    .await
+    .expect("grant");
+    for i in 0..USERS_N {
+        let user = format!("u{i}");
+        auth.user_add(AuthUserAddRequest {
+            name: user.clone(),
+            password: PASSWORD.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("user");
+        auth.user_grant_role(AuthUserGrantRoleRequest {
+            user,
+            role: "rd".into(),
+        })
+        .await
+        .expect("user grant");
+    }
+    create_users(&etcd.url).await; // root and the test roles
+    enable_auth(&etcd.url).await;
+    wait_auth(&proxy.url, true).await;
+    let ranges_before = metric_with(
+        &diff::http_get_body(etcd.port, "/metrics")
+            .expect("metrics")
+            .1,
+        "grpc_server_handled_total",
+        r#"grpc_method="Range""#,
+    );
+    let probes_before = common::metric_value(&proxy.metrics(), "etcd_fanout_auth_probes_total");
+    let started = Instant::now();
+
+    let mut conns = Vec::new();
+    for i in 0..USERS_N {
+        let token = login(&proxy.url, &format!("u{i}")).await;
+        let ch = channel(&proxy.url).await;
+        for _ in 0..STREAMS {
+            let mut c = WatchConn::open_with(&mut WatchClient::new(ch.clone()), md(Some(&token)));
+            for _ in 0..PER_STREAM {
+                c.create(prefix_watch("/apisix/"));
+            }
+            conns.push(c);
+        }
+    }
+    let mut created = 0;
+    for c in &mut conns {
+        for _ in 0..PER_STREAM {
+            match c.next(Duration::from_secs(20)).await {
+                Next::Msg(m) if m.created && !m.canceled => created += 1,
+                other => panic!("create: {other:?}"),
+            }
+        }
+    }
+    let create_time = started.elapsed();
+    assert_eq!(created, USERS_N * STREAMS * PER_STREAM);
+    let root = login(&etcd.url, "root").await;
+    for i in 0..WRITES {
+        put_as(&etcd.url, Some(&root), &format!("/apisix/routes/{i}"), "v").await;
+    }
+    let mut delivered = 0;
+    for c in &mut conns {
+        let mut events = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while events < PER_STREAM * WRITES && Instant::now() < deadline {
+            match c.next(Duration::from_secs(10)).await {
+                Next::Msg(m) => events += m.events.len(),
+                other => panic!("events: {other:?}"),
+            }
+        }
+        assert_eq!(events, PER_STREAM * WRITES);
+        delivered += events;
+    }
+    let etcd_metrics = diff::http_get_body(etcd.port, "/metrics")
+        .expect("metrics")
+        .1;
+    let watchers = common::metric_value(&etcd_metrics, "etcd_debugging_mvcc_watcher_total");
+    let ranges = metric_with(
+        &etcd_metrics,
+        "grpc_server_handled_total",
+        r#"grpc_method="Range""#,
+    ) - ranges_before;
+    let probes =
+        common::metric_value(&proxy.metrics(), "etcd_fanout_auth_probes_total") - probes_before;
+    eprintln!(
+        "fan-out under auth: {created} watchers of {USERS_N} users created in {create_time:?}, \
+         {delivered} events delivered; etcd: {watchers} watcher(s), {ranges} Range calls in \
+         {:?} (permission probes {probes}, the rest the proxy's polls)",
+        started.elapsed()
+    );
+    assert_eq!(watchers, 1.0, "etcd serves only the proxy's watch");
+    assert!(
+        probes >= USERS_N as f64 && probes <= (2 * USERS_N) as f64,
+        "{probes} probes for {USERS_N} users"
+    );
+}

@@ -1008,7 +1008,7 @@ async fn authenticated_watchers_share_one_upstream_watch() {
         let token = login(&proxy.url, &format!("u{i}")).await;
         let ch = channel(&proxy.url).await;
         for _ in 0..STREAMS {
-            let mut c = WatchConn::open_with(&mut WatchClient::new(ch.clone()), md(Some(&token)));
+            let c = WatchConn::open_with(&mut WatchClient::new(ch.clone()), md(Some(&token)));
             for _ in 0..PER_STREAM {
                 c.create(prefix_watch("/apisix/"));
             }

@@ -17,10 +17,10 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use etcd_fanout::proto::etcdserverpb::{
-    auth_client::AuthClient, kv_client::KvClient, watch_client::WatchClient, AuthEnableRequest,
-    AuthRoleAddRequest, AuthRoleGrantPermissionRequest, AuthUserAddRequest,
-    AuthUserGrantRoleRequest, AuthenticateRequest, PutRequest, RangeRequest, WatchCreateRequest,
-    WatchResponse,
+    auth_client::AuthClient, kv_client::KvClient, request_op, watch_client::WatchClient,
+    AuthEnableRequest, AuthRoleAddRequest, AuthRoleGrantPermissionRequest, AuthUserAddRequest,
+    AuthUserGrantRoleRequest, AuthenticateRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
+    WatchCreateRequest, WatchResponse,
 };
 use etcd_fanout::proto::{authpb, mvccpb::KeyValue};
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
@@ -358,6 +358,43 @@ async fn scenario(side: Side, rec: Rec, received: std::sync::Arc<std::sync::Mute
                 ));
             }
         }
+        // Writes and transactions are forwarded: etcd's answers, whoever asks.
+        let put = kv
+            .put(req(
+                PutRequest {
+                    key: b(&format!("/apisix/w/{}", who.label())),
+                    value: b("w"),
+                    ..Default::default()
+                },
+                token.as_deref(),
+            ))
+            .await
+            .map(|r| r.into_inner().header.map_or(0, |h| h.revision));
+        rec.note(format!(
+            "{} put: {:?}",
+            who.label(),
+            put.map_err(|s| status_str(&s))
+        ));
+        let txn = kv
+            .txn(req(
+                TxnRequest {
+                    success: vec![RequestOp {
+                        request: Some(request_op::Request::RequestRange(RangeRequest {
+                            key: b("/apisix/b1"),
+                            ..Default::default()
+                        })),
+                    }],
+                    ..Default::default()
+                },
+                token.as_deref(),
+            ))
+            .await
+            .map(|r| r.into_inner().responses.len());
+        rec.note(format!(
+            "{} txn: {:?}",
+            who.label(),
+            txn.map_err(|s| status_str(&s))
+        ));
         // One stream of watches from now, one from a past revision.
         for start in [0, 3] {
             let mut conn = WatchConn::open_with(

@@ -1103,3 +1103,92 @@ async fn authenticated_watchers_share_one_upstream_watch() {
         "{probes} probes for {USERS_N} users"
     );
 }
+
+// ------------------------------------------------------------------------------------------
+// Relayed watches with a token across an etcd restart
+// ------------------------------------------------------------------------------------------
+
+/// A token watch etcd must answer (outside every prefix) is relayed; when its token dies (a
+/// password change) and etcd restarts, etcd refuses the relay's re-create: the client's watch
+/// ends with etcd's reason under its own id, and no second `created` ever reaches it. (A simple
+/// token itself survives a restart: etcd replays its `Authenticate` from the WAL.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn relayed_token_watch_ends_once_when_its_token_dies() {
+    let mut etcd = diff::start_etcd(&[]).await;
+    let proxy = diff::start_proxy(&etcd.url, &["/apisix/".into()], &[]).await;
+    put_as(&etcd.url, None, "/other/k", "v").await;
+    create_users(&etcd.url).await;
+    enable_auth(&etcd.url).await;
+    wait_auth(&proxy.url, true).await;
+    let root = login(&etcd.url, "root").await;
+    let mut auth = AuthClient::new(channel(&etcd.url).await);
+    auth.user_add(req(
+        AuthUserAddRequest {
+            name: "tmp".into(),
+            password: PASSWORD.into(),
+            ..Default::default()
+        },
+        Some(&root),
+    ))
+    .await
+    .expect("user add");
+    auth.user_grant_role(req(
+        AuthUserGrantRoleRequest {
+            user: "tmp".into(),
+            role: "root".into(),
+        },
+        Some(&root),
+    ))
+    .await
+    .expect("grant");
+    let tmp = login(&proxy.url, "tmp").await;
+    let mut conn = WatchConn::open_with(
+        &mut WatchClient::new(channel(&proxy.url).await),
+        md(Some(&tmp)),
+    );
+    conn.create(prefix_watch("/other/"));
+    let mut got = Vec::new();
+    drain(&mut conn, Duration::from_millis(800), &mut got).await;
+    assert!(
+        matches!(got.as_slice(), [m] if m.created && !m.canceled && m.watch_id == 0),
+        "{got:?}"
+    );
+    // The password change kills the token (etcd does not re-check the open watch); a restart
+    // breaks the relay's upstream stream, and etcd refuses its re-create.
+    auth.user_change_password(req(
+        etcd_fanout::proto::etcdserverpb::AuthUserChangePasswordRequest {
+            name: "tmp".into(),
+            password: "new".into(),
+            ..Default::default()
+        },
+        Some(&root),
+    ))
+    .await
+    .expect("change password");
+    let _etcd = tokio::task::spawn_blocking(move || {
+        etcd.restart();
+        etcd
+    })
+    .await
+    .expect("restart");
+    got.clear();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline && !got.iter().any(|m| m.canceled) {
+        if let Next::Msg(m) = conn.next(Duration::from_secs(1)).await {
+            got.push(m);
+        }
+    }
+    assert!(
+        got.iter().all(|m| !m.created),
+        "a second created reached the client: {got:?}"
+    );
+    let end = got
+        .iter()
+        .find(|m| m.canceled)
+        .unwrap_or_else(|| panic!("the watch did not end: {got:?}\n{}", proxy.log()));
+    assert_eq!(end.watch_id, 0);
+    assert_eq!(
+        end.cancel_reason,
+        "rpc error: code = Unauthenticated desc = etcdserver: invalid auth token"
+    );
+}

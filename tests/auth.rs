@@ -1159,7 +1159,6 @@ async fn relayed_token_watch_ends_once_when_its_token_dies() {
         etcd_fanout::proto::etcdserverpb::AuthUserChangePasswordRequest {
             name: "tmp".into(),
             password: "new".into(),
-            ..Default::default()
         },
         Some(&root),
     ))

@@ -139,18 +139,6 @@ impl Etcd {
     pub async fn channel(&self) -> Channel {
         channel(&self.url).await
     }
-
-    /// etcd's Prometheus metrics text (served on the client port).
-    pub fn metrics(&self) -> String {
-        http_get(self.port, "/metrics")
-            .map(|(_, b)| b)
-            .unwrap_or_default()
-    }
-
-    /// Sum of the values of a metric family in [`Etcd::metrics`].
-    pub fn metric(&self, name: &str) -> f64 {
-        metric_value(&self.metrics(), name)
-    }
 }
 
 impl Drop for Etcd {
@@ -347,6 +335,7 @@ pub fn wait_http_ok(port: u16, path: &str, timeout: Duration) -> Result<(), Stri
     }
     Err(format!("GET {path} on port {port}: {last}"))
 }
+
 /// The range end that selects every key starting with `prefix` (etcd's `GetPrefixRangeEnd`):
 /// [`etcd_fanout::keys::prefix_end`], or `"\0"` (every key) when `prefix` has no end.
 pub fn range_end(prefix: impl AsRef<[u8]>) -> Bytes {

@@ -4,7 +4,6 @@
 use std::fmt::Debug;
 use std::time::Duration;
 
-use bytes::Bytes;
 use etcd_fanout::proto::etcdserverpb::{
     watch_client::WatchClient, watch_request::RequestUnion, WatchCancelRequest, WatchCreateRequest,
     WatchProgressRequest, WatchRequest, WatchResponse,
@@ -65,16 +64,6 @@ impl WatchConn {
         self.send(RequestUnion::CreateRequest(c));
     }
 
-    /// Creates a watch on `[key, end)` from `start`.
-    pub fn create_range(&self, key: &str, end: &[u8], start: i64) {
-        self.create(WatchCreateRequest {
-            key: b(key),
-            range_end: Bytes::copy_from_slice(end),
-            start_revision: start,
-            ..Default::default()
-        });
-    }
-
     /// Creates a prefix watch from `start` (0 = now).
     pub fn create_prefix(&self, prefix: &str, start: i64) {
         self.create(WatchCreateRequest {
@@ -93,11 +82,6 @@ impl WatchConn {
 
     pub fn progress(&self) {
         self.send(RequestUnion::ProgressRequest(WatchProgressRequest {}));
-    }
-
-    /// Half-closes the request side.
-    pub fn close_send(&mut self) {
-        self.tx = None;
     }
 
     /// Next message within `t`.
@@ -166,40 +150,6 @@ impl WatchConn {
         }
         if let Some(x) = tail {
             record_abnormal(rec, label, x, msgs.len(), n);
-        }
-        msgs
-    }
-
-    /// Receives messages until `events` events in total arrived (each message within
-    /// [`MSG_TIMEOUT`]) and records them. Messages without events are recorded too.
-    pub async fn expect_events(
-        &mut self,
-        rec: &Rec,
-        label: &str,
-        events: usize,
-    ) -> Vec<WatchResponse> {
-        let mut msgs = Vec::new();
-        let mut got = 0;
-        let mut tail = None;
-        while got < events {
-            match self.next(MSG_TIMEOUT).await {
-                Next::Msg(m) => {
-                    got += m.events.len();
-                    msgs.push(m);
-                }
-                other => {
-                    tail = Some(other);
-                    break;
-                }
-            }
-        }
-        msgs.sort_by_key(|m| m.watch_id);
-        for m in &msgs {
-            rec.push(label, m);
-        }
-        if let Some(x) = tail {
-            rec.note(format!("{label}: (got {got} of {events} events)"));
-            record_abnormal(rec, label, x, msgs.len(), usize::MAX);
         }
         msgs
     }

@@ -10,9 +10,6 @@
 //! A leak checker then replays, for every identity, each key-value it received through the
 //! proxy as a direct read on etcd with the same identity: etcd must give it the same bytes.
 
-mod common;
-mod gwhttp;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -26,7 +23,8 @@ use etcd_fanout::proto::{authpb, mvccpb::KeyValue};
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 use tonic::transport::Channel;
 
-use common::diff::{self, b, status_str, Next, Opts, Rec, Side, WatchConn};
+use testkit::diff::{self, b, status_str, Next, Opts, Rec, Side, WatchConn};
+use testkit::{gateway, http};
 
 /// Backstop of one scenario run (many identities, streams and quiet periods).
 const SCENARIO_TIMEOUT: Duration = Duration::from_secs(180);
@@ -127,7 +125,7 @@ fn req<T>(msg: T, token: Option<&str>) -> tonic::Request<T> {
 }
 
 async fn channel(url: &str) -> Channel {
-    common::channel(url).await
+    testkit::channel(url).await
 }
 
 /// Users, roles (and root) on the etcd at `url`, auth still off.
@@ -539,10 +537,10 @@ async fn decisions_match_etcd_and_nothing_leaks() {
         let m = p.metrics();
         eprintln!(
             "proxy: probes {} hits {} denials {}; etcd watchers {}",
-            common::metric_value(&m, "etcd_fanout_auth_probes_total"),
-            common::metric_value(&m, "etcd_fanout_auth_decision_hits_total"),
-            common::metric_value(&m, "etcd_fanout_auth_denials_total"),
-            diff::etcd_metric(env.b.port, "etcd_debugging_mvcc_watcher_total")
+            testkit::metric_value(&m, "etcd_fanout_auth_probes_total"),
+            testkit::metric_value(&m, "etcd_fanout_auth_decision_hits_total"),
+            testkit::metric_value(&m, "etcd_fanout_auth_denials_total"),
+            testkit::etcd_metric(env.b.port, "etcd_debugging_mvcc_watcher_total")
         );
     }
 }
@@ -553,7 +551,7 @@ async fn decisions_match_etcd_and_nothing_leaks() {
 
 /// A token from the gateway at `port` (`POST /v3/auth/authenticate`, as APISIX logs in).
 fn gw_login(port: u16, user: &str) -> String {
-    let r = gwhttp::post(
+    let r = http::post(
         port,
         "/v3/auth/authenticate",
         &format!(r#"{{"name":"{user}","password":"{PASSWORD}"}}"#),
@@ -581,16 +579,16 @@ fn headers(carrier: &[(&'static str, &'static str)], token: &str) -> Vec<(&'stat
 }
 
 /// The first message of a watch stream opened with `headers` (and the stream, kept open).
-fn gw_watch(port: u16, headers: &[(&str, String)], body: &str) -> (gwhttp::Conn, String) {
+fn gw_watch(port: u16, headers: &[(&str, String)], body: &str) -> (http::Conn, String) {
     let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mut c = gwhttp::Conn::send(port, "POST", "/v3/watch", &h, body.as_bytes()).expect("watch");
+    let mut c = http::Conn::send(port, "POST", "/v3/watch", &h, body.as_bytes()).expect("watch");
     c.set_timeout(Duration::from_secs(10));
     c.read_head().expect("watch head");
     let first = c.next_chunk().ok().flatten().unwrap_or_default();
     let text = format!(
         "status {} {}",
         c.status,
-        gwhttp::mask(&String::from_utf8_lossy(&first), gwhttp::IDENTITY)
+        gateway::mask(&String::from_utf8_lossy(&first), gateway::IDENTITY)
     );
     (c, text)
 }
@@ -598,9 +596,9 @@ fn gw_watch(port: u16, headers: &[(&str, String)], body: &str) -> (gwhttp::Conn,
 #[test]
 fn gateway_decisions_match_etcd() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let a = common::Etcd::start();
-    let b = common::Etcd::start();
-    let proxy = common::Proxy::start(&b.url, &["/apisix/"]);
+    let a = testkit::Etcd::start();
+    let b = testkit::Etcd::start();
+    let proxy = testkit::Proxy::start(&b.url, &["/apisix/"]);
     rt.block_on(async {
         for url in [&a.url, &b.url] {
             for (i, k) in KEYS.iter().enumerate() {
@@ -633,16 +631,16 @@ fn gateway_decisions_match_etcd() {
                 for extra in ["", r#","serializable":true"#] {
                     let body = format!(
                         r#"{{"key":"{}","range_end":"{}"{extra}}}"#,
-                        gwhttp::b64(k),
-                        gwhttp::b64(e)
+                        gateway::b64(k),
+                        gateway::b64(e)
                     );
-                    let ra = gwhttp::request(ea, "POST", "/v3/kv/range", &ha_ref, body.as_bytes())
+                    let ra = http::request(ea, "POST", "/v3/kv/range", &ha_ref, body.as_bytes())
                         .expect("etcd range");
-                    let rp = gwhttp::request(pp, "POST", "/v3/kv/range", &hp_ref, body.as_bytes())
+                    let rp = http::request(pp, "POST", "/v3/kv/range", &hp_ref, body.as_bytes())
                         .expect("proxy range");
                     let (sa, sp) = (
-                        gwhttp::render(&ra, gwhttp::IDENTITY),
-                        gwhttp::render(&rp, gwhttp::IDENTITY),
+                        gateway::render(&ra, gateway::IDENTITY),
+                        gateway::render(&rp, gateway::IDENTITY),
                     );
                     assert_eq!(sa, sp, "{who} {carrier:?} range {body}");
                     seen.push_str(&sa);
@@ -650,8 +648,8 @@ fn gateway_decisions_match_etcd() {
                 }
                 let body = format!(
                     r#"{{"create_request":{{"key":"{}","range_end":"{}"}}}}"#,
-                    gwhttp::b64(k),
-                    gwhttp::b64(e)
+                    gateway::b64(k),
+                    gateway::b64(e)
                 );
                 let (ca, wa) = gw_watch(ea, &ha, &body);
                 let (cp, wp) = gw_watch(pp, &hp, &body);
@@ -677,7 +675,7 @@ fn gateway_decisions_match_etcd() {
         for (c, x) in [(&mut ca, &mut xa), (&mut cp, &mut xp)] {
             c.set_timeout(Duration::from_millis(700));
             if let Ok(Some(chunk)) = c.next_chunk() {
-                *x = gwhttp::mask(&String::from_utf8_lossy(&chunk), gwhttp::IDENTITY);
+                *x = gateway::mask(&String::from_utf8_lossy(&chunk), gateway::IDENTITY);
             }
         }
         assert_eq!(xa, xp, "events of {what}");
@@ -722,7 +720,7 @@ async fn disable_auth(url: &str, root: &str) {
 fn prefix_watch(prefix: &str) -> WatchCreateRequest {
     WatchCreateRequest {
         key: b(prefix),
-        range_end: diff::prefix_end(prefix),
+        range_end: testkit::range_end(prefix),
         ..Default::default()
     }
 }
@@ -800,7 +798,7 @@ async fn enable_disable(side: Side, rec: Rec) {
         .range(req(
             RangeRequest {
                 key: b("/apisix/"),
-                range_end: diff::prefix_end("/apisix/"),
+                range_end: testkit::range_end("/apisix/"),
                 serializable: true,
                 keys_only: true,
                 ..Default::default()
@@ -866,7 +864,7 @@ async fn revoked_permission_is_refused_within_the_decision_ttl() {
             .range(req(
                 RangeRequest {
                     key: b("/apisix/"),
-                    range_end: diff::prefix_end("/apisix/"),
+                    range_end: testkit::range_end("/apisix/"),
                     serializable: true,
                     ..Default::default()
                 },
@@ -1031,13 +1029,11 @@ async fn authenticated_watchers_share_one_upstream_watch() {
     enable_auth(&etcd.url).await;
     wait_auth(&proxy.url, true).await;
     let ranges_before = metric_with(
-        &diff::http_get_body(etcd.port, "/metrics")
-            .expect("metrics")
-            .1,
+        &testkit::http_get(etcd.port, "/metrics").expect("metrics").1,
         "grpc_server_handled_total",
         r#"grpc_method="Range""#,
     );
-    let probes_before = common::metric_value(&proxy.metrics(), "etcd_fanout_auth_probes_total");
+    let probes_before = testkit::metric_value(&proxy.metrics(), "etcd_fanout_auth_probes_total");
     let started = Instant::now();
 
     let mut conns = Vec::new();
@@ -1080,17 +1076,15 @@ async fn authenticated_watchers_share_one_upstream_watch() {
         assert_eq!(events, PER_STREAM * WRITES);
         delivered += events;
     }
-    let etcd_metrics = diff::http_get_body(etcd.port, "/metrics")
-        .expect("metrics")
-        .1;
-    let watchers = common::metric_value(&etcd_metrics, "etcd_debugging_mvcc_watcher_total");
+    let etcd_metrics = testkit::http_get(etcd.port, "/metrics").expect("metrics").1;
+    let watchers = testkit::metric_value(&etcd_metrics, "etcd_debugging_mvcc_watcher_total");
     let ranges = metric_with(
         &etcd_metrics,
         "grpc_server_handled_total",
         r#"grpc_method="Range""#,
     ) - ranges_before;
     let probes =
-        common::metric_value(&proxy.metrics(), "etcd_fanout_auth_probes_total") - probes_before;
+        testkit::metric_value(&proxy.metrics(), "etcd_fanout_auth_probes_total") - probes_before;
     eprintln!(
         "fan-out under auth: {created} watchers of {USERS_N} users created in {create_time:?}, \
          {delivered} events delivered; etcd: {watchers} watcher(s), {ranges} Range calls in \

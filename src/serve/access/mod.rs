@@ -183,9 +183,12 @@ async fn poll(access: Weak<Access>, interval: Duration) {
         let Some(access) = access.upgrade() else {
             return;
         };
+        // A loaded etcd (or proxy) may take longer than one interval to answer: waiting up to
+        // three keeps the state known (and the fan-out on) through such hiccups, at the price
+        // of a staler state while they last.
         access
             .state
-            .poll_once(&access.upstream, interval.max(Duration::from_millis(500)))
+            .poll_once(&access.upstream, (interval * 3).max(Duration::from_secs(1)))
             .await;
     }
 }

@@ -4,9 +4,10 @@
 //! etcd 3.4 has no `AuthStatus` RPC, but a Range without a token fails with InvalidArgument
 //! `etcdserver: user name is empty` exactly when auth is on (any other answer means off). So
 //! the proxy sends one tokenless, serializable, `count_only` Range of a key no one writes every
-//! `--auth-poll` (1 s). A poll that fails or gets no answer within the interval makes the state
-//! *unknown*, and nothing is then served from the cache until a poll answers again: the state
-//! the proxy acts on is never older than one poll interval plus one round trip. Forwarded
+//! `--auth-poll` (1 s). A poll that fails, or gets no answer within three intervals, makes the
+//! state *unknown*, and nothing is then served from the cache until a poll answers again: the
+//! state the proxy acts on is never older than one poll interval plus the poll's round trip
+//! (at most three intervals). Forwarded
 //! answers that reveal the state (`user name is empty`, a successful `AuthEnable` or
 //! `AuthDisable` through the proxy) switch it at once.
 //!
@@ -129,10 +130,10 @@ impl State {
             ..Default::default()
         };
         let state = match tokio::time::timeout(timeout, upstream.kv().range(req)).await {
-            Ok(Ok(resp)) => {
-                upstream.observe_header(resp.get_ref().header.as_ref());
-                AuthState::Off
-            }
+            // The header is not recorded as etcd's revision: a revision newer than the cache
+            // head would become the header of cached watches' `created` and, through their
+            // header floor, of backlog responses that do not hold its events yet.
+            Ok(Ok(_)) => AuthState::Off,
             Ok(Err(s)) if s.code() == Code::InvalidArgument && s.message() == USER_EMPTY => {
                 AuthState::On
             }

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod proto;
 pub mod serve;
 pub mod source;
+pub mod tasks;
 pub mod wire;
 
 pub use serve::kv;

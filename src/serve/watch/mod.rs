@@ -93,7 +93,7 @@ impl WatchService {
     {
         let (tx, rx) = mpsc::channel(SESSION_BUFFER);
         let session = Session::new(self.hub.clone(), metadata, tx);
-        tokio::spawn(session.run(requests));
+        self.hub.tasks.spawn(session.run(requests));
         Box::pin(ReceiverStream::new(rx).map(Frame::into_item))
     }
 }

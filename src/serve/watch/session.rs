@@ -290,7 +290,7 @@ impl Session {
     async fn create_relayed(&mut self, spec: WatchSpec) -> Result<(), ()> {
         let id = spec.id;
         let (created_tx, created_rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(relay::run_uncached(
+        let task = self.hub.tasks.spawn(relay::run_uncached(
             self.hub.clone(),
             self.metadata.clone(),
             spec,
@@ -395,7 +395,7 @@ impl Session {
             .get_or_insert_with(mpsc::unbounded_channel)
             .0
             .clone();
-        let task = tokio::spawn(async move {
+        let task = self.hub.tasks.spawn(async move {
             let resume =
                 relay::catch_up(&feed, &spec, from, &mut floor, &out, &metadata, &config).await;
             let _ = handoff.send((spec.id, generation, resume.map(|next| (next, floor))));
@@ -491,7 +491,11 @@ mod tests {
     #[tokio::test]
     async fn session_future_is_small() {
         let upstream = Arc::new(Upstream::new(&["http://127.0.0.1:1".to_string()]).unwrap());
-        let hub = Hub::start(Config::parse_from(["etcd-fanout"]), upstream);
+        let hub = Hub::start(
+            Config::parse_from(["etcd-fanout"]),
+            upstream,
+            crate::tasks::Tasks::new(),
+        );
         let (tx, _rx) = mpsc::channel(1);
         let session = Session::new(hub, MetadataMap::new(), tx);
         let requests = futures::stream::empty::<Result<WatchRequest, Status>>();

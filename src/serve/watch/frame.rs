@@ -57,16 +57,6 @@ impl Frame {
         Frame::Msg(Box::new(resp))
     }
 
-    /// The frame as a message (for consumers that need one, e.g. the JSON gateway), or the
-    /// error that ends the stream.
-    pub fn into_response(self) -> Result<WatchResponse, Status> {
-        match self {
-            Frame::Msg(m) => Ok(*m),
-            Frame::Events(e) => Ok(e.to_response()),
-            Frame::Error(s) => Err(*s),
-        }
-    }
-
     /// The frame as a stream item: errors end the stream.
     pub fn into_item(self) -> Result<Frame, Status> {
         match self {

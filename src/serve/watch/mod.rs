@@ -25,7 +25,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
-use crate::proto::etcdserverpb::{WatchCreateRequest, WatchRequest, WatchResponse};
+use crate::proto::etcdserverpb::{WatchCreateRequest, WatchRequest};
 use crate::serve::passthrough::BoxStream;
 use crate::source::hub::Hub;
 use frame::Frame;
@@ -70,19 +70,6 @@ impl WatchService {
     /// A watch service over `hub`.
     pub fn new(hub: Arc<Hub>) -> Self {
         WatchService { hub }
-    }
-
-    /// Runs a watch session over `requests`; the returned stream carries every response.
-    /// The session lives until the returned stream is dropped (like etcd, a client that
-    /// half-closes its request stream keeps receiving events).
-    pub fn session<S>(&self, metadata: MetadataMap, requests: S) -> BoxStream<WatchResponse>
-    where
-        S: Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
-    {
-        Box::pin(
-            self.session_frames(metadata, requests)
-                .map(|r| r.and_then(Frame::into_response)),
-        )
     }
 
     /// Like [`WatchService::session`], with events responses left as shared [`Frame`]s for

@@ -80,11 +80,7 @@ impl Feed {
         let (sync_tx, sync_rx) = mpsc::unbounded_channel();
         let feed = Arc::new(Feed {
             name: prefix.to_string(),
-            cache: RwLock::new(Cache::new(
-                range.clone(),
-                config.history_revisions,
-                config.history_bytes,
-            )),
+            cache: RwLock::new(Cache::new(config.history_revisions, config.history_bytes)),
             range,
             head_tx,
             ready: AtomicBool::new(false),

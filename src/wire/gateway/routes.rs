@@ -251,7 +251,7 @@ pub(super) async fn v3(req: Request<ReqBody>, path: &str, services: &Services) -
     };
     let mut dec = Decoder::new(&body);
     let value = match dec.next_value() {
-        Ok(Next::Value(v, _)) => v,
+        Ok(Next::Value(v)) => v,
         Ok(Next::End) => Value::Null,
         Err(e) => return error_response(Code::InvalidArgument, &e.0, false),
     };

@@ -29,7 +29,7 @@ pub(super) fn stream_requests<T: prost::Message + Default>(
     loop {
         let item = match dec.next_value() {
             Ok(Next::End) => break,
-            Ok(Next::Value(v, _)) => jsonpb::decode::<T>(name, &v).map_err(|e| e.0),
+            Ok(Next::Value(v)) => jsonpb::decode::<T>(name, &v).map_err(|e| e.0),
             Err(e) => Err(e.0),
         };
         match item {
@@ -151,7 +151,7 @@ pub(super) async fn snapshot(services: &Services, md: MetadataMap, body: Bytes) 
     use crate::proto::etcdserverpb::maintenance_server::Maintenance;
     let mut dec = Decoder::new(&body);
     let value = match dec.next_value() {
-        Ok(Next::Value(v, _)) => v,
+        Ok(Next::Value(v)) => v,
         Ok(Next::End) => Value::Null,
         Err(e) => return error_response(Code::InvalidArgument, &e.0, false),
     };

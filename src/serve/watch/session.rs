@@ -23,7 +23,7 @@ use tokio_stream::StreamMap;
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
-use super::frame::Frame;
+use super::reply::Reply;
 use super::shape::{ShapeKey, SHAPES};
 use super::watcher::{self, CachedWatch, Step};
 use super::{relay, Out, WatchSpec, INVALID_WATCH_ID, SHUTDOWN_MESSAGE};
@@ -143,7 +143,7 @@ impl Session {
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
                     // End the stream so the client reconnects (to another replica).
                     let status = Status::unavailable(SHUTDOWN_MESSAGE);
-                    let _ = self.out.send(Frame::Error(Box::new(status))).await;
+                    let _ = self.out.send(Reply::Error(Box::new(status))).await;
                     break;
                 }
                 req = requests.next(), if requests_open => match req {
@@ -154,7 +154,7 @@ impl Session {
                     }
                     // An undecodable request ends the stream with etcd's error.
                     Some(Err(status)) => {
-                        let _ = self.out.send(Frame::Error(Box::new(status))).await;
+                        let _ = self.out.send(Reply::Error(Box::new(status))).await;
                         break;
                     }
                     // Request stream closed: keep serving until the client leaves.
@@ -218,7 +218,7 @@ impl Session {
     }
 
     async fn send(&self, resp: WatchResponse) -> Result<(), ()> {
-        self.out.send(Frame::msg(resp)).await.map_err(|_| ())
+        self.out.send(Reply::msg(resp)).await.map_err(|_| ())
     }
 
     async fn create(&mut self, mut c: WatchCreateRequest) -> Result<(), ()> {
@@ -387,7 +387,7 @@ impl Session {
         self.generation += 1;
         let generation = self.generation;
         let (feed, spec, from) = (watch.feed.clone(), watch.spec.clone(), watch.next);
-        let mut floor = watch.floor;
+        let mut highest_header = watch.highest_header;
         let (out, metadata) = (self.out.clone(), self.metadata.clone());
         let config = self.hub.config.clone();
         let handoff = self
@@ -396,9 +396,21 @@ impl Session {
             .0
             .clone();
         let task = self.hub.tasks.spawn(async move {
-            let resume =
-                relay::catch_up(&feed, &spec, from, &mut floor, &out, &metadata, &config).await;
-            let _ = handoff.send((spec.id, generation, resume.map(|next| (next, floor))));
+            let resume = relay::catch_up(
+                &feed,
+                &spec,
+                from,
+                &mut highest_header,
+                &out,
+                &metadata,
+                &config,
+            )
+            .await;
+            let _ = handoff.send((
+                spec.id,
+                generation,
+                resume.map(|next| (next, highest_header)),
+            ));
         });
         self.watches.insert(
             id,
@@ -423,9 +435,9 @@ impl Session {
             return Ok(());
         };
         match resume {
-            Some((next, floor)) => {
+            Some((next, highest_header)) => {
                 watch.next = next;
-                watch.floor = floor;
+                watch.highest_header = highest_header;
                 watch.synced = true;
                 let key = feed_key(&watch.feed);
                 self.watches.insert(id, Entry::Cached(watch));

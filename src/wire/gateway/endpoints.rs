@@ -6,7 +6,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 
-use super::reply::{plain, MAX_BODY};
+use super::answer::{plain, MAX_BODY};
 use super::stream::Body;
 use super::upstream_http;
 use crate::serve::Services;

@@ -13,8 +13,8 @@ use prost::Message as _;
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue, MetadataMap};
 use tonic::{Code, Status};
 
+use super::answer::{body_error, error_response, json_response, plain, Failure, MAX_BODY};
 use super::json::{Decoder, Next, Value};
-use super::reply::{body_error, error_response, json_response, plain, Failure, MAX_BODY};
 use super::stream::Body;
 use super::{endpoints, jsonpb, streaming};
 use crate::proto::etcdserverpb::auth_server::Auth;

@@ -8,8 +8,8 @@ use http::{header, HeaderValue, Response, StatusCode};
 use tonic::metadata::MetadataMap;
 use tonic::Code;
 
+use super::answer::error_response;
 use super::json::{Decoder, Next, Value};
-use super::reply::error_response;
 use super::stream::{self, Body};
 use super::{errors, jsonpb};
 use crate::proto::etcdserverpb::{
@@ -111,8 +111,8 @@ pub(super) async fn watch(services: &Services, md: MetadataMap, body: Bytes) -> 
     }
     let session = services
         .watch
-        .session_frames(md, futures::stream::iter(reqs.into_iter().map(Ok)));
-    streaming(session, stream::frame_chunk, true).await
+        .session(md, futures::stream::iter(reqs.into_iter().map(Ok)));
+    streaming(session, stream::reply_chunk, true).await
 }
 
 /// `POST /v3/lease/keepalive`: the body's keepalives piped to etcd, etcd's answers back.

@@ -35,9 +35,6 @@ use shape::Shape;
 /// Responses a session may have queued for its client before watches wait.
 const SESSION_BUFFER: usize = 256;
 
-/// Status message of watch streams ended by a proxy shutdown (etcd's `ErrGRPCStopped`).
-pub const SHUTDOWN_MESSAGE: &str = "etcdserver: server stopped";
-
 /// etcd's `clientv3.InvalidWatchID`.
 pub const INVALID_WATCH_ID: i64 = -1;
 

@@ -26,8 +26,8 @@ use tonic::Status;
 use super::reply::Reply;
 use super::shape::{ShapeKey, SHAPES};
 use super::watcher::{self, CachedWatch, Step};
-use super::{relay, Out, WatchSpec, INVALID_WATCH_ID, SHUTDOWN_MESSAGE};
-use crate::error::{WATCH_DUPLICATE_ID, WATCH_RANGE_EMPTY};
+use super::{relay, Out, WatchSpec, INVALID_WATCH_ID};
+use crate::error::{Error, WATCH_DUPLICATE_ID, WATCH_RANGE_EMPTY};
 use crate::keys::KeyRange;
 use crate::metrics;
 use crate::proto::etcdserverpb::watch_create_request::FilterType;
@@ -142,7 +142,7 @@ impl Session {
             tokio::select! {
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
                     // End the stream so the client reconnects (to another replica).
-                    let status = Status::unavailable(SHUTDOWN_MESSAGE);
+                    let status = Status::from(Error::Stopped);
                     let _ = self.out.send(Reply::Error(Box::new(status))).await;
                     break;
                 }

@@ -53,7 +53,7 @@ impl Encoder for ReplyEncoder {
     type Error = Status;
 
     fn encode(&mut self, item: Reply, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        encode(&item, dst).map_err(|e| Status::internal(format!("encoding watch response: {e}")))
+        encode(&item, dst).map_err(|e| crate::error::Error::Marshal(e).into())
     }
 
     /// Small buffers: a stream is mostly idle, and tonic's 8 KiB default per stream dominates

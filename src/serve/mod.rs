@@ -26,19 +26,16 @@ pub struct Services {
     pub watch: WatchService,
     /// Lease, Cluster, Maintenance, Auth (forwarded).
     pub passthrough: PassThrough,
-    /// etcd's auth state and permission decisions for what the caches could answer.
-    pub access: Arc<Access>,
 }
 
 impl Services {
     /// Builds the services over `hub`.
     pub fn new(hub: Arc<Hub>) -> Self {
-        let access = Access::start(&hub.config, hub.upstream.clone());
+        let access = Access::start(&hub.config, hub.upstream.clone(), &hub.tasks);
         Services {
             kv: KvService::new(hub.clone(), access.clone()),
             watch: WatchService::new(hub.clone(), access.clone()),
-            passthrough: PassThrough::new(hub.upstream.clone(), access.clone()),
-            access,
+            passthrough: PassThrough::new(hub.upstream.clone(), access),
             hub,
         }
     }

@@ -19,11 +19,10 @@ pub mod decisions;
 pub mod identity;
 pub mod state;
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::task::JoinHandle;
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
@@ -31,6 +30,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::metrics;
 use crate::source::upstream::Upstream;
+use crate::tasks::Tasks;
 use decisions::{Decision, Decisions};
 pub use state::AuthState;
 use state::State;
@@ -55,21 +55,12 @@ pub struct Access {
     decisions: Decisions,
     /// Where probes and polls go.
     upstream: Arc<Upstream>,
-    /// The auth poll (stopped when the `Access` is dropped).
-    poller: Mutex<Option<JoinHandle<()>>>,
-}
-
-impl Drop for Access {
-    fn drop(&mut self) {
-        if let Some(task) = self.poller.lock().ok().and_then(|mut p| p.take()) {
-            task.abort();
-        }
-    }
 }
 
 impl Access {
-    /// Access control over `upstream`, with its auth poll running.
-    pub fn start(config: &Config, upstream: Arc<Upstream>) -> Arc<Access> {
+    /// Access control over `upstream`, with its auth poll running as one of `tasks` (it also
+    /// ends when the `Access` is dropped).
+    pub fn start(config: &Config, upstream: Arc<Upstream>, tasks: &Tasks) -> Arc<Access> {
         let access = Arc::new(Access {
             state: State::default(),
             decisions: Decisions::new(
@@ -78,18 +69,9 @@ impl Access {
                 config.auth_denial_ttl.min(config.auth_decision_ttl),
             ),
             upstream,
-            poller: Mutex::new(None),
         });
-        let task = tokio::spawn(poll(Arc::downgrade(&access), config.auth_poll));
-        if let Ok(mut p) = access.poller.lock() {
-            *p = Some(task);
-        }
+        tasks.spawn(poll(Arc::downgrade(&access), config.auth_poll));
         access
-    }
-
-    /// Whether auth is on, as known.
-    pub fn state(&self) -> AuthState {
-        self.state.get()
     }
 
     /// The verdict for a Range or Watch create of `[key, range_end)` by the caller of

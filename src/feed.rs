@@ -152,7 +152,9 @@ impl Feed {
                         tokio::spawn(self.clone().backfill(revision));
                     }
                     Err(e) => {
-                        tracing::warn!(prefix = %self.name, error = %e, "loading prefix failed");
+                        if !self.complain(&e) {
+                            tracing::warn!(prefix = %self.name, error = %e, "loading prefix failed");
+                        }
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(2));
                         continue;
@@ -167,7 +169,9 @@ impl Feed {
                     backoff = Duration::from_millis(100);
                 }
                 Err(e) => {
-                    tracing::warn!(prefix = %self.name, error = %e, "upstream watch failed; resuming");
+                    if !self.complain(&e) {
+                        tracing::warn!(prefix = %self.name, error = %e, "upstream watch failed; resuming");
+                    }
                     metrics::UPSTREAM_WATCH_RESTARTS.inc();
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -176,25 +180,36 @@ impl Feed {
         }
     }
 
+    /// Logs a refusal of the proxy's own read (identity or permission) loudly; true if it was
+    /// one. A permission refusal also ends readiness: the cache can no longer be kept
+    /// current, so requests for the prefix go to etcd until the proxy may read it again.
+    fn complain(&self, e: &tonic::Status) -> bool {
+        if e.code() == tonic::Code::PermissionDenied {
+            self.ready.store(false, Ordering::Release);
+        }
+        self.upstream
+            .credentials()
+            .complain(&self.name, &self.range, e)
+    }
+
     /// Pages the whole prefix out of etcd at one revision and resets the cache to it; returns
     /// that revision.
     async fn load(&self) -> Result<i64, tonic::Status> {
-        let mut kv = self.upstream.kv();
         let end = self.range.range_end();
         let mut key = self.range.start.clone();
         let mut revision = 0;
         let mut kvs = Vec::new();
         loop {
-            let resp = kv
-                .range(RangeRequest {
+            let resp = self
+                .upstream
+                .own_range(RangeRequest {
                     key: key.clone(),
                     range_end: end.clone(),
                     limit: self.page_size,
                     revision,
                     ..Default::default()
                 })
-                .await?
-                .into_inner();
+                .await?;
             self.upstream.observe_header(resp.header.as_ref());
             if revision == 0 {
                 revision = resp.header.as_ref().map_or(0, |h| h.revision);
@@ -232,11 +247,19 @@ impl Feed {
         let mut base = (upto - self.backfill_revisions)
             .max(self.compaction.revision() - 1)
             .max(1);
+        let mut whole_keyspace = true;
         for _ in 0..3 {
             if base >= upto {
                 return;
             }
-            match tokio::time::timeout(BACKFILL_TIMEOUT, self.replay(base, upto)).await {
+            let replay = self.replay(base, upto, whole_keyspace);
+            match tokio::time::timeout(BACKFILL_TIMEOUT, replay).await {
+                Ok(Err(Replay::Failed(e)))
+                    if whole_keyspace && e.code() == tonic::Code::PermissionDenied =>
+                {
+                    tracing::info!(prefix = %self.name, "history backfill: the proxy's etcd user may not watch the whole keyspace; replaying the prefix alone, which completes only if the prefix changes within 30 s");
+                    whole_keyspace = false;
+                }
                 Ok(Ok(batches)) => {
                     let n = batches.len();
                     let ok = self
@@ -255,29 +278,43 @@ impl Feed {
                     tracing::debug!(prefix = %self.name, error = %e, "backfill failed");
                     return;
                 }
-                Err(_) => return,
+                Err(_) => {
+                    tracing::debug!(prefix = %self.name, "backfill timed out");
+                    return;
+                }
             }
         }
     }
 
-    /// The batches of this prefix in revisions `(base, upto]`, from a whole-keyspace watch.
-    async fn replay(&self, base: i64, upto: i64) -> Result<Vec<RevBatch>, Replay> {
+    /// The batches of this prefix in revisions `(base, upto]`, from a whole-keyspace watch
+    /// (or a watch of the prefix alone, which proves completeness only once it delivers an
+    /// event at or after `upto`).
+    async fn replay(
+        &self,
+        base: i64,
+        upto: i64,
+        whole_keyspace: bool,
+    ) -> Result<Vec<RevBatch>, Replay> {
+        let (key, range_end) = if whole_keyspace {
+            (Bytes::from_static(b"\0"), Bytes::from_static(b"\0"))
+        } else {
+            (self.range.start.clone(), self.range.range_end())
+        };
         let create = WatchCreateRequest {
-            key: Bytes::from_static(b"\0"),
-            range_end: Bytes::from_static(b"\0"),
+            key,
+            range_end,
             start_revision: base + 1,
             prev_kv: true,
             ..Default::default()
         };
         let mut up = self
             .upstream
-            .open_watch(&Default::default(), create)
+            .own_watch(create)
             .await
             .map_err(Replay::Failed)?;
         let mut events = Vec::new();
         loop {
             let resp = up
-                .responses
                 .message()
                 .await
                 .map_err(Replay::Failed)?
@@ -316,13 +353,10 @@ impl Feed {
             progress_notify: true,
             ..Default::default()
         };
-        let mut up = self
-            .upstream
-            .open_watch(&Default::default(), create)
-            .await?;
+        let mut up = self.upstream.own_watch(create).await?;
         metrics::UPSTREAM_WATCHES.inc();
         let _gauge = scopeguard(|| metrics::UPSTREAM_WATCHES.dec());
-        while let Some(resp) = up.responses.message().await? {
+        while let Some(resp) = up.message().await? {
             self.upstream.observe_header(resp.header.as_ref());
             if resp.canceled {
                 if resp.compact_revision > 0 {
@@ -335,6 +369,7 @@ impl Feed {
             }
             if resp.created {
                 tracing::info!(prefix = %self.name, start, "upstream watch established");
+                self.upstream.credentials().resolved(&self.name);
                 // A healthy watch: the next failure retries quickly again.
                 *backoff = Duration::from_millis(100);
                 self.ready.store(true, Ordering::Release);
@@ -436,16 +471,14 @@ impl Feed {
         loop {
             let resp = self
                 .upstream
-                .kv()
-                .range(RangeRequest {
+                .own_range(RangeRequest {
                     key: self.range.start.clone(),
                     range_end: self.range.range_end(),
                     count_only: true,
                     ..Default::default()
                 })
                 .await
-                .ok()?
-                .into_inner();
+                .ok()?;
             self.upstream.observe_header(resp.header.as_ref());
             let x = resp.header.as_ref().map_or(0, |h| h.revision);
             let in_flight = head_rx.wait_for(|h| *h >= x);
@@ -461,8 +494,7 @@ impl Feed {
             }
             let changed = self
                 .upstream
-                .kv()
-                .range(RangeRequest {
+                .own_range(RangeRequest {
                     key: self.range.start.clone(),
                     range_end: self.range.range_end(),
                     revision: x,
@@ -472,8 +504,7 @@ impl Feed {
                     ..Default::default()
                 })
                 .await
-                .ok()?
-                .into_inner();
+                .ok()?;
             if changed.kvs.is_empty() && changed.count == count1 {
                 if let Ok(mut v) = self.verified.lock() {
                     *v = (h1, x);

@@ -9,6 +9,7 @@ pub mod cache;
 pub mod codec;
 pub mod compaction;
 pub mod config;
+pub mod credentials;
 pub mod error;
 pub mod feed;
 pub mod gateway;

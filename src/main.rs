@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use etcd_fanout::config::Config;
+use etcd_fanout::credentials::Credentials;
 use etcd_fanout::hub::Hub;
 use etcd_fanout::server::{serve, Services};
 use etcd_fanout::upstream::Upstream;
@@ -23,9 +24,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let config = Config::parse();
     etcd_fanout::metrics::init();
-    let upstream = Arc::new(Upstream::new(&config.endpoints)?);
+    let credentials = Credentials::from_config(&config)?;
+    let user = credentials.user().unwrap_or("").to_string();
+    let upstream = Arc::new(Upstream::new(&config.endpoints)?.with_credentials(credentials));
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    tracing::info!(listen = %config.listen, endpoints = ?config.endpoints, prefixes = ?config.prefixes, "etcd-fanout starting");
+    tracing::info!(listen = %config.listen, endpoints = ?config.endpoints, prefixes = ?config.prefixes, user, "etcd-fanout starting");
     let hub = Hub::start(config, upstream);
     let shutdown = hub.shutdown_signal();
     let signal_hub = hub.clone();

@@ -666,7 +666,7 @@ async fn write_response(
         let chunked = out == Out::Chunked;
         if data.len() >= LARGE_FRAME {
             // Large: written from its own buffer, not copied.
-            let size = chunked.then(|| format!("{:X}\r\n", data.len()));
+            let size = chunked.then(|| format!("{:x}\r\n", data.len()));
             let size = size.as_deref().unwrap_or("").as_bytes();
             let crlf: &[u8] = if chunked { b"\r\n" } else { b"" };
             write_all(wr, &[&pending, size, &data, crlf]).await?;
@@ -701,14 +701,14 @@ async fn write_response(
 /// into one write.
 const LARGE_FRAME: usize = 16 << 10;
 
-/// Appends a chunk-size line (`1A2\r\n`).
+/// Appends a chunk-size line (`1a2\r\n`, lower-case hex as Go writes it).
 fn write_chunk_size(out: &mut Vec<u8>, n: usize) {
     let mut digits = [0u8; 16];
     let mut i = digits.len();
     let mut n = n;
     loop {
         i -= 1;
-        digits[i] = b"0123456789ABCDEF"[n & 15];
+        digits[i] = b"0123456789abcdef"[n & 15];
         n >>= 4;
         if n == 0 {
             break;
@@ -877,7 +877,7 @@ mod tests {
         for n in [1usize, 15, 16, 255, 4096, 0x1A2B3C] {
             let mut out = Vec::new();
             write_chunk_size(&mut out, n);
-            assert_eq!(out, format!("{n:X}\r\n").into_bytes());
+            assert_eq!(out, format!("{n:x}\r\n").into_bytes());
         }
     }
 

@@ -149,6 +149,23 @@ impl Login {
     }
 }
 
+/// Why a login failed.
+#[derive(Debug)]
+enum Failure {
+    /// etcd could not be reached or did not answer: not the credentials' fault.
+    Unreachable(String),
+    /// etcd (or the password file) refused: wrong user or password, unreadable file.
+    Refused(String),
+}
+
+/// True for failures of the connection rather than answers of etcd.
+fn is_transport(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+    )
+}
+
 /// The token attached to one call, and which login produced it.
 #[derive(Debug, Clone, Default)]
 pub struct Ticket {
@@ -200,6 +217,9 @@ struct State {
     retry_at: Instant,
     /// Consecutive failed attempts (for the backoff).
     failures: u32,
+    /// The last attempt failed because etcd was unreachable: a refusal etcd sends later
+    /// proves it reachable again, so the backoff does not hold a new login back.
+    unreachable: bool,
 }
 
 /// The proxy's credentials towards etcd (see the module doc).
@@ -242,6 +262,7 @@ impl Credentials {
                 outcome: Outcome::Never,
                 retry_at: Instant::now(),
                 failures: 0,
+                unreachable: false,
             }),
             flight: tokio::sync::Mutex::new(()),
             complaints: Mutex::new(HashMap::new()),
@@ -301,7 +322,7 @@ impl Credentials {
             generation: st.generation,
         };
         let (due, have) = match (&st.token, &st.outcome) {
-            (Some((_, renew_at)), _) => (now >= *renew_at, true),
+            (Some((_, renew_at)), _) => (now >= *renew_at && now >= st.retry_at, true),
             (None, Outcome::Never) => (true, false),
             (None, Outcome::AuthDisabled) => (false, false),
             // A failed login, or a token etcd refused: try again once the backoff allows.
@@ -323,7 +344,7 @@ impl Credentials {
             if st.generation != failed.generation {
                 return true;
             }
-            if Instant::now() < st.retry_at {
+            if Instant::now() < st.retry_at && !st.unreachable {
                 return false;
             }
         }
@@ -335,22 +356,29 @@ impl Credentials {
     async fn login_now(&self, upstream: &Upstream) {
         let Some(login) = &self.login else { return };
         let result = match login.password() {
-            Err(e) => Err(e),
+            Err(e) => Err(Failure::Refused(e)),
             Ok(password) => {
                 let req = AuthenticateRequest {
                     name: login.user.clone(),
                     password: password.expose().to_string(),
                 };
                 match tokio::time::timeout(LOGIN_TIMEOUT, upstream.auth().authenticate(req)).await {
-                    Err(_) => Err("etcd did not answer the login in time".to_string()),
+                    Err(_) => Err(Failure::Unreachable(
+                        "etcd did not answer the login in time".to_string(),
+                    )),
                     Ok(Err(s)) if s.message() == AUTH_NOT_ENABLED => Ok(None),
-                    Ok(Err(s)) => Err(s.message().to_string()),
+                    Ok(Err(s)) if is_transport(&s) => {
+                        Err(Failure::Unreachable(s.message().to_string()))
+                    }
+                    Ok(Err(s)) => Err(Failure::Refused(s.message().to_string())),
                     Ok(Ok(resp)) => {
                         let resp = resp.into_inner();
                         upstream.observe_header(resp.header.as_ref());
                         AsciiMetadataValue::try_from(resp.token.as_str())
                             .map(|v| Some((v, resp.token)))
-                            .map_err(|_| "etcd sent a token that is not ASCII".to_string())
+                            .map_err(|_| {
+                                Failure::Refused("etcd sent a token that is not ASCII".into())
+                            })
                     }
                 }
             }
@@ -358,6 +386,7 @@ impl Credentials {
         let now = Instant::now();
         let mut st = self.state();
         st.generation += 1;
+        st.unreachable = matches!(result, Err(Failure::Unreachable(_)));
         match result {
             Ok(Some((value, raw))) => {
                 let renew_in = self.renewal_period(&raw);
@@ -381,14 +410,23 @@ impl Credentials {
                 st.failures = 0;
                 st.retry_at = now + MIN_LOGIN_INTERVAL;
             }
-            Err(message) => {
+            Err(failure) => {
                 metrics::UPSTREAM_LOGIN_FAILURES.inc();
                 let again = MIN_LOGIN_INTERVAL
                     .saturating_mul(1 << st.failures.min(5))
                     .min(MAX_LOGIN_BACKOFF);
-                if st.outcome != Outcome::Failed(message.clone()) {
-                    tracing::error!(user = %login.user, error = %message, retry_in = ?again, "etcd login failed: the prefixes cannot be loaded under this user; their requests are forwarded to etcd");
-                }
+                let message = match failure {
+                    Failure::Unreachable(m) => {
+                        tracing::warn!(user = %login.user, error = %m, retry_in = ?again, "etcd login failed: etcd unreachable");
+                        m
+                    }
+                    Failure::Refused(m) => {
+                        if st.outcome != Outcome::Failed(m.clone()) {
+                            tracing::error!(user = %login.user, error = %m, retry_in = ?again, "etcd login failed: the prefixes cannot be loaded under this user; their requests are forwarded to etcd");
+                        }
+                        m
+                    }
+                };
                 // A token that etcd still accepts stays in use (e.g. etcd briefly unreachable);
                 // one it refused was dropped by the caller's failure already.
                 st.outcome = Outcome::Failed(message);
@@ -431,14 +469,13 @@ impl Credentials {
                 show(&range.start),
                 show(&range.range_end()),
             ),
-            (_, m) if is_auth_message(m) => match self.user() {
-                None => "etcd has auth enabled and the proxy has no credentials: set --user and --password (or --password-file)".to_string(),
-                Some(user) => {
-                    let last = match &self.state().outcome {
-                        Outcome::Failed(e) => format!("the last login failed: {e}"),
-                        _ => "logging in again".to_string(),
-                    };
-                    format!("etcd refused the proxy's token for user {user} ({last})")
+            (_, m) if is_auth_message(m) => match (self.user(), &self.state().outcome) {
+                (None, _) => "etcd has auth enabled and the proxy has no credentials: set --user and --password (or --password-file)".to_string(),
+                (Some(user), Outcome::Failed(e)) => {
+                    format!("the proxy cannot log in to etcd as user {user}: {e}")
+                }
+                (Some(user), _) => {
+                    format!("etcd refused the proxy's token of user {user}; logging in again")
                 }
             },
             _ => return false,

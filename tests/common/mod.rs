@@ -344,6 +344,7 @@ pub fn wait_http_ok(port: u16, path: &str, timeout: Duration) -> Result<(), Stri
     }
     Err(format!("GET {path} on port {port}: {last}"))
 }
+pub mod auth;
 pub mod checker;
 pub mod cluster;
 pub mod diff;

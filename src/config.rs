@@ -80,7 +80,7 @@ pub struct Config {
         conflicts_with = "password_file",
         hide_env_values = true
     )]
-    pub password: Option<crate::credentials::Secret>,
+    pub password: Option<crate::source::credentials::Secret>,
 
     /// File holding the password of `--user` (e.g. a mounted Kubernetes Secret); re-read at
     /// every login, trailing newlines trimmed.

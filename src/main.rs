@@ -6,10 +6,11 @@ use std::time::Duration;
 use clap::Parser;
 
 use etcd_fanout::config::Config;
-use etcd_fanout::credentials::Credentials;
-use etcd_fanout::hub::Hub;
-use etcd_fanout::server::{serve, Services};
-use etcd_fanout::upstream::Upstream;
+use etcd_fanout::serve::Services;
+use etcd_fanout::source::credentials::Credentials;
+use etcd_fanout::source::hub::Hub;
+use etcd_fanout::source::upstream::Upstream;
+use etcd_fanout::wire::server::serve;
 
 /// Longest time open connections get to finish after a shutdown signal.
 const DRAIN: Duration = Duration::from_secs(10);

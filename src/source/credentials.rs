@@ -41,7 +41,7 @@ use crate::metrics;
 use crate::proto::etcdserverpb::{
     AuthenticateRequest, RangeRequest, RangeResponse, WatchCreateRequest,
 };
-use crate::upstream::{Upstream, UpstreamWatch};
+use crate::source::upstream::{Upstream, UpstreamWatch};
 
 /// Longest a login may take before it counts as failed.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);

@@ -32,7 +32,7 @@ pub struct Upstream {
     /// Highest revision any etcd response header has shown (etcd's revision is at least this).
     revision: std::sync::atomic::AtomicI64,
     /// The proxy's own login and token, for the calls it makes for itself.
-    credentials: crate::credentials::Credentials,
+    credentials: crate::source::credentials::Credentials,
 }
 
 impl Upstream {
@@ -72,14 +72,17 @@ impl Upstream {
         })
     }
 
-    /// Uses `credentials` for the proxy's own calls (see [`crate::credentials`]).
-    pub fn with_credentials(mut self, credentials: crate::credentials::Credentials) -> Self {
+    /// Uses `credentials` for the proxy's own calls (see [`crate::source::credentials`]).
+    pub fn with_credentials(
+        mut self,
+        credentials: crate::source::credentials::Credentials,
+    ) -> Self {
         self.credentials = credentials;
         self
     }
 
     /// The proxy's own credentials.
-    pub fn credentials(&self) -> &crate::credentials::Credentials {
+    pub fn credentials(&self) -> &crate::source::credentials::Credentials {
         &self.credentials
     }
 

@@ -520,3 +520,97 @@ async fn put_tokenless(url: &str, key: &str) -> i64 {
     .header
     .map_or(0, |h| h.revision)
 }
+
+/// An RSA key pair for etcd's `--auth-token jwt`, made with `openssl` in `dir`.
+fn jwt_keys(dir: &std::path::Path) -> (String, String) {
+    let private = dir.join("jwt.key");
+    let public = dir.join("jwt.pub");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("run openssl");
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    let (private, public) = (
+        private.to_str().expect("path").to_string(),
+        public.to_str().expect("path").to_string(),
+    );
+    run(&["genrsa", "-out", &private, "2048"]);
+    run(&["rsa", "-in", &private, "-pubout", "-out", &public]);
+    (private, public)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jwt_renewed_before_exp_and_after_an_auth_revision_bump() {
+    // JWTs live 6 s, fixed (not extended by use), and die with any auth revision bump.
+    let keys = tempfile::tempdir().expect("tempdir");
+    let (private, public) = jwt_keys(keys.path());
+    let token_flag = format!("jwt,pub-key={public},priv-key={private},sign-method=RS256,ttl=6s");
+    let mut etcd = etcd_with_auth(&["--auth-token", &token_flag]);
+    let root_token = token(&etcd.url, "root", ROOT_PASSWORD).await;
+    assert_eq!(root_token.split('.').count(), 3, "a JWT: {root_token}");
+    let first = put(&etcd.url, &root_token, "/apisix/a", "0").await;
+    let proxy = Proxy::start_unready(
+        &etcd.url,
+        &[PREFIX],
+        &["--user", "fanout:fanout-pw"],
+        &[("RUST_LOG", "info,etcd_fanout=debug")],
+    );
+    proxy.wait_log("upstream watch established", Duration::from_secs(30));
+    // Renewed from the `exp` claim (half way through a lifetime this short), before etcd
+    // refuses it: over 10 s at least 3 logins, none after a refusal.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        proxy.metric("etcd_fanout_upstream_logins_total") >= 3.0,
+        "{}",
+        proxy.plain_log()
+    );
+    let log = proxy.plain_log();
+    assert!(!log.contains("refused the proxy's token"), "{log}");
+    assert!(log.contains("etcd token renewed"), "{log}");
+
+    // Any auth change makes every JWT issued before it fail with `revision of auth store is
+    // old`: the proxy logs in again and retries.
+    etcdctl(&etcd, Some(&root()), &["role", "add", "unrelated"]);
+    proxy.wait_log(
+        "etcd refused the proxy's token; logging in again error=etcdserver: revision of auth store is old",
+        Duration::from_secs(20),
+    );
+    let mut want = vec![first];
+    let root_token = token(&etcd.url, "root", ROOT_PASSWORD).await;
+    for i in 0..3 {
+        want.push(put(&etcd.url, &root_token, &format!("/apisix/b{i}"), "1").await);
+    }
+    // JWTs survive an etcd restart (stateless): the watch is re-created under the current one.
+    etcd.restart();
+    let root_token = token(&etcd.url, "root", ROOT_PASSWORD).await;
+    for i in 0..3 {
+        want.push(put(&etcd.url, &root_token, &format!("/apisix/c{i}"), "2").await);
+    }
+    let writes = (want.len() - 1) as f64;
+    wait_metric(
+        &proxy,
+        "etcd_fanout_upstream_events_total",
+        writes,
+        Duration::from_secs(30),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(proxy.metric("etcd_fanout_upstream_events_total"), writes);
+    assert_eq!(proxy.metric("etcd_fanout_upstream_watches"), 1.0);
+    assert_eq!(proxy.readyz(), 200);
+    let reader = token(&proxy.url, "reader", "reader-pw").await;
+    let revs = watch_revisions(
+        &proxy.url,
+        &reader,
+        first,
+        want.len(),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(revs, want);
+    let log = proxy.plain_log();
+    assert!(!log.contains("cannot read the prefix"), "{log}");
+    assert!(!log.contains(" ERROR "), "{log}");
+}

@@ -12,7 +12,8 @@
 //! * simple tokens die after `--auth-token-ttl` of non-use on each member (sliding), on an etcd
 //!   restart, a password change or `auth disable`; JWTs at their `exp` claim and on any auth
 //!   revision bump. The proxy renews a simple token every half TTL and a JWT at three quarters
-//!   of its lifetime, and logs in again (then retries the call once) whenever etcd answers
+//!   of its lifetime (half of it when that would leave less than 2 s), at its first call after
+//!   that point, and logs in again (then retries the call once) whenever etcd answers
 //!   `invalid auth token`, `revision of auth store is old` or `user name is empty`.
 //! * Logins are single flight: one `Authenticate` at a time; calls needing a first token wait
 //!   for it, calls holding a token that is merely due for renewal keep using it meanwhile.
@@ -49,6 +50,8 @@ const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
 const MIN_LOGIN_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest delay between login attempts while they keep failing.
 const MAX_LOGIN_BACKOFF: Duration = Duration::from_secs(30);
+/// Least time between a JWT's renewal and its `exp`, lifetime permitting.
+const JWT_MARGIN: Duration = Duration::from_secs(2);
 /// How often an unchanged complaint is logged again while it lasts.
 const COMPLAINT_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -443,7 +446,15 @@ impl Credentials {
                 let left = exp
                     .duration_since(SystemTime::now())
                     .unwrap_or(Duration::ZERO);
-                (left * 3 / 4).max(MIN_LOGIN_INTERVAL)
+                // Three quarters of the lifetime, but at least 2 s before `exp` (whole
+                // seconds, etcd's clock) when the lifetime is short.
+                let renew = left * 3 / 4;
+                let renew = if left.saturating_sub(renew) < JWT_MARGIN {
+                    left / 2
+                } else {
+                    renew
+                };
+                renew.max(MIN_LOGIN_INTERVAL)
             }
             None => (self.simple_ttl / 2).max(MIN_LOGIN_INTERVAL),
         }
@@ -591,6 +602,7 @@ impl Upstream {
         match self.kv().range(ticket.request(req.clone())).await {
             Ok(r) => Ok(r.into_inner()),
             Err(s) if needs_login(&s) => {
+                tracing::debug!(error = %s.message(), "etcd refused the proxy's token; logging in again");
                 creds.drop_token(&ticket);
                 if !creds.renew_after(self, &ticket).await {
                     return Err(s);
@@ -612,6 +624,7 @@ impl Upstream {
         let ticket = creds.ticket(self).await;
         match self.try_own_watch(&ticket, create.clone()).await {
             Err(s) if needs_login(&s) => {
+                tracing::debug!(error = %s.message(), "etcd refused the proxy's token; logging in again");
                 creds.drop_token(&ticket);
                 if !creds.renew_after(self, &ticket).await {
                     return Err(s);

@@ -170,11 +170,11 @@ impl Proxy {
             .expect("proxy log");
         let child = Command::new(env!("CARGO_BIN_EXE_etcd-fanout"))
             .args(&args)
-            .envs(env.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

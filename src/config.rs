@@ -70,8 +70,8 @@ pub struct Config {
 
     /// etcd user the proxy logs in as for its own reads and watches (etcdctl's
     /// `--user NAME[:PASSWORD]`). Needs read permission on the cached prefixes only.
-    #[arg(long, env = "ETCD_FANOUT_USER")]
-    pub user: Option<String>,
+    #[arg(long, env = "ETCD_FANOUT_USER", hide_env_values = true)]
+    pub user: Option<crate::source::credentials::Secret>,
 
     /// Password of `--user` (then `--user` is the name as is, like etcdctl).
     #[arg(

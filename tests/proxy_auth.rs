@@ -38,7 +38,7 @@ fn etcd_with_auth(extra: &[&str]) -> Etcd {
 /// that would reveal a repeated event) or `timeout` passed.
 async fn watch_revisions(
     url: &str,
-    token: &str,
+    token: Option<&str>,
     start: i64,
     want: usize,
     timeout: Duration,
@@ -56,7 +56,7 @@ async fn watch_revisions(
     .expect("send create");
     let mut stream = WatchClient::new(common::channel(url).await)
         .watch(with_token(
-            Some(token),
+            token,
             tokio_stream::wrappers::ReceiverStream::new(rx),
         ))
         .await
@@ -191,7 +191,14 @@ async fn good_credentials_fill_the_cache_through_auth() {
     for _ in 0..4 {
         let (url, reader) = (proxy.url.clone(), reader.clone());
         watchers.push(tokio::spawn(async move {
-            watch_revisions(&url, &reader, first, WRITES + 1, Duration::from_secs(60)).await
+            watch_revisions(
+                &url,
+                Some(&reader),
+                first,
+                WRITES + 1,
+                Duration::from_secs(60),
+            )
+            .await
         }));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -418,8 +425,14 @@ async fn token_expiry_and_etcd_restart_lose_nothing() {
         );
         assert_eq!(p.readyz(), 200);
         let reader = token(&p.url, "reader", "reader-pw").await;
-        let revs =
-            watch_revisions(&p.url, &reader, first, want.len(), Duration::from_secs(30)).await;
+        let revs = watch_revisions(
+            &p.url,
+            Some(&reader),
+            first,
+            want.len(),
+            Duration::from_secs(30),
+        )
+        .await;
         assert_eq!(revs, want);
         let direct = range_prefix(&etcd.url, Some(&reader), PREFIX, false)
             .await
@@ -487,7 +500,7 @@ async fn auth_enabled_after_the_proxy_started() {
     let reader = token(&proxy.url, "reader", "reader-pw").await;
     let revs = watch_revisions(
         &proxy.url,
-        &reader,
+        Some(&reader),
         want[0],
         want.len(),
         Duration::from_secs(30),
@@ -503,7 +516,51 @@ async fn auth_enabled_after_the_proxy_started() {
     assert_eq!(kvs(&via), kvs(&direct));
     let log = proxy.plain_log();
     assert!(log.contains("logged in to etcd"), "{log}");
+
+    // And disabled again: the proxy's token is refused or ignored, its login answered with
+    // `authentication is not enabled`, and it goes on without a token.
+    etcdctl(&etcd, Some(&root()), &["auth", "disable"]);
+    for i in 0..3 {
+        want.push(put_tokenless(&etcd.url, &format!("/apisix/d{i}")).await);
+    }
+    let writes = want.len() as f64;
+    wait_metric(
+        &proxy,
+        "etcd_fanout_upstream_events_total",
+        writes,
+        Duration::from_secs(30),
+    )
+    .await;
+    etcd.restart();
+    for i in 0..3 {
+        want.push(put_tokenless(&etcd.url, &format!("/apisix/e{i}")).await);
+    }
+    let writes = want.len() as f64;
+    wait_metric(
+        &proxy,
+        "etcd_fanout_upstream_events_total",
+        writes,
+        Duration::from_secs(30),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(proxy.metric("etcd_fanout_upstream_events_total"), writes);
+    assert_eq!(proxy.readyz(), 200);
+    // Auth is off: a tokenless watcher (etcd 3.4.23 refuses the reader's old token after
+    // `auth disable` with `invalid auth token`; 3.4.28+ would ignore it).
+    let revs = watch_revisions(
+        &proxy.url,
+        None,
+        want[0],
+        want.len(),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(revs, want);
+    let log = proxy.plain_log();
+    assert!(log.matches("etcd has auth disabled").count() >= 2, "{log}");
     assert!(!log.contains("cannot read the prefix"), "{log}");
+    assert!(!log.contains(" ERROR "), "{log}");
 }
 
 /// A tokenless put (etcd with auth off).
@@ -603,7 +660,7 @@ async fn jwt_renewed_before_exp_and_after_an_auth_revision_bump() {
     let reader = token(&proxy.url, "reader", "reader-pw").await;
     let revs = watch_revisions(
         &proxy.url,
-        &reader,
+        Some(&reader),
         first,
         want.len(),
         Duration::from_secs(30),

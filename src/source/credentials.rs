@@ -58,7 +58,8 @@ const COMPLAINT_INTERVAL: Duration = Duration::from_secs(60);
 /// etcd's answer to `Authenticate` when auth is off.
 const AUTH_NOT_ENABLED: &str = "etcdserver: authentication is not enabled";
 
-/// A secret string (the password): its `Debug` and `Display` never show it.
+/// A secret string (a password, or `--user`, which may hold one): its `Debug` and `Display`
+/// never show it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
 
@@ -115,21 +116,22 @@ impl Login {
             (None, None, None) => return Ok(None),
             (None, _, _) => return Err("--password and --password-file need --user".into()),
             (Some(user), Some(p), _) => Login {
-                user: user.clone(),
+                user: user.expose().to_string(),
                 password: Password::Inline(p.clone()),
             },
             (Some(user), None, Some(path)) => Login {
-                user: user.clone(),
+                user: user.expose().to_string(),
                 password: Password::File(path.clone()),
             },
-            (Some(user), None, None) => match user.split_once(':') {
+            (Some(user), None, None) => match user.expose().split_once(':') {
                 Some((name, password)) => Login {
                     user: name.to_string(),
                     password: Password::Inline(Secret(password.to_string())),
                 },
                 None => {
                     return Err(format!(
-                        "--user {user} has no password: use --user NAME:PASSWORD, --password or --password-file"
+                        "--user {} has no password: use --user NAME:PASSWORD, --password or --password-file",
+                        user.expose()
                     ))
                 }
             },
@@ -706,8 +708,13 @@ mod tests {
         assert!(!format!("{l:?}").contains("hunter2"));
         let c = Credentials::new(l, Duration::from_secs(300));
         assert!(!format!("{c:?}").contains("hunter2"));
-        let config = Config::parse_from(["etcd-fanout", "--user", "u", "--password", "hunter2"]);
-        assert!(!format!("{config:?}").contains("hunter2"));
+        for args in [
+            ["etcd-fanout", "--user", "u", "--password", "hunter2"].as_slice(),
+            ["etcd-fanout", "--user", "u:hunter2"].as_slice(),
+        ] {
+            let config = Config::parse_from(args);
+            assert!(!format!("{config:?}").contains("hunter2"));
+        }
     }
 
     #[test]

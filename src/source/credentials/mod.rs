@@ -26,23 +26,28 @@
 //! Failures are loud: a refused login, or a prefix the user may not read, is logged at error
 //! level naming the user, the prefix and the missing permission (throttled to one line a
 //! minute per prefix while it lasts). The password never appears in a log or `Debug` output.
+//!
+//! Parts: [`login`] (the flags, the password), `jwt` (a JWT's `exp`), `complaints` (the loud
+//! failures), `own_calls` (the Range and Watch the proxy makes for itself, on [`Upstream`]).
+
+mod complaints;
+mod jwt;
+pub mod login;
+mod own_calls;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
-use base64::Engine;
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 use tonic::{Code, Request, Status};
 
 use crate::config::Config;
-use crate::keys::KeyRange;
 use crate::metrics;
-use crate::proto::etcdserverpb::{
-    AuthenticateRequest, RangeRequest, RangeResponse, WatchCreateRequest,
-};
-use crate::source::upstream::{Upstream, UpstreamWatch};
+use crate::proto::etcdserverpb::AuthenticateRequest;
+use crate::source::upstream::Upstream;
+
+pub use login::{Login, Secret};
 
 /// Longest a login may take before it counts as failed.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -52,107 +57,9 @@ const MIN_LOGIN_INTERVAL: Duration = Duration::from_secs(1);
 const MAX_LOGIN_BACKOFF: Duration = Duration::from_secs(30);
 /// Least time between a JWT's renewal and its `exp`, lifetime permitting.
 const JWT_MARGIN: Duration = Duration::from_secs(2);
-/// How often an unchanged complaint is logged again while it lasts.
-const COMPLAINT_INTERVAL: Duration = Duration::from_secs(60);
 
 /// etcd's answer to `Authenticate` when auth is off.
 const AUTH_NOT_ENABLED: &str = "etcdserver: authentication is not enabled";
-
-/// A secret string (a password, or `--user`, which may hold one): its `Debug` and `Display`
-/// never show it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// The secret itself, for the one place that sends it.
-    fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
-impl std::fmt::Display for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("***")
-    }
-}
-
-impl std::str::FromStr for Secret {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Secret, Self::Err> {
-        Ok(Secret(s.to_string()))
-    }
-}
-
-/// Where the password comes from.
-#[derive(Debug, Clone)]
-enum Password {
-    /// Given on the command line or in the environment.
-    Inline(Secret),
-    /// Read from this file at every login (a mounted Secret may be rotated).
-    File(PathBuf),
-}
-
-/// The user the proxy logs in as.
-#[derive(Debug, Clone)]
-pub struct Login {
-    /// etcd user name.
-    user: String,
-    /// Its password.
-    password: Password,
-}
-
-impl Login {
-    /// The login configured by `--user`, `--password` and `--password-file` (etcdctl's rules:
-    /// `--user NAME:PASSWORD` unless a password is given separately, then `--user` is the name
-    /// as is). `None` when no user is configured. The password file must be readable now.
-    pub fn from_config(config: &Config) -> Result<Option<Login>, String> {
-        let login = match (&config.user, &config.password, &config.password_file) {
-            (None, None, None) => return Ok(None),
-            (None, _, _) => return Err("--password and --password-file need --user".into()),
-            (Some(user), Some(p), _) => Login {
-                user: user.expose().to_string(),
-                password: Password::Inline(p.clone()),
-            },
-            (Some(user), None, Some(path)) => Login {
-                user: user.expose().to_string(),
-                password: Password::File(path.clone()),
-            },
-            (Some(user), None, None) => match user.expose().split_once(':') {
-                Some((name, password)) => Login {
-                    user: name.to_string(),
-                    password: Password::Inline(Secret(password.to_string())),
-                },
-                None => {
-                    return Err(format!(
-                        "--user {} has no password: use --user NAME:PASSWORD, --password or --password-file",
-                        user.expose()
-                    ))
-                }
-            },
-        };
-        if login.user.is_empty() {
-            return Err("--user: empty user name".into());
-        }
-        login.password()?;
-        Ok(Some(login))
-    }
-
-    /// The password as of now (a file is read again, trailing newlines trimmed).
-    fn password(&self) -> Result<Secret, String> {
-        match &self.password {
-            Password::Inline(p) => Ok(p.clone()),
-            Password::File(path) => std::fs::read_to_string(path)
-                .map(|s| Secret(s.trim_end_matches(['\n', '\r']).to_string()))
-                .map_err(|e| format!("--password-file {}: {e}", path.display())),
-        }
-    }
-}
 
 /// Why a login failed.
 #[derive(Debug)]
@@ -443,7 +350,7 @@ impl Credentials {
 
     /// How long a fresh token is used before it is renewed.
     fn renewal_period(&self, token: &str) -> Duration {
-        match jwt_expiry(token) {
+        match jwt::expiry(token) {
             Some(exp) => {
                 let left = exp
                     .duration_since(SystemTime::now())
@@ -470,46 +377,6 @@ impl Credentials {
             st.token = None;
         }
     }
-
-    /// Logs a failure of the proxy's own read of `prefix` at error level when it is about
-    /// identity or permission (then returns true; other failures are the caller's to log).
-    /// The same complaint is repeated at most once a minute.
-    pub fn complain(&self, prefix: &str, range: &KeyRange, status: &Status) -> bool {
-        let what = match (status.code(), status.message()) {
-            (Code::PermissionDenied, _) => format!(
-                "etcd user {} lacks read permission on the prefix: grant it read on [{}, {}) (README: Running against etcd with auth)",
-                self.user().unwrap_or("(none)"),
-                show(&range.start),
-                show(&range.range_end()),
-            ),
-            (_, m) if is_auth_message(m) => match (self.user(), &self.state().outcome) {
-                (None, _) => "etcd has auth enabled and the proxy has no credentials: set --user and --password (or --password-file)".to_string(),
-                (Some(user), Outcome::Failed(e)) => {
-                    format!("the proxy cannot log in to etcd as user {user}: {e}")
-                }
-                (Some(user), _) => {
-                    format!("etcd refused the proxy's token of user {user}; logging in again")
-                }
-            },
-            _ => return false,
-        };
-        let now = Instant::now();
-        let mut seen = self.complaints.lock().unwrap_or_else(|e| e.into_inner());
-        let repeat = matches!(seen.get(prefix), Some((w, at)) if *w == what && now.duration_since(*at) < COMPLAINT_INTERVAL);
-        if !repeat {
-            tracing::error!(prefix, error = %status.message(), "cannot read the prefix from etcd: {what}; until it can, /readyz answers 503 and requests for this prefix are forwarded to etcd");
-            seen.insert(prefix.to_string(), (what, now));
-        }
-        true
-    }
-
-    /// Forgets the complaint about `prefix` (it can be read again).
-    pub fn resolved(&self, prefix: &str) {
-        let mut seen = self.complaints.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.remove(prefix).is_some() {
-            tracing::info!(prefix, "the prefix can be read from etcd again");
-        }
-    }
 }
 
 /// True when etcd refused a call for its token (or lack of one), so that a new login may
@@ -528,209 +395,15 @@ fn is_auth_message(m: &str) -> bool {
     )
 }
 
-/// A key for a log line: text when it is UTF-8, else escaped.
-fn show(key: &[u8]) -> String {
-    match std::str::from_utf8(key) {
-        Ok(s) => format!("{s:?}"),
-        Err(_) => format!("{:?}", bytes::Bytes::copy_from_slice(key)),
-    }
-}
-
-/// The `exp` claim of a JWT (etcd's `--auth-token jwt`); `None` for anything else (etcd's
-/// simple tokens are `<16 letters>.<index>`). Only the payload is read, not verified: the
-/// proxy uses it to schedule its own renewal, etcd verifies.
-fn jwt_expiry(token: &str) -> Option<SystemTime> {
-    let mut parts = token.split('.');
-    let (_, payload, _) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() {
-        return None;
-    }
-    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
-        .ok()?;
-    let claims: serde_json::Value = serde_json::from_slice(&json).ok()?;
-    let exp = claims.get("exp")?.as_f64()?;
-    if !exp.is_finite() || exp < 0.0 {
-        return None;
-    }
-    UNIX_EPOCH.checked_add(Duration::try_from_secs_f64(exp).ok()?)
-}
-
-/// The gRPC status a watch refusal's `cancel_reason` stands for: etcd words it as Go's
-/// `rpc error: code = X desc = Y` (3.4.22+); older servers send the bare message.
-fn cancel_status(reason: &str) -> Status {
-    let parsed = reason
-        .strip_prefix("rpc error: code = ")
-        .and_then(|r| r.split_once(" desc = "));
-    match parsed {
-        Some((code, desc)) => Status::new(go_code(code), desc),
-        None if reason == "etcdserver: permission denied" => {
-            Status::permission_denied(reason.to_string())
-        }
-        None => Status::unknown(reason.to_string()),
-    }
-}
-
-/// A gRPC code from its Go name.
-fn go_code(name: &str) -> Code {
-    match name {
-        "OK" => Code::Ok,
-        "Canceled" => Code::Cancelled,
-        "InvalidArgument" => Code::InvalidArgument,
-        "DeadlineExceeded" => Code::DeadlineExceeded,
-        "NotFound" => Code::NotFound,
-        "AlreadyExists" => Code::AlreadyExists,
-        "PermissionDenied" => Code::PermissionDenied,
-        "ResourceExhausted" => Code::ResourceExhausted,
-        "FailedPrecondition" => Code::FailedPrecondition,
-        "Aborted" => Code::Aborted,
-        "OutOfRange" => Code::OutOfRange,
-        "Unimplemented" => Code::Unimplemented,
-        "Internal" => Code::Internal,
-        "Unavailable" => Code::Unavailable,
-        "DataLoss" => Code::DataLoss,
-        "Unauthenticated" => Code::Unauthenticated,
-        _ => Code::Unknown,
-    }
-}
-
-/// The proxy's own calls: each carries the proxy's token and is retried once after a new
-/// login when etcd refuses the token.
-impl Upstream {
-    /// A Range made for the proxy itself.
-    pub async fn own_range(&self, req: RangeRequest) -> Result<RangeResponse, Status> {
-        let creds = self.credentials();
-        let ticket = creds.ticket(self).await;
-        match self.kv().range(ticket.request(req.clone())).await {
-            Ok(r) => Ok(r.into_inner()),
-            Err(s) if needs_login(&s) => {
-                tracing::debug!(error = %s.message(), "etcd refused the proxy's token; logging in again");
-                creds.drop_token(&ticket);
-                if !creds.renew_after(self, &ticket).await {
-                    return Err(s);
-                }
-                let ticket = creds.ticket(self).await;
-                self.kv()
-                    .range(ticket.request(req))
-                    .await
-                    .map(|r| r.into_inner())
-            }
-            Err(s) => Err(s),
-        }
-    }
-
-    /// A watch made for the proxy itself, on its own stream. Returns once etcd accepted it;
-    /// a refusal becomes the matching error (e.g. `PermissionDenied`).
-    pub async fn own_watch(&self, create: WatchCreateRequest) -> Result<UpstreamWatch, Status> {
-        let creds = self.credentials();
-        let ticket = creds.ticket(self).await;
-        match self.try_own_watch(&ticket, create.clone()).await {
-            Err(s) if needs_login(&s) => {
-                tracing::debug!(error = %s.message(), "etcd refused the proxy's token; logging in again");
-                creds.drop_token(&ticket);
-                if !creds.renew_after(self, &ticket).await {
-                    return Err(s);
-                }
-                let ticket = creds.ticket(self).await;
-                self.try_own_watch(&ticket, create).await
-            }
-            r => r,
-        }
-    }
-
-    async fn try_own_watch(
-        &self,
-        ticket: &Ticket,
-        create: WatchCreateRequest,
-    ) -> Result<UpstreamWatch, Status> {
-        let mut metadata = MetadataMap::new();
-        ticket.insert(&mut metadata);
-        let mut up = self.open_watch(&metadata, create).await?;
-        match up.responses.message().await? {
-            None => Err(Status::unavailable("upstream watch stream ended")),
-            Some(first) if first.canceled && first.compact_revision == 0 => {
-                self.observe_header(first.header.as_ref());
-                Err(cancel_status(&first.cancel_reason))
-            }
-            Some(first) => {
-                up.push_back(first);
-                Ok(up)
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    fn login(args: &[&str]) -> Result<Option<Login>, String> {
-        let mut argv = vec!["etcd-fanout"];
-        argv.extend_from_slice(args);
-        Login::from_config(&Config::parse_from(argv))
-    }
-
-    fn parts(l: Option<Login>) -> Option<(String, String)> {
-        let l = l?;
-        let p = l.password().ok()?;
-        Some((l.user, p.expose().to_string()))
-    }
+    use base64::Engine;
+    use std::time::UNIX_EPOCH;
 
     #[test]
-    fn flags_follow_etcdctl() {
-        assert!(login(&[]).unwrap().is_none());
-        assert_eq!(
-            parts(login(&["--user", "fanout:s3:cr"]).unwrap()),
-            Some(("fanout".into(), "s3:cr".into()))
-        );
-        assert_eq!(
-            parts(login(&["--user", "a:b", "--password", "pw"]).unwrap()),
-            Some(("a:b".into(), "pw".into()))
-        );
-        assert!(login(&["--user", "fanout"]).is_err());
-        assert!(login(&["--password", "pw"]).is_err());
-        assert!(login(&["--user", ":pw"]).is_err());
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("password");
-        std::fs::write(&file, "from file\n").unwrap();
-        let f = file.to_str().unwrap();
-        assert_eq!(
-            parts(login(&["--user", "fanout", "--password-file", f]).unwrap()),
-            Some(("fanout".into(), "from file".into()))
-        );
-        assert!(login(&["--user", "fanout", "--password-file", "/nonexistent/pw"]).is_err());
-    }
-
-    #[test]
-    fn password_is_never_shown() {
-        let l = login(&["--user", "fanout:hunter2"]).unwrap();
-        assert!(!format!("{l:?}").contains("hunter2"));
-        let c = Credentials::new(l, Duration::from_secs(300));
-        assert!(!format!("{c:?}").contains("hunter2"));
-        for args in [
-            ["etcd-fanout", "--user", "u", "--password", "hunter2"].as_slice(),
-            ["etcd-fanout", "--user", "u:hunter2"].as_slice(),
-        ] {
-            let config = Config::parse_from(args);
-            assert!(!format!("{config:?}").contains("hunter2"));
-        }
-    }
-
-    #[test]
-    fn jwt_exp_is_read_simple_tokens_are_not() {
+    fn renewal_follows_the_token_kind() {
         let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
-        let jwt = format!(
-            "{}.{}.sig",
-            b64(r#"{"alg":"RS256","typ":"JWT"}"#),
-            b64(r#"{"exp":1900000000,"revision":3,"username":"fanout"}"#)
-        );
-        assert_eq!(
-            jwt_expiry(&jwt),
-            Some(UNIX_EPOCH + Duration::from_secs(1_900_000_000))
-        );
-        assert_eq!(jwt_expiry("ZRsUWgrPWyjCbTyJ.12"), None);
-        assert_eq!(jwt_expiry("a.b.c"), None);
         let c = Credentials::new(None, Duration::from_secs(300));
         assert_eq!(
             c.renewal_period("ZRsUWgrPWyjCbTyJ.12"),
@@ -747,29 +420,12 @@ mod tests {
             p > Duration::from_secs(290) && p <= Duration::from_secs(300),
             "{p:?}"
         );
-    }
-
-    #[test]
-    fn cancel_reasons_become_statuses() {
-        let s = cancel_status(
-            "rpc error: code = PermissionDenied desc = etcdserver: permission denied",
+        let short = format!(
+            "{}.{}.sig",
+            b64("{}"),
+            b64(&format!(r#"{{"exp":{}}}"#, soon - 394))
         );
-        assert_eq!(s.code(), Code::PermissionDenied);
-        assert_eq!(s.message(), "etcdserver: permission denied");
-        let s = cancel_status(
-            "rpc error: code = Unauthenticated desc = etcdserver: invalid auth token",
-        );
-        assert!(needs_login(&s));
-        let s = cancel_status(
-            "rpc error: code = InvalidArgument desc = etcdserver: user name is empty",
-        );
-        assert!(needs_login(&s));
-        assert_eq!(
-            cancel_status("etcdserver: permission denied").code(),
-            Code::PermissionDenied
-        );
-        assert!(!needs_login(&Status::invalid_argument(
-            "etcdserver: key is not provided"
-        )));
+        let p = c.renewal_period(&short);
+        assert!(p <= Duration::from_secs(3), "{p:?}");
     }
 }

@@ -9,16 +9,14 @@
 //! Client requests here carry a token of their own (a `reader` user): with auth on, that is
 //! how clients talk to etcd, and the proxy must answer them as etcd would.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::auth::*;
-use common::fault::Relay;
-use common::{http_request, Etcd, Proxy};
 use etcd_fanout::proto::etcdserverpb::{
     watch_client::WatchClient, watch_request::RequestUnion, WatchCreateRequest, WatchRequest,
 };
+use testkit::auth::*;
+use testkit::fault::Relay;
+use testkit::{Etcd, Proxy};
 
 const PREFIX: &str = "/apisix/";
 
@@ -47,14 +45,14 @@ async fn watch_revisions(
     tx.send(WatchRequest {
         request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
             key: PREFIX.into(),
-            range_end: common::checker::prefix_end(PREFIX.as_bytes()),
+            range_end: testkit::range_end(PREFIX),
             start_revision: start,
             ..Default::default()
         })),
     })
     .await
     .expect("send create");
-    let mut stream = WatchClient::new(common::channel(url).await)
+    let mut stream = WatchClient::new(testkit::channel(url).await)
         .watch(with_token(
             token,
             tokio_stream::wrappers::ReceiverStream::new(rx),
@@ -115,10 +113,12 @@ async fn wait_metric(proxy: &Proxy, name: &str, want: f64, timeout: Duration) {
     }
 }
 
-/// A Range request of `PREFIX` through the gateway, as APISIX sends it (no token).
-fn gateway_range(port: u16) -> (u16, String) {
+/// A Range request of `PREFIX` through the gateway, as APISIX sends it (no token): status,
+/// whether chunked, and the body chunks.
+fn gateway_range(port: u16) -> (u16, bool, Vec<Vec<u8>>) {
     let body = r#"{"key":"L2FwaXNpeC8=","range_end":"L2FwaXNpeDA="}"#;
-    http_request(port, "POST", "/v3/kv/range", Some(body)).expect("gateway range")
+    let r = testkit::http::post(port, "/v3/kv/range", body);
+    (r.status, r.chunked, r.chunks)
 }
 
 /// With a failed identity the proxy must not be ready and must forward every request for
@@ -565,7 +565,7 @@ async fn auth_enabled_after_the_proxy_started() {
 
 /// A tokenless put (etcd with auth off).
 async fn put_tokenless(url: &str, key: &str) -> i64 {
-    let mut c = common::Clients::connect(url).await;
+    let mut c = testkit::Clients::connect(url).await;
     c.kv.put(etcd_fanout::proto::etcdserverpb::PutRequest {
         key: key.to_string().into(),
         value: "0".into(),

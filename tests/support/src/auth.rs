@@ -10,7 +10,7 @@ use etcd_fanout::proto::etcdserverpb::{
 };
 use tonic::Request;
 
-use super::{channel, http_get, Clients, Etcd, Proxy};
+use crate::{channel, http_get, Clients, Etcd, Proxy};
 
 /// Password of etcd's `root` user in these tests.
 pub const ROOT_PASSWORD: &str = "root-pw";
@@ -114,7 +114,7 @@ pub async fn range_prefix(
         token,
         RangeRequest {
             key: prefix.to_string().into(),
-            range_end: super::checker::prefix_end(prefix.as_bytes()),
+            range_end: crate::range_end(prefix),
             serializable,
             ..Default::default()
         },
@@ -150,7 +150,7 @@ impl Proxy {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Proxy {
-        let port = super::free_port();
+        let port = crate::free_port();
         let mut args = vec![
             "--endpoints".to_string(),
             endpoints.to_string(),
@@ -168,7 +168,7 @@ impl Proxy {
             .append(true)
             .open(dir.path().join("proxy.log"))
             .expect("proxy log");
-        let child = Command::new(env!("CARGO_BIN_EXE_etcd-fanout"))
+        let child = Command::new(crate::proxy_bin())
             .args(&args)
             .env(
                 "RUST_LOG",
@@ -237,6 +237,6 @@ impl Proxy {
 
     /// Value of one of the proxy's own metrics.
     pub fn metric(&self, name: &str) -> f64 {
-        super::metric_value(&self.metrics(), name)
+        crate::metric_value(&self.metrics(), name)
     }
 }

@@ -91,6 +91,38 @@ async fn watch_revisions(
     revs
 }
 
+/// The first response to a watch of `PREFIX` at `url` (with `token`).
+async fn first_watch_response(
+    url: &str,
+    token: Option<&str>,
+) -> etcd_fanout::proto::etcdserverpb::WatchResponse {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+            key: PREFIX.into(),
+            range_end: testkit::range_end(PREFIX),
+            ..Default::default()
+        })),
+    })
+    .await
+    .expect("send create");
+    let mut stream = WatchClient::new(testkit::channel(url).await)
+        .watch(with_token(
+            token,
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .await
+        .expect("watch stream")
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("a watch response in time")
+        .expect("watch stream")
+        .expect("a watch response");
+    drop(tx);
+    first
+}
+
 /// The keys, values and revisions of a Range answer (what a client reads).
 fn kvs(r: &etcd_fanout::proto::etcdserverpb::RangeResponse) -> Vec<(Vec<u8>, Vec<u8>, i64)> {
     r.kvs
@@ -152,6 +184,19 @@ async fn assert_forwarded_as_etcd(etcd: &Etcd, proxy: &Proxy) {
         (direct.code(), direct.message())
     );
     assert_eq!(gateway_range(proxy.port), gateway_range(etcd.port));
+    // A tokenless watch: etcd's refusal too, not the cache.
+    let direct = first_watch_response(&etcd.url, None).await;
+    let via = first_watch_response(&proxy.url, None).await;
+    assert!(direct.canceled, "{direct:?}");
+    assert_eq!(
+        (via.created, via.canceled, via.watch_id, via.cancel_reason),
+        (
+            direct.created,
+            direct.canceled,
+            direct.watch_id,
+            direct.cancel_reason
+        )
+    );
     assert_eq!(proxy.metric("etcd_fanout_ranges_cached_total"), 0.0);
     assert!(proxy.metric("etcd_fanout_ranges_forwarded_total") >= 3.0);
     assert_eq!(proxy.metric("etcd_fanout_upstream_watches"), 0.0);

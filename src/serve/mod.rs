@@ -4,6 +4,7 @@
 
 pub mod kv;
 pub mod passthrough;
+pub mod shield;
 pub mod watch;
 
 use std::sync::Arc;

@@ -1,13 +1,16 @@
 //! Requests that would crash etcd 3.4 are refused here, before they reach it.
 //!
-//! etcd 3.4.23 trusts the enum values of a `RangeRequest`: a `sort_target` outside
-//! `KEY..=VALUE` leaves its sorter nil and the server panics (etcd-io/etcd#13554), inside a
-//! Txn too, where a write Txn panics in the raft apply loop and so again on every restart.
-//! etcd 3.5 refuses such requests up front (`checkRangeRequest`, `checkRequestOp`,
+//! etcd 3.4.23 trusts the `sort_target` of a `RangeRequest`: outside `KEY..=VALUE` its sorter
+//! stays nil and the server panics as soon as it sorts (etcd-io/etcd#13554), inside a Txn
+//! too, where a write Txn panics in the raft apply loop and so again on every restart. etcd
+//! 3.5 refuses such requests up front (`checkRangeRequest`, `checkRequestOp`,
 //! `checkTxnRequest` in `v3rpc/key.go`) with `InvalidArgument` "etcdserver: invalid sort
 //! option". The proxy applies 3.5's checks, in 3.5's order, to every request that carries an
-//! invalid sort option, so the client gets a fixed etcd's answer and etcd never sees it;
-//! everything else is left to etcd, whose answers are passed through as they are.
+//! invalid sort target, so the client gets a fixed etcd's answer and etcd never sees it.
+//!
+//! An out-of-range `sort_order` with a valid target is left to etcd: 3.4.23 answers it
+//! (unsorted) without harm, and that answer is the oracle (`tests/bad_input.rs` diffs it).
+//! Everything else is etcd's to answer, passed through as it is.
 
 use crate::error::Error;
 use crate::proto::etcdserverpb::range_request::{SortOrder, SortTarget};
@@ -17,23 +20,35 @@ use crate::proto::etcdserverpb::{RangeRequest, RequestOp, TxnRequest};
 /// etcd's default `--max-txn-ops`: the bound 3.5's Txn check is evaluated with.
 const MAX_TXN_OPS: usize = 128;
 
-/// etcd 3.5's `checkRangeRequest`: key first, then sort order, then sort target.
+/// The checks on a Range before it is served or forwarded: an empty key (etcd's own check),
+/// then an invalid sort target refused as etcd 3.5 refuses it.
 pub fn check_range(req: &RangeRequest) -> Result<(), Error> {
     if req.key.is_empty() {
         return Err(Error::EmptyKey);
     }
-    if !valid_sort(req) {
+    if !valid_target(req) {
         return Err(Error::InvalidSortOption);
     }
     Ok(())
 }
 
-/// Whether both sort enums name a value etcd knows.
-fn valid_sort(req: &RangeRequest) -> bool {
-    SortOrder::try_from(req.sort_order).is_ok() && SortTarget::try_from(req.sort_target).is_ok()
+/// Whether the sort target names a value etcd knows (a sorter exists for it).
+fn valid_target(req: &RangeRequest) -> bool {
+    SortTarget::try_from(req.sort_target).is_ok()
 }
 
-/// Refuses a Txn that carries an invalid sort option anywhere (nested Txns included) with the
+/// etcd 3.5's `checkRangeRequest`: key first, then sort order, then sort target.
+fn check_range_35(req: &RangeRequest) -> Result<(), Error> {
+    if req.key.is_empty() {
+        return Err(Error::EmptyKey);
+    }
+    if SortOrder::try_from(req.sort_order).is_err() || !valid_target(req) {
+        return Err(Error::InvalidSortOption);
+    }
+    Ok(())
+}
+
+/// Refuses a Txn that carries an invalid sort target anywhere (nested Txns included) with the
 /// error etcd 3.5 gives it; every other Txn goes to etcd untouched.
 pub fn check_txn(req: &TxnRequest) -> Result<(), Error> {
     if !txn_has_bad_sort(req) {
@@ -44,13 +59,13 @@ pub fn check_txn(req: &TxnRequest) -> Result<(), Error> {
     Err(Error::InvalidSortOption)
 }
 
-/// True when some range op of `req`, at any depth, has an invalid sort option.
+/// True when some range op of `req`, at any depth, has an invalid sort target.
 fn txn_has_bad_sort(req: &TxnRequest) -> bool {
     req.success
         .iter()
         .chain(req.failure.iter())
         .any(|op| match &op.request {
-            Some(Op::RequestRange(r)) => !valid_sort(r),
+            Some(Op::RequestRange(r)) => !valid_target(r),
             Some(Op::RequestTxn(t)) => txn_has_bad_sort(t),
             _ => false,
         })
@@ -78,7 +93,7 @@ fn check_txn_35(req: &TxnRequest, max_ops: usize) -> Result<(), Error> {
 /// etcd 3.5's `checkRequestOp`.
 fn check_op_35(op: &RequestOp, max_ops: usize) -> Result<(), Error> {
     match &op.request {
-        Some(Op::RequestRange(r)) => check_range(r),
+        Some(Op::RequestRange(r)) => check_range_35(r),
         Some(Op::RequestPut(p)) => {
             if p.key.is_empty() {
                 Err(Error::EmptyKey)
@@ -123,13 +138,12 @@ mod tests {
             Err(Error::InvalidSortOption)
         ));
         assert!(matches!(
-            check_range(&range(0, 3)),
+            check_range(&range(-1, 7)),
             Err(Error::InvalidSortOption)
         ));
-        assert!(matches!(
-            check_range(&range(0, -1)),
-            Err(Error::InvalidSortOption)
-        ));
+        // etcd 3.4 answers an unknown order with a known target: left to it.
+        assert!(check_range(&range(0, 3)).is_ok());
+        assert!(check_range(&range(1, -1)).is_ok());
         let empty = RangeRequest {
             sort_target: 99,
             ..Default::default()
@@ -145,6 +159,18 @@ mod tests {
         };
         // Other faults are etcd's to answer.
         assert!(check_txn(&good).is_ok());
+        // With a bad target somewhere, 3.5's checks run: an earlier bad order answers first.
+        let order_first = TxnRequest {
+            success: vec![
+                op(Op::RequestRange(range(1, 9))),
+                op(Op::RequestRange(range(77, 1))),
+            ],
+            ..Default::default()
+        };
+        assert!(matches!(
+            check_txn(&order_first),
+            Err(Error::InvalidSortOption)
+        ));
         let mut nested = TxnRequest {
             failure: vec![op(Op::RequestRange(range(99, 1)))],
             ..Default::default()

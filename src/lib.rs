@@ -9,6 +9,7 @@
 pub mod config;
 pub mod error;
 pub mod keys;
+pub mod logging;
 pub mod metrics;
 pub mod proto;
 pub mod serve;

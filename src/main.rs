@@ -16,7 +16,9 @@ const DRAIN: Duration = Duration::from_secs(10);
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let (log_sink, log_guard) = etcd_fanout::logging::stdout();
     tracing_subscriber::fmt()
+        .with_writer(log_sink)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -37,6 +39,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     serve(listener, Services::new(hub), shutdown, DRAIN).await;
     tracing::info!("stopped");
+    drop(log_guard);
     Ok(())
 }
 

@@ -93,6 +93,14 @@ pub static SYNC_CHECKS: LazyLock<IntCounter> = LazyLock::new(|| {
     )
 });
 
+/// Log lines dropped because the log output refused them or was too slow.
+pub static LOG_DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "etcd_fanout_log_dropped_total",
+        "Log lines dropped because the log output failed or fell behind",
+    )
+});
+
 /// Forces registration of every metric (so they appear at zero).
 pub fn init() {
     let _ = (
@@ -106,6 +114,7 @@ pub fn init() {
         &*RANGES_CACHED,
         &*RANGES_FORWARDED,
         &*SYNC_CHECKS,
+        &*LOG_DROPPED,
     );
 }
 

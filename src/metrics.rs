@@ -101,6 +101,14 @@ pub static LOG_DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
     )
 });
 
+/// Failed accepts on the listener (e.g. at the file-descriptor limit).
+pub static ACCEPT_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "etcd_fanout_accept_errors_total",
+        "Failed accepts on the listener",
+    )
+});
+
 /// Forces registration of every metric (so they appear at zero).
 pub fn init() {
     let _ = (
@@ -115,6 +123,7 @@ pub fn init() {
         &*RANGES_FORWARDED,
         &*SYNC_CHECKS,
         &*LOG_DROPPED,
+        &*ACCEPT_ERRORS,
     );
 }
 

@@ -159,11 +159,19 @@ fn h2_request(req: http::Request<Incoming>, routes: Routes, services: Services) 
             Box::pin(async move { gateway::handle(req, &services).await })
         }
         H2Route::Unknown(status) => Box::pin(async move { status.into_http() }),
-        H2Route::Range => Box::pin(grpc::range::serve(services.kv, req, max)),
-        H2Route::Watch => Box::pin(grpc::watch::serve(services.watch, req, max)),
+        H2Route::Range => {
+            Box::pin(
+                async move { grpc::go_status(grpc::range::serve(services.kv, req, max).await) },
+            )
+        }
+        H2Route::Watch => {
+            Box::pin(
+                async move { grpc::go_status(grpc::watch::serve(services.watch, req, max).await) },
+            )
+        }
         H2Route::Grpc => Box::pin(async move {
             match routes.oneshot(req).await {
-                Ok(resp) => resp,
+                Ok(resp) => grpc::go_status(resp),
                 Err(never) => match never {},
             }
         }),

@@ -130,7 +130,7 @@ pub(super) async fn read_request(
             (Ok(buf.split_to(n).freeze()), true)
         }
         Framing::Chunked => match read_chunked(rd, buf).await? {
-            Ok(b) => (Ok(b), true),
+            Ok((b, intact)) => (Ok(b), intact),
             Err(e) => (Err(e), false),
         },
     };

@@ -13,6 +13,8 @@
 
 pub mod config;
 pub(crate) mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod keys;
 pub mod logging;
 pub(crate) mod metrics;

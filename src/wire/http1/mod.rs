@@ -144,6 +144,45 @@ pub async fn serve<F, Fut>(
     }
 }
 
+/// The head parser as the fuzz targets drive it (`crate::fuzzing`): `data` parsed whole, and
+/// fed in pieces of `piece` bytes the way a connection reads it (parsed only when
+/// [`parse::head_may_be_complete`] says so). Both must agree on whether a head is complete
+/// and where it ends; a chunk size line is parsed from the same bytes.
+pub(crate) fn fuzz_head(data: &[u8], piece: usize) {
+    let whole = match parse::parse_head(data) {
+        Ok(Some(h)) => Some(h.consumed),
+        _ => None,
+    };
+    let mut scanned = 0;
+    let mut line_seen = false;
+    let mut incremental = None;
+    let mut end = 0;
+    while end < data.len() {
+        end = (end + piece.max(1)).min(data.len());
+        if parse::head_may_be_complete(&data[..end], scanned, &mut line_seen) {
+            match parse::parse_head(&data[..end]) {
+                Ok(Some(h)) => {
+                    incremental = Some(h.consumed);
+                    break;
+                }
+                Ok(None) => {}
+                Err(_) => break,
+            }
+        }
+        scanned = end;
+    }
+    if let (Some(w), Some(i)) = (whole, incremental) {
+        assert_eq!(w, i, "a head's end found in pieces differs from the whole");
+    }
+    if whole.is_some() {
+        assert!(
+            incremental.is_some(),
+            "a complete head was not found in pieces"
+        );
+    }
+    let _ = body::parse_chunk_size(data);
+}
+
 /// Waits until the socket is readable, then keeps what arrived (a pipelined request) and
 /// says whether the client has gone (end of stream or error). Holds no buffer while waiting.
 async fn client_left(rd: &mut ReadHalf<'_>, buf: &mut BytesMut) -> bool {

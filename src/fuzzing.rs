@@ -83,10 +83,13 @@ pub fn grpc_requests(data: &[u8]) {
 mod tests {
     use super::*;
 
+    /// A fuzz entry point.
+    type Entry = fn(&[u8]);
+
     /// Every input kept in `fuzz/corpus/<target>/` replays through its entry point.
     #[test]
     fn corpus_replays() {
-        let targets: [(&str, fn(&[u8])); 4] = [
+        let targets: [(&str, Entry); 4] = [
             ("http1_head", http1_head),
             ("gateway_json", gateway_json),
             ("go_base64", go_base64),

@@ -116,6 +116,18 @@ pub struct Config {
     /// half of it. JWTs are renewed from their `exp` claim.
     #[arg(long, env = "ETCD_FANOUT_AUTH_TOKEN_TTL", default_value = "300s", value_parser = parse_duration)]
     pub auth_token_ttl: Duration,
+    /// Longest time an HTTP/1.x request head may take to arrive, from its first byte (from
+    /// the accept for a connection's first request, which also bounds a connection that sends
+    /// nothing); a connection that has not sent a whole head by then is closed unanswered.
+    /// etcd (Go's server without `ReadHeaderTimeout`) has none.
+    #[arg(long, env = "ETCD_FANOUT_REQUEST_HEADER_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
+    pub request_header_timeout: Duration,
+
+    /// Longest time a kept-alive HTTP/1.x connection may wait between requests before the
+    /// proxy closes it. Well above the idle time of client pools (APISIX/nginx keep idle
+    /// connections 60 s); etcd keeps idle connections open for ever.
+    #[arg(long, env = "ETCD_FANOUT_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_positive_duration)]
+    pub idle_timeout: Duration,
 }
 
 /// etcd's `grpcOverheadBytes`: added to `--max-request-bytes` for gRPC message limits.
@@ -145,6 +157,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         _ => return Err(format!("invalid duration unit in {s:?}")),
     };
     Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
+}
+
+/// [`parse_duration`], refusing zero.
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!("duration {s:?} must be more than zero")),
+        d => Ok(d),
+    }
 }
 
 #[cfg(test)]

@@ -24,6 +24,21 @@ pub enum Error {
     /// Range without a key.
     #[error("etcdserver: key is not provided")]
     EmptyKey,
+    /// A range's `sort_order` or `sort_target` names no value (etcd 3.5's check).
+    #[error("etcdserver: invalid sort option")]
+    InvalidSortOption,
+    /// A Txn with more operations than `--max-txn-ops`.
+    #[error("etcdserver: too many operations in txn request")]
+    TooManyOps,
+    /// A put with `ignore_value` and a value.
+    #[error("etcdserver: value is provided")]
+    ValueProvided,
+    /// A put with `ignore_lease` and a lease.
+    #[error("etcdserver: lease is provided")]
+    LeaseProvided,
+    /// A Txn operation that names no request.
+    #[error("etcdserver: key not found")]
+    KeyNotFound,
     /// Range at a revision after the current one.
     #[error("etcdserver: mvcc: required revision is a future revision")]
     FutureRevision,
@@ -65,7 +80,13 @@ impl From<Error> for Status {
     fn from(e: Error) -> Status {
         let code = match e {
             Error::Upstream(s) => return s,
-            Error::EmptyKey | Error::UserEmpty => Code::InvalidArgument,
+            Error::EmptyKey
+            | Error::UserEmpty
+            | Error::InvalidSortOption
+            | Error::TooManyOps
+            | Error::ValueProvided
+            | Error::LeaseProvided
+            | Error::KeyNotFound => Code::InvalidArgument,
             Error::FutureRevision | Error::Compacted => Code::OutOfRange,
             Error::Stopped => Code::Unavailable,
             Error::MessageTooLarge { .. } => Code::ResourceExhausted,

@@ -13,7 +13,10 @@
 
 pub mod config;
 pub(crate) mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod keys;
+pub mod logging;
 pub(crate) mod metrics;
 pub mod proto;
 pub(crate) mod serve;

@@ -145,6 +145,22 @@ pub static UPSTREAM_LOGIN_FAILURES: LazyLock<IntCounter> = LazyLock::new(|| {
     )
 });
 
+/// Log lines dropped because the log output refused them or was too slow.
+pub static LOG_DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "etcd_fanout_log_dropped_total",
+        "Log lines dropped because the log output failed or fell behind",
+    )
+});
+
+/// Failed accepts on the listener (e.g. at the file-descriptor limit).
+pub static ACCEPT_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "etcd_fanout_accept_errors_total",
+        "Failed accepts on the listener",
+    )
+});
+
 /// Forces registration of every metric (so they appear at zero).
 pub fn init() {
     let _ = (
@@ -165,6 +181,8 @@ pub fn init() {
         &*AUTH_UNKNOWN_FORWARDS,
         &*UPSTREAM_LOGINS,
         &*UPSTREAM_LOGIN_FAILURES,
+        &*LOG_DROPPED,
+        &*ACCEPT_ERRORS,
     );
 }
 

@@ -20,6 +20,7 @@ use crate::proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 use crate::proto::etcdserverpb::*;
 use crate::proto::mvccpb::KeyValue;
 use crate::serve::access::{Access, Verdict};
+use crate::serve::shield;
 use crate::source::feed::Feed;
 use crate::source::hub::Hub;
 use crate::source::upstream::forward;
@@ -72,9 +73,7 @@ impl KvService {
         metadata: &MetadataMap,
         req: RangeRequest,
     ) -> Result<RangeAnswer, Error> {
-        if req.key.is_empty() {
-            return Err(Error::EmptyKey);
-        }
+        shield::check_range(&req)?;
         let range = KeyRange::new(&req.key, &req.range_end);
         let mut cached = self.hub.feed_for(&range).filter(|f| f.is_ready());
         if cached.is_some() {
@@ -435,6 +434,7 @@ impl kv_server::Kv for KvService {
 
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let (metadata, _, req) = request.into_parts();
+        shield::check_txn(&req)?;
         let resp = self.hub.upstream.kv().txn(forward(&metadata, req)).await?;
         self.hub
             .upstream

@@ -5,6 +5,7 @@
 pub mod access;
 pub mod kv;
 pub mod passthrough;
+pub mod shield;
 pub mod watch;
 
 use std::sync::Arc;

@@ -159,11 +159,19 @@ fn h2_request(req: http::Request<Incoming>, routes: Routes, services: Services) 
             Box::pin(async move { gateway::handle(req, &services).await })
         }
         H2Route::Unknown(status) => Box::pin(async move { status.into_http() }),
-        H2Route::Range => Box::pin(grpc::range::serve(services.kv, req, max)),
-        H2Route::Watch => Box::pin(grpc::watch::serve(services.watch, req, max)),
+        H2Route::Range => {
+            Box::pin(
+                async move { grpc::go_status(grpc::range::serve(services.kv, req, max).await) },
+            )
+        }
+        H2Route::Watch => {
+            Box::pin(
+                async move { grpc::go_status(grpc::watch::serve(services.watch, req, max).await) },
+            )
+        }
         H2Route::Grpc => Box::pin(async move {
             match routes.oneshot(req).await {
-                Ok(resp) => resp,
+                Ok(resp) => grpc::go_status(resp),
                 Err(never) => match never {},
             }
         }),
@@ -190,25 +198,39 @@ pub async fn serve(
     let (conn_shutdown_tx, _) = watch::channel(false);
     let conn_shutdown_tx = Arc::new(conn_shutdown_tx);
     let mut conns = tokio::task::JoinSet::new();
+    let mut accept_errors = AcceptErrors::default();
+    let timeouts = http1::Timeouts {
+        header: services.hub.config.request_header_timeout,
+        idle: services.hub.config.idle_timeout,
+    };
     loop {
         let (mut stream, _peer) = tokio::select! {
             r = listener.accept() => match r {
-                Ok(s) => s,
+                Ok(s) => {
+                    accept_errors.succeeded();
+                    s
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let pause = accept_errors.failed(&e);
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
+                    }
                     continue;
                 }
             },
             _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
         };
+        let accepted = tokio::time::Instant::now();
         let _ = stream.set_nodelay(true);
         let routes = routes.clone();
         let services = services.clone();
         let h2 = h2.clone();
         let mut conn_shutdown = conn_shutdown_tx.subscribe();
         conns.spawn(async move {
-            let Some((protocol, read)) = sniff(&mut stream).await else {
+            // The first bytes are part of the first request's head: due within its deadline.
+            let sniffed = tokio::time::timeout_at(accepted + timeouts.header, sniff(&mut stream));
+            let Ok(Some((protocol, read))) = sniffed.await else {
                 return;
             };
             match protocol {
@@ -217,7 +239,7 @@ pub async fn serve(
                         let services = services.clone();
                         Box::pin(async move { gateway::handle(req, &services).await })
                     };
-                    http1::serve(stream, read, handle, conn_shutdown).await;
+                    http1::serve(stream, read, handle, conn_shutdown, timeouts, accepted).await;
                 }
                 Protocol::Http2 => {
                     let io = Rewind {
@@ -248,4 +270,57 @@ pub async fn serve(
     drop(listener);
     let _ = conn_shutdown_tx.send(true);
     let _ = tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await;
+}
+
+/// Failed accepts (at the file-descriptor limit, every accept fails at once): a pause that
+/// doubles from 5 ms to 1 s, as Go's server backs off, and one log line per second with the
+/// number of failures since the last one.
+#[derive(Debug)]
+struct AcceptErrors {
+    /// Current pause after a failure (zero after a success).
+    pause: Duration,
+    /// Failures not reported yet.
+    unreported: u64,
+    /// When the last report was logged.
+    last_report: Option<tokio::time::Instant>,
+}
+
+impl Default for AcceptErrors {
+    fn default() -> Self {
+        AcceptErrors {
+            pause: Duration::ZERO,
+            unreported: 0,
+            last_report: None,
+        }
+    }
+}
+
+impl AcceptErrors {
+    /// Smallest and largest pause after a failed accept.
+    const MIN_PAUSE: Duration = Duration::from_millis(5);
+    const MAX_PAUSE: Duration = Duration::from_secs(1);
+    /// Shortest time between two reports.
+    const REPORT_EVERY: Duration = Duration::from_secs(1);
+
+    /// Records a failure; returns how long to pause before the next accept.
+    fn failed(&mut self, e: &std::io::Error) -> Duration {
+        crate::metrics::ACCEPT_ERRORS.inc();
+        self.unreported += 1;
+        let now = tokio::time::Instant::now();
+        if self
+            .last_report
+            .is_none_or(|t| now.duration_since(t) >= Self::REPORT_EVERY)
+        {
+            tracing::warn!(error = %e, failures = self.unreported, "accept failed");
+            self.unreported = 0;
+            self.last_report = Some(now);
+        }
+        self.pause = (self.pause * 2).clamp(Self::MIN_PAUSE, Self::MAX_PAUSE);
+        self.pause
+    }
+
+    /// Records a success: the next failure pauses briefly again.
+    fn succeeded(&mut self) {
+        self.pause = Duration::ZERO;
+    }
 }

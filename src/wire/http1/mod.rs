@@ -31,12 +31,15 @@ mod socket;
 mod write;
 
 use std::future::Future;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use http::{Method, Request, Response};
 use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::ReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::wire::body::ReqBody;
 use parse::{go_error, read_request};
@@ -52,34 +55,57 @@ pub(crate) const MAX_HEADERS: usize = 128;
 /// First read buffer of a request: enough for a typical APISIX request in one read.
 pub(crate) const READ_CHUNK: usize = 2048;
 
-/// Serves HTTP/1.x requests on `stream` until the client leaves, a request is malformed, or
-/// `shutdown` turns true. `buffered` holds bytes already read from the stream (the start of
-/// the first request). Every request goes to `handler`, whose future should be boxed so that
-/// the connection's own state stays small however large the handler is.
+/// The deadlines of an HTTP/1.x connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// A request head must be complete this long after its first byte arrived (after the
+    /// connection was accepted, for the first request): `--request-header-timeout`.
+    pub header: Duration,
+    /// A kept-alive connection may wait this long for its next request: `--idle-timeout`.
+    pub idle: Duration,
+}
+
+/// Serves HTTP/1.x requests on `stream` until the client leaves, a request is malformed, a
+/// deadline of `timeouts` passes, or `shutdown` turns true. `buffered` holds bytes already
+/// read from the stream (the start of the first request) and `accepted` is when the
+/// connection was accepted. Every request goes to `handler`, whose future should be boxed so
+/// that the connection's own state stays small however large the handler is; it is dropped
+/// as soon as the client leaves.
 pub async fn serve<F, Fut>(
     mut stream: TcpStream,
     buffered: BytesMut,
     handler: F,
     mut shutdown: watch::Receiver<bool>,
+    timeouts: Timeouts,
+    accepted: Instant,
 ) where
     F: Fn(Request<ReqBody>) -> Fut,
     Fut: Future<Output = Response<tonic::body::Body>>,
 {
     let (mut rd, mut wr) = stream.split();
     let mut buf = buffered;
+    let mut first = true;
     loop {
         if *shutdown.borrow() {
             return;
         }
-        if buf.is_empty() {
-            // Wait for the next request holding no buffer at all.
-            buf = BytesMut::new();
-            tokio::select! {
-                r = rd.readable() => if r.is_err() { return },
-                _ = shutdown.changed() => return,
+        let head_deadline = if first {
+            // The first request's head is due from the accept, bytes or not.
+            accepted + timeouts.header
+        } else {
+            if buf.is_empty() {
+                // Wait for the next request holding no buffer at all.
+                buf = BytesMut::new();
+                tokio::select! {
+                    r = rd.readable() => if r.is_err() { return },
+                    _ = shutdown.changed() => return,
+                    _ = tokio::time::sleep(timeouts.idle) => return,
+                }
             }
-        }
-        let incoming = match read_request(&mut rd, &mut wr, &mut buf).await {
+            Instant::now() + timeouts.header
+        };
+        first = false;
+        let incoming = match read_request(&mut rd, &mut wr, &mut buf, head_deadline).await {
             Ok(Some(r)) => r,
             Ok(None) => return,
             Err(ReadError::Io) => return,
@@ -93,11 +119,83 @@ pub async fn serve<F, Fut>(
             version: incoming.request.version(),
             keep_alive: incoming.keep_alive && incoming.body_consumed && !*shutdown.borrow(),
         };
-        let response = handler(incoming.request).await;
+        let response = {
+            let answer = handler(incoming.request);
+            tokio::pin!(answer);
+            loop {
+                if buf.len() >= MAX_HEAD {
+                    // Enough pipelined bytes are waiting: read no more until they are used.
+                    break answer.await;
+                }
+                tokio::select! {
+                    biased;
+                    r = &mut answer => break r,
+                    left = client_left(&mut rd, &mut buf) => if left {
+                        // The client is gone: drop its handler now and close (no CLOSE-WAIT).
+                        return;
+                    },
+                }
+            }
+        };
         match write_response(&mut rd, &mut wr, &mut buf, response, asked).await {
             Ok(true) => {}
             _ => return,
         }
+    }
+}
+
+/// The head parser as the fuzz targets drive it (`crate::fuzzing`): `data` parsed whole, and
+/// fed in pieces of `piece` bytes the way a connection reads it (parsed only when
+/// [`parse::head_may_be_complete`] says so). Both must agree on whether a head is complete
+/// and where it ends; a chunk size line is parsed from the same bytes.
+pub(crate) fn fuzz_head(data: &[u8], piece: usize) {
+    let whole = match parse::parse_head(data) {
+        Ok(Some(h)) => Some(h.consumed),
+        _ => None,
+    };
+    let mut scanned = 0;
+    let mut line_seen = false;
+    let mut incremental = None;
+    let mut end = 0;
+    while end < data.len() {
+        end = (end + piece.max(1)).min(data.len());
+        if parse::head_may_be_complete(&data[..end], scanned, &mut line_seen) {
+            match parse::parse_head(&data[..end]) {
+                Ok(Some(h)) => {
+                    incremental = Some(h.consumed);
+                    break;
+                }
+                Ok(None) => {}
+                Err(_) => break,
+            }
+        }
+        scanned = end;
+    }
+    if let (Some(w), Some(i)) = (whole, incremental) {
+        assert_eq!(w, i, "a head's end found in pieces differs from the whole");
+    }
+    if whole.is_some() {
+        assert!(
+            incremental.is_some(),
+            "a complete head was not found in pieces"
+        );
+    }
+    let _ = body::parse_chunk_size(data);
+}
+
+/// Waits until the socket is readable, then keeps what arrived (a pipelined request) and
+/// says whether the client has gone (end of stream or error). Holds no buffer while waiting.
+async fn client_left(rd: &mut ReadHalf<'_>, buf: &mut BytesMut) -> bool {
+    if rd.readable().await.is_err() {
+        return true;
+    }
+    if buf.capacity() - buf.len() < READ_CHUNK / 2 {
+        buf.reserve(READ_CHUNK);
+    }
+    match rd.try_read_buf(buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
     }
 }
 

@@ -77,6 +77,28 @@ impl Hub {
         !*self.shutdown.borrow() && self.feeds.iter().all(|f| f.is_ready())
     }
 
+    /// Sets the gauges read at scrape time: readiness and each prefix's cache and window.
+    pub fn observe_metrics(&self) {
+        crate::metrics::READY.set(i64::from(self.is_ready()));
+        let g = &*crate::metrics::PREFIX;
+        for feed in &self.feeds {
+            let l = &[feed.name.as_str()];
+            g.ready.with_label_values(l).set(i64::from(feed.is_ready()));
+            let cache = feed.cache();
+            let (revisions, bytes) = cache.history_size();
+            g.keys.with_label_values(l).set(cache.len() as i64);
+            g.head_revision.with_label_values(l).set(cache.head());
+            g.oldest_revision.with_label_values(l).set(cache.floor());
+            g.history_revisions
+                .with_label_values(l)
+                .set(revisions as i64);
+            g.history_bytes.with_label_values(l).set(bytes as i64);
+            g.history_bytes_limit
+                .with_label_values(l)
+                .set(cache.max_bytes() as i64);
+        }
+    }
+
     /// Starts shutting down: no new work, watch sessions end.
     pub fn shutdown(&self) {
         self.shutdown.send_replace(true);

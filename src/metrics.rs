@@ -8,7 +8,7 @@
 
 use std::sync::LazyLock;
 
-use prometheus::{IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
 /// The registry every metric below is registered in.
 pub static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
@@ -102,6 +102,39 @@ fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     g
 }
 
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    let _ = REGISTRY.register(Box::new(c.clone()));
+    c
+}
+
+/// Events received from etcd per prefix (label `prefix`). Feeds keep their labelled handle.
+pub static PREFIX_EVENTS_RECEIVED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "etcd_fanout_prefix_events_received_total",
+        "Events received from the prefix's upstream etcd watch.",
+        &["prefix"],
+    )
+});
+
+/// Downstream connections accepted, by protocol (`http1`, `http2`).
+pub static CONNECTIONS_ACCEPTED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "etcd_fanout_connections_accepted_total",
+        "Downstream connections accepted, by protocol (http2: gRPC and h2c JSON; http1: JSON).",
+        &["protocol"],
+    )
+});
+
+/// Downstream connections open, by protocol.
+pub static CONNECTIONS_OPEN: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge_vec(
+        "etcd_fanout_connections",
+        "Downstream connections currently open, by protocol.",
+        &["protocol"],
+    )
+});
+
 /// 1 while the proxy is ready (every prefix loaded and watched, not shutting down).
 pub static READY: LazyLock<IntGauge> = LazyLock::new(|| {
     gauge(
@@ -190,7 +223,11 @@ pub fn init() {
     BUILD_INFO
         .with_label_values(&[env!("CARGO_PKG_VERSION")])
         .set(1);
-    let _ = (&*READY, &*PREFIX);
+    let _ = (&*READY, &*PREFIX, &*PREFIX_EVENTS_RECEIVED);
+    for protocol in ["http1", "http2"] {
+        CONNECTIONS_ACCEPTED.with_label_values(&[protocol]);
+        CONNECTIONS_OPEN.with_label_values(&[protocol]);
+    }
     let _ = (
         &*UPSTREAM_WATCHES,
         &*UPSTREAM_WATCH_RESTARTS,

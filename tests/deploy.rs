@@ -775,6 +775,15 @@ fn dashboard_and_alert_metrics_exist_on_a_live_proxy() {
     );
     assert_eq!(sample("etcd_fanout_ready"), Some(1.0));
     assert_eq!(
+        sample("etcd_fanout_prefix_events_received_total{prefix=\"/apisix/\"}"),
+        Some(50.0)
+    );
+    assert!(
+        sample("etcd_fanout_connections_accepted_total{protocol=\"http2\"}")
+            .is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    assert_eq!(
         sample(&format!(
             "etcd_fanout_build_info{{version=\"{}\"}}",
             env!("CARGO_PKG_VERSION")

@@ -49,9 +49,12 @@ pub async fn run(
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error>> {
     metrics::init();
-    let upstream = Arc::new(source::upstream::Upstream::new(&config.endpoints)?);
+    let credentials = source::credentials::Credentials::from_config(&config)?;
+    let user = credentials.user().unwrap_or("").to_string();
+    let upstream =
+        Arc::new(source::upstream::Upstream::new(&config.endpoints)?.with_credentials(credentials));
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    tracing::info!(listen = %config.listen, endpoints = ?config.endpoints, prefixes = ?config.prefixes, "etcd-fanout starting");
+    tracing::info!(listen = %config.listen, endpoints = ?config.endpoints, prefixes = ?config.prefixes, user, "etcd-fanout starting");
     let tasks = tasks::Tasks::new();
     let hub = source::hub::Hub::start(config, upstream, tasks.clone());
     let shutdown = hub.shutdown_signal();

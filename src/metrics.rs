@@ -96,6 +96,21 @@ pub static SYNC_CHECKS: LazyLock<IntCounter> = LazyLock::new(|| {
     )
 });
 
+/// Logins of the proxy's own etcd user that returned a token.
+pub static UPSTREAM_LOGINS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "etcd_fanout_upstream_logins_total",
+        "Logins of the proxy's own etcd user that returned a token (first login and renewals).",
+    )
+});
+/// Logins of the proxy's own etcd user that failed.
+pub static UPSTREAM_LOGIN_FAILURES: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "etcd_fanout_upstream_login_failures_total",
+        "Logins of the proxy's own etcd user that failed (wrong credentials, etcd unreachable).",
+    )
+});
+
 fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
     let _ = REGISTRY.register(Box::new(g.clone()));
@@ -239,6 +254,8 @@ pub fn init() {
         &*RANGES_CACHED,
         &*RANGES_FORWARDED,
         &*SYNC_CHECKS,
+        &*UPSTREAM_LOGINS,
+        &*UPSTREAM_LOGIN_FAILURES,
     );
 }
 

@@ -34,9 +34,15 @@ pub struct Hub {
 impl Hub {
     /// Starts a feed per configured prefix and the compaction poller, owned by `tasks`.
     pub fn start(config: Config, upstream: Arc<Upstream>, tasks: Tasks) -> Arc<Hub> {
-        let mut prefixes = config.prefixes.clone();
-        prefixes.sort_by_key(|p| std::cmp::Reverse(p.len()));
-        prefixes.dedup();
+        let (prefixes, merged) = crate::config::merge_prefixes(&config.prefixes);
+        for (inner, outer) in merged {
+            tracing::warn!(
+                prefix = %inner,
+                within = %outer,
+                "prefix lies inside another configured prefix: served from that one's cache \
+                 (one upstream watch)"
+            );
+        }
         let probe_key = prefixes
             .first()
             .map(|p| KeyRange::prefix(p.as_bytes()).start);

@@ -16,13 +16,21 @@ pub struct Config {
         long,
         env = "ETCD_FANOUT_ENDPOINTS",
         value_delimiter = ',',
-        default_value = "http://127.0.0.1:2379"
+        default_value = "http://127.0.0.1:2379",
+        value_parser = parse_endpoint
     )]
     pub endpoints: Vec<String>,
 
     /// A key prefix to cache (repeatable, or comma-separated), e.g. `--prefix /apisix/`.
     /// Reads and watches inside a prefix are served from its cache.
-    #[arg(long = "prefix", env = "ETCD_FANOUT_PREFIXES", value_delimiter = ',')]
+    /// A prefix inside another configured prefix is merged into it (one upstream watch; a
+    /// warning is logged).
+    #[arg(
+        long = "prefix",
+        env = "ETCD_FANOUT_PREFIXES",
+        value_delimiter = ',',
+        value_parser = parse_prefix
+    )]
     pub prefixes: Vec<String>,
 
     /// Address serving the etcd v3 gRPC API (and the HTTP endpoints) to clients.
@@ -141,22 +149,88 @@ impl Config {
     }
 }
 
-/// Parses `250ms`, `5s`, `10m`, `1h` or a bare number of seconds.
+/// Parses a Go-style duration as etcd's flags take them (`time.ParseDuration`): a sequence of
+/// decimal numbers each with a unit, `ns`, `us` (or `µs`), `ms`, `s`, `m`, `h`, e.g. `1m30s`,
+/// `500ms`, `1h2m3.5s`; a bare number is seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("invalid duration unit in {s:?}")),
-    };
-    Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
+    let bad = || format!("invalid duration {s:?} (examples: 500ms, 5s, 1m30s, 1h)");
+    if s.is_empty() {
+        return Err(bad());
+    }
+    if let Ok(n) = s.parse::<f64>() {
+        return Duration::try_from_secs_f64(n).map_err(|_| bad());
+    }
+    let mut secs = 0.0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .ok_or_else(bad)?;
+        let n: f64 = rest[..num_len].parse().map_err(|_| bad())?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" | "μs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        secs += n * scale;
+        rest = &rest[unit_len..];
+    }
+    Duration::try_from_secs_f64(secs).map_err(|_| bad())
+}
+
+/// Checks one `--endpoints` URL: `http://` or `https://` with a host (etcd's client URLs).
+pub fn parse_endpoint(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let rest = s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"))
+        .ok_or_else(|| {
+            format!("invalid etcd endpoint {s:?}: expected http://HOST:PORT or https://HOST:PORT")
+        })?;
+    let authority = rest.split('/').next().unwrap_or("");
+    if authority.is_empty() || authority.starts_with(':') {
+        return Err(format!("invalid etcd endpoint {s:?}: no host"));
+    }
+    s.parse::<http::Uri>()
+        .map_err(|e| format!("invalid etcd endpoint {s:?}: {e}"))?;
+    Ok(s.to_string())
+}
+
+/// Checks one `--prefix`: an empty prefix would be the whole keyspace, which the proxy does
+/// not cache (point clients at etcd for that).
+pub fn parse_prefix(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("a prefix must not be empty (the whole keyspace is not cached)".into());
+    }
+    Ok(s.to_string())
+}
+
+/// The prefixes to watch: duplicates removed and every prefix that lies inside another one
+/// merged into it (the outer prefix's cache serves it), longest first. Returns the merged
+/// `(inner, outer)` pairs so the caller can warn.
+pub fn merge_prefixes(prefixes: &[String]) -> (Vec<String>, Vec<(String, String)>) {
+    let mut sorted: Vec<String> = prefixes.to_vec();
+    sorted.sort_by(|a, b| a.len().cmp(&b.len()).then_with(|| a.cmp(b)));
+    sorted.dedup();
+    let mut kept: Vec<String> = Vec::new();
+    let mut merged = Vec::new();
+    for p in sorted {
+        match kept.iter().find(|k| p.starts_with(k.as_str())) {
+            Some(outer) => merged.push((p, outer.clone())),
+            None => kept.push(p),
+        }
+    }
+    kept.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    (kept, merged)
 }
 
 /// [`parse_duration`], refusing zero.
@@ -179,5 +253,31 @@ mod tests {
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
         assert!(parse_duration("5x").is_err());
         assert!(parse_duration("").is_err());
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(
+            parse_duration("1h2m3.5s"),
+            Ok(Duration::from_secs_f64(3723.5))
+        );
+        assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
+        assert!(parse_duration("1m30").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn endpoints_and_prefixes() {
+        assert!(parse_endpoint("http://127.0.0.1:2379").is_ok());
+        assert!(parse_endpoint("https://etcd-0.etcd:2379").is_ok());
+        assert!(parse_endpoint("foo").is_err());
+        assert!(parse_endpoint("ftp://etcd:2379").is_err());
+        assert!(parse_endpoint("http://").is_err());
+        assert!(parse_endpoint("http://:2379").is_err());
+        assert!(parse_prefix("").is_err());
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let (kept, merged) = merge_prefixes(&s(&["/a/b/", "/a/", "/c/", "/a/", "/ab"]));
+        assert_eq!(kept, s(&["/a/", "/ab", "/c/"]));
+        assert_eq!(merged, vec![("/a/b/".to_string(), "/a/".to_string())]);
     }
 }

@@ -56,7 +56,9 @@ pub async fn run(
     let user = credentials.user().unwrap_or("").to_string();
     let upstream =
         Arc::new(source::upstream::Upstream::new(&config.endpoints)?.with_credentials(credentials));
-    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {} (--listen): {e}", config.listen))?;
     tracing::info!(listen = %config.listen, endpoints = ?config.endpoints, prefixes = ?config.prefixes, user, "etcd-fanout starting");
     let tasks = tasks::Tasks::new();
     let hub = source::hub::Hub::start(config, upstream, tasks.clone());

@@ -1,11 +1,14 @@
 //! Prometheus metrics of the proxy, served on `GET /metrics`.
 //!
 //! Counters and gauges live in one registry so every module reports through one name space
-//! (`etcd_fanout_*`).
+//! (`etcd_fanout_*`), next to the process metrics (`process_*`, Linux) and the build info.
+//!
+//! Per-prefix state (keys, head, window) is read from the caches when `/metrics` is scraped
+//! ([`PrefixGauges`], set by the hub), so the hot paths pay nothing for it.
 
 use std::sync::LazyLock;
 
-use prometheus::{IntCounter, IntGauge, Registry, TextEncoder};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
 /// The registry every metric below is registered in.
 pub static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
@@ -161,8 +164,138 @@ pub static ACCEPT_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
     )
 });
 
-/// Forces registration of every metric (so they appear at zero).
+fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    let _ = REGISTRY.register(Box::new(g.clone()));
+    g
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    let _ = REGISTRY.register(Box::new(c.clone()));
+    c
+}
+
+/// Events received from etcd per prefix (label `prefix`). Feeds keep their labelled handle.
+pub static PREFIX_EVENTS_RECEIVED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "etcd_fanout_prefix_events_received_total",
+        "Events received from the prefix's upstream etcd watch.",
+        &["prefix"],
+    )
+});
+
+/// Downstream connections accepted, by protocol (`http1`, `http2`).
+pub static CONNECTIONS_ACCEPTED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "etcd_fanout_connections_accepted_total",
+        "Downstream connections accepted, by protocol (http2: gRPC and h2c JSON; http1: JSON).",
+        &["protocol"],
+    )
+});
+
+/// Downstream connections open, by protocol.
+pub static CONNECTIONS_OPEN: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge_vec(
+        "etcd_fanout_connections",
+        "Downstream connections currently open, by protocol.",
+        &["protocol"],
+    )
+});
+
+/// 1 while the proxy is ready (every prefix loaded and watched, not shutting down).
+pub static READY: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "etcd_fanout_ready",
+        "1 when every prefix is loaded and watched and the proxy is not shutting down.",
+    )
+});
+
+/// The running build: always 1, labelled with the version.
+pub static BUILD_INFO: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge_vec(
+        "etcd_fanout_build_info",
+        "Build information of the running proxy (always 1).",
+        &["version"],
+    )
+});
+
+/// Per-prefix state of the caches, labelled `prefix`, set at scrape time.
+pub struct PrefixGauges {
+    /// 1 when the prefix is loaded and its upstream watch established.
+    pub ready: IntGaugeVec,
+    /// Live keys cached.
+    pub keys: IntGaugeVec,
+    /// Newest revision applied to the cache.
+    pub head_revision: IntGaugeVec,
+    /// Oldest revision of the history window.
+    pub oldest_revision: IntGaugeVec,
+    /// Revisions (batches) kept in the history window.
+    pub history_revisions: IntGaugeVec,
+    /// Approximate bytes of the history window.
+    pub history_bytes: IntGaugeVec,
+    /// The history bound in bytes (`--history-bytes`).
+    pub history_bytes_limit: IntGaugeVec,
+}
+
+/// The per-prefix gauges.
+pub static PREFIX: LazyLock<PrefixGauges> = LazyLock::new(|| {
+    let l = &["prefix"];
+    PrefixGauges {
+        ready: gauge_vec(
+            "etcd_fanout_prefix_ready",
+            "1 when the prefix is loaded and watched on etcd.",
+            l,
+        ),
+        keys: gauge_vec("etcd_fanout_cache_keys", "Keys cached for the prefix.", l),
+        head_revision: gauge_vec(
+            "etcd_fanout_cache_head_revision",
+            "Newest etcd revision applied to the prefix's cache.",
+            l,
+        ),
+        oldest_revision: gauge_vec(
+            "etcd_fanout_history_oldest_revision",
+            "Oldest revision from which the prefix's history window can answer.",
+            l,
+        ),
+        history_revisions: gauge_vec(
+            "etcd_fanout_history_revisions",
+            "Revisions kept in the prefix's history window.",
+            l,
+        ),
+        history_bytes: gauge_vec(
+            "etcd_fanout_history_bytes",
+            "Approximate bytes of the prefix's history window.",
+            l,
+        ),
+        history_bytes_limit: gauge_vec(
+            "etcd_fanout_history_bytes_limit",
+            "Bound on the prefix's history window in bytes (--history-bytes).",
+            l,
+        ),
+    }
+});
+
+/// Forces registration of every metric (so they appear at zero), the build info and, on
+/// Linux, the process collector.
 pub fn init() {
+    #[cfg(target_os = "linux")]
+    {
+        static PROCESS: std::sync::Once = std::sync::Once::new();
+        PROCESS.call_once(|| {
+            let _ = REGISTRY.register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ));
+        });
+    }
+    BUILD_INFO
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+    let _ = (&*READY, &*PREFIX, &*PREFIX_EVENTS_RECEIVED);
+    for protocol in ["http1", "http2"] {
+        CONNECTIONS_ACCEPTED.with_label_values(&[protocol]);
+        CONNECTIONS_OPEN.with_label_values(&[protocol]);
+    }
     let _ = (
         &*UPSTREAM_WATCHES,
         &*UPSTREAM_WATCH_RESTARTS,

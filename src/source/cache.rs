@@ -132,9 +132,13 @@ impl Cache {
     }
 
     /// Batches currently kept and their approximate bytes.
-    #[cfg(test)]
-    fn history_size(&self) -> (usize, usize) {
+    pub fn history_size(&self) -> (usize, usize) {
         (self.history.len(), self.history_bytes)
+    }
+
+    /// The history bound in bytes (`--history-bytes`).
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
     }
 
     /// Replaces everything with a fresh load of the range at `revision`.

@@ -34,9 +34,15 @@ pub struct Hub {
 impl Hub {
     /// Starts a feed per configured prefix and the compaction poller, owned by `tasks`.
     pub fn start(config: Config, upstream: Arc<Upstream>, tasks: Tasks) -> Arc<Hub> {
-        let mut prefixes = config.prefixes.clone();
-        prefixes.sort_by_key(|p| std::cmp::Reverse(p.len()));
-        prefixes.dedup();
+        let (prefixes, merged) = crate::config::merge_prefixes(&config.prefixes);
+        for (inner, outer) in merged {
+            tracing::warn!(
+                prefix = %inner,
+                within = %outer,
+                "prefix lies inside another configured prefix: served from that one's cache \
+                 (one upstream watch)"
+            );
+        }
         let probe_key = prefixes
             .first()
             .map(|p| KeyRange::prefix(p.as_bytes()).start);
@@ -78,6 +84,28 @@ impl Hub {
     /// True when every feed is loaded and watched, and the proxy is not shutting down.
     pub fn is_ready(&self) -> bool {
         !*self.shutdown.borrow() && self.feeds.iter().all(|f| f.is_ready())
+    }
+
+    /// Sets the gauges read at scrape time: readiness and each prefix's cache and window.
+    pub fn observe_metrics(&self) {
+        crate::metrics::READY.set(i64::from(self.is_ready()));
+        let g = &*crate::metrics::PREFIX;
+        for feed in &self.feeds {
+            let l = &[feed.name.as_str()];
+            g.ready.with_label_values(l).set(i64::from(feed.is_ready()));
+            let cache = feed.cache();
+            let (revisions, bytes) = cache.history_size();
+            g.keys.with_label_values(l).set(cache.len() as i64);
+            g.head_revision.with_label_values(l).set(cache.head());
+            g.oldest_revision.with_label_values(l).set(cache.floor());
+            g.history_revisions
+                .with_label_values(l)
+                .set(revisions as i64);
+            g.history_bytes.with_label_values(l).set(bytes as i64);
+            g.history_bytes_limit
+                .with_label_values(l)
+                .set(cache.max_bytes() as i64);
+        }
     }
 
     /// Starts shutting down: no new work, watch sessions end.

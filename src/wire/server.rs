@@ -34,6 +34,15 @@ fn is_grpc<B>(req: &http::Request<B>) -> bool {
         .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
+/// Decrements a connections gauge when the connection's task ends.
+struct OpenGuard(prometheus::IntGauge);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// The first bytes an HTTP/2 client sends (prior knowledge: gRPC, h2c).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -233,6 +242,16 @@ pub async fn serve(
             let Ok(Some((protocol, read))) = sniffed.await else {
                 return;
             };
+            let label = match protocol {
+                Protocol::Http1 => "http1",
+                Protocol::Http2 => "http2",
+            };
+            crate::metrics::CONNECTIONS_ACCEPTED
+                .with_label_values(&[label])
+                .inc();
+            let open = crate::metrics::CONNECTIONS_OPEN.with_label_values(&[label]);
+            open.inc();
+            let _open = OpenGuard(open);
             match protocol {
                 Protocol::Http1 => {
                     let handle = move |req| -> Answer {

@@ -62,6 +62,8 @@ pub struct Feed {
     verified: std::sync::Mutex<(i64, i64)>,
     /// Owner of the feed's tasks (watch loop, sync loop, backfills).
     tasks: Tasks,
+    /// `etcd_fanout_prefix_events_received_total{prefix}`, labelled once here.
+    events_received: prometheus::IntCounter,
     /// Queue of linearizable reads waiting for a sync check.
     sync_tx: mpsc::UnboundedSender<oneshot::Sender<Option<SyncPoint>>>,
 }
@@ -90,6 +92,7 @@ impl Feed {
             backfill_revisions: config.backfill_revisions.min(config.history_revisions) as i64,
             verified: std::sync::Mutex::new((0, 0)),
             tasks: tasks.clone(),
+            events_received: crate::metrics::PREFIX_EVENTS_RECEIVED.with_label_values(&[prefix]),
             sync_tx,
         });
         tasks.spawn(feed.clone().run());

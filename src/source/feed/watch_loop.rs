@@ -128,6 +128,7 @@ impl Feed {
             c.head()
         };
         metrics::UPSTREAM_EVENTS.inc_by(n as u64);
+        self.events_received.inc_by(n as u64);
         self.publish(head);
     }
 }

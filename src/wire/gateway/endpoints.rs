@@ -37,11 +37,14 @@ pub(super) fn own(path: &str, services: &Services) -> Option<Response<tonic::bod
                 "loading\n",
             )
         }),
-        "/metrics" => Some(text(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            crate::metrics::render(),
-        )),
+        "/metrics" => {
+            services.hub.observe_metrics();
+            Some(text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                crate::metrics::render(),
+            ))
+        }
         _ => None,
     }
 }

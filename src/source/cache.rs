@@ -251,6 +251,16 @@ impl Cache {
         Some(self.history.range(i..).take(max).cloned().collect())
     }
 
+    /// The batch of revision `rev`: `None` when `rev` is not after the floor (its batch is
+    /// gone), `Some(None)` when the window has no batch at `rev` (nothing changed in the range).
+    pub fn batch_at(&self, rev: i64) -> Option<Option<Arc<RevBatch>>> {
+        if rev <= self.floor {
+            return None;
+        }
+        let i = self.first_after(rev - 1);
+        Some(self.history.get(i).filter(|b| b.revision == rev).cloned())
+    }
+
     /// The live key-values of `range` at revision `rev` (0 or >= head: the head), sorted by
     /// key, or `None` when `rev` is older than the window.
     pub fn kvs_at(&self, range: &KeyRange, rev: i64) -> Option<Vec<KeyValue>> {

@@ -2,29 +2,33 @@
 //!
 //! The session is one task. It reads create / cancel / progress requests in order and answers
 //! them as etcd does (each `created` before the next request is read). It also serves all of
-//! its cached watches itself: it sleeps on the head revision of the feeds they use, and when a
-//! head moves it steps every watch of that feed under one read lock of the cache and sends
-//! what they need. A feed change therefore costs one wake-up per stream, not one per watch,
-//! and a stream's responses for one revision leave together.
+//! its cached watches itself: it registers each watch *shape* it uses in its feed's dispatch
+//! index ([`crate::source::index`]) and sleeps on its [`Inbox`]. The feed leaves a note per
+//! (shape, revision) that holds a key of the shape's range; the session then sends that
+//! revision to the watches of that shape only. A revision costs nothing to a session whose
+//! watches it does not concern, and a watch it does not concern is not touched: such a watch's
+//! cursor is implicitly past every revision dispatched (notes arrive in revision order, so a
+//! note for revision r proves the watch's shape had nothing between its cursor and r).
+//!
+//! A new watch, or one handed back by a catch-up, first reads its backlog from the cache
+//! (registered beforehand, so revisions applied meanwhile are read or noted, never lost).
 //!
 //! Watches etcd has to answer run as their own tasks and write to the same channel: relays for
 //! watches outside every prefix (for their whole life), and catch-ups for cached watches that
 //! fell behind the cache window (they hand the watch back when it reaches the window).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::WatchStream;
-use tokio_stream::StreamMap;
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
 use super::frame::Frame;
-use super::shape::{ShapeKey, SHAPES};
+use super::shape::{Shape, ShapeKey, SHAPES};
 use super::watcher::{self, CachedWatch, Step};
 use super::{relay, Out, WatchSpec, INVALID_WATCH_ID, SHUTDOWN_MESSAGE};
 use crate::error::{WATCH_DUPLICATE_ID, WATCH_RANGE_EMPTY};
@@ -36,14 +40,8 @@ use crate::proto::etcdserverpb::{
 };
 use crate::source::feed::Feed;
 use crate::source::hub::Hub;
+use crate::source::index::{Inbox, Note};
 use crate::source::upstream::has_credentials;
-
-/// A feed, identified by the address of its (never freed) `Arc`.
-type FeedKey = usize;
-
-fn feed_key(feed: &Arc<Feed>) -> FeedKey {
-    Arc::as_ptr(feed) as usize
-}
 
 /// A catch-up task's result: (watch id, generation, and the revision to resume at with the
 /// highest header sent so far, or `None` if the watch ended).
@@ -69,9 +67,9 @@ enum Entry {
 }
 
 impl Entry {
-    fn feed(&self) -> Option<&Arc<Feed>> {
+    fn cached(&self) -> Option<&CachedWatch> {
         match self {
-            Entry::Cached(w) | Entry::CatchingUp { watch: w, .. } => Some(&w.feed),
+            Entry::Cached(w) | Entry::CatchingUp { watch: w, .. } => Some(w),
             _ => None,
         }
     }
@@ -82,6 +80,16 @@ impl Entry {
             _ => {}
         }
     }
+}
+
+/// The cached watches of one shape on a session.
+struct ShapeWatches {
+    /// The feed whose index holds the registration.
+    feed: Arc<Feed>,
+    /// The shape (kept for its range, to release the registration).
+    shape: Arc<Shape>,
+    /// Watch ids of this shape.
+    ids: BTreeSet<i64>,
 }
 
 /// One downstream watch stream.
@@ -96,10 +104,11 @@ pub(super) struct Session {
     watches: HashMap<i64, Entry>,
     /// Next id to try for a server-assigned watch id.
     next_id: i64,
-    /// Head revisions of the feeds the cached watches use.
-    heads: StreamMap<FeedKey, WatchStream<i64>>,
-    /// The feeds in `heads`, with how many watches use each.
-    feeds: HashMap<FeedKey, (Arc<Feed>, usize)>,
+    /// Where the feeds leave notes of the revisions that concern this session's shapes.
+    inbox: Arc<Inbox>,
+    /// The cached watches (served or catching up) by shape id, with the shape's feed: one
+    /// registration in that feed's index per shape.
+    shapes: HashMap<u64, ShapeWatches>,
     /// Catch-up tasks report here: the channel (both ends) is made by the first catch-up, as
     /// most streams never need one and an idle stream should cost little.
     handoffs: Option<(
@@ -122,8 +131,8 @@ impl Session {
             out,
             watches: HashMap::new(),
             next_id: 0,
-            heads: StreamMap::new(),
-            feeds: HashMap::new(),
+            inbox: Arc::new(Inbox::default()),
+            shapes: HashMap::new(),
             handoffs: None,
             generation: 0,
             progress: None,
@@ -160,8 +169,8 @@ impl Session {
                     // Request stream closed: keep serving until the client leaves.
                     None => requests_open = false,
                 },
-                Some((key, _)) = self.heads.next() => {
-                    if self.deliver(key).await.is_err() {
+                _ = self.inbox.wait() => {
+                    if self.drain().await.is_err() {
                         break;
                     }
                 }
@@ -181,6 +190,9 @@ impl Session {
         for entry in self.watches.values() {
             entry.stop();
         }
+        for (tag, u) in self.shapes.drain() {
+            u.feed.index().release(tag, &self.inbox);
+        }
         metrics::WATCH_STREAMS.dec();
     }
 
@@ -194,7 +206,7 @@ impl Session {
                     return Ok(());
                 };
                 entry.stop();
-                self.release(&entry);
+                self.release(c.watch_id, &entry);
                 let resp = WatchResponse {
                     header: Some(self.hub.upstream.header(self.hub.revision())),
                     watch_id: c.watch_id,
@@ -277,13 +289,12 @@ impl Session {
             self.watches.insert(id, Entry::Ended);
             return self.send(resp).await;
         }
-        let key = feed_key(&feed);
-        let watch = CachedWatch::new(feed.clone(), spec, &created);
-        self.acquire(&feed);
+        let watch = CachedWatch::new(feed, spec, &created);
+        self.acquire(id, &watch);
         self.watches.insert(id, Entry::Cached(watch));
-        // A feed already subscribed does not wake the session for a new watch: serve its
-        // backlog now.
-        self.deliver(key).await
+        // Registered first: whatever the feed applies from now on is noted; the backlog up
+        // to now is read from the cache.
+        self.serve_backlog(id).await
     }
 
     /// A watch outside every prefix (or with credentials): its own upstream watch.
@@ -316,65 +327,127 @@ impl Session {
         self.send(resp).await
     }
 
-    /// Counts one more watch on `feed`, subscribing to its head on the first.
-    fn acquire(&mut self, feed: &Arc<Feed>) {
-        let key = feed_key(feed);
-        let users = &mut self.feeds.entry(key).or_insert_with(|| (feed.clone(), 0)).1;
-        *users += 1;
-        if *users == 1 {
-            self.heads.insert(key, WatchStream::new(feed.subscribe()));
-        }
+    /// Files watch `id` under its shape, registering the shape in its feed's index on the
+    /// first watch of that shape.
+    fn acquire(&mut self, id: i64, watch: &CachedWatch) {
+        let shape = &watch.spec.shape;
+        let u = self.shapes.entry(shape.id).or_insert_with(|| {
+            watch
+                .feed
+                .index()
+                .register(shape.id, &shape.key.range, &self.inbox);
+            ShapeWatches {
+                feed: watch.feed.clone(),
+                shape: shape.clone(),
+                ids: BTreeSet::new(),
+            }
+        });
+        u.ids.insert(id);
     }
 
-    /// Forgets `entry`'s use of its feed, unsubscribing after the last watch.
-    fn release(&mut self, entry: &Entry) {
-        let Some(feed) = entry.feed() else { return };
-        let key = feed_key(feed);
-        if let Some((_, users)) = self.feeds.get_mut(&key) {
-            *users -= 1;
-            if *users == 0 {
-                self.feeds.remove(&key);
-                self.heads.remove(&key);
+    /// Forgets watch `id` (`entry`) under its shape, releasing the registration after the last.
+    fn release(&mut self, id: i64, entry: &Entry) {
+        let Some(w) = entry.cached() else { return };
+        let tag = w.spec.shape.id;
+        if let Some(u) = self.shapes.get_mut(&tag) {
+            u.ids.remove(&id);
+            if u.ids.is_empty() {
+                u.feed.index().release(tag, &self.inbox);
+                debug_assert_eq!(u.shape.id, tag);
+                self.shapes.remove(&tag);
             }
         }
     }
 
-    /// Brings every cached watch of feed `key` up to the feed's head.
-    async fn deliver(&mut self, key: FeedKey) -> Result<(), ()> {
-        let Some(feed) = self.feeds.get(&key).map(|(f, _)| f.clone()) else {
-            return Ok(());
-        };
+    /// Brings cached watch `id` up to its feed's head from the cache: its backlog batched as
+    /// etcd batches an unsynced watch's, then (synced) one response per revision. Ends synced,
+    /// or handed to a catch-up when the cache no longer holds its next revision.
+    async fn serve_backlog(&mut self, id: i64) -> Result<(), ()> {
         let config = self.hub.config.clone();
         loop {
-            let work: Vec<(i64, Step)> = {
-                let cache = feed.cache();
-                self.watches
-                    .iter()
-                    .filter_map(|(id, e)| match e {
-                        Entry::Cached(w) if feed_key(&w.feed) == key => Some((*id, w.step(&cache))),
-                        _ => None,
-                    })
-                    .filter(|(_, step)| !matches!(step, Step::Idle))
-                    .collect()
+            let Some(Entry::Cached(w)) = self.watches.get_mut(&id) else {
+                return Ok(());
             };
-            if work.is_empty() {
+            let step = w.step(&w.feed.cache());
+            match step {
+                Step::Idle => {
+                    w.synced = true;
+                    return Ok(());
+                }
+                Step::Skip(head) => {
+                    w.next = head + 1;
+                    w.synced = true;
+                    return Ok(());
+                }
+                Step::Send(batches, head) => w.deliver(batches, head, &self.out, &config).await?,
+                Step::CatchUp => {
+                    self.start_catch_up(id);
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Serves the notes the feeds left: each revision to the (synced) watches of the shape it
+    /// concerns, one response per revision as etcd's synced watchers get them.
+    async fn drain(&mut self) -> Result<(), ()> {
+        let config = self.hub.config.clone();
+        loop {
+            let notes = self.inbox.take();
+            if notes.is_empty() {
                 return Ok(());
             }
-            for (id, step) in work {
-                match step {
-                    Step::Idle => {}
-                    Step::Skip(head) => {
-                        if let Some(Entry::Cached(w)) = self.watches.get_mut(&id) {
-                            w.next = head + 1;
-                        }
+            for note in notes {
+                let (tag, revision) = match note {
+                    Note::Events { tag, revision } => (tag, revision),
+                    Note::Reset { tag, from, to } => {
+                        self.reset(tag, from, to);
+                        continue;
                     }
-                    Step::Send(batches, head) => {
-                        if let Some(Entry::Cached(w)) = self.watches.get_mut(&id) {
-                            w.deliver(batches, head, &self.out, &config).await?;
-                        }
+                };
+                let Some(u) = self.shapes.get(&tag) else {
+                    continue;
+                };
+                let batch = u.feed.cache().batch_at(revision);
+                let ids: Vec<i64> = u.ids.iter().copied().collect();
+                for id in ids {
+                    let Some(Entry::Cached(w)) = self.watches.get_mut(&id) else {
+                        continue;
+                    };
+                    if !w.synced || w.next > revision {
+                        continue;
                     }
-                    Step::CatchUp => self.start_catch_up(id),
+                    // Every earlier revision with a key of this shape was noted before.
+                    w.next = revision;
+                    match &batch {
+                        Some(Some(b)) => {
+                            w.deliver(vec![b.clone()], revision, &self.out, &config)
+                                .await?
+                        }
+                        Some(None) => w.next = revision + 1,
+                        // Out of the window already: etcd replays from here.
+                        None => self.start_catch_up(id),
+                    }
                 }
+            }
+        }
+    }
+
+    /// The feed of shape `tag` was reloaded at `to`: its watches still expecting revisions
+    /// up to `to` get them from etcd, from `from` at the earliest (nothing before concerned
+    /// them, or it was noted and served).
+    fn reset(&mut self, tag: u64, from: i64, to: i64) {
+        let Some(u) = self.shapes.get(&tag) else {
+            return;
+        };
+        let ids: Vec<i64> = u.ids.iter().copied().collect();
+        for id in ids {
+            let Some(Entry::Cached(w)) = self.watches.get_mut(&id) else {
+                continue;
+            };
+            if w.synced && w.next <= to {
+                w.next = w.next.max(from);
+                self.start_catch_up(id);
             }
         }
     }
@@ -427,13 +500,12 @@ impl Session {
                 watch.next = next;
                 watch.floor = floor;
                 watch.synced = true;
-                let key = feed_key(&watch.feed);
                 self.watches.insert(id, Entry::Cached(watch));
-                self.deliver(key).await
+                self.serve_backlog(id).await
             }
             None => {
                 let entry = Entry::Cached(watch);
-                self.release(&entry);
+                self.release(id, &entry);
                 self.watches.insert(id, Entry::Ended);
                 Ok(())
             }
@@ -442,11 +514,26 @@ impl Session {
 
     /// A progress tick: notifications for the cached watches that are due one.
     async fn progress_tick(&mut self) -> Result<(), ()> {
+        // The revision each feed has dispatched, read before serving the notes: once they are
+        // served, every watch has had every event up to it, so that is its progress header.
+        let mut dispatched: HashMap<usize, i64> = HashMap::new();
+        for u in self.shapes.values() {
+            dispatched
+                .entry(Arc::as_ptr(&u.feed) as usize)
+                .or_insert_with(|| u.feed.index().dispatched());
+        }
+        self.drain().await?;
         let due: Vec<WatchResponse> = self
             .watches
             .values_mut()
             .filter_map(|e| match e {
-                Entry::Cached(w) => w.progress_due(),
+                Entry::Cached(w) => {
+                    let rev = dispatched
+                        .get(&(Arc::as_ptr(&w.feed) as usize))
+                        .copied()
+                        .unwrap_or_else(|| w.feed.index().dispatched());
+                    w.progress_due(rev)
+                }
                 _ => None,
             })
             .collect();

@@ -169,13 +169,14 @@ impl CachedWatch {
 
     /// etcd's progress notification for this watch, when one is due at a tick: the watch asked
     /// for them, is caught up, and sent nothing since the last tick. Resets the tick state.
-    pub fn progress_due(&mut self) -> Option<WatchResponse> {
+    /// `revision` is the feed's head as far as the session has served it.
+    pub fn progress_due(&mut self, revision: i64) -> Option<WatchResponse> {
         let due = self.spec.progress_notify && self.quiet && self.synced;
         self.quiet = true;
         if !due {
             return None;
         }
-        let header = self.header(self.feed.head());
+        let header = self.header(revision);
         self.floor = header.revision;
         Some(WatchResponse {
             header: Some(header),

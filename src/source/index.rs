@@ -16,7 +16,8 @@
 //!   up to the key; such watches are rare (no client we serve makes them in numbers).
 //!
 //! Work per revision is therefore O(events x prefix lengths + matching registrations), not
-//! O(watches). The index is a plain structure under one short mutex, taken by the feed task
+//! O(watches). The matching shapes are also the ones whose encodings of the batch get a
+//! lock-free slot ([`crate::source::cache::Encodings::prepare`]). The index is a plain structure under one short mutex, taken by the feed task
 //! per applied group of revisions and by sessions when they register or release a shape.
 
 use std::collections::{BTreeMap, HashMap};
@@ -283,6 +284,7 @@ impl Index {
             }
             tags.sort_unstable();
             tags.dedup();
+            batch.encoded.prepare(&tags);
             for tag in &tags {
                 let Some(reg) = inner.tags.get(tag) else {
                     continue;

@@ -51,11 +51,46 @@ pub enum Note {
     },
 }
 
+/// Most notes an inbox keeps; later ones are dropped and only the lowest revision dropped is
+/// kept, so a session that does not take its notes (parked: its client fell behind) costs a
+/// bounded amount however long it waits.
+pub const MAX_NOTES: usize = 256;
+
+impl Note {
+    /// The first revision the note is about.
+    pub fn revision(&self) -> i64 {
+        match self {
+            Note::Events { revision, .. } => *revision,
+            Note::Reset { from, .. } => *from,
+        }
+    }
+}
+
+/// An inbox's content.
+#[derive(Debug, Default)]
+struct Notes {
+    /// Notes kept, in the order left.
+    list: Vec<Note>,
+    /// Lowest revision of a note dropped because the inbox was full: every note after the
+    /// first drop is dropped, so the kept notes are exactly those left before it.
+    overflow_from: Option<i64>,
+}
+
+/// What a session takes from its inbox.
+#[derive(Debug, Default)]
+pub struct Taken {
+    /// The notes kept, in order.
+    pub notes: Vec<Note>,
+    /// Set when notes were dropped: the lowest revision they were about. Every watch must
+    /// then look at the history from there (after the kept notes are served).
+    pub overflow_from: Option<i64>,
+}
+
 /// A session's mailbox: notes left by the feeds' dispatch, and the wake-up.
 #[derive(Debug, Default)]
 pub struct Inbox {
     /// Notes not yet taken, in the order the feeds left them (revision order per feed).
-    notes: Mutex<Vec<Note>>,
+    notes: Mutex<Notes>,
     /// Wakes the session when notes arrive.
     wake: tokio::sync::Notify,
 }
@@ -64,13 +99,23 @@ impl Inbox {
     /// Leaves a note without waking the session (see [`Inbox::wake`]).
     fn push(&self, note: Note) -> bool {
         let mut notes = self.notes.lock().unwrap_or_else(|e| e.into_inner());
-        notes.push(note);
-        notes.len() == 1
+        let was_empty = notes.list.is_empty() && notes.overflow_from.is_none();
+        if notes.overflow_from.is_some() || notes.list.len() >= MAX_NOTES {
+            let rev = note.revision();
+            notes.overflow_from = Some(notes.overflow_from.map_or(rev, |r| r.min(rev)));
+        } else {
+            notes.list.push(note);
+        }
+        was_empty
     }
 
-    /// Takes every note left so far, in order.
-    pub fn take(&self) -> Vec<Note> {
-        std::mem::take(&mut *self.notes.lock().unwrap_or_else(|e| e.into_inner()))
+    /// Takes every note left so far, in order, and whether some were dropped.
+    pub fn take(&self) -> Taken {
+        let notes = std::mem::take(&mut *self.notes.lock().unwrap_or_else(|e| e.into_inner()));
+        Taken {
+            notes: notes.list,
+            overflow_from: notes.overflow_from,
+        }
     }
 
     /// Waits until notes may be there (a permit is kept if a wake-up came first).
@@ -312,7 +357,11 @@ impl Index {
         let inner = self.lock();
         for (tag, reg) in &inner.tags {
             for (inbox, _) in reg.sessions.values() {
-                inbox.push(Note::Reset { tag: *tag, from, to });
+                inbox.push(Note::Reset {
+                    tag: *tag,
+                    from,
+                    to,
+                });
                 inbox.wake();
             }
         }
@@ -368,9 +417,9 @@ mod tests {
 
         index.dispatch(&[batch(10, &["/apisix/routes/7"]), batch(11, &["/apisix/x"])], 11);
         assert_eq!(index.dispatched(), 11);
-        assert_eq!(a.take(), [Note::Events { tag: 1, revision: 10 }]);
-        assert!(b.take().is_empty());
-        let mut got = c.take();
+        assert_eq!(a.take().notes, [Note::Events { tag: 1, revision: 10 }]);
+        assert!(b.take().notes.is_empty());
+        let mut got = c.take().notes;
         got.sort_by_key(|n| match n {
             Note::Events { tag, .. } => *tag,
             _ => 0,
@@ -385,9 +434,17 @@ mod tests {
 
         index.release(1, &a);
         index.dispatch(&[batch(12, &["/apisix/routes/1", "/apisix/upstreams/1"])], 12);
-        assert!(a.take().is_empty());
-        assert_eq!(b.take(), [Note::Events { tag: 2, revision: 12 }]);
-        assert_eq!(c.take(), [Note::Events { tag: 4, revision: 12 }]);
+        assert!(a.take().notes.is_empty());
+        assert_eq!(b.take().notes, [Note::Events { tag: 2, revision: 12 }]);
+        assert_eq!(c.take().notes, [Note::Events { tag: 4, revision: 12 }]);
         assert_eq!(index.len(), 3);
+
+        // A full inbox keeps the oldest notes and the lowest revision it dropped.
+        for r in 0..MAX_NOTES as i64 + 5 {
+            index.dispatch(&[batch(100 + r, &["/apisix/upstreams/1"])], 100 + r);
+        }
+        let t = b.take();
+        assert_eq!(t.notes.len(), MAX_NOTES);
+        assert_eq!(t.overflow_from, Some(100 + MAX_NOTES as i64));
     }
 }

@@ -67,6 +67,16 @@ impl Frame {
         }
     }
 
+    /// Bytes the frame stands for in its session's queue: the events' size in their batches
+    /// (shared, but pinned while queued) or the message's encoded length.
+    pub fn queued_bytes(&self) -> usize {
+        match self {
+            Frame::Msg(m) => prost::Message::encoded_len(m.as_ref()),
+            Frame::Events(e) => 32 + e.batches.iter().map(|b| b.bytes).sum::<usize>(),
+            Frame::Error(_) => 0,
+        }
+    }
+
     /// The frame as a stream item: errors end the stream.
     pub fn into_item(self) -> Result<Frame, Status> {
         match self {

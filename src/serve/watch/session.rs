@@ -17,7 +17,7 @@
 //! watches outside every prefix (for their whole life), and catch-ups for cached watches that
 //! fell behind the cache window (they hand the watch back when it reaches the window).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -117,6 +117,16 @@ pub(super) struct Session {
     )>,
     /// Source of catch-up generations.
     generation: u64,
+    /// Notes taken from the inbox and not served yet (the session parked meanwhile).
+    pending: VecDeque<Note>,
+    /// Notes were dropped from the inbox from this revision on: once `pending` is served,
+    /// every cached watch looks at the history from there.
+    overflow_from: Option<i64>,
+    /// Cached watches whose cursor must be stepped through the history (after an overflow).
+    rescan: BTreeSet<i64>,
+    /// The client fell behind by more than the byte budget: nothing more is queued for it
+    /// until its queue drains.
+    parked: bool,
     /// Progress ticker, created with the first watch that asks for progress notifications
     /// (etcd has one per stream too).
     progress: Option<Pin<Box<tokio::time::Interval>>>,
@@ -133,6 +143,10 @@ impl Session {
             next_id: 0,
             inbox: Arc::new(Inbox::default()),
             shapes: HashMap::new(),
+            pending: VecDeque::new(),
+            overflow_from: None,
+            rescan: BTreeSet::new(),
+            parked: false,
             handoffs: None,
             generation: 0,
             progress: None,
@@ -147,7 +161,6 @@ impl Session {
         metrics::WATCH_STREAMS.inc();
         let mut shutdown = self.hub.shutdown_signal();
         let mut requests_open = true;
-        loop {
             tokio::select! {
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
                     // End the stream so the client reconnects (to another replica).
@@ -169,7 +182,14 @@ impl Session {
                     // Request stream closed: keep serving until the client leaves.
                     None => requests_open = false,
                 },
-                _ = self.inbox.wait() => {
+                _ = self.inbox.wait(), if !self.parked => {
+                    if self.drain().await.is_err() {
+                        break;
+                    }
+                }
+                _ = self.out.drained(), if self.parked => {
+                    self.parked = false;
+                    metrics::SESSIONS_PARKED.dec();
                     if self.drain().await.is_err() {
                         break;
                     }
@@ -192,6 +212,9 @@ impl Session {
         }
         for (tag, u) in self.shapes.drain() {
             u.feed.index().release(tag, &self.inbox);
+        }
+        if self.parked {
+            metrics::SESSIONS_PARKED.dec();
         }
         metrics::WATCH_STREAMS.dec();
     }
@@ -389,45 +412,84 @@ impl Session {
     }
 
     /// Serves the notes the feeds left: each revision to the (synced) watches of the shape it
-    /// concerns, one response per revision as etcd's synced watchers get them.
+    /// concerns, one response per revision as etcd's synced watchers get them. Parks the
+    /// session instead when its client is more than the byte budget behind: the notes wait
+    /// (a bounded number, see [`crate::source::index::MAX_NOTES`]; after that only the
+    /// revision from which the watches must look at the history again).
     async fn drain(&mut self) -> Result<(), ()> {
         let config = self.hub.config.clone();
         loop {
-            let notes = self.inbox.take();
-            if notes.is_empty() {
+            if self.out.over_budget() {
+                if !self.parked {
+                    self.parked = true;
+                    metrics::SESSIONS_PARKED.inc();
+                }
                 return Ok(());
             }
-            for note in notes {
-                let (tag, revision) = match note {
-                    Note::Events { tag, revision } => (tag, revision),
-                    Note::Reset { tag, from, to } => {
-                        self.reset(tag, from, to);
-                        continue;
-                    }
-                };
-                let Some(u) = self.shapes.get(&tag) else {
+            let Some(note) = self.pending.pop_front() else {
+                if let Some(from) = self.overflow_from.take() {
+                    self.overflowed(from);
+                    continue;
+                }
+                if let Some(id) = self.rescan.pop_first() {
+                    self.serve_backlog(id).await?;
+                    continue;
+                }
+                let taken = self.inbox.take();
+                if taken.notes.is_empty() && taken.overflow_from.is_none() {
+                    return Ok(());
+                }
+                self.pending.extend(taken.notes);
+                self.overflow_from = taken.overflow_from;
+                continue;
+            };
+            let (tag, revision) = match note {
+                Note::Events { tag, revision } => (tag, revision),
+                Note::Reset { tag, from, to } => {
+                    self.reset(tag, from, to);
+                    continue;
+                }
+            };
+            let Some(u) = self.shapes.get(&tag) else {
+                continue;
+            };
+            let batch = u.feed.cache().batch_at(revision);
+            let ids: Vec<i64> = u.ids.iter().copied().collect();
+            for id in ids {
+                if self.out.over_budget() {
+                    // Served again on resume; the watches already served skip it.
+                    self.pending.push_front(note);
+                    break;
+                }
+                let Some(Entry::Cached(w)) = self.watches.get_mut(&id) else {
                     continue;
                 };
-                let batch = u.feed.cache().batch_at(revision);
-                let ids: Vec<i64> = u.ids.iter().copied().collect();
-                for id in ids {
-                    let Some(Entry::Cached(w)) = self.watches.get_mut(&id) else {
-                        continue;
-                    };
-                    if !w.synced || w.next > revision {
-                        continue;
+                if !w.synced || w.next > revision {
+                    continue;
+                }
+                // Every earlier revision with a key of this shape was noted before.
+                w.next = revision;
+                match &batch {
+                    Some(Some(b)) => {
+                        w.deliver(vec![b.clone()], revision, &self.out, &config)
+                            .await?
                     }
-                    // Every earlier revision with a key of this shape was noted before.
-                    w.next = revision;
-                    match &batch {
-                        Some(Some(b)) => {
-                            w.deliver(vec![b.clone()], revision, &self.out, &config)
-                                .await?
-                        }
-                        Some(None) => w.next = revision + 1,
-                        // Out of the window already: etcd replays from here.
-                        None => self.start_catch_up(id),
-                    }
+                    Some(None) => w.next = revision + 1,
+                    // Out of the window already: etcd replays from here.
+                    None => self.start_catch_up(id),
+                }
+            }
+        }
+    }
+
+    /// Notes from revision `from` on were dropped: every cached watch steps its cursor
+    /// through the shared history from there (the kept notes, all older, are served).
+    fn overflowed(&mut self, from: i64) {
+        for (id, e) in &mut self.watches {
+            if let Entry::Cached(w) = e {
+                if w.synced {
+                    w.next = w.next.max(from);
+                    self.rescan.insert(*id);
                 }
             }
         }
@@ -523,6 +585,10 @@ impl Session {
                 .or_insert_with(|| u.feed.index().dispatched());
         }
         self.drain().await?;
+        if self.parked || !self.pending.is_empty() || !self.rescan.is_empty() {
+            // Not caught up: etcd sends no progress to a watcher that is behind either.
+            return Ok(());
+        }
         let due: Vec<WatchResponse> = self
             .watches
             .values_mut()
@@ -579,7 +645,7 @@ mod tests {
     async fn session_future_is_small() {
         let upstream = Arc::new(Upstream::new(&["http://127.0.0.1:1".to_string()]).unwrap());
         let hub = Hub::start(Config::parse_from(["etcd-fanout"]), upstream);
-        let (tx, _rx) = mpsc::channel(1);
+        let (tx, _rx, _) = Out::channel(1);
         let session = Session::new(hub, MetadataMap::new(), tx);
         let requests = futures::stream::empty::<Result<WatchRequest, Status>>();
         let fut = session.run(requests);

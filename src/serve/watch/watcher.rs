@@ -269,7 +269,7 @@ pub async fn send_batches(
         ))
         .await?;
     } else {
-        out.send(Frame::Events(frame)).await.map_err(|_| ())?;
+        out.send(Frame::Events(frame)).await?;
         metrics::EVENTS_SENT.inc_by(count as u64);
     }
     Ok(count)

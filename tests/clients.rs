@@ -5,18 +5,16 @@
 //!
 //! `ETCD_FANOUT_DIFF_SELFCHECK=1` replaces the proxy with a plain etcd (validates the tests).
 
-mod common;
-
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::diff::*;
 use etcd_client::{
     Client, Compare, CompareOp, DeleteOptions, GetOptions, LeaseGrantOptions,
     LeaseTimeToLiveOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, WatchOptions,
 };
 use std::io::{Read, Write};
 use std::process::Command;
+use testkit::diff::*;
 
 /// Replaces `"cluster_id":N`, `"member_id":N`, `"raft_term":N` in etcdctl JSON output.
 fn normalize_json(s: &str) -> String {

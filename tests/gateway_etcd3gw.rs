@@ -5,12 +5,10 @@
 //!
 //! `.ci/install --test` installs etcd3gw; without it this test fails and says so.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Etcd, Proxy};
+use testkit::{Etcd, Proxy};
 
 /// Runs the client script against `port`, bounded in time; returns its output lines.
 fn run_client(port: u16) -> Vec<String> {

@@ -151,9 +151,7 @@ fn kind(range: &KeyRange) -> Kind {
         End::Before(e) if prefix_end(&range.start).as_ref() == Some(e) => {
             Kind::Prefix(range.start.clone())
         }
-        End::Unbounded if prefix_end(&range.start).is_none() => {
-            Kind::Prefix(range.start.clone())
-        }
+        End::Unbounded if prefix_end(&range.start).is_none() => Kind::Prefix(range.start.clone()),
         _ => Kind::Other,
     }
 }
@@ -185,7 +183,11 @@ impl Inner {
                 }
                 tags.push(tag);
             }
-            Kind::Other => self.others.entry(range.start.clone()).or_default().push(tag),
+            Kind::Other => self
+                .others
+                .entry(range.start.clone())
+                .or_default()
+                .push(tag),
         }
     }
 
@@ -280,7 +282,10 @@ impl Index {
         }
         if let Some(reg) = inner.tags.get_mut(&tag) {
             let key = Arc::as_ptr(inbox) as usize;
-            reg.sessions.entry(key).or_insert_with(|| (inbox.clone(), 0)).1 += 1;
+            reg.sessions
+                .entry(key)
+                .or_insert_with(|| (inbox.clone(), 0))
+                .1 += 1;
         }
     }
 
@@ -415,9 +420,18 @@ mod tests {
         );
         index.register(4, &other, &c);
 
-        index.dispatch(&[batch(10, &["/apisix/routes/7"]), batch(11, &["/apisix/x"])], 11);
+        index.dispatch(
+            &[batch(10, &["/apisix/routes/7"]), batch(11, &["/apisix/x"])],
+            11,
+        );
         assert_eq!(index.dispatched(), 11);
-        assert_eq!(a.take().notes, [Note::Events { tag: 1, revision: 10 }]);
+        assert_eq!(
+            a.take().notes,
+            [Note::Events {
+                tag: 1,
+                revision: 10
+            }]
+        );
         assert!(b.take().notes.is_empty());
         let mut got = c.take().notes;
         got.sort_by_key(|n| match n {
@@ -427,16 +441,37 @@ mod tests {
         assert_eq!(
             got,
             [
-                Note::Events { tag: 3, revision: 10 },
-                Note::Events { tag: 4, revision: 10 }
+                Note::Events {
+                    tag: 3,
+                    revision: 10
+                },
+                Note::Events {
+                    tag: 4,
+                    revision: 10
+                }
             ]
         );
 
         index.release(1, &a);
-        index.dispatch(&[batch(12, &["/apisix/routes/1", "/apisix/upstreams/1"])], 12);
+        index.dispatch(
+            &[batch(12, &["/apisix/routes/1", "/apisix/upstreams/1"])],
+            12,
+        );
         assert!(a.take().notes.is_empty());
-        assert_eq!(b.take().notes, [Note::Events { tag: 2, revision: 12 }]);
-        assert_eq!(c.take().notes, [Note::Events { tag: 4, revision: 12 }]);
+        assert_eq!(
+            b.take().notes,
+            [Note::Events {
+                tag: 2,
+                revision: 12
+            }]
+        );
+        assert_eq!(
+            c.take().notes,
+            [Note::Events {
+                tag: 4,
+                revision: 12
+            }]
+        );
         assert_eq!(index.len(), 3);
 
         // A full inbox keeps the oldest notes and the lowest revision it dropped.

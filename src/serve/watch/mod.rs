@@ -74,9 +74,7 @@ pub struct Queued {
 impl Queued {
     /// A frame left the queue (taken by the wire encoder).
     fn taken(&self, n: usize) {
-        let before = self
-            .bytes
-            .fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
+        let before = self.bytes.fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
         if before >= SESSION_RESUME_BYTES && before - n < SESSION_RESUME_BYTES {
             self.drained.notify_waiters();
         }

@@ -21,7 +21,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tonic::metadata::MetadataMap;
@@ -161,6 +161,25 @@ impl Session {
         metrics::WATCH_STREAMS.inc();
         let mut shutdown = self.hub.shutdown_signal();
         let mut requests_open = true;
+        // Requests received and not handled yet, with their encoded bytes (see
+        // `MAX_QUEUED_REQUEST_BYTES`).
+        let mut queued: VecDeque<Result<WatchRequest, Status>> = VecDeque::new();
+        let mut queued_bytes = 0usize;
+        loop {
+            // Take every request already received: HTTP/2 keeps unread small DATA frames
+            // against a budget (half the connection window) and ends the connection with
+            // ENHANCE_YOUR_CALM when a client outpaces the session; read promptly, the frames
+            // are released as they arrive and only this bounded queue waits.
+            while requests_open && queued_bytes < MAX_QUEUED_REQUEST_BYTES {
+                match requests.next().now_or_never() {
+                    Some(Some(req)) => {
+                        queued_bytes += request_bytes(&req);
+                        queued.push_back(req);
+                    }
+                    Some(None) => requests_open = false,
+                    None => break,
+                }
+            }
             tokio::select! {
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
                     // End the stream so the client reconnects (to another replica).
@@ -168,7 +187,23 @@ impl Session {
                     let _ = self.out.send(Frame::Error(Box::new(status))).await;
                     break;
                 }
-                req = requests.next(), if requests_open => match req {
+                _ = std::future::ready(()), if !queued.is_empty() => {
+                    let Some(req) = queued.pop_front() else { continue };
+                    queued_bytes -= request_bytes(&req);
+                    match req {
+                        Ok(req) => {
+                            if self.handle(req).await.is_err() {
+                                break;
+                            }
+                        }
+                        // An undecodable request ends the stream with etcd's error.
+                        Err(status) => {
+                            let _ = self.out.send(Frame::Error(Box::new(status))).await;
+                            break;
+                        }
+                    }
+                }
+                req = requests.next(), if requests_open && queued.is_empty() => match req {
                     Some(Ok(req)) => {
                         if self.handle(req).await.is_err() {
                             break;
@@ -607,6 +642,18 @@ impl Session {
             self.send(resp).await?;
         }
         Ok(())
+    }
+}
+
+/// Bytes of received requests a session holds before it stops reading its stream (then the
+/// HTTP/2 flow-control window holds the client back): 100,000 typical creates.
+const MAX_QUEUED_REQUEST_BYTES: usize = 4 << 20;
+
+/// The encoded size of a received request, as counted against [`MAX_QUEUED_REQUEST_BYTES`].
+fn request_bytes(req: &Result<WatchRequest, Status>) -> usize {
+    match req {
+        Ok(r) => 8 + prost::Message::encoded_len(r),
+        Err(_) => 8,
     }
 }
 

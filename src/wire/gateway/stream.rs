@@ -149,9 +149,9 @@ mod tests {
     use crate::keys::KeyRange;
     use crate::proto::etcdserverpb::ResponseHeader;
     use crate::proto::mvccpb::{Event, KeyValue};
-    use std::sync::Arc;
     use crate::serve::watch::frame::EventsFrame;
     use crate::serve::watch::shape::{ShapeKey, SHAPES};
+    use std::sync::Arc;
 
     fn ev(key: &'static [u8], rev: i64, t: i32) -> Event {
         Event {

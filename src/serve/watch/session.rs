@@ -422,6 +422,15 @@ impl Session {
     /// or handed to a catch-up when the cache no longer holds its next revision.
     async fn serve_backlog(&mut self, id: i64) -> Result<(), ()> {
         let config = self.hub.config.clone();
+        // A backlog goes out in one response up to the revision `created` reported (etcd's
+        // current revision, possibly just ahead of the cache): wait for the cache to get
+        // there, briefly, so the backlog is not split.
+        if let Some(Entry::Cached(w)) = self.watches.get(&id) {
+            if !w.synced && w.feed.head() < w.floor {
+                let (mut head, floor) = (w.feed.subscribe(), w.floor);
+                let _ = tokio::time::timeout(BACKLOG_WAIT, head.wait_for(|h| *h >= floor)).await;
+            }
+        }
         loop {
             let Some(Entry::Cached(w)) = self.watches.get_mut(&id) else {
                 return Ok(());
@@ -656,6 +665,11 @@ fn request_bytes(req: &Result<WatchRequest, Status>) -> usize {
         Err(_) => 8,
     }
 }
+
+/// Longest a new watch's backlog waits for the cache to reach the revision its `created`
+/// reported. Short: when that revision came from a sync check or a write outside the prefix,
+/// the cache head does not move until the prefix changes, and there is nothing to wait for.
+const BACKLOG_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The next report of a catch-up task; never, while the stream has had none.
 async fn next_handoff(

@@ -67,6 +67,30 @@ pub struct Config {
     /// (etcd's default is 10 minutes).
     #[arg(long, env = "ETCD_FANOUT_PROGRESS_INTERVAL", default_value = "10m", value_parser = parse_duration)]
     pub progress_interval: Duration,
+
+    /// etcd user the proxy logs in as for its own reads and watches (etcdctl's
+    /// `--user NAME[:PASSWORD]`). Needs read permission on the cached prefixes only.
+    #[arg(long, env = "ETCD_FANOUT_USER", hide_env_values = true)]
+    pub user: Option<crate::source::credentials::Secret>,
+
+    /// Password of `--user` (then `--user` is the name as is, like etcdctl).
+    #[arg(
+        long,
+        env = "ETCD_FANOUT_PASSWORD",
+        conflicts_with = "password_file",
+        hide_env_values = true
+    )]
+    pub password: Option<crate::source::credentials::Secret>,
+
+    /// File holding the password of `--user` (e.g. a mounted Kubernetes Secret); re-read at
+    /// every login, trailing newlines trimmed.
+    #[arg(long, env = "ETCD_FANOUT_PASSWORD_FILE")]
+    pub password_file: Option<std::path::PathBuf>,
+
+    /// etcd's `--auth-token-ttl` (simple tokens): the proxy renews its own simple token every
+    /// half of it. JWTs are renewed from their `exp` claim.
+    #[arg(long, env = "ETCD_FANOUT_AUTH_TOKEN_TTL", default_value = "300s", value_parser = parse_duration)]
+    pub auth_token_ttl: Duration,
 }
 
 /// etcd's `grpcOverheadBytes`: added to `--max-request-bytes` for gRPC message limits.

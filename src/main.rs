@@ -1,18 +1,8 @@
-//! The `etcd-fanout` binary: parse flags, start the feeds, serve until SIGTERM or Ctrl-C.
-
-use std::sync::Arc;
-use std::time::Duration;
+//! The `etcd-fanout` binary: parse flags, run the proxy until SIGTERM or Ctrl-C.
 
 use clap::Parser;
 
 use etcd_fanout::config::Config;
-use etcd_fanout::serve::Services;
-use etcd_fanout::source::hub::Hub;
-use etcd_fanout::source::upstream::Upstream;
-use etcd_fanout::wire::server::serve;
-
-/// Longest time open connections get to finish after a shutdown signal.
-const DRAIN: Duration = Duration::from_secs(10);
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -22,22 +12,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let config = Config::parse();
-    etcd_fanout::metrics::init();
-    let upstream = Arc::new(Upstream::new(&config.endpoints)?);
-    let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    tracing::info!(listen = %config.listen, endpoints = ?config.endpoints, prefixes = ?config.prefixes, "etcd-fanout starting");
-    let hub = Hub::start(config, upstream);
-    let shutdown = hub.shutdown_signal();
-    let signal_hub = hub.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down");
-        signal_hub.shutdown();
-    });
-    serve(listener, Services::new(hub), shutdown, DRAIN).await;
-    tracing::info!("stopped");
-    Ok(())
+    etcd_fanout::run(Config::parse(), wait_for_signal()).await
 }
 
 async fn wait_for_signal() {

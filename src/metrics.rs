@@ -101,6 +101,21 @@ pub static SYNC_CHECKS: LazyLock<IntCounter> = LazyLock::new(|| {
     )
 });
 
+/// Logins of the proxy's own etcd user that returned a token.
+pub static UPSTREAM_LOGINS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "etcd_fanout_upstream_logins_total",
+        "Logins of the proxy's own etcd user that returned a token (first login and renewals).",
+    )
+});
+/// Logins of the proxy's own etcd user that failed.
+pub static UPSTREAM_LOGIN_FAILURES: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "etcd_fanout_upstream_login_failures_total",
+        "Logins of the proxy's own etcd user that failed (wrong credentials, etcd unreachable).",
+    )
+});
+
 /// Forces registration of every metric (so they appear at zero).
 pub fn init() {
     let _ = (
@@ -115,6 +130,8 @@ pub fn init() {
         &*RANGES_CACHED,
         &*RANGES_FORWARDED,
         &*SYNC_CHECKS,
+        &*UPSTREAM_LOGINS,
+        &*UPSTREAM_LOGIN_FAILURES,
     );
 }
 

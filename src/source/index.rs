@@ -373,14 +373,10 @@ impl Index {
         self.dispatched.store(to, Ordering::Release);
     }
 
-    /// Number of registered tags (for tests and metrics).
-    pub fn len(&self) -> usize {
+    /// Number of registered tags.
+    #[cfg(test)]
+    fn registered(&self) -> usize {
         self.lock().tags.len()
-    }
-
-    /// True when nothing is registered.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -472,7 +468,7 @@ mod tests {
                 revision: 12
             }]
         );
-        assert_eq!(index.len(), 3);
+        assert_eq!(index.registered(), 3);
 
         // A full inbox keeps the oldest notes and the lowest revision it dropped.
         for r in 0..MAX_NOTES as i64 + 5 {

@@ -34,6 +34,8 @@ pub struct Upstream {
     header: ArcSwap<ResponseHeader>,
     /// Highest revision any etcd response header has shown (etcd's revision is at least this).
     revision: std::sync::atomic::AtomicI64,
+    /// The proxy's own login and token, for the calls it makes for itself.
+    credentials: crate::source::credentials::Credentials,
 }
 
 impl Upstream {
@@ -69,7 +71,22 @@ impl Upstream {
             channel,
             header: ArcSwap::from_pointee(ResponseHeader::default()),
             revision: std::sync::atomic::AtomicI64::new(0),
+            credentials: Default::default(),
         })
+    }
+
+    /// Uses `credentials` for the proxy's own calls (see [`crate::source::credentials`]).
+    pub fn with_credentials(
+        mut self,
+        credentials: crate::source::credentials::Credentials,
+    ) -> Self {
+        self.credentials = credentials;
+        self
+    }
+
+    /// The proxy's own credentials.
+    pub fn credentials(&self) -> &crate::source::credentials::Credentials {
+        &self.credentials
     }
 
     /// KV client with no message size cap (etcd sends ranges of any size).
@@ -152,6 +169,24 @@ pub struct UpstreamWatch {
     _requests: tokio::sync::mpsc::Sender<WatchRequest>,
     /// etcd's responses.
     pub responses: tonic::Streaming<WatchResponse>,
+    /// A response already read from `responses` (the `created` one), returned first by
+    /// [`UpstreamWatch::message`].
+    pending: Option<WatchResponse>,
+}
+
+impl UpstreamWatch {
+    /// The next response: a response put back first, then the stream's.
+    pub async fn message(&mut self) -> Result<Option<WatchResponse>, tonic::Status> {
+        match self.pending.take() {
+            Some(r) => Ok(Some(r)),
+            None => self.responses.message().await,
+        }
+    }
+
+    /// Puts a response back, to be returned by the next [`UpstreamWatch::message`].
+    pub fn push_back(&mut self, resp: WatchResponse) {
+        self.pending = Some(resp);
+    }
 }
 
 impl Upstream {
@@ -178,6 +213,7 @@ impl Upstream {
         Ok(UpstreamWatch {
             _requests: tx,
             responses,
+            pending: None,
         })
     }
 }

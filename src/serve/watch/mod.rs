@@ -7,14 +7,14 @@
 //! - outside every prefix (or with credentials) [`relay::run_uncached`] holds a dedicated
 //!   upstream watch for it.
 //!
-//! Events are encoded once per watch [`shape`] and revision and shared ([`frame`]). All of a
-//! session's responses go through one queue to the client, bounded in bytes and in frames: a
+//! Events are encoded once per watch [`shape`] and revision and shared ([`reply`]). All of a
+//! session's responses go through one queue to the client, bounded in bytes and in replies: a
 //! client that falls behind parks its own session (nothing more is queued; its watches keep
 //! only their cursors and catch up from the shared history when it drains), and memory per
 //! session is bounded.
 
-pub mod frame;
 pub mod relay;
+pub mod reply;
 pub mod session;
 pub mod shape;
 pub mod watcher;
@@ -27,10 +27,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
-use crate::proto::etcdserverpb::{WatchCreateRequest, WatchRequest, WatchResponse};
+use crate::proto::etcdserverpb::{WatchCreateRequest, WatchRequest};
 use crate::serve::passthrough::BoxStream;
 use crate::source::hub::Hub;
-use frame::Frame;
+use reply::Reply;
 use session::Session;
 use shape::Shape;
 
@@ -46,9 +46,6 @@ pub const SESSION_BUDGET_BYTES: usize = 256 << 10;
 /// Queued bytes under which a parked session resumes.
 pub const SESSION_RESUME_BYTES: usize = 64 << 10;
 
-/// Status message of watch streams ended by a proxy shutdown (etcd's `ErrGRPCStopped`).
-pub const SHUTDOWN_MESSAGE: &str = "etcdserver: server stopped";
-
 /// etcd's `clientv3.InvalidWatchID`.
 pub const INVALID_WATCH_ID: i64 = -1;
 
@@ -57,7 +54,7 @@ pub const INVALID_WATCH_ID: i64 = -1;
 #[derive(Debug, Clone)]
 pub struct Out {
     /// The session's queue.
-    tx: mpsc::Sender<Frame>,
+    tx: mpsc::Sender<Reply>,
     /// Bytes queued, shared with the receiving end.
     queued: Arc<Queued>,
 }
@@ -65,14 +62,14 @@ pub struct Out {
 /// The byte count of a session's queue, and the wake-up when it drains.
 #[derive(Debug, Default)]
 pub struct Queued {
-    /// Bytes of the frames in the queue ([`Frame::queued_bytes`]).
+    /// Bytes of the replies in the queue ([`Reply::queued_bytes`]).
     bytes: std::sync::atomic::AtomicUsize,
     /// Woken when `bytes` falls under [`SESSION_RESUME_BYTES`].
     drained: tokio::sync::Notify,
 }
 
 impl Queued {
-    /// A frame left the queue (taken by the wire encoder).
+    /// A reply left the queue (taken by the wire encoder).
     fn taken(&self, n: usize) {
         let before = self.bytes.fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
         if before >= SESSION_RESUME_BYTES && before - n < SESSION_RESUME_BYTES {
@@ -86,9 +83,9 @@ impl Queued {
 }
 
 impl Out {
-    /// A queue of `frames` frames at most and its receiving end.
-    pub fn channel(frames: usize) -> (Out, mpsc::Receiver<Frame>, Arc<Queued>) {
-        let (tx, rx) = mpsc::channel(frames);
+    /// A queue of `replies` replies at most and its receiving end.
+    pub fn channel(replies: usize) -> (Out, mpsc::Receiver<Reply>, Arc<Queued>) {
+        let (tx, rx) = mpsc::channel(replies);
         let queued = Arc::new(Queued::default());
         (
             Out {
@@ -100,13 +97,13 @@ impl Out {
         )
     }
 
-    /// Queues `frame`; `Err` when the client is gone.
-    pub async fn send(&self, frame: Frame) -> Result<(), ()> {
-        let n = frame.queued_bytes();
+    /// Queues `reply`; `Err` when the client is gone.
+    pub async fn send(&self, reply: Reply) -> Result<(), ()> {
+        let n = reply.queued_bytes();
         self.queued
             .bytes
             .fetch_add(n, std::sync::atomic::Ordering::AcqRel);
-        if self.tx.send(frame).await.is_err() {
+        if self.tx.send(reply).await.is_err() {
             self.queued.taken(n);
             return Err(());
         }
@@ -163,31 +160,18 @@ impl WatchService {
         WatchService { hub }
     }
 
-    /// Runs a watch session over `requests`; the returned stream carries every response.
-    /// The session lives until the returned stream is dropped (like etcd, a client that
-    /// half-closes its request stream keeps receiving events).
-    pub fn session<S>(&self, metadata: MetadataMap, requests: S) -> BoxStream<WatchResponse>
-    where
-        S: Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
-    {
-        Box::pin(
-            self.session_frames(metadata, requests)
-                .map(|r| r.and_then(Frame::into_response)),
-        )
-    }
-
-    /// Like [`WatchService::session`], with events responses left as shared [`Frame`]s for
+    /// Like [`WatchService::session`], with events responses left as shared [`Reply`]s for
     /// encoders that write them once per shape.
-    pub fn session_frames<S>(&self, metadata: MetadataMap, requests: S) -> BoxStream<Frame>
+    pub fn session<S>(&self, metadata: MetadataMap, requests: S) -> BoxStream<Reply>
     where
         S: Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
     {
         let (tx, rx, queued) = Out::channel(SESSION_BUFFER);
         let session = Session::new(self.hub.clone(), metadata, tx);
-        tokio::spawn(session.run(requests));
-        Box::pin(ReceiverStream::new(rx).map(move |f| {
-            queued.taken(f.queued_bytes());
-            Frame::into_item(f)
+        self.hub.tasks.spawn(session.run(requests));
+        Box::pin(ReceiverStream::new(rx).map(move |r| {
+            queued.taken(r.queued_bytes());
+            Reply::into_item(r)
         }))
     }
 }

@@ -60,6 +60,14 @@ pub static WATCH_STREAMS: LazyLock<IntGauge> = LazyLock::new(|| {
         "Downstream watch streams currently open.",
     )
 });
+/// Watch sessions parked: their client fell behind by more than the session's byte budget,
+/// so nothing more is queued for it until it drains.
+pub static SESSIONS_PARKED: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "etcd_fanout_watch_sessions_parked",
+        "Watch sessions parked because their client fell behind (byte budget exceeded).",
+    )
+});
 /// Events delivered to downstream watchers.
 pub static EVENTS_SENT: LazyLock<IntCounter> = LazyLock::new(|| {
     counter(
@@ -302,6 +310,7 @@ pub fn init() {
         &*UPSTREAM_EVENTS,
         &*WATCHERS,
         &*WATCH_STREAMS,
+        &*SESSIONS_PARKED,
         &*EVENTS_SENT,
         &*CATCHUPS,
         &*RANGES_CACHED,

@@ -11,7 +11,7 @@
 //! wakes watchers; readers take a short read lock and copy out reference-counted batches.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 
@@ -30,17 +30,81 @@ pub struct RevBatch {
     pub events: Vec<Event>,
     /// Approximate memory held by the batch.
     pub bytes: usize,
-    /// This batch's events encoded once per watch shape, shared by every watcher of that
-    /// shape (filled by the watch shapes of the serving layer).
-    pub encoded: EncodedMemo,
+    /// This batch's events encoded once per (watch shape, wire), shared by every watcher of
+    /// that shape: the one home of encode-once (filled by the serving and wire layers).
+    pub encoded: Encodings,
 }
 
-/// Per-shape encodings of one batch: `(shape id, encoding)` pairs, few per batch.
+/// The encodings of one batch, one [`Slot`] per watch shape.
+///
+/// The dispatch index makes the slots of every shape registered when the batch is applied
+/// and whose range holds one of its keys ([`Encodings::prepare`]); after that they are read
+/// without a lock, and each encoding is made once by whoever needs it first (`OnceLock`). A
+/// shape not prepared (a watch reading the batch as backlog, registered later) gets a slot in
+/// a small locked overflow list: the cold path.
 #[derive(Debug, Default)]
-pub struct EncodedMemo(pub std::sync::Mutex<Vec<(u64, Arc<Encoded>)>>);
+pub struct Encodings {
+    /// Slots of the shapes known at dispatch, sorted by shape id.
+    prepared: OnceLock<Box<[(u64, Slot)]>>,
+    /// Slots made later, few.
+    late: Mutex<Vec<(u64, Arc<Slot>)>>,
+}
+
+/// One shape's encodings of one batch, each made once.
+#[derive(Debug, Default)]
+pub struct Slot {
+    /// Protobuf: the selected events as repeated `WatchResponse.events` fields.
+    pub proto: OnceLock<Encoded>,
+    /// JSON (grpc-gateway): the selected events as comma-separated objects.
+    pub json: OnceLock<Bytes>,
+}
+
+/// A slot, either prepared (borrowed from the batch) or late (shared).
+#[derive(Debug)]
+pub enum SlotRef<'a> {
+    /// Made at dispatch.
+    Prepared(&'a Slot),
+    /// Made on demand.
+    Late(Arc<Slot>),
+}
+
+impl std::ops::Deref for SlotRef<'_> {
+    type Target = Slot;
+    fn deref(&self) -> &Slot {
+        match self {
+            SlotRef::Prepared(s) => s,
+            SlotRef::Late(s) => s,
+        }
+    }
+}
+
+impl Encodings {
+    /// Makes the slots of `shapes` (sorted, distinct ids); only the first call counts.
+    pub fn prepare(&self, shapes: &[u64]) {
+        let _ = self
+            .prepared
+            .set(shapes.iter().map(|id| (*id, Slot::default())).collect());
+    }
+
+    /// The slot of shape `id`.
+    pub fn slot(&self, id: u64) -> SlotRef<'_> {
+        if let Some(p) = self.prepared.get() {
+            if let Ok(i) = p.binary_search_by_key(&id, |(k, _)| *k) {
+                return SlotRef::Prepared(&p[i].1);
+            }
+        }
+        let mut late = self.late.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, s)) = late.iter().find(|(k, _)| *k == id) {
+            return SlotRef::Late(s.clone());
+        }
+        let s = Arc::new(Slot::default());
+        late.push((id, s.clone()));
+        SlotRef::Late(s)
+    }
+}
 
 /// One batch's events selected and encoded for one watch shape.
-#[derive(Debug)]
+#[derive(Debug, Clone, Default)]
 pub struct Encoded {
     /// The selected events, encoded as repeated `WatchResponse.events` fields (tag included):
     /// appended to an encoded response header they form a complete WatchResponse.
@@ -57,7 +121,7 @@ impl RevBatch {
             revision,
             events,
             bytes,
-            encoded: EncodedMemo::default(),
+            encoded: Encodings::default(),
         }
     }
 }
@@ -229,6 +293,16 @@ impl Cache {
         }
         let i = self.first_after(rev);
         Some(self.history.range(i..).take(max).cloned().collect())
+    }
+
+    /// The batch of revision `rev`: `None` when `rev` is not after the floor (its batch is
+    /// gone), `Some(None)` when the window has no batch at `rev` (nothing changed in the range).
+    pub fn batch_at(&self, rev: i64) -> Option<Option<Arc<RevBatch>>> {
+        if rev <= self.floor {
+            return None;
+        }
+        let i = self.first_after(rev - 1);
+        Some(self.history.get(i).filter(|b| b.revision == rev).cloned())
     }
 
     /// The live key-values of `range` at revision `rev` (0 or >= head: the head), sorted by

@@ -5,7 +5,9 @@
 //! Failover: tonic's balanced channel keeps a connection per endpoint and routes around the
 //! ones that fail; HTTP/2 keepalives notice a stalled connection that never closes.
 
-use std::sync::Mutex;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use std::time::Duration;
 
 use tonic::metadata::MetadataMap;
@@ -27,8 +29,9 @@ const FORWARDED_METADATA: [&str; 3] = ["token", "hasleader", "authorization"];
 pub struct Upstream {
     /// Balanced channel over all endpoints.
     channel: Channel,
-    /// Cluster id, member id and raft term from the most recent upstream response.
-    header: Mutex<ResponseHeader>,
+    /// Cluster id, member id and raft term from the most recent upstream response: read on
+    /// every answer the proxy makes, replaced (rarely) when etcd's identity fields change.
+    header: ArcSwap<ResponseHeader>,
     /// Highest revision any etcd response header has shown (etcd's revision is at least this).
     revision: std::sync::atomic::AtomicI64,
     /// The proxy's own login and token, for the calls it makes for itself.
@@ -66,7 +69,7 @@ impl Upstream {
         };
         Ok(Upstream {
             channel,
-            header: Mutex::new(ResponseHeader::default()),
+            header: ArcSwap::from_pointee(ResponseHeader::default()),
             revision: std::sync::atomic::AtomicI64::new(0),
             credentials: Default::default(),
         })
@@ -125,10 +128,16 @@ impl Upstream {
         if let Some(h) = h {
             self.revision
                 .fetch_max(h.revision, std::sync::atomic::Ordering::AcqRel);
-            if let Ok(mut cur) = self.header.lock() {
-                cur.cluster_id = h.cluster_id;
-                cur.member_id = h.member_id;
-                cur.raft_term = h.raft_term;
+            let cur = self.header.load();
+            if (cur.cluster_id, cur.member_id, cur.raft_term)
+                != (h.cluster_id, h.member_id, h.raft_term)
+            {
+                self.header.store(Arc::new(ResponseHeader {
+                    cluster_id: h.cluster_id,
+                    member_id: h.member_id,
+                    raft_term: h.raft_term,
+                    revision: 0,
+                }));
             }
         }
     }
@@ -140,7 +149,7 @@ impl Upstream {
 
     /// A response header for an answer the proxy makes itself, at `revision`.
     pub fn header(&self, revision: i64) -> ResponseHeader {
-        let mut h = self.header.lock().map(|h| *h).unwrap_or_default();
+        let mut h = **self.header.load();
         h.revision = revision;
         h
     }

@@ -8,8 +8,10 @@
 //!   could not decide) [`relay::run_uncached`] holds a dedicated upstream watch for it.
 //!
 //! Events are encoded once per watch [`shape`] and revision and shared ([`reply`]). All of a
-//! session's responses go through one bounded channel to the client, so a client that stops
-//! reading only stops its own watches, and memory per session is bounded.
+//! session's responses go through one queue to the client, bounded in bytes and in replies: a
+//! client that falls behind parks its own session (nothing more is queued; its watches keep
+//! only their cursors and catch up from the shared history when it drains), and memory per
+//! session is bounded.
 
 pub mod relay;
 pub mod reply;
@@ -33,14 +35,103 @@ use reply::Reply;
 use session::Session;
 use shape::Shape;
 
-/// Responses a session may have queued for its client before watches wait.
+/// Responses a session may have queued for its client before it waits (a backstop: the byte
+/// budget below usually parks the session first).
 const SESSION_BUFFER: usize = 256;
+
+/// Bytes of responses a session may have queued for its client; beyond it the session is
+/// parked: it queues nothing more (but `created`/cancel answers) until the queue drains to
+/// [`SESSION_RESUME_BYTES`], then its watches catch up from the shared history.
+pub const SESSION_BUDGET_BYTES: usize = 256 << 10;
+
+/// Queued bytes under which a parked session resumes.
+pub const SESSION_RESUME_BYTES: usize = 64 << 10;
 
 /// etcd's `clientv3.InvalidWatchID`.
 pub const INVALID_WATCH_ID: i64 = -1;
 
-/// The sending half every watch of a session writes its responses to.
-pub type Out = mpsc::Sender<Reply>;
+/// The sending half every watch of a session writes its responses to, counting the bytes
+/// queued for the client (see [`SESSION_BUDGET_BYTES`]).
+#[derive(Debug, Clone)]
+pub struct Out {
+    /// The session's queue.
+    tx: mpsc::Sender<Reply>,
+    /// Bytes queued, shared with the receiving end.
+    queued: Arc<Queued>,
+}
+
+/// The byte count of a session's queue, and the wake-up when it drains.
+#[derive(Debug, Default)]
+pub struct Queued {
+    /// Bytes of the replies in the queue ([`Reply::queued_bytes`]).
+    bytes: std::sync::atomic::AtomicUsize,
+    /// Woken when `bytes` falls under [`SESSION_RESUME_BYTES`].
+    drained: tokio::sync::Notify,
+}
+
+impl Queued {
+    /// A reply left the queue (taken by the wire encoder).
+    fn taken(&self, n: usize) {
+        let before = self.bytes.fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
+        if before >= SESSION_RESUME_BYTES && before - n < SESSION_RESUME_BYTES {
+            self.drained.notify_waiters();
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.bytes.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl Out {
+    /// A queue of `replies` replies at most and its receiving end.
+    pub fn channel(replies: usize) -> (Out, mpsc::Receiver<Reply>, Arc<Queued>) {
+        let (tx, rx) = mpsc::channel(replies);
+        let queued = Arc::new(Queued::default());
+        (
+            Out {
+                tx,
+                queued: queued.clone(),
+            },
+            rx,
+            queued,
+        )
+    }
+
+    /// Queues `reply`; `Err` when the client is gone.
+    pub async fn send(&self, reply: Reply) -> Result<(), ()> {
+        let n = reply.queued_bytes();
+        self.queued
+            .bytes
+            .fetch_add(n, std::sync::atomic::Ordering::AcqRel);
+        if self.tx.send(reply).await.is_err() {
+            self.queued.taken(n);
+            return Err(());
+        }
+        Ok(())
+    }
+
+    /// True when the queue holds more than the session's byte budget.
+    pub fn over_budget(&self) -> bool {
+        self.queued.bytes() > SESSION_BUDGET_BYTES
+    }
+
+    /// Waits until the queue has drained under [`SESSION_RESUME_BYTES`].
+    pub async fn drained(&self) {
+        loop {
+            let wait = self.queued.drained.notified();
+            if self.queued.bytes() < SESSION_RESUME_BYTES {
+                return;
+            }
+            wait.await;
+        }
+    }
+
+    /// Completes when the client is gone.
+    pub async fn closed(&self) {
+        self.tx.closed().await
+    }
+}
 
 /// What one downstream watch asked for.
 #[derive(Debug, Clone)]
@@ -78,9 +169,12 @@ impl WatchService {
     where
         S: Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
     {
-        let (tx, rx) = mpsc::channel(SESSION_BUFFER);
+        let (tx, rx, queued) = Out::channel(SESSION_BUFFER);
         let session = Session::new(self.hub.clone(), self.access.clone(), metadata, tx);
         self.hub.tasks.spawn(session.run(requests));
-        Box::pin(ReceiverStream::new(rx).map(Reply::into_item))
+        Box::pin(ReceiverStream::new(rx).map(move |r| {
+            queued.taken(r.queued_bytes());
+            Reply::into_item(r)
+        }))
     }
 }

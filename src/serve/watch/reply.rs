@@ -57,6 +57,16 @@ impl Reply {
         Reply::Msg(Box::new(resp))
     }
 
+    /// Bytes the reply stands for in its session's queue: the events' size in their batches
+    /// (shared, but pinned while queued) or the message's encoded length.
+    pub fn queued_bytes(&self) -> usize {
+        match self {
+            Reply::Msg(m) => prost::Message::encoded_len(m.as_ref()),
+            Reply::Events(e) => 32 + e.batches.iter().map(|b| b.bytes).sum::<usize>(),
+            Reply::Error(_) => 0,
+        }
+    }
+
     /// The reply as a stream item: errors end the stream.
     pub fn into_item(self) -> Result<Reply, Status> {
         match self {

@@ -2,29 +2,33 @@
 //!
 //! The session is one task. It reads create / cancel / progress requests in order and answers
 //! them as etcd does (each `created` before the next request is read). It also serves all of
-//! its cached watches itself: it sleeps on the head revision of the feeds they use, and when a
-//! head moves it steps every watch of that feed under one read lock of the cache and sends
-//! what they need. A feed change therefore costs one wake-up per stream, not one per watch,
-//! and a stream's responses for one revision leave together.
+//! its cached watches itself: it registers each watch *shape* it uses in its feed's dispatch
+//! index ([`crate::source::index`]) and sleeps on its [`Inbox`]. The feed leaves a note per
+//! (shape, revision) that holds a key of the shape's range; the session then sends that
+//! revision to the watches of that shape only. A revision costs nothing to a session whose
+//! watches it does not concern, and a watch it does not concern is not touched: such a watch's
+//! cursor is implicitly past every revision dispatched (notes arrive in revision order, so a
+//! note for revision r proves the watch's shape had nothing between its cursor and r).
+//!
+//! A new watch, or one handed back by a catch-up, first reads its backlog from the cache
+//! (registered beforehand, so revisions applied meanwhile are read or noted, never lost).
 //!
 //! Watches etcd has to answer run as their own tasks and write to the same channel: relays for
 //! watches outside every prefix (for their whole life), and catch-ups for cached watches that
 //! fell behind the cache window (they hand the watch back when it reaches the window).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::WatchStream;
-use tokio_stream::StreamMap;
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
 use super::reply::Reply;
-use super::shape::{ShapeKey, SHAPES};
+use super::shape::{Shape, ShapeKey, SHAPES};
 use super::watcher::{self, CachedWatch, Step};
 use super::{relay, Out, WatchSpec, INVALID_WATCH_ID};
 use crate::error::{go_status_text, Error, WATCH_DUPLICATE_ID, WATCH_RANGE_EMPTY};
@@ -37,13 +41,7 @@ use crate::proto::etcdserverpb::{
 use crate::serve::access::{Access, Verdict};
 use crate::source::feed::Feed;
 use crate::source::hub::Hub;
-
-/// A feed, identified by the address of its (never freed) `Arc`.
-type FeedKey = usize;
-
-fn feed_key(feed: &Arc<Feed>) -> FeedKey {
-    Arc::as_ptr(feed) as usize
-}
+use crate::source::index::{Inbox, Note};
 
 /// A catch-up task's result: (watch id, generation, and the revision to resume at with the
 /// highest header sent so far, or `None` if the watch ended).
@@ -69,9 +67,9 @@ enum Entry {
 }
 
 impl Entry {
-    fn feed(&self) -> Option<&Arc<Feed>> {
+    fn cached(&self) -> Option<&CachedWatch> {
         match self {
-            Entry::Cached(w) | Entry::CatchingUp { watch: w, .. } => Some(&w.feed),
+            Entry::Cached(w) | Entry::CatchingUp { watch: w, .. } => Some(w),
             _ => None,
         }
     }
@@ -82,6 +80,16 @@ impl Entry {
             _ => {}
         }
     }
+}
+
+/// The cached watches of one shape on a session.
+struct ShapeWatches {
+    /// The feed whose index holds the registration.
+    feed: Arc<Feed>,
+    /// The shape (kept for its range, to release the registration).
+    shape: Arc<Shape>,
+    /// Watch ids of this shape.
+    ids: BTreeSet<i64>,
 }
 
 /// One downstream watch stream.
@@ -98,10 +106,11 @@ pub(super) struct Session {
     watches: HashMap<i64, Entry>,
     /// Next id to try for a server-assigned watch id.
     next_id: i64,
-    /// Head revisions of the feeds the cached watches use.
-    heads: StreamMap<FeedKey, WatchStream<i64>>,
-    /// The feeds in `heads`, with how many watches use each.
-    feeds: HashMap<FeedKey, (Arc<Feed>, usize)>,
+    /// Where the feeds leave notes of the revisions that concern this session's shapes.
+    inbox: Arc<Inbox>,
+    /// The cached watches (served or catching up) by shape id, with the shape's feed: one
+    /// registration in that feed's index per shape.
+    shapes: HashMap<u64, ShapeWatches>,
     /// Catch-up tasks report here: the channel (both ends) is made by the first catch-up, as
     /// most streams never need one and an idle stream should cost little.
     handoffs: Option<(
@@ -110,6 +119,16 @@ pub(super) struct Session {
     )>,
     /// Source of catch-up generations.
     generation: u64,
+    /// Notes taken from the inbox and not served yet (the session parked meanwhile).
+    pending: VecDeque<Note>,
+    /// Notes were dropped from the inbox from this revision on: once `pending` is served,
+    /// every cached watch looks at the history from there.
+    overflow_from: Option<i64>,
+    /// Cached watches whose cursor must be stepped through the history (after an overflow).
+    rescan: BTreeSet<i64>,
+    /// The client fell behind by more than the byte budget: nothing more is queued for it
+    /// until its queue drains.
+    parked: bool,
     /// Progress ticker, created with the first watch that asks for progress notifications
     /// (etcd has one per stream too).
     progress: Option<Pin<Box<tokio::time::Interval>>>,
@@ -130,8 +149,12 @@ impl Session {
             out,
             watches: HashMap::new(),
             next_id: 0,
-            heads: StreamMap::new(),
-            feeds: HashMap::new(),
+            inbox: Arc::new(Inbox::default()),
+            shapes: HashMap::new(),
+            pending: VecDeque::new(),
+            overflow_from: None,
+            rescan: BTreeSet::new(),
+            parked: false,
             handoffs: None,
             generation: 0,
             progress: None,
@@ -146,7 +169,25 @@ impl Session {
         metrics::WATCH_STREAMS.inc();
         let mut shutdown = self.hub.shutdown_signal();
         let mut requests_open = true;
+        // Requests received and not handled yet, with their encoded bytes (see
+        // `MAX_QUEUED_REQUEST_BYTES`).
+        let mut queued: VecDeque<Result<WatchRequest, Status>> = VecDeque::new();
+        let mut queued_bytes = 0usize;
         loop {
+            // Take every request already received: HTTP/2 keeps unread small DATA frames
+            // against a budget (half the connection window) and ends the connection with
+            // ENHANCE_YOUR_CALM when a client outpaces the session; read promptly, the frames
+            // are released as they arrive and only this bounded queue waits.
+            while requests_open && queued_bytes < MAX_QUEUED_REQUEST_BYTES {
+                match requests.next().now_or_never() {
+                    Some(Some(req)) => {
+                        queued_bytes += request_bytes(&req);
+                        queued.push_back(req);
+                    }
+                    Some(None) => requests_open = false,
+                    None => break,
+                }
+            }
             tokio::select! {
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
                     // End the stream so the client reconnects (to another replica).
@@ -154,7 +195,23 @@ impl Session {
                     let _ = self.out.send(Reply::Error(Box::new(status))).await;
                     break;
                 }
-                req = requests.next(), if requests_open => match req {
+                _ = std::future::ready(()), if !queued.is_empty() => {
+                    let Some(req) = queued.pop_front() else { continue };
+                    queued_bytes -= request_bytes(&req);
+                    match req {
+                        Ok(req) => {
+                            if self.handle(req).await.is_err() {
+                                break;
+                            }
+                        }
+                        // An undecodable request ends the stream with etcd's error.
+                        Err(status) => {
+                            let _ = self.out.send(Reply::Error(Box::new(status))).await;
+                            break;
+                        }
+                    }
+                }
+                req = requests.next(), if requests_open && queued.is_empty() => match req {
                     Some(Ok(req)) => {
                         if self.handle(req).await.is_err() {
                             break;
@@ -168,8 +225,15 @@ impl Session {
                     // Request stream closed: keep serving until the client leaves.
                     None => requests_open = false,
                 },
-                Some((key, _)) = self.heads.next() => {
-                    if self.deliver(key).await.is_err() {
+                _ = self.inbox.wait(), if !self.parked => {
+                    if self.drain().await.is_err() {
+                        break;
+                    }
+                }
+                _ = self.out.drained(), if self.parked => {
+                    self.parked = false;
+                    metrics::SESSIONS_PARKED.dec();
+                    if self.drain().await.is_err() {
                         break;
                     }
                 }
@@ -189,6 +253,12 @@ impl Session {
         for entry in self.watches.values() {
             entry.stop();
         }
+        for (tag, u) in self.shapes.drain() {
+            u.feed.index().release(tag, &self.inbox);
+        }
+        if self.parked {
+            metrics::SESSIONS_PARKED.dec();
+        }
         metrics::WATCH_STREAMS.dec();
     }
 
@@ -202,7 +272,7 @@ impl Session {
                     return Ok(());
                 };
                 entry.stop();
-                self.release(&entry);
+                self.release(c.watch_id, &entry);
                 let resp = WatchResponse {
                     header: Some(self.hub.upstream.header(self.hub.revision())),
                     watch_id: c.watch_id,
@@ -298,13 +368,12 @@ impl Session {
             self.watches.insert(id, Entry::Ended);
             return self.send(resp).await;
         }
-        let key = feed_key(&feed);
-        let watch = CachedWatch::new(feed.clone(), spec, &created);
-        self.acquire(&feed);
+        let watch = CachedWatch::new(feed, spec, &created);
+        self.acquire(id, &watch);
         self.watches.insert(id, Entry::Cached(watch));
-        // A feed already subscribed does not wake the session for a new watch: serve its
-        // backlog now.
-        self.deliver(key).await
+        // Registered first: whatever the feed applies from now on is noted; the backlog up
+        // to now is read from the cache.
+        self.serve_backlog(id).await
     }
 
     /// A watch the caches cannot serve (outside every prefix, or one only etcd can judge):
@@ -338,65 +407,175 @@ impl Session {
         self.send(resp).await
     }
 
-    /// Counts one more watch on `feed`, subscribing to its head on the first.
-    fn acquire(&mut self, feed: &Arc<Feed>) {
-        let key = feed_key(feed);
-        let users = &mut self.feeds.entry(key).or_insert_with(|| (feed.clone(), 0)).1;
-        *users += 1;
-        if *users == 1 {
-            self.heads.insert(key, WatchStream::new(feed.subscribe()));
-        }
+    /// Files watch `id` under its shape, registering the shape in its feed's index on the
+    /// first watch of that shape.
+    fn acquire(&mut self, id: i64, watch: &CachedWatch) {
+        let shape = &watch.spec.shape;
+        let u = self.shapes.entry(shape.id).or_insert_with(|| {
+            watch
+                .feed
+                .index()
+                .register(shape.id, &shape.key.range, &self.inbox);
+            ShapeWatches {
+                feed: watch.feed.clone(),
+                shape: shape.clone(),
+                ids: BTreeSet::new(),
+            }
+        });
+        u.ids.insert(id);
     }
 
-    /// Forgets `entry`'s use of its feed, unsubscribing after the last watch.
-    fn release(&mut self, entry: &Entry) {
-        let Some(feed) = entry.feed() else { return };
-        let key = feed_key(feed);
-        if let Some((_, users)) = self.feeds.get_mut(&key) {
-            *users -= 1;
-            if *users == 0 {
-                self.feeds.remove(&key);
-                self.heads.remove(&key);
+    /// Forgets watch `id` (`entry`) under its shape, releasing the registration after the last.
+    fn release(&mut self, id: i64, entry: &Entry) {
+        let Some(w) = entry.cached() else { return };
+        let tag = w.spec.shape.id;
+        if let Some(u) = self.shapes.get_mut(&tag) {
+            u.ids.remove(&id);
+            if u.ids.is_empty() {
+                u.feed.index().release(tag, &self.inbox);
+                debug_assert_eq!(u.shape.id, tag);
+                self.shapes.remove(&tag);
             }
         }
     }
 
-    /// Brings every cached watch of feed `key` up to the feed's head.
-    async fn deliver(&mut self, key: FeedKey) -> Result<(), ()> {
-        let Some(feed) = self.feeds.get(&key).map(|(f, _)| f.clone()) else {
-            return Ok(());
-        };
+    /// Brings cached watch `id` up to its feed's head from the cache: its backlog batched as
+    /// etcd batches an unsynced watch's, then (synced) one response per revision. Ends synced,
+    /// or handed to a catch-up when the cache no longer holds its next revision.
+    async fn serve_backlog(&mut self, id: i64) -> Result<(), ()> {
+        let config = self.hub.config.clone();
+        // A backlog goes out in one response up to the revision `created` reported (etcd's
+        // current revision, possibly just ahead of the cache): wait for the cache to get
+        // there, briefly, so the backlog is not split.
+        if let Some(Entry::Cached(w)) = self.watches.get(&id) {
+            if !w.synced && w.feed.head() < w.highest_header {
+                let (mut head, created) = (w.feed.subscribe(), w.highest_header);
+                let _ = tokio::time::timeout(BACKLOG_WAIT, head.wait_for(|h| *h >= created)).await;
+            }
+        }
+        loop {
+            let Some(Entry::Cached(w)) = self.watches.get_mut(&id) else {
+                return Ok(());
+            };
+            let step = w.step(&w.feed.cache());
+            match step {
+                Step::Idle => {
+                    w.synced = true;
+                    return Ok(());
+                }
+                Step::Skip(head) => {
+                    w.next = head + 1;
+                    w.synced = true;
+                    return Ok(());
+                }
+                Step::Send(batches, head) => w.deliver(batches, head, &self.out, &config).await?,
+                Step::CatchUp => {
+                    self.start_catch_up(id);
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Serves the notes the feeds left: each revision to the (synced) watches of the shape it
+    /// concerns, one response per revision as etcd's synced watchers get them. Parks the
+    /// session instead when its client is more than the byte budget behind: the notes wait
+    /// (a bounded number, see [`crate::source::index::MAX_NOTES`]; after that only the
+    /// revision from which the watches must look at the history again).
+    async fn drain(&mut self) -> Result<(), ()> {
         let config = self.hub.config.clone();
         loop {
-            let work: Vec<(i64, Step)> = {
-                let cache = feed.cache();
-                self.watches
-                    .iter()
-                    .filter_map(|(id, e)| match e {
-                        Entry::Cached(w) if feed_key(&w.feed) == key => Some((*id, w.step(&cache))),
-                        _ => None,
-                    })
-                    .filter(|(_, step)| !matches!(step, Step::Idle))
-                    .collect()
-            };
-            if work.is_empty() {
+            if self.out.over_budget() {
+                if !self.parked {
+                    self.parked = true;
+                    metrics::SESSIONS_PARKED.inc();
+                }
                 return Ok(());
             }
-            for (id, step) in work {
-                match step {
-                    Step::Idle => {}
-                    Step::Skip(head) => {
-                        if let Some(Entry::Cached(w)) = self.watches.get_mut(&id) {
-                            w.next = head + 1;
-                        }
-                    }
-                    Step::Send(batches, head) => {
-                        if let Some(Entry::Cached(w)) = self.watches.get_mut(&id) {
-                            w.deliver(batches, head, &self.out, &config).await?;
-                        }
-                    }
-                    Step::CatchUp => self.start_catch_up(id),
+            let Some(note) = self.pending.pop_front() else {
+                if let Some(from) = self.overflow_from.take() {
+                    self.overflowed(from);
+                    continue;
                 }
+                if let Some(id) = self.rescan.pop_first() {
+                    self.serve_backlog(id).await?;
+                    continue;
+                }
+                let taken = self.inbox.take();
+                if taken.notes.is_empty() && taken.overflow_from.is_none() {
+                    return Ok(());
+                }
+                self.pending.extend(taken.notes);
+                self.overflow_from = taken.overflow_from;
+                continue;
+            };
+            let (tag, revision) = match note {
+                Note::Events { tag, revision } => (tag, revision),
+                Note::Reset { tag, from, to } => {
+                    self.reset(tag, from, to);
+                    continue;
+                }
+            };
+            let Some(u) = self.shapes.get(&tag) else {
+                continue;
+            };
+            let batch = u.feed.cache().batch_at(revision);
+            let ids: Vec<i64> = u.ids.iter().copied().collect();
+            for id in ids {
+                if self.out.over_budget() {
+                    // Served again on resume; the watches already served skip it.
+                    self.pending.push_front(note);
+                    break;
+                }
+                let Some(Entry::Cached(w)) = self.watches.get_mut(&id) else {
+                    continue;
+                };
+                if !w.synced || w.next > revision {
+                    continue;
+                }
+                // Every earlier revision with a key of this shape was noted before.
+                w.next = revision;
+                match &batch {
+                    Some(Some(b)) => {
+                        w.deliver(vec![b.clone()], revision, &self.out, &config)
+                            .await?
+                    }
+                    Some(None) => w.next = revision + 1,
+                    // Out of the window already: etcd replays from here.
+                    None => self.start_catch_up(id),
+                }
+            }
+        }
+    }
+
+    /// Notes from revision `from` on were dropped: every cached watch steps its cursor
+    /// through the shared history from there (the kept notes, all older, are served).
+    fn overflowed(&mut self, from: i64) {
+        for (id, e) in &mut self.watches {
+            if let Entry::Cached(w) = e {
+                if w.synced {
+                    w.next = w.next.max(from);
+                    self.rescan.insert(*id);
+                }
+            }
+        }
+    }
+
+    /// The feed of shape `tag` was reloaded at `to`: its watches still expecting revisions
+    /// up to `to` get them from etcd, from `from` at the earliest (nothing before concerned
+    /// them, or it was noted and served).
+    fn reset(&mut self, tag: u64, from: i64, to: i64) {
+        let Some(u) = self.shapes.get(&tag) else {
+            return;
+        };
+        let ids: Vec<i64> = u.ids.iter().copied().collect();
+        for id in ids {
+            let Some(Entry::Cached(w)) = self.watches.get_mut(&id) else {
+                continue;
+            };
+            if w.synced && w.next <= to {
+                w.next = w.next.max(from);
+                self.start_catch_up(id);
             }
         }
     }
@@ -461,13 +640,12 @@ impl Session {
                 watch.next = next;
                 watch.highest_header = highest_header;
                 watch.synced = true;
-                let key = feed_key(&watch.feed);
                 self.watches.insert(id, Entry::Cached(watch));
-                self.deliver(key).await
+                self.serve_backlog(id).await
             }
             None => {
                 let entry = Entry::Cached(watch);
-                self.release(&entry);
+                self.release(id, &entry);
                 self.watches.insert(id, Entry::Ended);
                 Ok(())
             }
@@ -476,11 +654,30 @@ impl Session {
 
     /// A progress tick: notifications for the cached watches that are due one.
     async fn progress_tick(&mut self) -> Result<(), ()> {
+        // The revision each feed has dispatched, read before serving the notes: once they are
+        // served, every watch has had every event up to it, so that is its progress header.
+        let mut dispatched: HashMap<usize, i64> = HashMap::new();
+        for u in self.shapes.values() {
+            dispatched
+                .entry(Arc::as_ptr(&u.feed) as usize)
+                .or_insert_with(|| u.feed.index().dispatched());
+        }
+        self.drain().await?;
+        if self.parked || !self.pending.is_empty() || !self.rescan.is_empty() {
+            // Not caught up: etcd sends no progress to a watcher that is behind either.
+            return Ok(());
+        }
         let due: Vec<WatchResponse> = self
             .watches
             .values_mut()
             .filter_map(|e| match e {
-                Entry::Cached(w) => w.progress_due(),
+                Entry::Cached(w) => {
+                    let rev = dispatched
+                        .get(&(Arc::as_ptr(&w.feed) as usize))
+                        .copied()
+                        .unwrap_or_else(|| w.feed.index().dispatched());
+                    w.progress_due(rev)
+                }
                 _ => None,
             })
             .collect();
@@ -490,6 +687,23 @@ impl Session {
         Ok(())
     }
 }
+
+/// Bytes of received requests a session holds before it stops reading its stream (then the
+/// HTTP/2 flow-control window holds the client back): 100,000 typical creates.
+const MAX_QUEUED_REQUEST_BYTES: usize = 4 << 20;
+
+/// The encoded size of a received request, as counted against [`MAX_QUEUED_REQUEST_BYTES`].
+fn request_bytes(req: &Result<WatchRequest, Status>) -> usize {
+    match req {
+        Ok(r) => 8 + prost::Message::encoded_len(r),
+        Err(_) => 8,
+    }
+}
+
+/// Longest a new watch's backlog waits for the cache to reach the revision its `created`
+/// reported. Short: when that revision came from a sync check or a write outside the prefix,
+/// the cache head does not move until the prefix changes, and there is nothing to wait for.
+const BACKLOG_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The next report of a catch-up task; never, while the stream has had none.
 async fn next_handoff(
@@ -529,7 +743,7 @@ mod tests {
         let tasks = crate::tasks::Tasks::new();
         let access = Access::start(&config, upstream.clone(), &tasks);
         let hub = Hub::start(config, upstream, tasks);
-        let (tx, _rx) = mpsc::channel(1);
+        let (tx, _rx, _) = Out::channel(1);
         let session = Session::new(hub, access, MetadataMap::new(), tx);
         let requests = futures::stream::empty::<Result<WatchRequest, Status>>();
         let fut = session.run(requests);

@@ -3,8 +3,8 @@
 //! A *shape* is what decides which events of a revision a watch receives and how they look:
 //! its key range, its filters and `prev_kv`. Thousands of APISIX workers watching `/apisix/`
 //! share one shape. Shapes are interned per feed, and for each revision batch the selected
-//! events are encoded once per shape (protobuf, as the `events` field of a WatchResponse) and
-//! kept with the batch; every watcher of that shape reuses those bytes and only adds the few
+//! events are encoded once per shape and wire (protobuf here, as the `events` field of a
+//! WatchResponse; JSON by the gateway) in the batch's slot for the shape; every watcher of that shape reuses those bytes and only adds the few
 //! bytes that differ (header, watch id).
 
 use std::collections::HashMap;
@@ -79,33 +79,33 @@ impl Shape {
             .collect()
     }
 
-    /// This shape's encoding of `batch`, computed by the first watcher that needs it.
-    pub fn encode(&self, batch: &RevBatch) -> Arc<Encoded> {
-        if let Some(e) = lookup(batch, self.id) {
-            return e;
-        }
-        let mut buf = BytesMut::new();
-        let mut count = 0;
-        for ev in batch.events.iter().filter(|e| self.wants(e)) {
-            prost::encoding::message::encode(EVENTS_FIELD, &self.view(ev), &mut buf);
-            count += 1;
-        }
-        let enc = Arc::new(Encoded {
-            proto: buf.freeze(),
-            count,
-        });
-        let mut memo = batch.encoded.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, e)) = memo.iter().find(|(id, _)| *id == self.id) {
-            return e.clone();
-        }
-        memo.push((self.id, enc.clone()));
-        enc
+    /// True when `batch` holds an event this shape wants.
+    pub fn wants_any(&self, batch: &RevBatch) -> bool {
+        batch.events.iter().any(|e| self.wants(e))
     }
-}
 
-fn lookup(batch: &RevBatch, id: u64) -> Option<Arc<Encoded>> {
-    let memo = batch.encoded.0.lock().unwrap_or_else(|e| e.into_inner());
-    memo.iter().find(|(i, _)| *i == id).map(|(_, e)| e.clone())
+    /// This shape's protobuf encoding of `batch`, made by the first watcher that needs it and
+    /// read without a lock after that (see [`crate::source::cache::Encodings`]).
+    pub fn encode(&self, batch: &RevBatch) -> Encoded {
+        if !self.wants_any(batch) {
+            return Encoded::default();
+        }
+        let slot = batch.encoded.slot(self.id);
+        slot.proto
+            .get_or_init(|| {
+                let mut buf = BytesMut::new();
+                let mut count = 0;
+                for ev in batch.events.iter().filter(|e| self.wants(e)) {
+                    prost::encoding::message::encode(EVENTS_FIELD, &self.view(ev), &mut buf);
+                    count += 1;
+                }
+                Encoded {
+                    proto: buf.freeze(),
+                    count,
+                }
+            })
+            .clone()
+    }
 }
 
 /// Every live shape of the process.
@@ -186,7 +186,7 @@ mod tests {
         ));
         let enc = s1.encode(&batch);
         assert_eq!(enc.count, 2);
-        assert!(Arc::ptr_eq(&enc, &s2.encode(&batch)));
+        assert_eq!(enc.proto.as_ptr(), s2.encode(&batch).proto.as_ptr());
         // header + id + shared events == prost's encoding of the whole message.
         let want = WatchResponse {
             watch_id: 7,

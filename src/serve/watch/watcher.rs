@@ -169,13 +169,14 @@ impl CachedWatch {
 
     /// etcd's progress notification for this watch, when one is due at a tick: the watch asked
     /// for them, is caught up, and sent nothing since the last tick. Resets the tick state.
-    pub fn progress_due(&mut self) -> Option<WatchResponse> {
+    /// `revision` is the feed's head as far as the session has served it.
+    pub fn progress_due(&mut self, revision: i64) -> Option<WatchResponse> {
         let due = self.spec.progress_notify && self.quiet && self.synced;
         self.quiet = true;
         if !due {
             return None;
         }
-        let header = self.header(self.feed.head());
+        let header = self.header(revision);
         self.highest_header = header.revision;
         Some(WatchResponse {
             header: Some(header),
@@ -270,7 +271,7 @@ pub async fn send_batches(
         ))
         .await?;
     } else {
-        out.send(Reply::Events(reply)).await.map_err(|_| ())?;
+        out.send(Reply::Events(reply)).await?;
         metrics::EVENTS_SENT.inc_by(count as u64);
     }
     Ok(count)
@@ -297,7 +298,7 @@ pub async fn send_events(
         vec![resp]
     };
     for p in parts {
-        out.send(Reply::msg(p)).await.map_err(|_| ())?;
+        out.send(Reply::msg(p)).await?;
     }
     metrics::EVENTS_SENT.inc_by(n);
     Ok(())

@@ -40,9 +40,18 @@ impl Feed {
             }
         }
         let n = kvs.len();
-        {
+        let old_head = {
             let mut c = self.cache.write().unwrap_or_else(|e| e.into_inner());
+            let old = c.head();
             c.reset(revision, kvs);
+            old
+        };
+        // Revisions between the old head and the load are in no history: watches still
+        // expecting them get them from etcd.
+        if old_head > 0 && revision > old_head {
+            self.index.reset(old_head + 1, revision);
+        } else {
+            self.index.dispatch(&[], revision);
         }
         tracing::info!(prefix = %self.name, keys = n, revision, "prefix loaded");
         self.publish(revision);

@@ -31,6 +31,7 @@ use crate::keys::KeyRange;
 use crate::proto::mvccpb::Event;
 use crate::source::cache::{Cache, RevBatch};
 use crate::source::compaction::Compaction;
+use crate::source::index::Index;
 use crate::source::upstream::Upstream;
 use crate::tasks::Tasks;
 
@@ -47,6 +48,8 @@ pub struct Feed {
     cache: RwLock<Cache>,
     /// Publishes the head revision after every change (also after reloads).
     head_tx: watch::Sender<i64>,
+    /// Which sessions each applied revision concerns.
+    index: Index,
     /// True once the prefix is loaded and watched.
     ready: AtomicBool,
     /// The etcd cluster.
@@ -85,6 +88,7 @@ impl Feed {
             cache: RwLock::new(Cache::new(config.history_revisions, config.history_bytes)),
             range,
             head_tx,
+            index: Index::default(),
             ready: AtomicBool::new(false),
             upstream,
             compaction,
@@ -108,6 +112,12 @@ impl Feed {
     /// Subscribes to head revision changes.
     pub fn subscribe(&self) -> watch::Receiver<i64> {
         self.head_tx.subscribe()
+    }
+
+    /// The dispatch index: sessions register their watch shapes here to be told of the
+    /// revisions that concern them.
+    pub fn index(&self) -> &Index {
+        &self.index
     }
 
     /// The head revision.

@@ -105,6 +105,7 @@ impl Feed {
                     c.advance(rev);
                     c.head()
                 };
+                self.index.dispatch(&[], head);
                 self.publish(head);
                 continue;
             }
@@ -117,18 +118,23 @@ impl Feed {
     fn apply_events(&self, events: Vec<Event>) {
         let batches = group_by_revision(events);
         let n: usize = batches.iter().map(|b| b.events.len()).sum();
+        let mut applied = Vec::with_capacity(batches.len());
         let head = {
             let mut c = self.cache.write().unwrap_or_else(|e| e.into_inner());
             for b in batches {
-                if let Err(e) = c.apply(b) {
+                match c.apply(b) {
+                    Ok(b) => applied.push(b),
                     // Already applied before a reconnect: skip, never apply twice.
-                    tracing::debug!(prefix = %self.name, error = %e, "skipping batch");
+                    Err(e) => tracing::debug!(prefix = %self.name, error = %e, "skipping batch"),
                 }
             }
             c.head()
         };
         metrics::UPSTREAM_EVENTS.inc_by(n as u64);
         self.events_received.inc_by(n as u64);
+        // Sessions registered before the cache lock was released read these revisions from
+        // the cache or get a note (or both: their cursors skip what they already have).
+        self.index.dispatch(&applied, head);
         self.publish(head);
     }
 }

@@ -6,16 +6,14 @@
 //!
 //! Encode once: the watch session hands over events responses as shared [`Reply`]s (revision
 //! batches plus the watch's interned shape). The JSON of one batch's events for one shape is
-//! made once and kept in [`BatchJson`], so a batch fanned out to many HTTP watchers of the same
-//! shape is encoded once; per watcher only the header and watch id are written, and the shared
-//! bytes copied.
+//! made once and kept in the batch's slot for that shape
+//! ([`crate::source::cache::Encodings`], next to the protobuf encoding), so a batch fanned out
+//! to many HTTP watchers of the same shape is encoded once; per watcher only the header and
+//! watch id are written, and the shared bytes copied.
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, LazyLock};
 
 use bytes::Bytes;
-use dashmap::DashMap;
 use futures::{Stream, StreamExt};
 use http::{HeaderMap, HeaderValue};
 use http_body::Frame;
@@ -90,7 +88,7 @@ pub fn reply_chunk(reply: &Reply) -> Bytes {
     let parts: Vec<Bytes> = f
         .batches
         .iter()
-        .map(|b| BATCHES.get(b, &f.shape))
+        .map(|b| batch_json(b, &f.shape))
         .filter(|j| !j.is_empty())
         .collect();
     let mut out = Vec::with_capacity(160 + parts.iter().map(|p| p.len() + 1).sum::<usize>());
@@ -122,60 +120,27 @@ pub fn error_chunk(status: &tonic::Status) -> Bytes {
     Bytes::from(errors::stream_body(status.code(), status.message()))
 }
 
-/// Cached JSON of one batch's events for one shape; holds the batch so its address cannot be
-/// reused while the entry lives (shape ids are never reused).
-struct Entry {
-    json: Bytes,
-    _batch: Arc<RevBatch>,
-}
-
-/// JSON of recent batches per shape (comma-separated event objects), shared by every HTTP
-/// watcher.
-pub struct BatchJson {
-    map: DashMap<(usize, u64), Entry>,
-    bytes: AtomicUsize,
-}
-
-/// Most cached encodings / bytes before the cache starts over.
-const BATCH_CACHE_ENTRIES: usize = 16_384;
-const BATCH_CACHE_BYTES: usize = 64 << 20;
-
-static BATCHES: LazyLock<BatchJson> = LazyLock::new(|| BatchJson {
-    map: DashMap::new(),
-    bytes: AtomicUsize::new(0),
-});
-
-impl BatchJson {
-    /// The JSON of `batch`'s events that `shape` selects, encoded by the first caller only.
-    fn get(&self, batch: &Arc<RevBatch>, shape: &Shape) -> Bytes {
-        let id = (Arc::as_ptr(batch) as usize, shape.id);
-        if let Some(e) = self.map.get(&id) {
-            return e.json.clone();
-        }
-        let mut json = Vec::with_capacity(128);
-        for ev in batch.events.iter().filter(|e| shape.wants(e)) {
-            if !json.is_empty() {
-                json.push(b',');
-            }
-            jsonpb::write_event(&mut json, &shape.view(ev));
-        }
-        let json = Bytes::from(json);
-        if self.map.len() >= BATCH_CACHE_ENTRIES
-            || self.bytes.load(Ordering::Relaxed) + json.len() > BATCH_CACHE_BYTES
-        {
-            self.map.clear();
-            self.bytes.store(0, Ordering::Relaxed);
-        }
-        self.bytes.fetch_add(json.len(), Ordering::Relaxed);
-        self.map.insert(
-            id,
-            Entry {
-                json: json.clone(),
-                _batch: batch.clone(),
-            },
-        );
-        json
+/// The JSON of `batch`'s events that `shape` selects (comma-separated event objects), made
+/// by the first caller and kept in the batch's slot for the shape.
+fn batch_json(batch: &RevBatch, shape: &Shape) -> Bytes {
+    if !shape.wants_any(batch) {
+        return Bytes::new();
     }
+    batch
+        .encoded
+        .slot(shape.id)
+        .json
+        .get_or_init(|| {
+            let mut json = Vec::with_capacity(128);
+            for ev in batch.events.iter().filter(|e| shape.wants(e)) {
+                if !json.is_empty() {
+                    json.push(b',');
+                }
+                jsonpb::write_event(&mut json, &shape.view(ev));
+            }
+            Bytes::from(json)
+        })
+        .clone()
 }
 
 #[cfg(test)]
@@ -186,6 +151,7 @@ mod tests {
     use crate::proto::mvccpb::{Event, KeyValue};
     use crate::serve::watch::reply::EventsReply;
     use crate::serve::watch::shape::{ShapeKey, SHAPES};
+    use std::sync::Arc;
 
     fn ev(key: &'static [u8], rev: i64, t: i32) -> Event {
         Event {

@@ -1,0 +1,481 @@
+//! The dispatch index of one feed: which watch shapes (by key range) want a revision, and
+//! which sessions hold watches of each shape.
+//!
+//! Sessions register a shape's key range under the shape's id (a *tag*, opaque here) with
+//! their [`Inbox`]. After the feed applies a revision it asks the index which tags have a
+//! range holding one of the revision's keys and leaves one [`Note`] per (tag, revision) in the
+//! inbox of every session registered under those tags, then wakes it. A session whose watches
+//! match nothing is never woken and none of its watches is touched.
+//!
+//! Lookup per event key, with `n` registered ranges:
+//! - single keys: a hash lookup;
+//! - prefixes (`[p, prefix_end(p))`, etcd's `--prefix`): a hash lookup per distinct prefix
+//!   length in use that is not longer than the key (a handful: APISIX's resource directories
+//!   have a few lengths);
+//! - any other range (`[a, b)` that is not a prefix, from-key): sorted by start and scanned
+//!   up to the key; such watches are rare (no client we serve makes them in numbers).
+//!
+//! Work per revision is therefore O(events x prefix lengths + matching registrations), not
+//! O(watches). The matching shapes are also the ones whose encodings of the batch get a
+//! lock-free slot ([`crate::source::cache::Encodings::prepare`]). The index is a plain structure under one short mutex, taken by the feed task
+//! per applied group of revisions and by sessions when they register or release a shape.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+use crate::keys::{prefix_end, End, KeyRange};
+use crate::source::cache::RevBatch;
+
+/// What a session is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Note {
+    /// Revision `revision` holds at least one key of the range registered under `tag`.
+    Events {
+        /// The shape's id.
+        tag: u64,
+        /// The revision.
+        revision: i64,
+    },
+    /// The feed was reloaded at `to` (after a compaction): the revisions `[from, to]` are not
+    /// in its history and every watch of `tag` still expecting them must get them elsewhere.
+    Reset {
+        /// The shape's id.
+        tag: u64,
+        /// First revision lost.
+        from: i64,
+        /// The revision the cache was reloaded at.
+        to: i64,
+    },
+}
+
+/// Most notes an inbox keeps; later ones are dropped and only the lowest revision dropped is
+/// kept, so a session that does not take its notes (parked: its client fell behind) costs a
+/// bounded amount however long it waits.
+pub const MAX_NOTES: usize = 256;
+
+impl Note {
+    /// The first revision the note is about.
+    pub fn revision(&self) -> i64 {
+        match self {
+            Note::Events { revision, .. } => *revision,
+            Note::Reset { from, .. } => *from,
+        }
+    }
+}
+
+/// An inbox's content.
+#[derive(Debug, Default)]
+struct Notes {
+    /// Notes kept, in the order left.
+    list: Vec<Note>,
+    /// Lowest revision of a note dropped because the inbox was full: every note after the
+    /// first drop is dropped, so the kept notes are exactly those left before it.
+    overflow_from: Option<i64>,
+}
+
+/// What a session takes from its inbox.
+#[derive(Debug, Default)]
+pub struct Taken {
+    /// The notes kept, in order.
+    pub notes: Vec<Note>,
+    /// Set when notes were dropped: the lowest revision they were about. Every watch must
+    /// then look at the history from there (after the kept notes are served).
+    pub overflow_from: Option<i64>,
+}
+
+/// A session's mailbox: notes left by the feeds' dispatch, and the wake-up.
+#[derive(Debug, Default)]
+pub struct Inbox {
+    /// Notes not yet taken, in the order the feeds left them (revision order per feed).
+    notes: Mutex<Notes>,
+    /// Wakes the session when notes arrive.
+    wake: tokio::sync::Notify,
+}
+
+impl Inbox {
+    /// Leaves a note without waking the session (see [`Inbox::wake`]).
+    fn push(&self, note: Note) -> bool {
+        let mut notes = self.notes.lock().unwrap_or_else(|e| e.into_inner());
+        let was_empty = notes.list.is_empty() && notes.overflow_from.is_none();
+        if notes.overflow_from.is_some() || notes.list.len() >= MAX_NOTES {
+            let rev = note.revision();
+            notes.overflow_from = Some(notes.overflow_from.map_or(rev, |r| r.min(rev)));
+        } else {
+            notes.list.push(note);
+        }
+        was_empty
+    }
+
+    /// Takes every note left so far, in order, and whether some were dropped.
+    pub fn take(&self) -> Taken {
+        let notes = std::mem::take(&mut *self.notes.lock().unwrap_or_else(|e| e.into_inner()));
+        Taken {
+            notes: notes.list,
+            overflow_from: notes.overflow_from,
+        }
+    }
+
+    /// Waits until notes may be there (a permit is kept if a wake-up came first).
+    pub async fn wait(&self) {
+        self.wake.notified().await;
+    }
+
+    fn wake(&self) {
+        self.wake.notify_one();
+    }
+}
+
+/// One registered shape: its range and the sessions holding watches of it.
+#[derive(Debug)]
+struct Registration {
+    /// The shape's key range.
+    range: KeyRange,
+    /// Sessions (by inbox address) with how many times each registered.
+    sessions: HashMap<usize, (Arc<Inbox>, usize)>,
+}
+
+/// Where a range is filed for lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Kind {
+    Exact(Bytes),
+    Prefix(Bytes),
+    Other,
+}
+
+fn kind(range: &KeyRange) -> Kind {
+    match &range.end {
+        End::Single => Kind::Exact(range.start.clone()),
+        End::Before(e) if prefix_end(&range.start).as_ref() == Some(e) => {
+            Kind::Prefix(range.start.clone())
+        }
+        End::Unbounded if prefix_end(&range.start).is_none() => Kind::Prefix(range.start.clone()),
+        _ => Kind::Other,
+    }
+}
+
+/// The index proper (see the module docs).
+#[derive(Debug, Default)]
+struct Inner {
+    /// Every registered tag.
+    tags: HashMap<u64, Registration>,
+    /// Single-key ranges: key -> tags.
+    exact: HashMap<Bytes, Vec<u64>>,
+    /// Prefix ranges: prefix -> tags.
+    prefixes: HashMap<Bytes, Vec<u64>>,
+    /// Distinct prefix lengths in `prefixes`, with how many prefixes have each.
+    prefix_lens: BTreeMap<usize, usize>,
+    /// Other ranges by start key: start -> tags.
+    others: BTreeMap<Bytes, Vec<u64>>,
+}
+
+impl Inner {
+    fn file(&mut self, tag: u64, range: &KeyRange) {
+        match kind(range) {
+            Kind::Exact(k) => self.exact.entry(k).or_default().push(tag),
+            Kind::Prefix(p) => {
+                let len = p.len();
+                let tags = self.prefixes.entry(p).or_default();
+                if tags.is_empty() {
+                    *self.prefix_lens.entry(len).or_default() += 1;
+                }
+                tags.push(tag);
+            }
+            Kind::Other => self
+                .others
+                .entry(range.start.clone())
+                .or_default()
+                .push(tag),
+        }
+    }
+
+    fn unfile(&mut self, tag: u64, range: &KeyRange) {
+        fn remove(map_tags: &mut Vec<u64>, tag: u64) -> bool {
+            if let Some(i) = map_tags.iter().position(|t| *t == tag) {
+                map_tags.swap_remove(i);
+            }
+            map_tags.is_empty()
+        }
+        match kind(range) {
+            Kind::Exact(k) => {
+                if self.exact.get_mut(&k).is_some_and(|t| remove(t, tag)) {
+                    self.exact.remove(&k);
+                }
+            }
+            Kind::Prefix(p) => {
+                if self.prefixes.get_mut(&p).is_some_and(|t| remove(t, tag)) {
+                    self.prefixes.remove(&p);
+                    if let Some(n) = self.prefix_lens.get_mut(&p.len()) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.prefix_lens.remove(&p.len());
+                        }
+                    }
+                }
+            }
+            Kind::Other => {
+                let start = range.start.clone();
+                if self.others.get_mut(&start).is_some_and(|t| remove(t, tag)) {
+                    self.others.remove(&start);
+                }
+            }
+        }
+    }
+
+    /// Appends to `out` the tags whose range holds `key` (may repeat across keys).
+    fn matching(&self, key: &[u8], out: &mut Vec<u64>) {
+        if let Some(t) = self.exact.get(key) {
+            out.extend_from_slice(t);
+        }
+        for &len in self.prefix_lens.keys() {
+            if len > key.len() {
+                break;
+            }
+            if let Some(t) = self.prefixes.get(&key[..len]) {
+                out.extend_from_slice(t);
+            }
+        }
+        for (_, tags) in self
+            .others
+            .range::<[u8], _>((std::ops::Bound::Unbounded, std::ops::Bound::Included(key)))
+        {
+            for t in tags {
+                if self.tags.get(t).is_some_and(|r| r.range.contains_key(key)) {
+                    out.push(*t);
+                }
+            }
+        }
+    }
+}
+
+/// A feed's dispatch index.
+#[derive(Debug, Default)]
+pub struct Index {
+    /// Registrations and lookup tables.
+    inner: Mutex<Inner>,
+    /// The feed's head as far as dispatched: every note for a revision up to it has been left
+    /// in its inboxes (stored under `inner`'s lock, after the notes).
+    dispatched: AtomicI64,
+}
+
+impl Index {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers `inbox` for the revisions holding keys of `range`, under `tag` (one range
+    /// per tag). Registering again counts; each registration is undone by one
+    /// [`Index::release`].
+    pub fn register(&self, tag: u64, range: &KeyRange, inbox: &Arc<Inbox>) {
+        let mut inner = self.lock();
+        if !inner.tags.contains_key(&tag) {
+            inner.file(tag, range);
+            inner.tags.insert(
+                tag,
+                Registration {
+                    range: range.clone(),
+                    sessions: HashMap::new(),
+                },
+            );
+        }
+        if let Some(reg) = inner.tags.get_mut(&tag) {
+            let key = Arc::as_ptr(inbox) as usize;
+            reg.sessions
+                .entry(key)
+                .or_insert_with(|| (inbox.clone(), 0))
+                .1 += 1;
+        }
+    }
+
+    /// Undoes one [`Index::register`] of `inbox` under `tag`.
+    pub fn release(&self, tag: u64, inbox: &Arc<Inbox>) {
+        let mut inner = self.lock();
+        let Some(reg) = inner.tags.get_mut(&tag) else {
+            return;
+        };
+        let key = Arc::as_ptr(inbox) as usize;
+        if let Some((_, n)) = reg.sessions.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                reg.sessions.remove(&key);
+            }
+        }
+        if reg.sessions.is_empty() {
+            let range = reg.range.clone();
+            inner.tags.remove(&tag);
+            inner.unfile(tag, &range);
+        }
+    }
+
+    /// The head as far as dispatched: read it *before* [`Inbox::take`], and every note up to
+    /// it is in what was taken (or taken earlier).
+    pub fn dispatched(&self) -> i64 {
+        self.dispatched.load(Ordering::Acquire)
+    }
+
+    /// Tells every session registered for a range holding one of the keys of `batches`, one
+    /// note per (tag, revision), and wakes each once; then records `head` as dispatched.
+    pub fn dispatch(&self, batches: &[Arc<RevBatch>], head: i64) {
+        let inner = self.lock();
+        if inner.tags.is_empty() {
+            self.dispatched.fetch_max(head, Ordering::AcqRel);
+            return;
+        }
+        let mut tags = Vec::new();
+        let mut woken: Vec<&Arc<Inbox>> = Vec::new();
+        for batch in batches {
+            tags.clear();
+            for ev in &batch.events {
+                if let Some(kv) = &ev.kv {
+                    inner.matching(&kv.key, &mut tags);
+                }
+            }
+            tags.sort_unstable();
+            tags.dedup();
+            batch.encoded.prepare(&tags);
+            for tag in &tags {
+                let Some(reg) = inner.tags.get(tag) else {
+                    continue;
+                };
+                let note = Note::Events {
+                    tag: *tag,
+                    revision: batch.revision,
+                };
+                for (inbox, _) in reg.sessions.values() {
+                    if inbox.push(note) {
+                        woken.push(inbox);
+                    }
+                }
+            }
+        }
+        self.dispatched.fetch_max(head, Ordering::AcqRel);
+        for inbox in woken {
+            inbox.wake();
+        }
+    }
+
+    /// Tells every registered session that revisions `[from, to]` are missing from the
+    /// history (the cache was reloaded at `to`).
+    pub fn reset(&self, from: i64, to: i64) {
+        let inner = self.lock();
+        for (tag, reg) in &inner.tags {
+            for (inbox, _) in reg.sessions.values() {
+                inbox.push(Note::Reset {
+                    tag: *tag,
+                    from,
+                    to,
+                });
+                inbox.wake();
+            }
+        }
+        self.dispatched.store(to, Ordering::Release);
+    }
+
+    /// Number of registered tags.
+    #[cfg(test)]
+    fn registered(&self) -> usize {
+        self.lock().tags.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::mvccpb::Event;
+    use crate::proto::testing::kv;
+
+    fn batch(rev: i64, keys: &[&str]) -> Arc<RevBatch> {
+        Arc::new(RevBatch::new(
+            rev,
+            keys.iter()
+                .map(|k| Event {
+                    kv: Some(kv(k, "v", rev, rev, 1)),
+                    ..Default::default()
+                })
+                .collect(),
+        ))
+    }
+
+    #[test]
+    fn only_matching_sessions_are_told() {
+        let index = Index::default();
+        let (a, b, c) = (
+            Arc::new(Inbox::default()),
+            Arc::new(Inbox::default()),
+            Arc::new(Inbox::default()),
+        );
+        index.register(1, &KeyRange::prefix(b"/apisix/routes/"), &a);
+        index.register(2, &KeyRange::prefix(b"/apisix/upstreams/"), &b);
+        let one = KeyRange::new(&Bytes::from_static(b"/apisix/routes/7"), &Bytes::new());
+        index.register(3, &one, &c);
+        let other = KeyRange::new(
+            &Bytes::from_static(b"/apisix/r"),
+            &Bytes::from_static(b"/apisix/s"),
+        );
+        index.register(4, &other, &c);
+
+        index.dispatch(
+            &[batch(10, &["/apisix/routes/7"]), batch(11, &["/apisix/x"])],
+            11,
+        );
+        assert_eq!(index.dispatched(), 11);
+        assert_eq!(
+            a.take().notes,
+            [Note::Events {
+                tag: 1,
+                revision: 10
+            }]
+        );
+        assert!(b.take().notes.is_empty());
+        let mut got = c.take().notes;
+        got.sort_by_key(|n| match n {
+            Note::Events { tag, .. } => *tag,
+            _ => 0,
+        });
+        assert_eq!(
+            got,
+            [
+                Note::Events {
+                    tag: 3,
+                    revision: 10
+                },
+                Note::Events {
+                    tag: 4,
+                    revision: 10
+                }
+            ]
+        );
+
+        index.release(1, &a);
+        index.dispatch(
+            &[batch(12, &["/apisix/routes/1", "/apisix/upstreams/1"])],
+            12,
+        );
+        assert!(a.take().notes.is_empty());
+        assert_eq!(
+            b.take().notes,
+            [Note::Events {
+                tag: 2,
+                revision: 12
+            }]
+        );
+        assert_eq!(
+            c.take().notes,
+            [Note::Events {
+                tag: 4,
+                revision: 12
+            }]
+        );
+        assert_eq!(index.registered(), 3);
+
+        // A full inbox keeps the oldest notes and the lowest revision it dropped.
+        for r in 0..MAX_NOTES as i64 + 5 {
+            index.dispatch(&[batch(100 + r, &["/apisix/upstreams/1"])], 100 + r);
+        }
+        let t = b.take();
+        assert_eq!(t.notes.len(), MAX_NOTES);
+        assert_eq!(t.overflow_from, Some(100 + MAX_NOTES as i64));
+    }
+}

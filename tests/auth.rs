@@ -289,10 +289,30 @@ fn show_watch(m: &WatchResponse) -> String {
 /// Reads a watch stream until it stays quiet for `quiet`, grouped by watch id (etcd sends the
 /// responses of different watches in map order), each watch's messages in arrival order.
 async fn drain(conn: &mut WatchConn, quiet: Duration, got: &mut Vec<WatchResponse>) -> Vec<String> {
+    drain_creates(conn, 0, quiet, got).await
+}
+
+/// [`drain`], but first waits (up to 20 s a message, so a loaded machine or a slow permission
+/// probe cannot end it early) until `creates` `created` responses have arrived.
+async fn drain_creates(
+    conn: &mut WatchConn,
+    creates: usize,
+    quiet: Duration,
+    got: &mut Vec<WatchResponse>,
+) -> Vec<String> {
     let mut by_id: BTreeMap<i64, Vec<String>> = BTreeMap::new();
+    let mut created = 0;
     loop {
-        match conn.next(quiet).await {
+        let wait = if created < creates {
+            Duration::from_secs(20)
+        } else {
+            quiet
+        };
+        match conn.next(wait).await {
             Next::Msg(m) => {
+                if m.created {
+                    created += 1;
+                }
                 by_id.entry(m.watch_id).or_default().push(show_watch(&m));
                 got.push(m);
             }
@@ -409,7 +429,7 @@ async fn scenario(side: Side, rec: Rec, received: std::sync::Arc<std::sync::Mute
             }
             let mut got = Vec::new();
             let quiet = Duration::from_millis(if start == 0 { 400 } else { 800 });
-            for line in drain(&mut conn, quiet, &mut got).await {
+            for line in drain_creates(&mut conn, RANGES.len(), quiet, &mut got).await {
                 rec.note(format!("{} watch from {start} create: {line}", who.label()));
             }
             collect(&received, &token, &got);

@@ -21,6 +21,10 @@ pub enum Error {
     /// Range at a revision etcd has compacted.
     #[error("etcdserver: mvcc: required revision has been compacted")]
     Compacted,
+    /// A caller that requires a leader (clientv3's `hasleader` metadata) asked for a stale
+    /// prefix: etcd's `ErrGRPCNoLeader`, as from a member cut off from its cluster.
+    #[error("etcdserver: no leader")]
+    NoLeader,
     /// The proxy is shutting down or has no usable upstream.
     #[error("etcdserver: {0}")]
     Unavailable(String),
@@ -34,7 +38,9 @@ impl From<Error> for Status {
             Error::FutureRevision | Error::Compacted => {
                 Status::new(Code::OutOfRange, e.to_string())
             }
-            Error::Unavailable(_) => Status::new(Code::Unavailable, e.to_string()),
+            Error::Unavailable(_) | Error::NoLeader => {
+                Status::new(Code::Unavailable, e.to_string())
+            }
         }
     }
 }

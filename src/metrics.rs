@@ -5,7 +5,7 @@
 
 use std::sync::LazyLock;
 
-use prometheus::{IntCounter, IntGauge, Registry, TextEncoder};
+use prometheus::{GaugeVec, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
 /// The registry every metric below is registered in.
 pub static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
@@ -92,6 +92,46 @@ pub static SYNC_CHECKS: LazyLock<IntCounter> = LazyLock::new(|| {
         "Shared upstream checks made for linearizable reads.",
     )
 });
+/// Per prefix: state of its upstream watch (0 loading, 1 watching, 2 resuming after a
+/// failure).
+pub static PREFIX_UPSTREAM_STATE: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    let g = IntGaugeVec::new(
+        Opts::new(
+            "etcd_fanout_prefix_upstream_state",
+            "Upstream watch state per prefix: 0 loading, 1 watching, 2 resuming after a failure.",
+        ),
+        &["prefix"],
+    )
+    .expect("valid metric");
+    let _ = REGISTRY.register(Box::new(g.clone()));
+    g
+});
+/// Per prefix: seconds since the cache last advanced or was confirmed current by etcd.
+pub static PREFIX_CURRENCY_AGE: LazyLock<GaugeVec> = LazyLock::new(|| {
+    let g = GaugeVec::new(
+        Opts::new(
+            "etcd_fanout_prefix_currency_age_seconds",
+            "Seconds since the prefix's cache last advanced or was confirmed current by etcd.",
+        ),
+        &["prefix"],
+    )
+    .expect("valid metric");
+    let _ = REGISTRY.register(Box::new(g.clone()));
+    g
+});
+/// Per prefix: 1 while the cache is stale (not confirmed current for `--stale-after`).
+pub static PREFIX_STALE: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    let g = IntGaugeVec::new(
+        Opts::new(
+            "etcd_fanout_prefix_stale",
+            "1 while the prefix's cache has not been confirmed current for --stale-after.",
+        ),
+        &["prefix"],
+    )
+    .expect("valid metric");
+    let _ = REGISTRY.register(Box::new(g.clone()));
+    g
+});
 
 /// Forces registration of every metric (so they appear at zero).
 pub fn init() {
@@ -106,6 +146,9 @@ pub fn init() {
         &*RANGES_CACHED,
         &*RANGES_FORWARDED,
         &*SYNC_CHECKS,
+        &*PREFIX_UPSTREAM_STATE,
+        &*PREFIX_CURRENCY_AGE,
+        &*PREFIX_STALE,
     );
 }
 

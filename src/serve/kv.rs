@@ -21,7 +21,7 @@ use crate::proto::etcdserverpb::*;
 use crate::proto::mvccpb::KeyValue;
 use crate::source::feed::Feed;
 use crate::source::hub::Hub;
-use crate::source::upstream::{forward, has_credentials};
+use crate::source::upstream::{forward, has_credentials, requires_leader};
 
 /// Go's `sort.Sort` is an insertion sort (stable) up to this many elements; above it, the
 /// order of equal elements is etcd's own, so such sorts are forwarded.
@@ -79,6 +79,10 @@ impl KvService {
             self.hub.feed_for(&range).filter(|f| f.is_ready())
         };
         if let Some(feed) = cached {
+            if req.serializable && requires_leader(metadata) && feed.health.is_stale() {
+                // A member cut off from its cluster refuses callers that require a leader.
+                return Err(Error::NoLeader);
+            }
             if let Some(answer) = self.range_cached(feed, &range, &req).await? {
                 metrics::RANGES_CACHED.inc();
                 return Ok(answer);

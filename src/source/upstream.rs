@@ -185,6 +185,16 @@ pub fn watch_stream<S>(metadata: &MetadataMap, requests: S) -> Request<S> {
     req
 }
 
+/// True when the caller requires a member with a leader (clientv3's `WithRequireLeader`:
+/// `hasleader: true` metadata). etcd refuses such calls with "etcdserver: no leader" when it
+/// has none; the proxy does the same for a stale prefix.
+pub fn requires_leader(metadata: &MetadataMap) -> bool {
+    metadata
+        .get("hasleader")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == "true")
+}
+
 /// True when the caller presented credentials (an auth token). Such callers are served by
 /// etcd itself until per-identity permission checks exist: the shared cache must never show
 /// a key to a caller etcd would refuse it to.

@@ -36,7 +36,7 @@ use crate::proto::etcdserverpb::{
 };
 use crate::source::feed::Feed;
 use crate::source::hub::Hub;
-use crate::source::upstream::has_credentials;
+use crate::source::upstream::{has_credentials, requires_leader};
 
 /// A feed, identified by the address of its (never freed) `Arc`.
 type FeedKey = usize;
@@ -269,6 +269,12 @@ impl Session {
         let Some(feed) = feed else {
             return self.create_relayed(spec).await;
         };
+        if requires_leader(&self.metadata) && feed.health.is_stale() {
+            // As etcd ends a require-leader stream on a member without a leader.
+            let status = Status::from(crate::error::Error::NoLeader);
+            let _ = self.out.send(Frame::Error(Box::new(status))).await;
+            return Err(());
+        }
         let created = watcher::created(&feed, &spec);
         self.send(created.response.clone()).await?;
         let compacted = feed.compaction().revision();

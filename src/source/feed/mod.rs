@@ -17,6 +17,7 @@
 //! linearizability check).
 
 mod backfill;
+mod health;
 mod load;
 mod sync;
 mod watch_loop;
@@ -33,6 +34,7 @@ use crate::source::cache::{Cache, RevBatch};
 use crate::source::compaction::Compaction;
 use crate::source::upstream::Upstream;
 
+pub use health::{Health, UpstreamState};
 pub use sync::SyncPoint;
 
 /// A configured prefix, its cache and its upstream watch.
@@ -46,8 +48,11 @@ pub struct Feed {
     cache: RwLock<Cache>,
     /// Publishes the head revision after every change (also after reloads).
     head_tx: watch::Sender<i64>,
-    /// True once the prefix is loaded and watched.
+    /// True once the prefix is loaded and watched (it stays true: see [`Health`] for what
+    /// holds now).
     ready: AtomicBool,
+    /// Upstream watch state and currency of the cache.
+    pub health: Health,
     /// The etcd cluster.
     upstream: Arc<Upstream>,
     /// etcd's compaction revision as known.
@@ -84,6 +89,7 @@ impl Feed {
             range,
             head_tx,
             ready: AtomicBool::new(false),
+            health: Health::new(config.stale_after),
             upstream,
             compaction,
             page_size: config.load_page_size.max(1),
@@ -93,6 +99,7 @@ impl Feed {
         });
         tokio::spawn(feed.clone().run());
         tokio::spawn(feed.clone().sync_loop(sync_rx, config.sync_timeout));
+        tokio::spawn(feed.clone().health_loop());
         feed
     }
 
@@ -111,7 +118,8 @@ impl Feed {
         *self.head_tx.borrow()
     }
 
-    /// True once the prefix is loaded and its upstream watch is established.
+    /// True once the prefix has been loaded and its upstream watch established (whether it is
+    /// still current is [`Feed::health`]'s).
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }

@@ -16,6 +16,7 @@ use crate::proto::etcdserverpb::{
     LeaseKeepAliveRequest, LeaseKeepAliveResponse, SnapshotRequest, SnapshotResponse, WatchRequest,
 };
 use crate::serve::passthrough::BoxStream;
+use crate::serve::watch::SHUTDOWN_MESSAGE;
 use crate::serve::Services;
 
 /// Decodes every request message of a streaming call's body. `Err` when the first one is
@@ -112,6 +113,14 @@ pub(super) async fn watch(services: &Services, md: MetadataMap, body: Bytes) -> 
     let session = services
         .watch
         .session_frames(md, futures::stream::iter(reqs.into_iter().map(Ok)));
+    // A proxy shutdown ends the stream cleanly after the last whole response (a revision
+    // boundary), so an HTTP client resumes elsewhere from the next revision without an error.
+    let session = session
+        .take_while(|item| {
+            futures::future::ready(!matches!(item, Err(s)
+                if s.code() == Code::Unavailable && s.message() == SHUTDOWN_MESSAGE))
+        })
+        .boxed();
     streaming(session, stream::frame_chunk, true).await
 }
 

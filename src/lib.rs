@@ -1,19 +1,85 @@
 //! etcd-fanout: an etcd v3 proxy that keeps one upstream watch per configured prefix and
 //! serves every downstream reader and watcher from a revision-indexed cache.
 //!
-//! Data flows one way: [`source`] (upstream watch -> cache -> hub) -> [`serve`] (KV and Watch
-//! sessions, pass-through services) -> [`wire`] (the listener, gRPC and HTTP/JSON encoders).
-//! Writes and the non-KV services go straight to etcd through [`source::upstream`] and
-//! [`serve::passthrough`].
+//! Data flows one way, and so do imports: [`source`] (the upstream channel, one feed per
+//! prefix filling its cache, the hub routing key ranges to feeds) -> [`serve`] (KV and Watch
+//! sessions over the caches, the services passed through to etcd) -> [`wire`] (the listener,
+//! HTTP/2 and HTTP/1.x, gRPC routes and codec, etcd's HTTP/JSON gateway). `config`, `error`,
+//! `keys`, `metrics`, `proto` and `tasks` are shared by all three.
+//!
+//! The crate's public surface is what the binary, the tests and the load generator use:
+//! [`run`], [`config`], the wire types ([`proto`]), key ranges ([`keys`]), the gRPC codec
+//! ([`codec`]) and range answers ([`kv`]).
 
 pub mod config;
-pub mod error;
+pub(crate) mod error;
 pub mod keys;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod proto;
-pub mod serve;
-pub mod source;
-pub mod wire;
+pub(crate) mod serve;
+pub(crate) mod source;
+pub(crate) mod tasks;
+pub(crate) mod wire;
 
-pub use serve::kv;
-pub use wire::grpc::codec;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The gRPC codec of every etcd service (prost, with etcd's wording of decode errors).
+pub mod codec {
+    pub use crate::wire::grpc::codec::{EtcdCodec, EtcdDecoder, EtcdEncoder};
+}
+
+/// Range answers as the KV service makes them (a cached answer keeps its encoded body).
+pub mod kv {
+    pub use crate::serve::kv::{RangeAnswer, RangeBody};
+}
+
+/// Longest wait for the background tasks to end once cancelled.
+const STOP: Duration = Duration::from_secs(5);
+
+/// Runs the proxy on `config` until a shutdown signal (each call of `signal` waits for the next
+/// one). Shutdown is a rollout's: at the first signal `/readyz` fails while everything is still
+/// served and accepted for `--shutdown-delay` (load balancers remove the replica first; a
+/// second signal cuts the delay short), then watch streams end (clients resume on another
+/// replica), open connections get `--shutdown-timeout` to finish, and every background task
+/// is cancelled and waited for.
+pub async fn run<F, S>(
+    config: config::Config,
+    mut signal: F,
+) -> Result<(), Box<dyn std::error::Error>>
+where
+    F: FnMut() -> S + Send + 'static,
+    S: Future<Output = ()> + Send + 'static,
+{
+    metrics::init();
+    let upstream = Arc::new(source::upstream::Upstream::new(&config.endpoints)?);
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    tracing::info!(listen = %config.listen, endpoints = ?config.endpoints, prefixes = ?config.prefixes, "etcd-fanout starting");
+    let (delay, drain) = (config.shutdown_delay, config.shutdown_timeout);
+    let tasks = tasks::Tasks::new();
+    let hub = source::hub::Hub::start(config, upstream, tasks.clone());
+    let shutdown = hub.shutdown_signal();
+    let signal_hub = hub.clone();
+    tasks.spawn(async move {
+        signal().await;
+        tracing::info!(
+            delay_ms = delay.as_millis() as u64,
+            "shutdown signal: readiness fails, still serving during the shutdown delay"
+        );
+        signal_hub.begin_drain();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = signal() => tracing::info!("second signal: shutdown delay cut short"),
+        }
+        tracing::info!("shutting down: ending watch streams, draining connections");
+        signal_hub.shutdown();
+    });
+    wire::server::serve(listener, serve::Services::new(hub), shutdown, drain).await;
+    let left = tasks.stop(STOP).await;
+    if left > 0 {
+        tracing::warn!(tasks = left, "background tasks still running at exit");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

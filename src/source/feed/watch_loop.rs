@@ -24,7 +24,7 @@ impl Feed {
                     Ok(revision) => {
                         need_load = false;
                         self.health.mark_current();
-                        tokio::spawn(self.clone().backfill(revision));
+                        self.tasks.spawn(self.clone().backfill(revision));
                     }
                     Err(e) => {
                         failures += 1;

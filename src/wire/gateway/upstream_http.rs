@@ -13,6 +13,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use crate::tasks::Tasks;
+
 /// Longest wait for a connection plus the response head, per endpoint.
 const TRY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -30,8 +32,10 @@ fn authority(endpoint: &str) -> Option<&str> {
     (!host.is_empty()).then_some(host)
 }
 
-/// Sends `req` (path and query only in its URI) to the first endpoint that answers.
+/// Sends `req` (path and query only in its URI) to the first endpoint that answers; the
+/// connection is driven by a task of `tasks` until the answer is read.
 pub async fn send(
+    tasks: &Tasks,
     endpoints: &[String],
     method: http::Method,
     path_and_query: &str,
@@ -64,7 +68,7 @@ pub async fn send(
             let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
                 .await
                 .map_err(|e| e.to_string())?;
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 let _ = conn.await;
             });
             sender.send_request(req).await.map_err(|e| e.to_string())
@@ -80,10 +84,12 @@ pub async fn send(
 
 /// Fetches a small answer whole: (status, content type, body).
 pub async fn fetch(
+    tasks: &Tasks,
     endpoints: &[String],
     path: &str,
 ) -> Result<(u16, Option<String>, Bytes), String> {
     let resp = send(
+        tasks,
         endpoints,
         http::Method::GET,
         path,
@@ -110,14 +116,14 @@ static VERSION: Mutex<Option<(Bytes, Instant)>> = Mutex::new(None);
 
 /// etcd's `/version` body (`{"etcdserver":"3.4.23","etcdcluster":"3.4.0"}`), from the cache
 /// when fresh, else from etcd; a stale answer is used when etcd cannot be reached.
-pub async fn version(endpoints: &[String]) -> Result<Bytes, String> {
+pub async fn version(tasks: &Tasks, endpoints: &[String]) -> Result<Bytes, String> {
     let cached = VERSION.lock().ok().and_then(|v| v.clone());
     if let Some((body, at)) = &cached {
         if at.elapsed() < VERSION_TTL {
             return Ok(body.clone());
         }
     }
-    match fetch(endpoints, "/version").await {
+    match fetch(tasks, endpoints, "/version").await {
         Ok((200, _, body)) => {
             if let Ok(mut v) = VERSION.lock() {
                 *v = Some((body.clone(), Instant::now()));

@@ -1,17 +1,15 @@
 //! Reading and parsing a request: the head (`httparse`), its framing and connection options,
 //! Go's answers to malformed requests; the body is read by [`super::body`].
 
-use http_body_util::{BodyExt, Full};
-
-use std::io;
-
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Version};
+use http_body_util::{BodyExt, Full};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 
 use super::body::{read_chunked, Failed, Framing};
-use super::{MAX_HEAD, MAX_HEADERS, READ_CHUNK};
+use super::socket::{fill, ReadError};
+use super::{MAX_HEAD, MAX_HEADERS};
 use crate::wire::body::{BodyError, ReqBody, MAX_BODY};
 
 /// A parsed request and what the connection must do after answering it.
@@ -23,38 +21,6 @@ pub(super) struct Received {
     /// The body was read to its end (false for one too large or malformed: the connection
     /// closes after the answer).
     pub(super) body_consumed: bool,
-}
-
-/// Why no request could be read.
-pub(super) enum ReadError {
-    /// The connection failed or closed in the middle of a request, or its first line is not
-    /// HTTP/1.x (etcd's listener drops those unanswered): nothing to answer.
-    Io,
-    /// A malformed or oversized request: answered with this status (and Go's detail, as in
-    /// `400 Bad Request: invalid header name`), then closed.
-    Refuse(StatusCode, Option<&'static str>),
-}
-
-impl From<io::Error> for ReadError {
-    fn from(_: io::Error) -> Self {
-        ReadError::Io
-    }
-}
-
-/// Reads bytes that are ready into `buf` (growing it by at least `READ_CHUNK`), waiting for
-/// the socket if none are. `Ok(0)` is the end of the stream.
-pub(super) async fn fill(rd: &mut ReadHalf<'_>, buf: &mut BytesMut) -> io::Result<usize> {
-    if buf.capacity() - buf.len() < READ_CHUNK / 2 {
-        buf.reserve(READ_CHUNK);
-    }
-    loop {
-        rd.readable().await?;
-        match rd.try_read_buf(buf) {
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
 }
 
 /// Reads the next request; `Ok(None)` when the client closed the connection between requests.

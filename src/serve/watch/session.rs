@@ -275,6 +275,12 @@ impl Session {
             let _ = self.out.send(Reply::Error(Box::new(status))).await;
             return Err(());
         }
+        watcher::learn_revision(
+            &feed,
+            spec.request.start_revision,
+            self.hub.config.sync_timeout,
+        )
+        .await;
         let created = watcher::created(&feed, &spec);
         self.send(created.response.clone()).await?;
         let compacted = feed.compaction().revision();

@@ -53,9 +53,12 @@ where
     S: Future<Output = ()> + Send + 'static,
 {
     metrics::init();
-    let upstream = Arc::new(source::upstream::Upstream::new(&config.endpoints)?);
+    let credentials = source::credentials::Credentials::from_config(&config)?;
+    let user = credentials.user().unwrap_or("").to_string();
+    let upstream =
+        Arc::new(source::upstream::Upstream::new(&config.endpoints)?.with_credentials(credentials));
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    tracing::info!(listen = %config.listen, endpoints = ?config.endpoints, prefixes = ?config.prefixes, "etcd-fanout starting");
+    tracing::info!(listen = %config.listen, endpoints = ?config.endpoints, prefixes = ?config.prefixes, user, "etcd-fanout starting");
     let (delay, drain) = (config.shutdown_delay, config.shutdown_timeout);
     let tasks = tasks::Tasks::new();
     let hub = source::hub::Hub::start(config, upstream, tasks.clone());

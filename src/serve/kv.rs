@@ -19,9 +19,10 @@ use crate::metrics;
 use crate::proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 use crate::proto::etcdserverpb::*;
 use crate::proto::mvccpb::KeyValue;
+use crate::serve::access::{Access, Verdict};
 use crate::source::feed::Feed;
 use crate::source::hub::Hub;
-use crate::source::upstream::{forward, has_credentials, requires_leader};
+use crate::source::upstream::{forward, requires_leader};
 
 /// Go's `sort.Sort` is an insertion sort (stable) up to this many elements; above it, the
 /// order of equal elements is etcd's own, so such sorts are forwarded.
@@ -35,13 +36,15 @@ pub struct KvService {
     /// Recent range answers of each feed (same order as [`Hub::feeds`]), shared by identical
     /// reads.
     memos: Arc<[RangeMemo]>,
+    /// etcd's decisions for callers of cached ranges.
+    access: Arc<Access>,
 }
 
 impl KvService {
-    /// A KV service over `hub`.
-    pub fn new(hub: Arc<Hub>) -> Self {
+    /// A KV service over `hub`, checking callers with `access`.
+    pub fn new(hub: Arc<Hub>, access: Arc<Access>) -> Self {
         let memos = hub.feeds().iter().map(|_| RangeMemo::default()).collect();
-        KvService { hub, memos }
+        KvService { hub, memos, access }
     }
 
     /// The range memo of `feed`.
@@ -73,23 +76,40 @@ impl KvService {
             return Err(Error::EmptyKey);
         }
         let range = KeyRange::new(&req.key, &req.range_end);
-        let cached = if has_credentials(metadata) {
-            None
-        } else {
-            self.hub.feed_for(&range).filter(|f| f.is_ready())
-        };
+        let mut cached = self.hub.feed_for(&range).filter(|f| f.is_ready());
         if let Some(feed) = cached {
             if req.serializable && requires_leader(metadata) && feed.health.is_stale() {
-                // A member cut off from its cluster refuses callers that require a leader.
+                // A member cut off from its cluster refuses callers that require a leader,
+                // before anything else (etcd's interceptor, ahead of its auth check).
                 return Err(Error::NoLeader);
             }
+        }
+        if cached.is_some() {
+            // etcd's permission check comes before the read (and its revision errors).
+            match self
+                .access
+                .check(metadata, &req.key, &req.range_end, true)
+                .await
+            {
+                Verdict::Serve => {}
+                Verdict::Refuse(e) => return Err(e),
+                Verdict::Forward => cached = None,
+            }
+        }
+        if let Some(feed) = cached {
             if let Some(answer) = self.range_cached(feed, &range, &req).await? {
                 metrics::RANGES_CACHED.inc();
                 return Ok(answer);
             }
         }
         metrics::RANGES_FORWARDED.inc();
-        let resp = self.hub.upstream.kv().range(forward(metadata, req)).await?;
+        let resp = self
+            .hub
+            .upstream
+            .kv()
+            .range(forward(metadata, req))
+            .await
+            .inspect_err(|s| self.access.observe_status(s))?;
         self.hub
             .upstream
             .observe_header(resp.get_ref().header.as_ref());
@@ -131,12 +151,16 @@ impl KvService {
             if req.revision < head {
                 // A compaction made directly on etcd may not be known yet: ask (historical
                 // reads are rare, so one small request each is cheap).
-                if feed
+                match feed
                     .compaction()
                     .probe_range(feed.upstream(), req.revision)
-                    .await?
+                    .await
                 {
-                    return Err(Error::Compacted);
+                    Ok(true) => return Err(Error::Compacted),
+                    Ok(false) => {}
+                    // Not the caller's answer (e.g. the proxy's own read refused): let etcd
+                    // answer the caller.
+                    Err(_) => return Ok(None),
                 }
                 return Ok(self.read_at(feed, range, req, req.revision.min(base), report));
             }

@@ -28,10 +28,12 @@ impl Feed {
                     }
                     Err(e) => {
                         failures += 1;
-                        if failures == 1 {
-                            tracing::warn!(prefix = %self.name, error = %e, "loading prefix failed; retrying");
-                        } else {
-                            tracing::debug!(prefix = %self.name, error = %e, failures, "loading prefix failed");
+                        if !self.complain(&e) {
+                            if failures == 1 {
+                                tracing::warn!(prefix = %self.name, error = %e, "loading prefix failed; retrying");
+                            } else {
+                                tracing::debug!(prefix = %self.name, error = %e, failures, "loading prefix failed");
+                            }
                         }
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -49,10 +51,12 @@ impl Feed {
                 Err(e) => {
                     self.health.set_state(UpstreamState::Resuming);
                     failures += 1;
-                    if failures == 1 {
-                        tracing::warn!(prefix = %self.name, error = %e, "upstream watch failed; resuming");
-                    } else {
-                        tracing::debug!(prefix = %self.name, error = %e, failures, "upstream watch failed again");
+                    if !self.complain(&e) {
+                        if failures == 1 {
+                            tracing::warn!(prefix = %self.name, error = %e, "upstream watch failed; resuming");
+                        } else {
+                            tracing::debug!(prefix = %self.name, error = %e, failures, "upstream watch failed again");
+                        }
                     }
                     metrics::UPSTREAM_WATCH_RESTARTS.inc();
                     tokio::time::sleep(backoff).await;
@@ -60,6 +64,18 @@ impl Feed {
                 }
             }
         }
+    }
+
+    /// Logs a refusal of the proxy's own read (identity or permission) loudly; true if it was
+    /// one. A permission refusal also ends readiness: the cache can no longer be kept
+    /// current, so requests for the prefix go to etcd until the proxy may read it again.
+    fn complain(&self, e: &tonic::Status) -> bool {
+        if e.code() == tonic::Code::PermissionDenied {
+            self.ready.store(false, Ordering::Release);
+        }
+        self.upstream
+            .credentials()
+            .complain(&self.name, &self.range, e)
     }
 
     /// Runs one upstream watch from head+1 until it fails (`Err`) or etcd says the resume
@@ -78,13 +94,10 @@ impl Feed {
             progress_notify: true,
             ..Default::default()
         };
-        let mut up = self
-            .upstream
-            .open_watch(&Default::default(), create)
-            .await?;
+        let mut up = self.upstream.own_watch(create).await?;
         metrics::UPSTREAM_WATCHES.inc();
         let _gauge = scopeguard(|| metrics::UPSTREAM_WATCHES.dec());
-        while let Some(resp) = up.responses.message().await? {
+        while let Some(resp) = up.message().await? {
             self.upstream.observe_header(resp.header.as_ref());
             if resp.canceled {
                 if resp.compact_revision > 0 {
@@ -97,6 +110,7 @@ impl Feed {
             }
             if resp.created {
                 tracing::info!(prefix = %self.name, start, after_failures = *failures, "upstream watch established");
+                self.upstream.credentials().resolved(&self.name);
                 // A healthy watch: the next failure retries quickly again.
                 *backoff = Duration::from_millis(100);
                 *failures = 0;

@@ -219,7 +219,7 @@ mod tests {
         for n in [1usize, 15, 16, 255, 4096, 0x1A2B3C] {
             let mut out = Vec::new();
             write_chunk_size(&mut out, n);
-            assert_eq!(out, format!("{n:X}\r\n").into_bytes());
+            assert_eq!(out, format!("{n:x}\r\n").into_bytes());
         }
     }
 

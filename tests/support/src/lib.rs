@@ -15,6 +15,7 @@
 //! | [`watchers`] | load: writers and many watch streams recorded for the checker |
 //! | [`cluster`] | a multi-member etcd cluster for the fault tests |
 //! | [`fault`] | fault injection: a controllable TCP relay, process helpers |
+//! | [`auth`] | etcd with auth on: users and roles by `etcdctl`, tokens, unready proxies |
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -354,6 +355,7 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     f()
 }
 
+pub mod auth;
 pub mod checker;
 pub mod cluster;
 pub mod diff;

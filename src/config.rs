@@ -76,6 +76,26 @@ pub struct Config {
     #[arg(long, env = "ETCD_FANOUT_PROGRESS_INTERVAL", default_value = "10m", value_parser = parse_duration)]
     pub progress_interval: Duration,
 
+    /// After SIGTERM, how long the replica keeps serving and accepting while `/readyz`
+    /// answers 503, so that load balancers remove it before its streams end (Kubernetes
+    /// removes a terminating pod from its Service endpoints a few seconds after SIGTERM).
+    /// A second SIGTERM or Ctrl-C skips the rest of the delay.
+    #[arg(long, env = "ETCD_FANOUT_SHUTDOWN_DELAY", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
+
+    /// After the shutdown delay, the longest time open connections get to finish once their
+    /// watch streams have been ended; the process exits at most `--shutdown-delay` plus this
+    /// after SIGTERM.
+    #[arg(long, env = "ETCD_FANOUT_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// A prefix whose cache has neither advanced nor been confirmed current by etcd for this
+    /// long is stale: `/health` reports it unhealthy and it is served as an etcd member that
+    /// lost its leader serves (see ARCHITECTURE.md, "Health"). Idle prefixes are confirmed
+    /// with a sync check every third of this.
+    #[arg(long, env = "ETCD_FANOUT_STALE_AFTER", default_value = "10s", value_parser = parse_duration)]
+    pub stale_after: Duration,
+
     /// How often the proxy checks whether etcd has authentication enabled (etcd 3.4 has no
     /// status call: a tokenless read tells). Nothing is served from the cache while unknown.
     #[arg(long, env = "ETCD_FANOUT_AUTH_POLL", default_value = "1s", value_parser = parse_duration)]

@@ -45,6 +45,10 @@ pub enum Error {
     /// Range at a revision etcd has compacted.
     #[error("etcdserver: mvcc: required revision has been compacted")]
     Compacted,
+    /// A caller that requires a leader (clientv3's `hasleader` metadata) asked for a stale
+    /// prefix: etcd's `ErrGRPCNoLeader`, as from a member cut off from its cluster.
+    #[error("etcdserver: no leader")]
+    NoLeader,
     /// The proxy is shutting down: streams end so clients reconnect elsewhere (etcd's
     /// `ErrGRPCStopped`).
     #[error("etcdserver: server stopped")]
@@ -88,7 +92,7 @@ impl From<Error> for Status {
             | Error::LeaseProvided
             | Error::KeyNotFound => Code::InvalidArgument,
             Error::FutureRevision | Error::Compacted => Code::OutOfRange,
-            Error::Stopped => Code::Unavailable,
+            Error::Stopped | Error::NoLeader => Code::Unavailable,
             Error::MessageTooLarge { .. } => Code::ResourceExhausted,
             Error::UnknownService(_) | Error::UnknownMethod { .. } => Code::Unimplemented,
             Error::Marshal(_) => Code::Internal,

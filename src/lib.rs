@@ -38,19 +38,23 @@ pub mod kv {
     pub use crate::serve::kv::{RangeAnswer, RangeBody};
 }
 
-/// Longest time open connections get to finish after the shutdown signal.
-const DRAIN: Duration = Duration::from_secs(10);
-
 /// Longest wait for the background tasks to end once cancelled.
 const STOP: Duration = Duration::from_secs(5);
 
-/// Runs the proxy on `config` until `signal` completes: starts a feed per prefix, serves the
-/// listener, then drops readiness, ends watch streams, drains connections (at most 10 s),
-/// cancels every background task and waits for them.
-pub async fn run(
+/// Runs the proxy on `config` until a shutdown signal (each call of `signal` waits for the next
+/// one). Shutdown is a rollout's: at the first signal `/readyz` fails while everything is still
+/// served and accepted for `--shutdown-delay` (load balancers remove the replica first; a
+/// second signal cuts the delay short), then watch streams end (clients resume on another
+/// replica), open connections get `--shutdown-timeout` to finish, and every background task
+/// is cancelled and waited for.
+pub async fn run<F, S>(
     config: config::Config,
-    signal: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), Box<dyn std::error::Error>> {
+    mut signal: F,
+) -> Result<(), Box<dyn std::error::Error>>
+where
+    F: FnMut() -> S + Send + 'static,
+    S: Future<Output = ()> + Send + 'static,
+{
     metrics::init();
     let credentials = source::credentials::Credentials::from_config(&config)?;
     let user = credentials.user().unwrap_or("").to_string();
@@ -60,16 +64,26 @@ pub async fn run(
         .await
         .map_err(|e| format!("cannot listen on {} (--listen): {e}", config.listen))?;
     tracing::info!(listen = %config.listen, endpoints = ?config.endpoints, prefixes = ?config.prefixes, user, "etcd-fanout starting");
+    let (delay, drain) = (config.shutdown_delay, config.shutdown_timeout);
     let tasks = tasks::Tasks::new();
     let hub = source::hub::Hub::start(config, upstream, tasks.clone());
     let shutdown = hub.shutdown_signal();
     let signal_hub = hub.clone();
     tasks.spawn(async move {
-        signal.await;
-        tracing::info!("shutting down");
+        signal().await;
+        tracing::info!(
+            delay_ms = delay.as_millis() as u64,
+            "shutdown signal: readiness fails, still serving during the shutdown delay"
+        );
+        signal_hub.begin_drain();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = signal() => tracing::info!("second signal: shutdown delay cut short"),
+        }
+        tracing::info!("shutting down: ending watch streams, draining connections");
         signal_hub.shutdown();
     });
-    wire::server::serve(listener, serve::Services::new(hub), shutdown, DRAIN).await;
+    wire::server::serve(listener, serve::Services::new(hub), shutdown, drain).await;
     let left = tasks.stop(STOP).await;
     if left > 0 {
         tracing::warn!(tasks = left, "background tasks still running at exit");

@@ -1,4 +1,5 @@
-//! The `etcd-fanout` binary: parse flags, run the proxy until SIGTERM or Ctrl-C.
+//! The `etcd-fanout` binary: parse flags, run the proxy until SIGTERM or Ctrl-C (a second
+//! signal cuts the shutdown delay short, see [`etcd_fanout::run`]).
 //!
 //! Exit codes: 0 after a clean shutdown; 2 for a bad flag (clap's usage errors) or a setting
 //! the proxy cannot start with (credentials, endpoints, a busy listen address).
@@ -19,7 +20,7 @@ async fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let result = etcd_fanout::run(Config::parse(), wait_for_signal()).await;
+    let result = etcd_fanout::run(Config::parse(), wait_for_signal).await;
     // Write what is queued (for at most a second) and stop the log writer.
     drop(log_guard);
     if let Err(e) = result {

@@ -8,7 +8,9 @@
 
 use std::sync::LazyLock;
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 /// The registry every metric below is registered in.
 pub static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
@@ -102,6 +104,46 @@ pub static SYNC_CHECKS: LazyLock<IntCounter> = LazyLock::new(|| {
         "etcd_fanout_sync_checks_total",
         "Shared upstream checks made for linearizable reads.",
     )
+});
+/// Per prefix: state of its upstream watch (0 loading, 1 watching, 2 resuming after a
+/// failure).
+pub static PREFIX_UPSTREAM_STATE: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    let g = IntGaugeVec::new(
+        Opts::new(
+            "etcd_fanout_prefix_upstream_state",
+            "Upstream watch state per prefix: 0 loading, 1 watching, 2 resuming after a failure.",
+        ),
+        &["prefix"],
+    )
+    .expect("valid metric");
+    let _ = REGISTRY.register(Box::new(g.clone()));
+    g
+});
+/// Per prefix: seconds since the cache last advanced or was confirmed current by etcd.
+pub static PREFIX_CURRENCY_AGE: LazyLock<GaugeVec> = LazyLock::new(|| {
+    let g = GaugeVec::new(
+        Opts::new(
+            "etcd_fanout_prefix_currency_age_seconds",
+            "Seconds since the prefix's cache last advanced or was confirmed current by etcd.",
+        ),
+        &["prefix"],
+    )
+    .expect("valid metric");
+    let _ = REGISTRY.register(Box::new(g.clone()));
+    g
+});
+/// Per prefix: 1 while the cache is stale (not confirmed current for `--stale-after`).
+pub static PREFIX_STALE: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    let g = IntGaugeVec::new(
+        Opts::new(
+            "etcd_fanout_prefix_stale",
+            "1 while the prefix's cache has not been confirmed current for --stale-after.",
+        ),
+        &["prefix"],
+    )
+    .expect("valid metric");
+    let _ = REGISTRY.register(Box::new(g.clone()));
+    g
 });
 /// Auth state as known: -1 unknown, 0 disabled, 1 enabled.
 pub static AUTH_STATE: LazyLock<IntGauge> = LazyLock::new(|| {
@@ -316,6 +358,9 @@ pub fn init() {
         &*RANGES_CACHED,
         &*RANGES_FORWARDED,
         &*SYNC_CHECKS,
+        &*PREFIX_UPSTREAM_STATE,
+        &*PREFIX_CURRENCY_AGE,
+        &*PREFIX_STALE,
         &*AUTH_STATE,
         &*AUTH_PROBES,
         &*AUTH_DECISION_HITS,

@@ -1212,9 +1212,6 @@ async fn watch_fragment_large_revision() {
 /// Writes outside the watched/cached prefix move etcd's revision: created responses and
 /// progress responses must carry etcd's current revision.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "documented limit (ARCHITECTURE.md, Limits): after writes made directly on etcd \
-            outside every prefix, headers the proxy makes itself (created) can be lower than \
-            etcd's store revision until the proxy sees a newer one. Run with --ignored to see it."]
 async fn watch_header_revision_after_outside_writes() {
     let r = differential(
         "watch_header_revision_after_outside_writes",

@@ -1148,7 +1148,8 @@ fn sigterm_lets_inflight_unary_finish() {
         let prefix = "/term2/";
         let etcd = start_etcd().await;
         let relay = Relay::start(etcd.port);
-        let proxy = start_proxy(&relay.url, &[prefix], &[]).await;
+        // No shutdown delay: this test is about the drain (tests/rollout.rs has the delay).
+        let proxy = start_proxy(&relay.url, &[prefix], &["--shutdown-delay", "0s"]).await;
         let pid = proxy_pid(proxy.port).expect("proxy pid");
         let mut kv = KvClient::new(lazy_channel(&proxy.url));
         kv.put(PutRequest {
@@ -1207,7 +1208,8 @@ fn sigterm_drains_within_bound() {
         let prefix = "/term/";
         let etcd = start_etcd().await;
         seed(&etcd.url, prefix, 20).await;
-        let proxy = start_proxy(&etcd.url, &[prefix], &[]).await;
+        // No shutdown delay: this test is about the drain (tests/rollout.rs has the delay).
+        let proxy = start_proxy(&etcd.url, &[prefix], &["--shutdown-delay", "0s"]).await;
         let pid = proxy_pid(proxy.port).expect("proxy pid");
         let streams = open_streams(&proxy.url, watch_mix(prefix, 2, 6), false).await;
         let ch = Endpoint::from_shared(proxy.url.clone())

@@ -23,7 +23,7 @@ use crate::serve::access::{Access, Verdict};
 use crate::serve::shield;
 use crate::source::feed::Feed;
 use crate::source::hub::Hub;
-use crate::source::upstream::forward;
+use crate::source::upstream::{forward, requires_leader};
 
 /// Go's `sort.Sort` is an insertion sort (stable) up to this many elements; above it, the
 /// order of equal elements is etcd's own, so such sorts are forwarded.
@@ -76,6 +76,13 @@ impl KvService {
         shield::check_range(&req)?;
         let range = KeyRange::new(&req.key, &req.range_end);
         let mut cached = self.hub.feed_for(&range).filter(|f| f.is_ready());
+        if let Some(feed) = cached {
+            if req.serializable && requires_leader(metadata) && feed.health.is_stale() {
+                // A member cut off from its cluster refuses callers that require a leader,
+                // before anything else (etcd's interceptor, ahead of its auth check).
+                return Err(Error::NoLeader);
+            }
+        }
         if cached.is_some() {
             // etcd's permission check comes before the read (and its revision errors).
             match self

@@ -1,6 +1,7 @@
 //! The fan-out hub: every configured prefix's [`Feed`], and the routing of a request's key
 //! range to the feed whose cache covers it. Requests no feed covers go to etcd.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -29,6 +30,9 @@ pub struct Hub {
     /// Turns true when the proxy shuts down: sessions end their streams so clients reconnect
     /// to another replica.
     shutdown: watch::Sender<bool>,
+    /// True from SIGTERM on: `/readyz` fails while everything is still served, so load
+    /// balancers stop sending new clients before the streams end.
+    draining: AtomicBool,
 }
 
 impl Hub {
@@ -58,6 +62,7 @@ impl Hub {
             config: Arc::new(config.clone()),
             tasks: tasks.clone(),
             shutdown: watch::channel(false).0,
+            draining: AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&hub);
         tasks.spawn(compaction.poll(upstream, config.compaction_poll, move || {
@@ -81,9 +86,36 @@ impl Hub {
         &self.feeds
     }
 
-    /// True when every feed is loaded and watched, and the proxy is not shutting down.
+    /// Readiness (`/readyz`): every feed has been loaded, and the proxy is neither draining
+    /// nor shutting down. A prefix that went stale later does *not* make a replica unready:
+    /// every replica shares the same etcd, so a lost etcd would take every replica out of the
+    /// Service at once (see ARCHITECTURE.md, "Health"); `/health` tells that instead.
     pub fn is_ready(&self) -> bool {
-        !*self.shutdown.borrow() && self.feeds.iter().all(|f| f.is_ready())
+        !self.draining.load(Ordering::Acquire) && !*self.shutdown.borrow() && self.is_loaded()
+    }
+
+    /// True when every feed has been loaded and watched at least once.
+    pub fn is_loaded(&self) -> bool {
+        self.feeds.iter().all(|f| f.is_ready())
+    }
+
+    /// The prefixes whose caches are stale (not confirmed current for `--stale-after`).
+    pub fn stale_prefixes(&self) -> Vec<&str> {
+        self.feeds
+            .iter()
+            .filter(|f| f.health.is_stale())
+            .map(|f| f.name.as_str())
+            .collect()
+    }
+
+    /// True from the start of a drain (SIGTERM) on.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Starts a drain: readiness fails at once, everything else is still served.
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::Release);
     }
 
     /// Sets the gauges read at scrape time: readiness and each prefix's cache and window.

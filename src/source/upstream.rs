@@ -230,6 +230,16 @@ pub fn watch_stream<S>(metadata: &MetadataMap, requests: S) -> Request<S> {
     req
 }
 
+/// True when the caller requires a member with a leader (clientv3's `WithRequireLeader`:
+/// `hasleader: true` metadata). etcd refuses such calls with "etcdserver: no leader" when it
+/// has none; the proxy does the same for a stale prefix.
+pub fn requires_leader(metadata: &MetadataMap) -> bool {
+    metadata
+        .get("hasleader")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == "true")
+}
+
 /// Copies the credential metadata (see [`FORWARDED_METADATA`]) from one map to another.
 pub fn copy_credentials(from: &MetadataMap, to: &mut MetadataMap) {
     for key in FORWARDED_METADATA {

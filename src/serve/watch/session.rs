@@ -42,6 +42,7 @@ use crate::serve::access::{Access, Verdict};
 use crate::source::feed::Feed;
 use crate::source::hub::Hub;
 use crate::source::index::{Inbox, Note};
+use crate::source::upstream::requires_leader;
 
 /// A catch-up task's result: (watch id, generation, and the revision to resume at with the
 /// highest header sent so far, or `None` if the watch ended).
@@ -308,6 +309,16 @@ impl Session {
         let cacheable = (!range.is_empty())
             .then(|| self.hub.feed_for(&range).filter(|f| f.is_ready()).cloned())
             .flatten();
+        if cacheable
+            .as_ref()
+            .is_some_and(|f| f.health.is_stale() && requires_leader(&self.metadata))
+        {
+            // As etcd ends a require-leader stream on a member without a leader (its
+            // interceptor, ahead of the permission check).
+            let status = Status::from(Error::NoLeader);
+            let _ = self.out.send(Reply::Error(Box::new(status))).await;
+            return Err(());
+        }
         // etcd checks the caller's permission before anything else (range, id); the check
         // covers the whole range, also for `range_end` "\0" (see `access`).
         let duplicate = c.watch_id != 0 && self.watches.contains_key(&c.watch_id);
@@ -360,6 +371,12 @@ impl Session {
         let Some(feed) = feed else {
             return self.create_relayed(spec).await;
         };
+        watcher::learn_revision(
+            &feed,
+            spec.request.start_revision,
+            self.hub.config.sync_timeout,
+        )
+        .await;
         let created = watcher::created(&feed, &spec);
         self.send(created.response.clone()).await?;
         let compacted = feed.compaction().revision();

@@ -43,16 +43,42 @@ pub struct Created {
     pub synced: bool,
 }
 
+/// The newest revision etcd is known to have reached, as far as `feed` can tell.
+fn known_revision(feed: &Feed) -> i64 {
+    feed.verified_revision(feed.cache().head())
+        .max(feed.upstream().observed_revision())
+}
+
+/// Called before a `created` is built: makes the revision it carries etcd's current one, as
+/// one etcd's would be, so that a client moving between replicas is never shown a `created`
+/// header lower than one another replica showed it (issue: a replica tier that behaves as
+/// one etcd). One shared sync check ([`Feed::linearize`], its first request gives etcd's
+/// revision to every create and read waiting at that moment). A stale prefix answers with
+/// what it knows, as a member without a leader would. When etcd could not be asked in time
+/// and the client's `start_revision` - 1 (a revision it has seen) is beyond what is known,
+/// the answer waits up to `wait` for the cache to reach it.
+pub async fn learn_revision(feed: &Feed, start_revision: i64, wait: std::time::Duration) {
+    if feed.health.is_stale() {
+        return;
+    }
+    if feed.linearize().await.is_some() {
+        return;
+    }
+    let seen = start_revision - 1;
+    if known_revision(feed) < seen {
+        let mut head = feed.subscribe();
+        let _ = tokio::time::timeout(wait, head.wait_for(|h| *h >= seen)).await;
+    }
+}
+
 /// Builds the `created` response for `spec` on `feed`: header at etcd's revision as far as
 /// the proxy knows it, start at `start_revision` or, when 0, right after that revision.
 pub fn created(feed: &Feed, spec: &WatchSpec) -> Created {
     // "Now" is the newest revision etcd is known to have reached: the cache head, a revision
     // a sync check proved has the cached state, or any header etcd sent (writes through the
-    // proxy). A watch from now starts after it, as etcd's would; it waits for the cache to
-    // get there.
-    let head = feed
-        .verified_revision(feed.cache().head())
-        .max(feed.upstream().observed_revision());
+    // proxy, the sync check `learn_revision` made). A watch from now starts after it, as
+    // etcd's would; it waits for the cache to get there.
+    let head = known_revision(feed);
     // Only 0 means "now"; a negative start is kept (etcd cancels it as compacted).
     let start = match spec.request.start_revision {
         0 => head + 1,

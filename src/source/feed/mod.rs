@@ -17,6 +17,7 @@
 //! linearizability check).
 
 mod backfill;
+mod health;
 mod load;
 mod sync;
 mod watch_loop;
@@ -35,6 +36,7 @@ use crate::source::index::Index;
 use crate::source::upstream::Upstream;
 use crate::tasks::Tasks;
 
+pub use health::{Health, UpstreamState};
 pub use sync::SyncPoint;
 
 /// A configured prefix, its cache and its upstream watch.
@@ -50,8 +52,11 @@ pub struct Feed {
     head_tx: watch::Sender<i64>,
     /// Which sessions each applied revision concerns.
     index: Index,
-    /// True once the prefix is loaded and watched.
+    /// True once the prefix is loaded and watched (it stays true: see [`Health`] for what
+    /// holds now).
     ready: AtomicBool,
+    /// Upstream watch state and currency of the cache.
+    pub health: Health,
     /// The etcd cluster.
     upstream: Arc<Upstream>,
     /// etcd's compaction revision as known.
@@ -90,6 +95,7 @@ impl Feed {
             head_tx,
             index: Index::default(),
             ready: AtomicBool::new(false),
+            health: Health::new(config.stale_after),
             upstream,
             compaction,
             page_size: config.load_page_size.max(1),
@@ -101,6 +107,7 @@ impl Feed {
         });
         tasks.spawn(feed.clone().run());
         tasks.spawn(feed.clone().sync_loop(sync_rx, config.sync_timeout));
+        tasks.spawn(feed.clone().health_loop());
         feed
     }
 
@@ -125,7 +132,8 @@ impl Feed {
         *self.head_tx.borrow()
     }
 
-    /// True once the prefix is loaded and its upstream watch is established.
+    /// True once the prefix has been loaded and its upstream watch established (whether it is
+    /// still current is [`Feed::health`]'s).
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }

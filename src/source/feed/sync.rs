@@ -54,6 +54,9 @@ impl Feed {
                 .ok()
                 .flatten();
             metrics::SYNC_CHECKS.inc();
+            if point.is_some() {
+                self.health.mark_current();
+            }
             for w in waiting {
                 let _ = w.send(point);
             }

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{group_by_revision, Feed};
+use super::{group_by_revision, Feed, UpstreamState};
 use crate::metrics;
 use crate::proto::etcdserverpb::WatchCreateRequest;
 use crate::proto::mvccpb::Event;
@@ -15,16 +15,25 @@ impl Feed {
     pub(super) async fn run(self: Arc<Self>) {
         let mut need_load = true;
         let mut backoff = Duration::from_millis(100);
+        // Failures in a row: only the first of a run is logged as a warning.
+        let mut failures = 0u64;
         loop {
             if need_load {
+                self.health.set_state(UpstreamState::Loading);
                 match self.load().await {
                     Ok(revision) => {
                         need_load = false;
+                        self.health.mark_current();
                         self.tasks.spawn(self.clone().backfill(revision));
                     }
                     Err(e) => {
+                        failures += 1;
                         if !self.complain(&e) {
-                            tracing::warn!(prefix = %self.name, error = %e, "loading prefix failed");
+                            if failures == 1 {
+                                tracing::warn!(prefix = %self.name, error = %e, "loading prefix failed; retrying");
+                            } else {
+                                tracing::debug!(prefix = %self.name, error = %e, failures, "loading prefix failed");
+                            }
                         }
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -32,7 +41,7 @@ impl Feed {
                     }
                 }
             }
-            match self.watch_once(&mut backoff).await {
+            match self.watch_once(&mut backoff, &mut failures).await {
                 Ok(compact) => {
                     tracing::warn!(prefix = %self.name, compact, "upstream watch compacted; reloading");
                     self.compaction.observe(compact);
@@ -40,8 +49,14 @@ impl Feed {
                     backoff = Duration::from_millis(100);
                 }
                 Err(e) => {
+                    self.health.set_state(UpstreamState::Resuming);
+                    failures += 1;
                     if !self.complain(&e) {
-                        tracing::warn!(prefix = %self.name, error = %e, "upstream watch failed; resuming");
+                        if failures == 1 {
+                            tracing::warn!(prefix = %self.name, error = %e, "upstream watch failed; resuming");
+                        } else {
+                            tracing::debug!(prefix = %self.name, error = %e, failures, "upstream watch failed again");
+                        }
                     }
                     metrics::UPSTREAM_WATCH_RESTARTS.inc();
                     tokio::time::sleep(backoff).await;
@@ -65,7 +80,11 @@ impl Feed {
 
     /// Runs one upstream watch from head+1 until it fails (`Err`) or etcd says the resume
     /// revision is compacted (`Ok(compact_revision)`).
-    async fn watch_once(&self, backoff: &mut Duration) -> Result<i64, tonic::Status> {
+    async fn watch_once(
+        &self,
+        backoff: &mut Duration,
+        failures: &mut u64,
+    ) -> Result<i64, tonic::Status> {
         let start = self.cache().head() + 1;
         let create = WatchCreateRequest {
             key: self.range.start.clone(),
@@ -90,13 +109,21 @@ impl Feed {
                 )));
             }
             if resp.created {
-                tracing::info!(prefix = %self.name, start, "upstream watch established");
+                tracing::info!(prefix = %self.name, start, after_failures = *failures, "upstream watch established");
                 self.upstream.credentials().resolved(&self.name);
                 // A healthy watch: the next failure retries quickly again.
                 *backoff = Duration::from_millis(100);
+                *failures = 0;
                 self.ready.store(true, Ordering::Release);
+                self.health.set_state(UpstreamState::Watching);
+                if resp.header.as_ref().is_some_and(|h| h.revision < start) {
+                    // etcd is at the cached head: the cache is current.
+                    self.health.mark_current();
+                }
                 continue;
             }
+            // Events (the cache advances) or a progress notification (it is current).
+            self.health.mark_current();
             if resp.events.is_empty() {
                 // A progress notification: every event up to this revision was delivered.
                 let rev = resp.header.as_ref().map_or(0, |h| h.revision);

@@ -1,6 +1,6 @@
 //! The endpoints outside `/v3/`: etcd's own `/version` (cached) and `/health` (unhealthy while
 //! the caches load), the relays to etcd's HTTP server (`/debug/vars`, `/config/local/log`,
-//! lock and election routes), and the proxy's own `/readyz` and `/metrics`.
+//! lock and election routes), and the proxy's own `/readyz`, `/livez` and `/metrics`.
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -25,18 +25,11 @@ fn text(
     resp
 }
 
-/// The proxy's own endpoints (`/readyz`, `/metrics`), or `None` for any other path.
+/// The proxy's own endpoints (`/readyz`, `/livez`, `/metrics`), or `None` for any other path.
 pub(super) fn own(path: &str, services: &Services) -> Option<Response<tonic::body::Body>> {
     match path {
-        "/readyz" => Some(if services.hub.is_ready() {
-            text(StatusCode::OK, "text/plain; charset=utf-8", "ok\n")
-        } else {
-            text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain; charset=utf-8",
-                "loading\n",
-            )
-        }),
+        "/readyz" => Some(readyz(services)),
+        "/livez" => Some(text(StatusCode::OK, "text/plain; charset=utf-8", "ok\n")),
         "/metrics" => {
             services.hub.observe_metrics();
             Some(text(
@@ -46,6 +39,31 @@ pub(super) fn own(path: &str, services: &Services) -> Option<Response<tonic::bod
             ))
         }
         _ => None,
+    }
+}
+
+/// `/readyz`: 200 once every prefix is loaded, 503 before that and from SIGTERM on. A stale
+/// prefix (etcd lost) keeps the replica ready (see [`Hub::is_ready`]); the body names it.
+///
+/// [`Hub::is_ready`]: crate::source::hub::Hub::is_ready
+fn readyz(services: &Services) -> Response<tonic::body::Body> {
+    let hub = &services.hub;
+    let ct = "text/plain; charset=utf-8";
+    if hub.is_draining() {
+        return text(StatusCode::SERVICE_UNAVAILABLE, ct, "shutting down\n");
+    }
+    if !hub.is_ready() {
+        return text(StatusCode::SERVICE_UNAVAILABLE, ct, "loading\n");
+    }
+    let stale = hub.stale_prefixes();
+    if stale.is_empty() {
+        text(StatusCode::OK, ct, "ok\n")
+    } else {
+        text(
+            StatusCode::OK,
+            ct,
+            format!("ok (stale: {})\n", stale.join(" ")),
+        )
     }
 }
 
@@ -73,8 +91,8 @@ pub(super) async fn version(method: &Method, services: &Services) -> Response<Bo
     }
 }
 
-/// `GET /health`: etcd's health as etcd answers it, and unhealthy while the proxy's caches
-/// are not loaded.
+/// `GET /health`: etcd's health as etcd answers it; `{"health":"false"}` (503, etcd's answer
+/// of a member without a leader) while a prefix is not loaded or is stale.
 pub(super) async fn health(req: Request<ReqBody>, services: &Services) -> Response<Body> {
     if req.method() != Method::GET {
         let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
@@ -83,7 +101,7 @@ pub(super) async fn health(req: Request<ReqBody>, services: &Services) -> Respon
         return r;
     }
     let unhealthy = || plain(StatusCode::SERVICE_UNAVAILABLE, r#"{"health":"false"}"#);
-    if !services.hub.is_ready() {
+    if !services.hub.is_loaded() || !services.hub.stale_prefixes().is_empty() {
         return unhealthy();
     }
     let path = req

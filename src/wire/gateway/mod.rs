@@ -36,7 +36,8 @@
 //!   allows 10,000), and a body over 32 MiB is refused unread with etcd's oversized-message
 //!   error (etcd reads it whole, then refuses it);
 //! - `/health` is etcd's answer, but `{"health":"false"}` (503) while the proxy's caches are
-//!   loading or etcd cannot be reached; `/version` is etcd's answer cached for a minute.
+//!   loading or stale (see ARCHITECTURE.md, "Health") or etcd cannot be reached; `/version`
+//!   is etcd's answer cached for a minute.
 mod answer;
 mod endpoints;
 pub mod errors;

@@ -112,6 +112,15 @@ pub(super) async fn watch(services: &Services, md: MetadataMap, body: Bytes) -> 
     let session = services
         .watch
         .session(md, futures::stream::iter(reqs.into_iter().map(Ok)));
+    // A proxy shutdown ends the stream cleanly after the last whole response (a revision
+    // boundary), so an HTTP client resumes elsewhere from the next revision without an error.
+    let stopped = crate::error::Error::Stopped.to_string();
+    let session = session
+        .take_while(move |item| {
+            futures::future::ready(!matches!(item, Err(s)
+                if s.code() == Code::Unavailable && s.message() == stopped))
+        })
+        .boxed();
     streaming(session, stream::reply_chunk, true).await
 }
 

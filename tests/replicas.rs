@@ -1,0 +1,257 @@
+//! The replica tier behaves as one etcd for a client that moves between replicas (issue 13
+//! item 1): an APISIX-style HTTP client sends every request to the next of three replicas in
+//! turn (lua-resty-etcd round-robins per request), one replica is held behind etcd by a
+//! fault-injecting relay that stalls its upstream connection again and again, and a writer
+//! keeps etcd moving (also outside the prefix, so header revisions run ahead of the events).
+//! Every revision of the prefix must reach the client exactly once, in order, and no header
+//! revision (watch `created`, events, linearizable ranges) may be lower than one the client
+//! was already shown by any replica (APISIX >= 3.12 takes that as an etcd restart and
+//! resyncs everything). Serializable ranges may be stale, as on an etcd follower: not checked.
+//!
+//! Real etcd and etcd-fanout processes on loopback; bounded in count and time.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use etcd_fanout::proto::etcdserverpb::{kv_client::KvClient, PutRequest};
+use testkit::fault::Relay;
+use testkit::gateway::b64;
+use testkit::http::{request, Conn};
+use testkit::{range_end, Etcd, Proxy};
+
+/// Writes the writer makes; every third lands outside the prefix.
+const WRITES: usize = 150;
+
+fn header_revision(v: &serde_json::Value) -> i64 {
+    v["header"]["revision"]
+        .as_str()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0)
+}
+
+/// What the client saw.
+#[derive(Default)]
+struct Client {
+    /// Highest header revision any replica has shown.
+    max_seen: i64,
+    /// Revisions of every event received, in order.
+    events: Vec<i64>,
+    /// Headers lower than one already shown: (what, port, header, max seen before).
+    regressions: Vec<String>,
+    /// Requests made.
+    requests: usize,
+}
+
+impl Client {
+    fn header(&mut self, what: &str, port: u16, rev: i64) {
+        if rev < self.max_seen {
+            self.regressions.push(format!(
+                "{what} on :{port}: header {rev} < {} already seen",
+                self.max_seen
+            ));
+        }
+        self.max_seen = self.max_seen.max(rev);
+    }
+
+    /// A linearizable range of the prefix, as APISIX's readdir sends it.
+    fn range(&mut self, port: u16, prefix: &str) -> Result<(), String> {
+        let body = format!(
+            r#"{{"key":"{}","range_end":"{}"}}"#,
+            b64(prefix),
+            b64(&String::from_utf8_lossy(&range_end(prefix)))
+        );
+        let r = request(port, "POST", "/v3/kv/range", &[], body.as_bytes())?;
+        self.requests += 1;
+        if r.status != 200 {
+            return Err(format!(
+                "range on :{port}: status {} {}",
+                r.status,
+                r.text()
+            ));
+        }
+        let rev = header_revision(&r.json());
+        self.header("linearizable range", port, rev);
+        Ok(())
+    }
+
+    /// A watch from the last revision received + 1, read for at most `window` or until an
+    /// event arrived, then closed (the next request goes to the next replica).
+    fn watch(
+        &mut self,
+        port: u16,
+        prefix: &str,
+        start: i64,
+        window: Duration,
+    ) -> Result<(), String> {
+        let body = format!(
+            r#"{{"create_request":{{"key":"{}","range_end":"{}","start_revision":"{start}"}}}}"#,
+            b64(prefix),
+            b64(&String::from_utf8_lossy(&range_end(prefix)))
+        );
+        let mut c = Conn::send(port, "POST", "/v3/watch", &[], body.as_bytes())?;
+        self.requests += 1;
+        c.set_timeout(Duration::from_secs(10));
+        c.read_head()?;
+        if c.status != 200 {
+            return Err(format!("watch on :{port}: status {}", c.status));
+        }
+        c.set_timeout(Duration::from_millis(100));
+        let until = Instant::now() + window;
+        let mut created = false;
+        while Instant::now() < until || !created {
+            match c.next_chunk() {
+                Ok(None) => return Err(format!("watch on :{port} ended")),
+                Ok(Some(ch)) => {
+                    let v: serde_json::Value =
+                        serde_json::from_slice(&ch).map_err(|e| format!("bad chunk: {e}"))?;
+                    let res = &v["result"];
+                    if res.is_null() {
+                        return Err(format!("watch on :{port}: {v}"));
+                    }
+                    let what = if res["created"] == true {
+                        "watch created"
+                    } else {
+                        "watch response"
+                    };
+                    created = true;
+                    self.header(what, port, header_revision(res));
+                    let events = res["events"].as_array().cloned().unwrap_or_default();
+                    for e in &events {
+                        let rev = e["kv"]["mod_revision"]
+                            .as_str()
+                            .and_then(|r| r.parse().ok())
+                            .unwrap_or(-1);
+                        self.events.push(rev);
+                    }
+                    if !events.is_empty() {
+                        break;
+                    }
+                }
+                Err(e) if e.contains("timed out") || e.contains("temporarily unavailable") => {
+                    if !created && Instant::now() > until + Duration::from_secs(10) {
+                        return Err(format!("watch on :{port}: no created in 10 s"));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        c.close();
+        Ok(())
+    }
+}
+
+#[test]
+fn round_robin_client_never_sees_a_revision_go_back() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let prefix = "/rr/";
+        let etcd = Etcd::start();
+        let mut kv = KvClient::new(testkit::channel(&etcd.url).await);
+        let base = kv
+            .put(PutRequest {
+                key: Bytes::from_static(b"/rr/seed"),
+                value: Bytes::from_static(b"0"),
+                ..Default::default()
+            })
+            .await
+            .expect("seed")
+            .into_inner()
+            .header
+            .map_or(0, |h| h.revision);
+        let relay = Arc::new(Relay::start(etcd.port));
+        let a = Proxy::start(&etcd.url, &[prefix]);
+        let b = Proxy::start(&etcd.url, &[prefix]);
+        let c = Proxy::start(&relay.url, &[prefix]);
+        let ports = [a.port, b.port, c.port];
+
+        let done = Arc::new(AtomicBool::new(false));
+        // Holds replica C behind: its upstream stalls 1.2 s out of every 2 s.
+        let faults = {
+            let (relay, done) = (relay.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut stalls = 0;
+                while !done.load(Ordering::Acquire) && stalls < 30 {
+                    relay.stall();
+                    stalls += 1;
+                    tokio::time::sleep(Duration::from_millis(1200)).await;
+                    relay.pass();
+                    tokio::time::sleep(Duration::from_millis(800)).await;
+                }
+                relay.pass();
+                stalls
+            })
+        };
+        let writer = tokio::spawn(async move {
+            let mut in_prefix = Vec::new();
+            for i in 0..WRITES {
+                let key = if i % 3 == 2 {
+                    format!("/other/{i}")
+                } else {
+                    format!("/rr/k{}", i % 11)
+                };
+                let r = kv
+                    .put(PutRequest {
+                        key: Bytes::from(key.clone()),
+                        value: Bytes::from(format!("v{i}")),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("writer put");
+                if key.starts_with("/rr/") {
+                    in_prefix.push(r.into_inner().header.map_or(0, |h| h.revision));
+                }
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+            in_prefix
+        });
+        let want = WRITES - WRITES / 3;
+        let client = tokio::task::spawn_blocking(move || {
+            let mut cl = Client::default();
+            let deadline = Instant::now() + Duration::from_secs(90);
+            let mut errors = Vec::new();
+            let mut i = 0;
+            while cl.events.len() < want && Instant::now() < deadline && errors.len() < 5 {
+                let port = ports[i % ports.len()];
+                let r = if i % 4 == 3 {
+                    cl.range(port, prefix)
+                } else {
+                    let start = cl.events.last().copied().unwrap_or(base) + 1;
+                    cl.watch(port, prefix, start, Duration::from_millis(300))
+                };
+                if let Err(e) = r {
+                    errors.push(e);
+                }
+                i += 1;
+            }
+            (cl, errors)
+        });
+        let written = writer.await.expect("writer");
+        let (cl, errors) = client.await.expect("client");
+        done.store(true, Ordering::Release);
+        let stalls = faults.await.expect("faults");
+        eprintln!(
+            "round robin over 3 replicas (one stalled {stalls} times): {} requests, {} events, \
+             max header {}, {} regressions, errors {errors:?}",
+            cl.requests,
+            cl.events.len(),
+            cl.max_seen,
+            cl.regressions.len()
+        );
+        assert!(errors.is_empty(), "client errors: {errors:?}");
+        assert!(
+            cl.regressions.is_empty(),
+            "header revisions went backwards:\n{}",
+            cl.regressions.join("\n")
+        );
+        assert_eq!(
+            cl.events, written,
+            "every revision of the prefix exactly once, in order"
+        );
+    });
+}

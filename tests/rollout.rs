@@ -1,0 +1,568 @@
+//! Rollouts and health that tells the truth (issue 13 item 5, issue 15 item 3).
+//!
+//! - etcd killed: `/health` turns unhealthy within the staleness bound, `/readyz` stays ready
+//!   (the documented rule: a lost etcd must not empty the Service), callers that require a
+//!   leader get etcd's "no leader", and everything is healthy again once etcd is back.
+//! - The upstream watch cannot be re-created (etcd restarted with auth on, the proxy has no
+//!   credentials): the prefix is reported stale and stays so; it is never reported healthy.
+//! - SIGTERM under HTTP and gRPC watchers: `/readyz` fails at once, the replica keeps
+//!   accepting and answering through `--shutdown-delay`, then the gRPC stream ends with
+//!   etcd's "server stopped" and the HTTP stream ends cleanly at a revision boundary; both
+//!   resume on another replica with every revision exactly once; the process exits in time.
+//!
+//! Real etcd and etcd-fanout processes on loopback; the tests run one at a time (a global
+//! lock) and each load loop is bounded in count and time.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use etcd_fanout::proto::etcdserverpb::{
+    kv_client::KvClient, watch_client::WatchClient, watch_request::RequestUnion, PutRequest,
+    RangeRequest, WatchCreateRequest, WatchRequest,
+};
+use testkit::fault::{is_alive, signal};
+use testkit::gateway::b64;
+use testkit::http::Conn;
+use testkit::{http_get, range_end, wait_until, Etcd, Proxy};
+use tonic::metadata::MetadataValue;
+use tonic::Code;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `--stale-after` used by the health tests, and the bound they allow for noticing: the
+/// staleness itself, a confirmation period (a third of it), one metrics tick and a loaded
+/// machine's slack.
+const STALE_AFTER: &str = "2s";
+const NOTICE_BOUND: Duration = Duration::from_secs(8);
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn status(port: u16, path: &str) -> (u16, String) {
+    http_get(port, path).unwrap_or((0, String::new()))
+}
+
+/// A sample of a labelled metric: `name{prefix="..."}`.
+fn prefix_metric(proxy: &Proxy, name: &str, prefix: &str) -> f64 {
+    let text = proxy.metrics();
+    let want = format!("{name}{{prefix=\"{prefix}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&want).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(f64::NAN)
+}
+
+async fn put(url: &str, key: &str, value: &str) -> i64 {
+    let mut kv = KvClient::new(testkit::channel(url).await);
+    kv.put(PutRequest {
+        key: Bytes::from(key.to_string()),
+        value: Bytes::from(value.to_string()),
+        ..Default::default()
+    })
+    .await
+    .expect("put")
+    .into_inner()
+    .header
+    .map_or(0, |h| h.revision)
+}
+
+/// A serializable range through `url`, with clientv3's require-leader metadata if asked.
+async fn serializable_range(url: &str, key: &str, hasleader: bool) -> Result<usize, tonic::Status> {
+    let mut kv = KvClient::new(testkit::channel(url).await);
+    let mut req = tonic::Request::new(RangeRequest {
+        key: Bytes::from(key.to_string()),
+        range_end: range_end(key),
+        serializable: true,
+        ..Default::default()
+    });
+    if hasleader {
+        req.metadata_mut()
+            .insert("hasleader", MetadataValue::from_static("true"));
+    }
+    kv.range(req).await.map(|r| r.into_inner().kvs.len())
+}
+
+/// Opens a require-leader watch on `prefix` and returns the stream's first outcome.
+async fn hasleader_watch(url: &str, prefix: &str) -> Result<bool, tonic::Status> {
+    let mut w = WatchClient::new(testkit::channel(url).await);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+            key: Bytes::from(prefix.to_string()),
+            range_end: range_end(prefix),
+            ..Default::default()
+        })),
+    })
+    .await
+    .expect("send");
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    req.metadata_mut()
+        .insert("hasleader", MetadataValue::from_static("true"));
+    let mut s = w.watch(req).await?.into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), s.message())
+        .await
+        .map_err(|_| tonic::Status::deadline_exceeded("no answer"))??;
+    drop(tx);
+    Ok(first.is_some_and(|r| r.created))
+}
+
+/// etcd killed: `/health` answers etcd's unhealthy within the bound while `/readyz` stays
+/// 200; require-leader callers are refused as by a member without a leader; other
+/// serializable reads are still served; all healthy again after etcd returns.
+#[test]
+fn etcd_killed_health_follows_the_rule() {
+    let _s = serial();
+    rt().block_on(async {
+        let prefix = "/hk/";
+        let mut etcd = Etcd::start();
+        put(&etcd.url, "/hk/a", "1").await;
+        let proxy = Proxy::start_with(&etcd.url, &[prefix], &["--stale-after", STALE_AFTER]);
+        assert_eq!(status(proxy.port, "/health").0, 200);
+        assert_eq!(status(proxy.port, "/livez"), (200, "ok\n".into()));
+        // Idle but confirmed: a quiet prefix must not go stale while etcd is up.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(
+            status(proxy.port, "/health").0,
+            200,
+            "an idle prefix with etcd up must stay healthy (confirmed by sync checks)"
+        );
+        assert_eq!(
+            prefix_metric(&proxy, "etcd_fanout_prefix_stale", prefix),
+            0.0
+        );
+
+        etcd.kill();
+        let t0 = Instant::now();
+        // etcd's own /health no longer answers: unhealthy at once.
+        let noticed = wait_until(NOTICE_BOUND, || status(proxy.port, "/health").0 == 503);
+        let health_took = t0.elapsed();
+        assert!(noticed, "/health still healthy {NOTICE_BOUND:?} after etcd died");
+        // The prefix itself is reported stale within the bound.
+        let stale = wait_until(NOTICE_BOUND, || {
+            prefix_metric(&proxy, "etcd_fanout_prefix_stale", prefix) == 1.0
+        });
+        let stale_took = t0.elapsed();
+        eprintln!("etcd killed: /health unhealthy after {health_took:?}, prefix stale after {stale_took:?}");
+        assert!(stale, "prefix not reported stale {NOTICE_BOUND:?} after etcd died");
+        let (code, body) = status(proxy.port, "/health");
+        assert_eq!((code, body.trim()), (503, r#"{"health":"false"}"#));
+        let (code, body) = status(proxy.port, "/readyz");
+        assert_eq!(code, 200, "readiness must not drop for a lost etcd: {body}");
+        assert!(body.contains("stale") && body.contains(prefix), "{body}");
+        assert_eq!(status(proxy.port, "/livez").0, 200);
+        assert_eq!(
+            prefix_metric(&proxy, "etcd_fanout_prefix_upstream_state", prefix),
+            2.0,
+            "upstream state must be 'resuming'"
+        );
+        assert!(prefix_metric(&proxy, "etcd_fanout_prefix_currency_age_seconds", prefix) >= 2.0);
+        let e = serializable_range(&proxy.url, prefix, true)
+            .await
+            .expect_err("require-leader read of a stale prefix");
+        assert_eq!(
+            (e.code(), e.message()),
+            (Code::Unavailable, "etcdserver: no leader")
+        );
+        // etcd's auth state cannot be known while etcd is unreachable (three poll intervals),
+        // so nothing is served from the cache: a plain read is forwarded and gets etcd's failure.
+        let unknown = wait_until(NOTICE_BOUND, || {
+            proxy
+                .metrics()
+                .lines()
+                .any(|l| l.trim() == "etcd_fanout_auth_enabled -1")
+        });
+        assert!(unknown, "auth state still known {NOTICE_BOUND:?} after etcd died");
+        let e = serializable_range(&proxy.url, prefix, false)
+            .await
+            .expect_err("a plain read with the auth state unknown is forwarded to the dead etcd");
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        let e = hasleader_watch(&proxy.url, prefix)
+            .await
+            .expect_err("require-leader watch on a stale prefix");
+        assert_eq!(
+            (e.code(), e.message()),
+            (Code::Unavailable, "etcdserver: no leader")
+        );
+
+        etcd.restart();
+        let back = wait_until(Duration::from_secs(15), || {
+            status(proxy.port, "/health").0 == 200
+        });
+        assert!(back, "/health did not recover after etcd came back");
+        assert_eq!(
+            prefix_metric(&proxy, "etcd_fanout_prefix_stale", prefix),
+            0.0
+        );
+        assert_eq!(hasleader_watch(&proxy.url, prefix).await.ok(), Some(true));
+        let log = proxy.log();
+        assert_eq!(
+            log.matches("prefix cache is stale").count(),
+            1,
+            "one log line per state change:\n{log}"
+        );
+        assert_eq!(
+            log.matches("upstream watch failed; resuming").count(),
+            1,
+            "{log}"
+        );
+    });
+}
+
+fn etcdctl(url: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg("--endpoints")
+        .arg(url)
+        .args(args)
+        .output()
+        .expect("run etcdctl");
+    assert!(
+        out.status.success(),
+        "etcdctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// etcd restarted with auth on while the proxy has no credentials: its upstream watch can
+/// never be re-created. The prefix must be reported stale (metrics, `/health`) and stay so,
+/// require-leader callers refused, while writes keep landing in etcd.
+#[test]
+fn unrecreatable_upstream_watch_is_never_healthy() {
+    let _s = serial();
+    rt().block_on(async {
+        let prefix = "/ha/";
+        let mut etcd = Etcd::start();
+        put(&etcd.url, "/ha/a", "1").await;
+        let proxy = Proxy::start_with(&etcd.url, &[prefix], &["--stale-after", STALE_AFTER]);
+        assert_eq!(status(proxy.port, "/health").0, 200);
+        etcdctl(&etcd.url, &["user", "add", "root:rootpw"]);
+        etcdctl(&etcd.url, &["role", "add", "root"]);
+        etcdctl(&etcd.url, &["user", "grant-role", "root", "root"]);
+        etcdctl(&etcd.url, &["auth", "enable"]);
+        etcd.restart();
+        // etcd moves on; the proxy cannot follow.
+        etcdctl(&etcd.url, &["--user", "root:rootpw", "put", "/ha/b", "2"]);
+        let t0 = Instant::now();
+        let stale = wait_until(NOTICE_BOUND, || {
+            prefix_metric(&proxy, "etcd_fanout_prefix_stale", prefix) == 1.0
+        });
+        eprintln!("auth on: prefix stale after {:?}", t0.elapsed());
+        assert!(
+            stale,
+            "prefix not reported stale {NOTICE_BOUND:?} after its watch was lost"
+        );
+        // And it stays so: sample for several staleness periods.
+        for _ in 0..6 {
+            let (code, body) = status(proxy.port, "/health");
+            assert_eq!((code, body.trim()), (503, r#"{"health":"false"}"#));
+            assert_eq!(
+                prefix_metric(&proxy, "etcd_fanout_prefix_stale", prefix),
+                1.0
+            );
+            assert_ne!(
+                prefix_metric(&proxy, "etcd_fanout_prefix_upstream_state", prefix),
+                1.0,
+                "upstream watch reported established"
+            );
+            tokio::time::sleep(Duration::from_millis(700)).await;
+        }
+        let (code, body) = status(proxy.port, "/readyz");
+        assert!(code == 200 && body.contains("stale"), "{code} {body}");
+        let e = serializable_range(&proxy.url, prefix, true)
+            .await
+            .expect_err("require-leader read of a stale prefix");
+        assert_eq!(e.message(), "etcdserver: no leader");
+        let log = proxy.log();
+        assert_eq!(log.matches("prefix cache is stale").count(), 1, "{log}");
+        assert!(
+            log.matches("upstream watch failed; resuming").count() <= 1,
+            "a lasting failure must be logged once, not at every retry:\n{log}"
+        );
+    });
+}
+
+/// What one watcher received, in order: the revision of every event.
+type Seen = Arc<Mutex<Vec<i64>>>;
+
+/// Events the writer of the rollout test makes.
+const WRITES: usize = 400;
+
+/// A gRPC watcher of `prefix` from `start` on `url`: records every event's revision and
+/// returns the stream's ending status (`None`: all [`WRITES`] seen, or still running at
+/// `until`).
+async fn grpc_watch(
+    url: String,
+    prefix: String,
+    start: i64,
+    seen: Seen,
+    until: Instant,
+) -> Option<tonic::Status> {
+    let mut w = WatchClient::new(testkit::channel(&url).await);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+            key: Bytes::from(prefix.clone()),
+            range_end: range_end(&prefix),
+            start_revision: start,
+            ..Default::default()
+        })),
+    })
+    .await
+    .ok()?;
+    let mut s = match w
+        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+    {
+        Ok(s) => s.into_inner(),
+        Err(e) => return Some(e),
+    };
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.message()).await {
+            Err(_) => return None,
+            Ok(Err(e)) => return Some(e),
+            Ok(Ok(None)) => return Some(tonic::Status::unknown("stream ended without status")),
+            Ok(Ok(Some(r))) => {
+                let mut v = seen.lock().unwrap();
+                v.extend(
+                    r.events
+                        .iter()
+                        .filter_map(|e| e.kv.as_ref().map(|kv| kv.mod_revision)),
+                );
+                if v.len() >= WRITES {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// An HTTP (APISIX-style) watcher: records every event's revision. `Ok(true)`: the stream
+/// ended cleanly (chunked terminator after whole messages); `Ok(false)`: all [`WRITES`] seen,
+/// or still running at `until`; `Err`: anything else.
+fn http_watch(
+    port: u16,
+    prefix: &str,
+    start: i64,
+    seen: Seen,
+    until: Instant,
+) -> Result<bool, String> {
+    let body = format!(
+        r#"{{"create_request":{{"key":"{}","range_end":"{}","start_revision":"{start}"}}}}"#,
+        b64(prefix),
+        b64(&String::from_utf8_lossy(&range_end(prefix)))
+    );
+    let mut c = Conn::send(port, "POST", "/v3/watch", &[], body.as_bytes())?;
+    c.set_timeout(Duration::from_millis(500));
+    c.read_head()?;
+    if c.status != 200 {
+        return Err(format!("status {}", c.status));
+    }
+    loop {
+        if Instant::now() > until || seen.lock().unwrap().len() >= WRITES {
+            return Ok(false);
+        }
+        match c.next_chunk() {
+            Ok(None) => return Ok(true),
+            Ok(Some(ch)) => {
+                let v: serde_json::Value = serde_json::from_slice(&ch).map_err(|e| {
+                    format!(
+                        "chunk is not one whole JSON message ({e}): {:?}",
+                        String::from_utf8_lossy(&ch)
+                    )
+                })?;
+                if v.get("error").is_some() {
+                    return Err(format!("error chunk: {v}"));
+                }
+                let events = v["result"]["events"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                let mut s = seen.lock().unwrap();
+                for e in events {
+                    let rev = e["kv"]["mod_revision"]
+                        .as_str()
+                        .and_then(|r| r.parse().ok())
+                        .unwrap_or(-1);
+                    s.push(rev);
+                }
+            }
+            Err(e)
+                if e.contains("timed out")
+                    || e.contains("would block")
+                    || e.contains("temporarily unavailable") => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// SIGTERM under an HTTP and a gRPC watcher with a writer running: `/readyz` 503 at once, no
+/// refused connection nor failed request during `--shutdown-delay`, streams end only after
+/// it (gRPC: etcd's `Unavailable` "etcdserver: server stopped"; HTTP: a clean end), both
+/// resume on the second replica from their last revision + 1 with every revision exactly
+/// once, and the process exits within delay + timeout.
+#[test]
+fn sigterm_rollout_moves_watchers_without_loss() {
+    const DELAY: Duration = Duration::from_secs(3);
+    let _s = serial();
+    rt().block_on(async {
+        let prefix = "/ro/";
+        let etcd = Etcd::start();
+        let base = put(&etcd.url, "/ro/seed", "0").await;
+        let a = Proxy::start_with(
+            &etcd.url,
+            &[prefix],
+            &["--shutdown-delay", "3s", "--shutdown-timeout", "5s"],
+        );
+        let b = Proxy::start(&etcd.url, &[prefix]);
+        let pid = testkit::fault::proxy_pid(a.port).expect("proxy pid");
+        let deadline = Instant::now() + Duration::from_secs(40);
+
+        // Writer: one put every 25 ms, WRITES in all, recording etcd's revisions.
+        let written: Seen = Arc::default();
+        let writer = {
+            let (url, written) = (etcd.url.clone(), written.clone());
+            tokio::spawn(async move {
+                let mut kv = KvClient::new(testkit::channel(&url).await);
+                for i in 0..WRITES {
+                    let r = kv
+                        .put(PutRequest {
+                            key: Bytes::from(format!("/ro/k{}", i % 17)),
+                            value: Bytes::from(format!("v{i}")),
+                            ..Default::default()
+                        })
+                        .await
+                        .expect("writer put");
+                    written
+                        .lock()
+                        .unwrap()
+                        .push(r.into_inner().header.map_or(0, |h| h.revision));
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+            })
+        };
+
+        // Watchers on replica A, each resuming on B from its last revision + 1.
+        let grpc_seen: Seen = Arc::default();
+        let grpc = {
+            let (ua, ub, seen) = (a.url.clone(), b.url.clone(), grpc_seen.clone());
+            let p = prefix.to_string();
+            tokio::spawn(async move {
+                let end = grpc_watch(ua, p.clone(), base + 1, seen.clone(), deadline).await;
+                let ended_at = Instant::now();
+                let last = seen.lock().unwrap().last().copied().unwrap_or(base);
+                let again = grpc_watch(
+                    ub,
+                    p,
+                    last + 1,
+                    seen,
+                    Instant::now() + Duration::from_secs(25),
+                )
+                .await;
+                (end, ended_at, again)
+            })
+        };
+        let http_seen: Seen = Arc::default();
+        let http = {
+            let (pa, pb, seen) = (a.port, b.port, http_seen.clone());
+            tokio::task::spawn_blocking(move || {
+                let end = http_watch(pa, "/ro/", base + 1, seen.clone(), deadline);
+                let ended_at = Instant::now();
+                let last = seen.lock().unwrap().last().copied().unwrap_or(base);
+                let again = http_watch(
+                    pb,
+                    "/ro/",
+                    last + 1,
+                    seen,
+                    Instant::now() + Duration::from_secs(25),
+                );
+                (end, ended_at, again)
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(2)).await;
+
+        signal(pid, "TERM");
+        let t0 = Instant::now();
+        let exit = tokio::task::spawn_blocking(move || {
+            let exited = wait_until(Duration::from_secs(20), || !is_alive(pid));
+            (exited, t0.elapsed())
+        });
+        // Readiness fails at once.
+        let unready = wait_until(Duration::from_millis(500), || {
+            status(a.port, "/readyz").0 == 503
+        });
+        assert!(unready, "/readyz still 200 0.5 s after SIGTERM");
+        // During the delay every new connection is accepted and answered.
+        let mut probes = 0;
+        let mut failures = Vec::new();
+        while t0.elapsed() < DELAY - Duration::from_millis(500) {
+            let body = format!(r#"{{"key":"{}","serializable":true}}"#, b64("/ro/seed"));
+            match testkit::http::request(a.port, "POST", "/v3/kv/range", &[], body.as_bytes()) {
+                Ok(r) if r.status == 200 => {}
+                Ok(r) => failures.push(format!("{:?}: status {}", t0.elapsed(), r.status)),
+                Err(e) => failures.push(format!("{:?}: {e}", t0.elapsed())),
+            }
+            probes += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            failures.is_empty(),
+            "requests failed during the shutdown delay: {failures:?}"
+        );
+
+        let (g_end, g_ended_at, g_again) = grpc.await.expect("grpc watcher");
+        let (h_end, h_ended_at, h_again) = http.await.expect("http watcher");
+        let (exited, exit_took) = exit.await.expect("exit watcher");
+        writer.await.expect("writer");
+        eprintln!(
+            "sigterm: {probes} requests answered during the delay; gRPC stream ended after {:?}, \
+             HTTP stream after {:?}; exit after {exit_took:?}",
+            g_ended_at.duration_since(t0),
+            h_ended_at.duration_since(t0)
+        );
+        assert!(exited, "proxy still running {exit_took:?} after SIGTERM");
+        assert!(
+            exit_took < DELAY + Duration::from_secs(7),
+            "exit took {exit_took:?}"
+        );
+        for (what, at) in [("gRPC", g_ended_at), ("HTTP", h_ended_at)] {
+            let after = at.saturating_duration_since(t0);
+            assert!(
+                after >= DELAY - Duration::from_millis(300),
+                "{what} stream ended {after:?} after SIGTERM, before the shutdown delay"
+            );
+        }
+        let g_end = g_end.expect("gRPC stream must end at shutdown");
+        assert_eq!(
+            (g_end.code(), g_end.message()),
+            (Code::Unavailable, "etcdserver: server stopped")
+        );
+        assert_eq!(
+            h_end,
+            Ok(true),
+            "the HTTP watch must end cleanly at shutdown"
+        );
+        assert!(g_again.is_none(), "resumed gRPC watch failed: {g_again:?}");
+        assert_eq!(h_again, Ok(false), "resumed HTTP watch failed");
+
+        let written = written.lock().unwrap().clone();
+        assert!(written.len() == WRITES, "writer wrote {}", written.len());
+        for (what, seen) in [("gRPC", &grpc_seen), ("HTTP", &http_seen)] {
+            let seen = seen.lock().unwrap().clone();
+            assert_eq!(
+                seen, written,
+                "{what} watcher must receive every revision exactly once, in order, across the move"
+            );
+        }
+    });
+}

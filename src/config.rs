@@ -67,6 +67,10 @@ pub struct Config {
     /// (etcd's default is 10 minutes).
     #[arg(long, env = "ETCD_FANOUT_PROGRESS_INTERVAL", default_value = "10m", value_parser = parse_duration)]
     pub progress_interval: Duration,
+
+    /// TLS to etcd and on the listen address.
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 /// etcd's `grpcOverheadBytes`: added to `--max-request-bytes` for gRPC message limits.

@@ -22,8 +22,8 @@
 //! - a malformed request gets Go's `400 Bad Request` (`431 Request Header Fields Too Large` for
 //!   a head over [`MAX_HEAD`]) and the connection is closed.
 //!
-//! Plain TCP only for now: the readiness-based reads below are `TcpStream`'s; a TLS listener will
-//! need the same loop over its own stream.
+//! Over plain TCP or TLS ([`Transport`]): reads wait for readiness first and only then take a
+//! buffer; over TLS rustls keeps its own record buffer (see ARCHITECTURE.md for the cost).
 
 use std::future::Future;
 use std::io::{self, IoSlice};
@@ -37,10 +37,10 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Status
 use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{ReadHalf, WriteHalf};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
+
+use crate::transport::{readable, Transport};
 
 /// Why a request body could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -80,16 +80,17 @@ const READ_CHUNK: usize = 2048;
 /// `shutdown` turns true. `buffered` holds bytes already read from the stream (the start of
 /// the first request). Every request goes to `handler`, whose future should be boxed so that
 /// the connection's own state stays small however large the handler is.
-pub async fn serve<F, Fut>(
-    mut stream: TcpStream,
+pub async fn serve<S, F, Fut>(
+    mut stream: S,
     buffered: BytesMut,
     handler: F,
     mut shutdown: watch::Receiver<bool>,
 ) where
+    S: Transport,
     F: Fn(Request<ReqBody>) -> Fut,
     Fut: Future<Output = Response<tonic::body::Body>>,
 {
-    let (mut rd, mut wr) = stream.split();
+    let s = &mut stream;
     let mut buf = buffered;
     loop {
         if *shutdown.borrow() {
@@ -99,16 +100,16 @@ pub async fn serve<F, Fut>(
             // Wait for the next request holding no buffer at all.
             buf = BytesMut::new();
             tokio::select! {
-                r = rd.readable() => if r.is_err() { return },
+                r = readable(s) => if r.is_err() { return },
                 _ = shutdown.changed() => return,
             }
         }
-        let incoming = match read_request(&mut rd, &mut wr, &mut buf).await {
+        let incoming = match read_request(s, &mut buf).await {
             Ok(Some(r)) => r,
             Ok(None) => return,
             Err(ReadError::Io) => return,
             Err(ReadError::Refuse(status, detail)) => {
-                let _ = wr.write_all(&go_error(status, detail)).await;
+                let _ = send(s, &go_error(status, detail)).await;
                 return;
             }
         };
@@ -118,7 +119,7 @@ pub async fn serve<F, Fut>(
             keep_alive: incoming.keep_alive && incoming.body_consumed && !*shutdown.borrow(),
         };
         let response = handler(incoming.request).await;
-        match write_response(&mut rd, &mut wr, &mut buf, response, asked).await {
+        match write_response(s, &mut buf, response, asked).await {
             Ok(true) => {}
             _ => return,
         }
@@ -164,24 +165,29 @@ enum Framing {
 
 /// Reads bytes that are ready into `buf` (growing it by at least `READ_CHUNK`), waiting for
 /// the socket if none are. `Ok(0)` is the end of the stream.
-async fn fill(rd: &mut ReadHalf<'_>, buf: &mut BytesMut) -> io::Result<usize> {
-    if buf.capacity() - buf.len() < READ_CHUNK / 2 {
-        buf.reserve(READ_CHUNK);
-    }
+async fn fill<S: Transport>(s: &mut S, buf: &mut BytesMut) -> io::Result<usize> {
     loop {
-        rd.readable().await?;
-        match rd.try_read_buf(buf) {
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+        readable(s).await?;
+        if buf.capacity() - buf.len() < READ_CHUNK / 2 {
+            buf.reserve(READ_CHUNK);
+        }
+        // One read attempt; `None`: nothing after all (a spurious wake-up, or TLS bytes that
+        // completed no record yet), so wait again.
+        if let Some(r) = s.read_buf(buf).now_or_never() {
+            return r;
         }
     }
 }
 
+/// Writes `bytes` and flushes them (a TLS stream holds written bytes until flushed).
+async fn send<S: Transport>(s: &mut S, bytes: &[u8]) -> io::Result<()> {
+    s.write_all(bytes).await?;
+    s.flush().await
+}
+
 /// Reads the next request; `Ok(None)` when the client closed the connection between requests.
-async fn read_request(
-    rd: &mut ReadHalf<'_>,
-    wr: &mut WriteHalf<'_>,
+async fn read_request<S: Transport>(
+    s: &mut S,
     buf: &mut BytesMut,
 ) -> Result<Option<Received>, ReadError> {
     let head = loop {
@@ -196,7 +202,7 @@ async fn read_request(
                 None,
             ));
         }
-        if fill(rd, buf).await? == 0 {
+        if fill(s, buf).await? == 0 {
             return if buf.is_empty() {
                 Ok(None)
             } else {
@@ -217,7 +223,7 @@ async fn read_request(
         _ => false,
     };
     if expect_continue && !too_large && !matches!(framing, Framing::Empty) {
-        wr.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+        send(s, b"HTTP/1.1 100 Continue\r\n\r\n").await?;
     }
     let (body, consumed) = match framing {
         Framing::Empty => (Ok(Bytes::new()), true),
@@ -230,13 +236,13 @@ async fn read_request(
                 buf.reserve((n - buf.len()).min(64 << 10));
             }
             while buf.len() < n {
-                if fill(rd, buf).await? == 0 {
+                if fill(s, buf).await? == 0 {
                     return Err(ReadError::Io);
                 }
             }
             (Ok(buf.split_to(n).freeze()), true)
         }
-        Framing::Chunked => match read_chunked(rd, buf).await? {
+        Framing::Chunked => match read_chunked(s, buf).await? {
             Ok(b) => (Ok(b), true),
             Err(e) => (Err(e), false),
         },
@@ -372,8 +378,8 @@ fn bad_because(detail: &'static str) -> ReadError {
 
 /// Reads a chunked body. `Ok(Err(_))`: the body is over [`MAX_BODY`] or its framing is
 /// malformed; the handler sees that error (as Go's handlers do), and the connection closes.
-async fn read_chunked(
-    rd: &mut ReadHalf<'_>,
+async fn read_chunked<S: Transport>(
+    s: &mut S,
     buf: &mut BytesMut,
 ) -> Result<Result<Bytes, BodyError>, ReadError> {
     let mut body = BytesMut::new();
@@ -386,7 +392,7 @@ async fn read_chunked(
             if buf.len() > MAX_CHUNK_LINE {
                 return Ok(Err(BodyError::Malformed("header line too long")));
             }
-            if fill(rd, buf).await? == 0 {
+            if fill(s, buf).await? == 0 {
                 return Err(ReadError::Io);
             }
         };
@@ -416,7 +422,7 @@ async fn read_chunked(
                             None,
                         ));
                     }
-                    if fill(rd, buf).await? == 0 {
+                    if fill(s, buf).await? == 0 {
                         return Err(ReadError::Io);
                     }
                 };
@@ -431,7 +437,7 @@ async fn read_chunked(
         }
         let size = size as usize;
         while buf.len() < size + 2 {
-            if fill(rd, buf).await? == 0 {
+            if fill(s, buf).await? == 0 {
                 return Err(ReadError::Io);
             }
         }
@@ -541,9 +547,8 @@ struct Asked {
 /// Writes `response`; while its body streams, watches the socket so that a client leaving
 /// ends the answer (and the watch behind it) at once. Bytes of a pipelined next request that
 /// arrive meanwhile are kept in `buf`. `Ok(true)`: the connection can serve another request.
-async fn write_response(
-    rd: &mut ReadHalf<'_>,
-    wr: &mut WriteHalf<'_>,
+async fn write_response<S: Transport>(
+    s: &mut S,
     buf: &mut BytesMut,
     response: Response<tonic::body::Body>,
     asked: Asked,
@@ -608,7 +613,7 @@ async fn write_response(
     }
     head.extend_from_slice(b"\r\n");
     if out == Out::None || asked.head_only {
-        wr.write_all(&head).await?;
+        send(s, &head).await?;
         return Ok(keep_alive);
     }
     // Bytes waiting to be written, the head first (so a unary answer is one write). Frames
@@ -617,19 +622,17 @@ async fn write_response(
     let mut pending = head;
     let mut trailers: Option<HeaderMap> = None;
     let mut reading = true;
-    let mut readable = std::pin::pin!(rd.readable());
     loop {
         let frame = if pending.is_empty() {
             tokio::select! {
                 biased;
                 f = body.frame() => f,
-                r = &mut readable, if reading => {
+                r = readable(&*s), if reading => {
                     r?;
-                    if !keep_pipelined(rd, buf)? {
+                    if !keep_pipelined(s, buf)? {
                         return Err(io::ErrorKind::ConnectionAborted.into());
                     }
                     reading = buf.len() < MAX_HEAD;
-                    readable.set(rd.readable());
                     continue;
                 }
             }
@@ -637,7 +640,7 @@ async fn write_response(
             match body.frame().now_or_never() {
                 Some(f) => f,
                 None => {
-                    wr.write_all(&std::mem::take(&mut pending)).await?;
+                    send(s, &std::mem::take(&mut pending)).await?;
                     continue;
                 }
             }
@@ -647,7 +650,7 @@ async fn write_response(
             Some(Err(e)) => {
                 // The answer cannot be completed; the connection cannot be reused either.
                 tracing::debug!(error = %e, "answer body failed");
-                wr.write_all(&pending).await?;
+                send(s, &pending).await?;
                 return Err(io::ErrorKind::Other.into());
             }
             Some(Ok(f)) => match f.into_data() {
@@ -669,7 +672,7 @@ async fn write_response(
             let size = chunked.then(|| format!("{:X}\r\n", data.len()));
             let size = size.as_deref().unwrap_or("").as_bytes();
             let crlf: &[u8] = if chunked { b"\r\n" } else { b"" };
-            write_all(wr, &[&pending, size, &data, crlf]).await?;
+            write_all(s, &[&pending, size, &data, crlf]).await?;
             pending = Vec::new();
             continue;
         }
@@ -681,7 +684,7 @@ async fn write_response(
             pending.extend_from_slice(&data);
         }
         if pending.len() >= LARGE_FRAME {
-            wr.write_all(&std::mem::take(&mut pending)).await?;
+            send(s, &std::mem::take(&mut pending)).await?;
         }
     }
     if out == Out::Chunked {
@@ -692,7 +695,7 @@ async fn write_response(
         pending.extend_from_slice(b"\r\n");
     }
     if !pending.is_empty() {
-        wr.write_all(&pending).await?;
+        send(s, &pending).await?;
     }
     Ok(keep_alive)
 }
@@ -719,16 +722,16 @@ fn write_chunk_size(out: &mut Vec<u8>, n: usize) {
 }
 
 /// Reads what the client sent while an answer streams. `Ok(false)`: the client closed.
-fn keep_pipelined(rd: &ReadHalf<'_>, buf: &mut BytesMut) -> io::Result<bool> {
+fn keep_pipelined<S: Transport>(s: &mut S, buf: &mut BytesMut) -> io::Result<bool> {
     let mut scratch = [0u8; 1024];
-    match rd.try_read(&mut scratch) {
-        Ok(0) => Ok(false),
-        Ok(n) => {
+    match s.read(&mut scratch).now_or_never() {
+        Some(Ok(0)) => Ok(false),
+        Some(Ok(n)) => {
             buf.extend_from_slice(&scratch[..n]);
             Ok(true)
         }
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(true),
-        Err(e) => Err(e),
+        None => Ok(true),
+        Some(Err(e)) => Err(e),
     }
 }
 
@@ -745,7 +748,7 @@ fn write_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
 }
 
 /// Writes every slice (at most four), in as few system calls as the socket allows.
-async fn write_all(wr: &mut WriteHalf<'_>, parts: &[&[u8]]) -> io::Result<()> {
+async fn write_all<S: Transport>(s: &mut S, parts: &[&[u8]]) -> io::Result<()> {
     let mut slices = [IoSlice::new(&[]); 4];
     let mut n = 0;
     for p in parts.iter().filter(|p| !p.is_empty()).take(slices.len()) {
@@ -754,13 +757,13 @@ async fn write_all(wr: &mut WriteHalf<'_>, parts: &[&[u8]]) -> io::Result<()> {
     }
     let mut rest = &mut slices[..n];
     while !rest.is_empty() {
-        let n = wr.write_vectored(rest).await?;
+        let n = s.write_vectored(rest).await?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
         IoSlice::advance_slices(&mut rest, n);
     }
-    Ok(())
+    s.flush().await
 }
 
 #[cfg(test)]

@@ -22,5 +22,7 @@ pub mod passthrough;
 pub mod proto;
 pub mod range_wire;
 pub mod server;
+pub mod tls;
+pub mod transport;
 pub mod upstream;
 pub mod watch;

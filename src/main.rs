@@ -7,7 +7,9 @@ use clap::Parser;
 
 use etcd_fanout::config::Config;
 use etcd_fanout::hub::Hub;
-use etcd_fanout::server::{serve, Services};
+use etcd_fanout::server::{serve_with_tls, Services};
+use etcd_fanout::tls::client::UpstreamTls;
+use etcd_fanout::tls::server::ServerTls;
 use etcd_fanout::upstream::Upstream;
 
 /// Longest time open connections get to finish after a shutdown signal.
@@ -23,9 +25,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let config = Config::parse();
     etcd_fanout::metrics::init();
-    let upstream = Arc::new(Upstream::new(&config.endpoints)?);
+    // A TLS configuration that cannot work stops the process with a clear message.
+    let tls = UpstreamTls::from_args(&config.tls, &config.endpoints)
+        .and_then(|up| Ok((up, ServerTls::from_args(&config.tls)?)));
+    let (upstream_tls, server_tls) = match tls {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("etcd-fanout: {e}");
+            std::process::exit(2);
+        }
+    };
+    let upstream = Arc::new(Upstream::with_tls(&config.endpoints, upstream_tls)?);
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    tracing::info!(listen = %config.listen, endpoints = ?config.endpoints, prefixes = ?config.prefixes, "etcd-fanout starting");
+    tracing::info!(listen = %config.listen, tls = server_tls.is_some(), endpoints = ?config.endpoints, prefixes = ?config.prefixes, "etcd-fanout starting");
     let hub = Hub::start(config, upstream);
     let shutdown = hub.shutdown_signal();
     let signal_hub = hub.clone();
@@ -34,7 +46,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tracing::info!("shutting down");
         signal_hub.shutdown();
     });
-    serve(listener, Services::new(hub), shutdown, DRAIN).await;
+    serve_with_tls(listener, Services::new(hub), server_tls, shutdown, DRAIN).await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -4,6 +4,11 @@
 //! tonic, anything else to [`crate::http`]. HTTP/1.x connections are served by [`http1`], every
 //! request to [`crate::http`] (health, readiness, metrics, and the JSON gateway), as etcd sends
 //! every HTTP/1 request to its HTTP handlers.
+//!
+//! With TLS ([`crate::tls::server`]) the handshake's ALPN tells the protocols apart instead
+//! (`h2`: HTTP/2; `http/1.1` or none: HTTP/1.x), and what the handshake proved about the client
+//! ([`Peer`]) goes with each request: [`crate::tls::identity`] decides what its certificate's
+//! CommonName means.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -32,6 +37,9 @@ use crate::proto::etcdserverpb::{
     lease_server::LeaseServer, maintenance_server::MaintenanceServer,
 };
 use crate::range_wire;
+use crate::tls::identity::{self, CnPolicy, Peer};
+use crate::tls::server::ServerTls;
+use crate::transport::Transport;
 use crate::watch::frame;
 use crate::watch::WatchService;
 
@@ -196,14 +204,14 @@ async fn sniff(stream: &mut TcpStream) -> Option<(Protocol, BytesMut)> {
 }
 
 /// A stream whose first reads return bytes already read from it (the sniffed preface).
-struct Rewind {
+struct Rewind<S> {
     /// Bytes to return before reading the stream again.
     prefix: Bytes,
     /// The connection.
-    inner: TcpStream,
+    inner: S,
 }
 
-impl AsyncRead for Rewind {
+impl<S: Transport> AsyncRead for Rewind<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -218,7 +226,7 @@ impl AsyncRead for Rewind {
     }
 }
 
-impl AsyncWrite for Rewind {
+impl<S: Transport> AsyncWrite for Rewind<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -266,12 +274,55 @@ enum H2Route {
     Grpc,
 }
 
+/// What a connection's requests carry along: the client's TLS identity and its policy.
+#[derive(Debug, Clone, Default)]
+struct ConnInfo {
+    /// What the TLS handshake proved (nothing for plaintext).
+    peer: Arc<Peer>,
+    /// What a certificate's CommonName means on this listener.
+    policy: CnPolicy,
+}
+
+impl ConnInfo {
+    /// etcd's answer to a gateway request this client may not make (see
+    /// [`identity::gateway_refusal`]); otherwise the peer is attached to the request.
+    fn admit_http<B>(
+        &self,
+        req: &mut http::Request<B>,
+    ) -> Option<http::Response<tonic::body::Body>> {
+        self.peer.common_name.as_ref()?;
+        let refusal = identity::gateway_refusal(self.policy, &self.peer, req.uri().path());
+        req.extensions_mut().insert(self.peer.clone());
+        refusal
+    }
+}
+
+/// gRPC methods etcd answers without looking at the caller's identity, so a client certificate's
+/// CommonName never matters for them (`Authenticate` is how such a client gets a token).
+const IDENTITY_FREE_METHODS: [&str; 2] = [
+    "/etcdserverpb.Auth/Authenticate",
+    "/etcdserverpb.Cluster/MemberList",
+];
+
 /// One HTTP/2 request: gRPC to tonic (Watch and KV/Range to their own encoders), anything
 /// else (JSON over h2c) to [`crate::http`].
-fn h2_request(req: http::Request<Incoming>, routes: Routes, services: Services) -> Answer {
+fn h2_request(
+    mut req: http::Request<Incoming>,
+    routes: Routes,
+    services: Services,
+    conn: &ConnInfo,
+) -> Answer {
     let route = if !is_grpc(&req) {
+        if let Some(refusal) = conn.admit_http(&mut req) {
+            return Box::pin(async move { refusal });
+        }
         H2Route::Http
     } else if let Some(status) = unknown_grpc_method(req.uri().path()) {
+        H2Route::Unknown(status)
+    } else if let Some(status) = (!IDENTITY_FREE_METHODS.contains(&req.uri().path()))
+        .then(|| identity::grpc_refusal(conn.policy, &conn.peer, req.headers()))
+        .flatten()
+    {
         H2Route::Unknown(status)
     } else {
         match req.uri().path() {
@@ -301,11 +352,22 @@ fn h2_request(req: http::Request<Incoming>, routes: Routes, services: Services) 
     }
 }
 
-/// Accepts connections until `shutdown` turns true, then stops accepting and lets open
-/// connections finish gracefully for at most `drain`.
+/// Accepts plaintext connections until `shutdown` turns true, then stops accepting and lets
+/// open connections finish gracefully for at most `drain`.
 pub async fn serve(
     listener: TcpListener,
     services: Services,
+    shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    serve_with_tls(listener, services, None, shutdown, drain).await
+}
+
+/// Like [`serve`], over TLS when `tls` is given.
+pub async fn serve_with_tls(
+    listener: TcpListener,
+    services: Services,
+    tls: Option<Arc<ServerTls>>,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
@@ -334,41 +396,37 @@ pub async fn serve(
             _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
         };
         let _ = stream.set_nodelay(true);
-        let routes = routes.clone();
-        let services = services.clone();
-        let h2 = h2.clone();
-        let mut conn_shutdown = conn_shutdown_tx.subscribe();
+        let conn = Connection {
+            routes: routes.clone(),
+            services: services.clone(),
+            h2: h2.clone(),
+            shutdown: conn_shutdown_tx.subscribe(),
+        };
+        let tls = tls.clone();
         conns.spawn(async move {
-            let Some((protocol, read)) = sniff(&mut stream).await else {
-                return;
-            };
-            match protocol {
-                Protocol::Http1 => {
-                    let handle = move |req| -> Answer {
-                        let services = services.clone();
-                        Box::pin(async move { crate::http::handle(req, &services).await })
+            match tls {
+                None => {
+                    let Some((protocol, read)) = sniff(&mut stream).await else {
+                        return;
                     };
-                    http1::serve(stream, read, handle, conn_shutdown).await;
+                    conn.serve(stream, protocol, read, ConnInfo::default())
+                        .await;
                 }
-                Protocol::Http2 => {
-                    let io = Rewind {
-                        prefix: read.freeze(),
-                        inner: stream,
+                Some(tls) => {
+                    let Some(accepted) = tls.accept(stream).await else {
+                        return;
                     };
-                    let svc = hyper::service::service_fn(move |req| {
-                        let answer = h2_request(req, routes.clone(), services.clone());
-                        async move { Ok::<_, Infallible>(answer.await) }
-                    });
-                    let mut conn = std::pin::pin!(h2.serve_connection(TokioIo::new(io), svc));
-                    tokio::select! {
-                        r = conn.as_mut() => if let Err(e) = r {
-                            tracing::debug!(error = %e, "connection ended");
-                        },
-                        _ = async { let _ = conn_shutdown.wait_for(|s| *s).await; } => {
-                            conn.as_mut().graceful_shutdown();
-                            let _ = conn.await;
-                        }
-                    }
+                    let protocol = if accepted.h2 {
+                        Protocol::Http2
+                    } else {
+                        Protocol::Http1
+                    };
+                    let info = ConnInfo {
+                        peer: Arc::new(accepted.peer),
+                        policy: tls.policy,
+                    };
+                    conn.serve(accepted.stream, protocol, BytesMut::new(), info)
+                        .await;
                 }
             }
         });
@@ -379,4 +437,66 @@ pub async fn serve(
     drop(listener);
     let _ = conn_shutdown_tx.send(true);
     let _ = tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await;
+}
+
+/// What serving one connection needs.
+struct Connection {
+    /// The gRPC routes.
+    routes: Routes,
+    /// The services.
+    services: Services,
+    /// hyper's HTTP/2 server settings.
+    h2: Arc<http2::Builder<TokioExecutor>>,
+    /// Turns true when open connections must finish.
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Connection {
+    /// Serves `stream` (whose first bytes, already read, are `read`) as `protocol`.
+    async fn serve<S: Transport + 'static>(
+        self,
+        stream: S,
+        protocol: Protocol,
+        read: BytesMut,
+        info: ConnInfo,
+    ) {
+        let Connection {
+            routes,
+            services,
+            h2,
+            mut shutdown,
+        } = self;
+        match protocol {
+            Protocol::Http1 => {
+                let handle = move |mut req| -> Answer {
+                    if let Some(refusal) = info.admit_http(&mut req) {
+                        return Box::pin(async move { refusal });
+                    }
+                    let services = services.clone();
+                    Box::pin(async move { crate::http::handle(req, &services).await })
+                };
+                http1::serve(stream, read, handle, shutdown).await;
+            }
+            Protocol::Http2 => {
+                let io = Rewind {
+                    prefix: read.freeze(),
+                    inner: stream,
+                };
+                let svc = hyper::service::service_fn(move |req| {
+                    let answer = h2_request(req, routes.clone(), services.clone(), &info);
+                    async move { Ok::<_, Infallible>(answer.await) }
+                });
+                let mut conn = std::pin::pin!(h2.serve_connection(TokioIo::new(io), svc));
+                tokio::select! {
+                    r = conn.as_mut() => if let Err(e) = r {
+                        tracing::debug!(error = %e, "connection ended");
+                    },
+                    _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
+                }
+            }
+        }
+    }
 }

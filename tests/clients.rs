@@ -67,6 +67,7 @@ async fn etcdctl(
             .arg(&url2)
             .arg("--dial-timeout=3s")
             .arg("--command-timeout=5s")
+            .args(common::tls::etcdctl_flags())
             .args(&args2)
             .stdin(if input.is_some() {
                 Stdio::piped()
@@ -138,6 +139,7 @@ fn etcdctl_watch(url: &str, args: &[&str]) -> BgWatch {
         .env("ETCDCTL_API", "3")
         .arg("--endpoints")
         .arg(url)
+        .args(common::tls::etcdctl_flags())
         .arg("watch")
         .args(args)
         .stdin(Stdio::null())
@@ -266,7 +268,12 @@ async fn etcd_client_crate_session() {
         "etcd_client_crate_session",
         Opts::default(),
         |side, rec| async move {
-            let mut c = match Client::connect([side.url.as_str()], None).await {
+            let mut c = match Client::connect(
+                [side.url.as_str()],
+                common::tls::etcd_client_options(),
+            )
+            .await
+            {
                 Ok(c) => c,
                 Err(e) => {
                     rec.note(format!("connect failed: {e}"));

@@ -273,7 +273,7 @@ async fn version(method: &Method, services: &Services) -> Response<Body> {
             .insert(header::ALLOW, HeaderValue::from_static("GET"));
         return r;
     }
-    match upstream_http::version(&services.hub.config.endpoints).await {
+    match upstream_http::version(&services.hub.upstream).await {
         Ok(body) => {
             let mut resp = Response::new(Body::new(Full::new(body)));
             resp.headers_mut().insert(
@@ -307,7 +307,7 @@ async fn health(req: Request<ReqBody>, services: &Services) -> Response<Body> {
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/health".into());
-    match upstream_http::fetch(&services.hub.config.endpoints, &path).await {
+    match upstream_http::fetch(&services.hub.upstream, &path).await {
         Ok((status, ct, body)) => {
             let mut resp = Response::new(Body::new(Full::new(body)));
             *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
@@ -342,7 +342,7 @@ async fn relay(req: Request<ReqBody>, services: &Services) -> Response<Body> {
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".into());
     match upstream_http::send(
-        &services.hub.config.endpoints,
+        &services.hub.upstream,
         parts.method,
         &pq,
         &parts.headers,
@@ -529,8 +529,24 @@ async fn gateway(req: Request<ReqBody>, path: &str, services: &Services) -> Resp
     match answer {
         Ok(json) => json_response(json),
         Err(Failure::Decode(msg)) => error_response(Code::InvalidArgument, &msg, false),
-        Err(Failure::Call(s)) => error_response(s.code(), s.message(), true),
+        Err(Failure::Call(s)) => call_error(s.code(), s.message(), services),
     }
+}
+
+/// An error returned by the gRPC call itself. etcd's gateway reaches etcd's gRPC server
+/// natively on a plaintext port (the error's content type arrives as a trailer) and through
+/// Go's HTTP/2 server on a TLS port (it arrives with the headers, as
+/// `Grpc-Metadata-Content-Type`); the proxy answers as etcd on the same kind of port.
+fn call_error(code: Code, msg: &str, services: &Services) -> Response<Body> {
+    if services.hub.config.tls.cert_file.is_none() {
+        return error_response(code, msg, true);
+    }
+    let mut resp = error_response(code, msg, false);
+    resp.headers_mut().insert(
+        "grpc-metadata-content-type",
+        HeaderValue::from_static("application/grpc"),
+    );
+    resp
 }
 
 fn decode<T: prost::Message + Default>(name: &str, v: &Value<'_>) -> Result<T, Failure> {

@@ -16,7 +16,6 @@
 use std::fmt::Debug;
 use std::future::Future;
 use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -927,8 +926,8 @@ pub async fn within<T>(d: Duration, what: &str, f: impl Future<Output = T>) -> T
 /// GET over HTTP/1.1 on loopback, decoding `Transfer-Encoding: chunked` (Go's net/http chunks
 /// large bodies such as /metrics, and a chunk header may split a metric line).
 pub fn http_get_body(port: u16, path: &str) -> Result<(u16, String), String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let mut s = super::tls::connect(port).map_err(|e| e.to_string())?;
+    s.tcp().set_read_timeout(Some(Duration::from_secs(10))).ok();
     let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
     let mut raw = Vec::new();

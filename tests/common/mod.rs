@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -52,7 +52,7 @@ impl Etcd {
         let peer_port = free_port();
         let mut e = Etcd {
             child: None,
-            url: format!("http://127.0.0.1:{port}"),
+            url: tls::url(port),
             port,
             peer_port,
             dir,
@@ -85,6 +85,11 @@ impl Etcd {
             .arg(&peer)
             .arg("--initial-cluster")
             .arg(format!("t={peer}"))
+            .args(if tls::enabled() {
+                tls::etcd_flags()
+            } else {
+                Vec::new()
+            })
             .args(&self.extra)
             .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH)
             .stdin(Stdio::null())
@@ -196,10 +201,16 @@ impl Proxy {
             args.push("--prefix".into());
             args.push(p.to_string());
         }
+        if tls::enabled() {
+            if endpoints.starts_with("https://") {
+                args.extend(tls::proxy_upstream_flags());
+            }
+            args.extend(tls::proxy_listen_flags());
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut p = Proxy {
             child: None,
-            url: format!("http://127.0.0.1:{port}"),
+            url: tls::url(port),
             port,
             dir: tempfile::tempdir().expect("tempdir"),
             args,
@@ -268,13 +279,16 @@ impl Drop for Proxy {
     }
 }
 
-/// Connects a tonic channel (no TLS) to `url`.
+/// Connects a tonic channel to `url` (over TLS with the CN-less client certificate for
+/// `https://` URLs).
 pub async fn channel(url: &str) -> Channel {
-    Channel::from_shared(url.to_string())
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect")
+    let mut ep = Channel::from_shared(url.to_string()).expect("url");
+    if url.starts_with("https://") {
+        ep = ep
+            .tls_config(tls::tonic_tls(&tls::certs().client))
+            .expect("tls config");
+    }
+    ep.connect().await.expect("connect")
 }
 
 /// KV, Watch and Lease clients on one channel.
@@ -307,8 +321,8 @@ pub fn http_request(
     path: &str,
     body: Option<&str>,
 ) -> Result<(u16, String), String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let mut s = tls::connect(port).map_err(|e| e.to_string())?;
+    s.tcp().set_read_timeout(Some(Duration::from_secs(10))).ok();
     let body = body.unwrap_or("");
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
@@ -348,4 +362,5 @@ pub mod checker;
 pub mod cluster;
 pub mod diff;
 pub mod fault;
+pub mod tls;
 pub mod watchers;

@@ -9,7 +9,8 @@
 //!   the certificate request is left empty, so it cannot go stale across a CA rotation.
 //! - A handshake must finish within [`HANDSHAKE_TIMEOUT`]; a client that fails it (plaintext,
 //!   no or an untrusted certificate, a silent one) is dropped without touching anything else.
-//!   A plaintext HTTP request gets Go's `400 Client sent an HTTP request to an HTTPS server.`
+//!   A connection whose first byte is not a TLS handshake record is closed without a word, as
+//!   etcd's TLS listener does.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +21,6 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
@@ -31,10 +31,6 @@ use super::{TlsArgs, TlsError};
 
 /// Longest time a client gets to complete its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Go's answer to plaintext HTTP on a TLS port (`net/http`'s `conn.serve`).
-const HTTP_ON_HTTPS: &[u8] =
-    b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n";
 
 /// The listen address's TLS: acceptor and CommonName policy.
 #[derive(Debug)]
@@ -111,20 +107,13 @@ impl ServerTls {
 
     /// Completes the TLS handshake of a new connection within [`HANDSHAKE_TIMEOUT`]; `None`
     /// when it fails (the connection is then closed).
-    pub async fn accept(&self, mut tcp: TcpStream) -> Option<Accepted> {
+    pub async fn accept(&self, tcp: TcpStream) -> Option<Accepted> {
         let handshake = async {
             let mut first = [0u8; 1];
-            // 0x16: a TLS handshake record. Anything else is refused (with Go's words when
-            // it looks like an HTTP request).
+            // 0x16: a TLS handshake record. Anything else (plaintext HTTP or HTTP/2) is closed
+            // unanswered, where rustls would answer with an alert.
             match tcp.peek(&mut first).await {
                 Ok(1) if first[0] == 0x16 => {}
-                Ok(1) => {
-                    let mut head = [0u8; 5];
-                    if tcp.read_exact(&mut head).await.is_ok() && looks_like_http(&head) {
-                        let _ = tcp.write_all(HTTP_ON_HTTPS).await;
-                    }
-                    return None;
-                }
                 _ => return None,
             }
             match TlsAcceptor::from(self.config.clone()).accept(tcp).await {
@@ -152,11 +141,6 @@ impl ServerTls {
             peer: Peer { common_name },
         })
     }
-}
-
-/// Go's `tlsRecordHeaderLooksLikeHTTP`.
-fn looks_like_http(head: &[u8; 5]) -> bool {
-    matches!(head, b"GET /" | b"HEAD " | b"POST " | b"PUT /" | b"OPTIO")
 }
 
 /// A verifier requiring a client certificate signed by a CA of the bundle at `ca`.

@@ -201,11 +201,18 @@ impl Proxy {
             args.push("--prefix".into());
             args.push(p.to_string());
         }
+        // TLS mode: the harness's certificates, unless the caller gives its own.
+        let given = |flag: &str| extra.iter().any(|a| a.starts_with(flag));
         if tls::enabled() {
-            if endpoints.starts_with("https://") {
+            if endpoints.starts_with("https://")
+                && !given("--cacert")
+                && !given("--insecure-skip-tls-verify")
+            {
                 args.extend(tls::proxy_upstream_flags());
             }
-            args.extend(tls::proxy_listen_flags());
+            if !given("--cert-file") {
+                args.extend(tls::proxy_listen_flags());
+            }
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut p = Proxy {
@@ -244,6 +251,11 @@ impl Proxy {
     /// The proxy's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("proxy.log")).unwrap_or_default()
+    }
+
+    /// PID of the running proxy.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     /// SIGKILLs the proxy.

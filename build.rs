@@ -24,7 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // that a reference-count bump instead of a copy.
         .bytes(".")
         // prost with etcd's wording of decode errors (src/codec.rs).
-        .codec_path("crate::codec::EtcdCodec")
+        .codec_path("crate::wire::grpc::codec::EtcdCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -1,28 +1,20 @@
 //! etcd-fanout: an etcd v3 proxy that keeps one upstream watch per configured prefix and
 //! serves every downstream reader and watcher from a revision-indexed cache.
 //!
-//! Data flows one way: [`feed`] (upstream watch) -> [`cache`] -> [`hub`] (routing to feeds)
-//! -> [`watch`] / [`kv`] (downstream sessions) -> [`server`] (wire). Writes and the non-KV
-//! services go straight to etcd through [`upstream`] and [`passthrough`].
+//! Data flows one way: [`source`] (upstream watch -> cache -> hub) -> [`serve`] (KV and Watch
+//! sessions, pass-through services) -> [`wire`] (the listener, gRPC and HTTP/JSON encoders).
+//! Writes and the non-KV services go straight to etcd through [`source::upstream`] and
+//! [`serve::passthrough`].
 
-pub mod cache;
-pub mod codec;
-pub mod compaction;
 pub mod config;
 pub mod error;
-pub mod feed;
-pub mod gateway;
-pub mod http;
-pub mod http1;
-pub mod hub;
 pub mod keys;
-pub mod kv;
 pub mod metrics;
-pub mod passthrough;
 pub mod proto;
-pub mod range_wire;
-pub mod server;
+pub mod serve;
+pub mod source;
 pub mod tls;
-pub mod transport;
-pub mod upstream;
-pub mod watch;
+pub mod wire;
+
+pub use serve::kv;
+pub use wire::grpc::codec;

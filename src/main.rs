@@ -6,11 +6,12 @@ use std::time::Duration;
 use clap::Parser;
 
 use etcd_fanout::config::Config;
-use etcd_fanout::hub::Hub;
-use etcd_fanout::server::{serve_with_tls, Services};
+use etcd_fanout::serve::Services;
+use etcd_fanout::source::hub::Hub;
+use etcd_fanout::source::upstream::Upstream;
 use etcd_fanout::tls::client::UpstreamTls;
 use etcd_fanout::tls::server::ServerTls;
-use etcd_fanout::upstream::Upstream;
+use etcd_fanout::wire::server::serve_with_tls;
 
 /// Longest time open connections get to finish after a shutdown signal.
 const DRAIN: Duration = Duration::from_secs(10);

@@ -10,9 +10,9 @@ use tonic::codec::{Codec, EncodeBuf, Encoder};
 use tonic::server::{Grpc, UnaryService};
 use tonic::Status;
 
-use crate::codec::{EtcdCodec, EtcdDecoder};
-use crate::kv::{KvService, RangeAnswer};
 use crate::proto::etcdserverpb::{RangeRequest, RangeResponse};
+use crate::serve::kv::{KvService, RangeAnswer};
+use crate::wire::grpc::codec::{EtcdCodec, EtcdDecoder};
 
 /// The gRPC path this route serves.
 pub const PATH: &str = "/etcdserverpb.KV/Range";

@@ -12,7 +12,7 @@ use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::proto::etcdserverpb::*;
-use crate::upstream::{forward, Upstream};
+use crate::source::upstream::{forward, Upstream};
 
 /// A boxed response stream, as the streaming methods return.
 pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;

@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::compaction::Compaction;
 use crate::config::Config;
-use crate::feed::Feed;
 use crate::keys::KeyRange;
-use crate::upstream::Upstream;
+use crate::source::compaction::Compaction;
+use crate::source::feed::Feed;
+use crate::source::upstream::Upstream;
 
 /// All feeds and the shared upstream.
 #[derive(Debug)]

@@ -1,12 +1,11 @@
-//! Plain HTTP requests on the shared port. Everything goes through [`crate::gateway`] (etcd's
-//! HTTP server and JSON gateway); the proxy's own endpoints `/readyz` and `/metrics` are here.
+//! The proxy's own HTTP endpoints, `/readyz` and `/metrics`, served on the shared port by the
+//! gateway's mux (next to etcd's own `/version`, `/health` and `/v3/...`).
 
-use crate::http1::ReqBody;
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{Response, StatusCode};
 use http_body_util::Full;
 
-use crate::server::Services;
+use crate::serve::Services;
 
 fn text(
     status: StatusCode,
@@ -19,11 +18,6 @@ fn text(
         resp.headers_mut().insert(http::header::CONTENT_TYPE, v);
     }
     resp
-}
-
-/// Answers one non-gRPC request.
-pub async fn handle(req: Request<ReqBody>, services: &Services) -> Response<tonic::body::Body> {
-    crate::gateway::handle(req, services).await
 }
 
 /// The proxy's own endpoints (`/readyz`, `/metrics`), or `None` for any other path.

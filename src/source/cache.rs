@@ -7,7 +7,7 @@
 //!   batches undone, using each event's `prev_kv`),
 //! - every batch after revision `r` for `r` in the window (binary search in the history).
 //!
-//! The cache is a plain data structure: [`crate::feed`] fills it from the upstream watch and
+//! The cache is a plain data structure: [`crate::source::feed`] fills it from the upstream watch and
 //! wakes watchers; readers take a short read lock and copy out reference-counted batches.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -31,13 +31,23 @@ pub struct RevBatch {
     /// Approximate memory held by the batch.
     pub bytes: usize,
     /// This batch's events encoded once per watch shape, shared by every watcher of that
-    /// shape (filled by [`crate::watch::shape`]).
+    /// shape (filled by the watch shapes of the serving layer).
     pub encoded: EncodedMemo,
 }
 
 /// Per-shape encodings of one batch: `(shape id, encoding)` pairs, few per batch.
 #[derive(Debug, Default)]
-pub struct EncodedMemo(pub std::sync::Mutex<Vec<(u64, Arc<crate::watch::shape::Encoded>)>>);
+pub struct EncodedMemo(pub std::sync::Mutex<Vec<(u64, Arc<Encoded>)>>);
+
+/// One batch's events selected and encoded for one watch shape.
+#[derive(Debug)]
+pub struct Encoded {
+    /// The selected events, encoded as repeated `WatchResponse.events` fields (tag included):
+    /// appended to an encoded response header they form a complete WatchResponse.
+    pub proto: Bytes,
+    /// How many events were selected.
+    pub count: usize,
+}
 
 impl RevBatch {
     /// Groups events of one revision into a batch.

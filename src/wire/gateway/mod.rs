@@ -20,7 +20,7 @@
 //! status, headers, exact JSON text). Known differences, all deliberate or harmless:
 //! - headers come in another order and chunk sizes are upper-case hex (HTTP says the latter is
 //!   case-insensitive); the HTTP/1.x wire itself (keep-alive, pipelining, chunked bodies,
-//!   `Expect`, HTTP/1.0, malformed requests) is [`crate::http1`]'s, diffed against etcd by
+//!   `Expect`, HTTP/1.0, malformed requests) is [`crate::wire::http1`]'s, diffed against etcd by
 //!   `tests/gateway_wire.rs`; a chunked body whose framing breaks after a complete JSON value
 //!   is refused with the framing error (etcd decodes the value it read before the break);
 //! - a stream message is always exactly one chunk: etcd splits a message over 2 KiB into
@@ -39,7 +39,7 @@ pub mod json;
 pub mod stream;
 pub mod upstream_http;
 
-use crate::http1::{BodyError, ReqBody};
+use crate::wire::http1::{BodyError, ReqBody};
 use bytes::Bytes;
 use futures::StreamExt;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -50,15 +50,16 @@ use tonic::{Code, Status};
 
 use self::json::{Decoder, Next, Value};
 use self::stream::Body;
-use crate::kv::RangeAnswer;
-use crate::passthrough::BoxStream;
 use crate::proto::etcdserverpb::*;
-use crate::server::{Services, MAX_DECODING_MESSAGE};
+use crate::serve::kv::RangeAnswer;
+use crate::serve::passthrough::BoxStream;
+use crate::serve::Services;
+use crate::wire::grpc::MAX_DECODING_MESSAGE;
 
 /// Largest request body read. etcd has no limit, but nothing above this can be a valid etcd
 /// request (2 MiB of protobuf is under 3 MiB of base64 JSON); larger bodies get the answer
 /// etcd's gRPC server gives an oversized message.
-const MAX_BODY: usize = crate::http1::MAX_BODY;
+const MAX_BODY: usize = crate::wire::http1::MAX_BODY;
 
 /// Every `POST` route of etcd 3.4's gateway (`google.api.http` options of `rpc.proto`, plus
 /// the lock and election services).
@@ -155,7 +156,7 @@ async fn route(req: Request<ReqBody>, services: &Services) -> Response<Body> {
         "/version" => version(&method, services).await,
         "/health" => health(req, services).await,
         "/debug/vars" | "/config/local/log" => relay(req, services).await,
-        p => match crate::http::local(p, services) {
+        p => match crate::wire::http::local(p, services) {
             Some(resp) => resp,
             None => plain(StatusCode::NOT_FOUND, "404 page not found"),
         },

@@ -20,10 +20,10 @@ use super::frame::Frame;
 use super::watcher::{filter_into, send_events, WatcherGauge, RETRY_DELAY};
 use super::{Out, WatchSpec};
 use crate::config::Config;
-use crate::feed::Feed;
-use crate::hub::Hub;
 use crate::metrics;
 use crate::proto::etcdserverpb::{WatchCreateRequest, WatchResponse};
+use crate::source::feed::Feed;
+use crate::source::hub::Hub;
 
 /// Tries to open an upstream watch before a relay gives up and cancels the downstream one.
 const CREATE_ATTEMPTS: u32 = 10;

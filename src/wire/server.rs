@@ -1,9 +1,9 @@
 //! The listener: one TCP port serving the etcd v3 gRPC API and plain HTTP on every
 //! connection. The first bytes of a connection tell HTTP/2 (the preface) from HTTP/1.x. HTTP/2
 //! connections are served by hyper: gRPC requests (`content-type: application/grpc...`) go to
-//! tonic, anything else to [`crate::http`]. HTTP/1.x connections are served by [`http1`], every
-//! request to [`crate::http`] (health, readiness, metrics, and the JSON gateway), as etcd sends
-//! every HTTP/1 request to its HTTP handlers.
+//! tonic and the [`grpc`] routes, anything else to the [`gateway`]. HTTP/1.x connections are
+//! served by [`http1`], every request to the [`gateway`] (health, readiness, metrics, and the
+//! JSON API), as etcd sends every HTTP/1 request to its HTTP handlers.
 //!
 //! With TLS ([`crate::tls::server`]) the handshake's ALPN tells the protocols apart instead
 //! (`h2`: HTTP/2; `http/1.1` or none: HTTP/1.x), and what the handshake proved about the client
@@ -28,143 +28,12 @@ use tokio::sync::watch;
 use tonic::service::Routes;
 use tower::ServiceExt;
 
-use crate::http1;
-use crate::hub::Hub;
-use crate::kv::KvService;
-use crate::passthrough::PassThrough;
-use crate::proto::etcdserverpb::{
-    auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
-    lease_server::LeaseServer, maintenance_server::MaintenanceServer,
-};
-use crate::range_wire;
+use crate::serve::Services;
 use crate::tls::identity::{self, CnPolicy, Peer};
 use crate::tls::server::ServerTls;
-use crate::transport::Transport;
-use crate::watch::frame;
-use crate::watch::WatchService;
-
-/// etcd's largest accepted request (`--max-request-bytes` 1.5 MiB plus 512 KiB gRPC overhead).
-pub const MAX_DECODING_MESSAGE: usize = 2 << 20;
-
-/// Every service implementation, shared by the gRPC routes and the HTTP gateway.
-#[derive(Debug, Clone)]
-pub struct Services {
-    /// Feeds and upstream.
-    pub hub: Arc<Hub>,
-    /// KV (cached ranges, forwarded writes).
-    pub kv: KvService,
-    /// Watch (cached fan-out).
-    pub watch: WatchService,
-    /// Lease, Cluster, Maintenance, Auth (forwarded).
-    pub passthrough: PassThrough,
-}
-
-impl Services {
-    /// Builds the services over `hub`.
-    pub fn new(hub: Arc<Hub>) -> Self {
-        Services {
-            kv: KvService::new(hub.clone()),
-            watch: WatchService::new(hub.clone()),
-            passthrough: PassThrough::new(hub.upstream.clone()),
-            hub,
-        }
-    }
-
-    /// The tonic routes of the etcd services (`Watch` and `KV/Range` are served by
-    /// [`frame::serve`] and [`range_wire::serve`], with encoders that share encoded bytes).
-    pub fn grpc_routes(&self) -> Routes {
-        let p = self.passthrough.clone();
-        Routes::new(
-            KvServer::new(self.kv.clone())
-                .max_decoding_message_size(MAX_DECODING_MESSAGE)
-                .max_encoding_message_size(usize::MAX),
-        )
-        .add_service(LeaseServer::new(p.clone()).max_decoding_message_size(MAX_DECODING_MESSAGE))
-        .add_service(ClusterServer::new(p.clone()).max_decoding_message_size(MAX_DECODING_MESSAGE))
-        .add_service(
-            MaintenanceServer::new(p.clone())
-                .max_decoding_message_size(MAX_DECODING_MESSAGE)
-                .max_encoding_message_size(usize::MAX),
-        )
-        .add_service(AuthServer::new(p).max_decoding_message_size(MAX_DECODING_MESSAGE))
-    }
-}
-
-/// Every gRPC method etcd 3.4 serves, by service.
-const GRPC_METHODS: [(&str, &[&str]); 6] = [
-    (
-        "etcdserverpb.KV",
-        &["Range", "Put", "DeleteRange", "Txn", "Compact"],
-    ),
-    ("etcdserverpb.Watch", &["Watch"]),
-    (
-        "etcdserverpb.Lease",
-        &[
-            "LeaseGrant",
-            "LeaseRevoke",
-            "LeaseKeepAlive",
-            "LeaseTimeToLive",
-            "LeaseLeases",
-        ],
-    ),
-    (
-        "etcdserverpb.Cluster",
-        &[
-            "MemberAdd",
-            "MemberRemove",
-            "MemberUpdate",
-            "MemberList",
-            "MemberPromote",
-        ],
-    ),
-    (
-        "etcdserverpb.Maintenance",
-        &[
-            "Alarm",
-            "Status",
-            "Defragment",
-            "Hash",
-            "HashKV",
-            "Snapshot",
-            "MoveLeader",
-        ],
-    ),
-    (
-        "etcdserverpb.Auth",
-        &[
-            "AuthEnable",
-            "AuthDisable",
-            "Authenticate",
-            "UserAdd",
-            "UserGet",
-            "UserList",
-            "UserDelete",
-            "UserChangePassword",
-            "UserGrantRole",
-            "UserRevokeRole",
-            "RoleAdd",
-            "RoleGet",
-            "RoleList",
-            "RoleDelete",
-            "RoleGrantPermission",
-            "RoleRevokePermission",
-        ],
-    ),
-];
-
-/// grpc-go's answer to a path no service serves, or `None` when the method exists.
-fn unknown_grpc_method(path: &str) -> Option<tonic::Status> {
-    let (service, method) = path.trim_start_matches('/').split_once('/')?;
-    match GRPC_METHODS.iter().find(|(s, _)| *s == service) {
-        None => Some(tonic::Status::unimplemented(format!(
-            "unknown service {service}"
-        ))),
-        Some((_, methods)) if !methods.contains(&method) => Some(tonic::Status::unimplemented(
-            format!("unknown method {method} for service {service}"),
-        )),
-        Some(_) => None,
-    }
-}
+use crate::wire::http1;
+use crate::wire::transport::Transport;
+use crate::wire::{gateway, grpc};
 
 fn is_grpc<B>(req: &http::Request<B>) -> bool {
     req.headers()
@@ -297,15 +166,16 @@ impl ConnInfo {
     }
 }
 
-/// gRPC methods etcd answers without looking at the caller's identity, so a client certificate's
-/// CommonName never matters for them (`Authenticate` is how such a client gets a token).
+/// gRPC methods etcd answers without looking at the caller's identity, so a client
+/// certificate's CommonName never matters for them (`Authenticate` is how such a client gets a
+/// token).
 const IDENTITY_FREE_METHODS: [&str; 2] = [
     "/etcdserverpb.Auth/Authenticate",
     "/etcdserverpb.Cluster/MemberList",
 ];
 
 /// One HTTP/2 request: gRPC to tonic (Watch and KV/Range to their own encoders), anything
-/// else (JSON over h2c) to [`crate::http`].
+/// else (JSON over h2c) to the [`gateway`].
 fn h2_request(
     mut req: http::Request<Incoming>,
     routes: Routes,
@@ -317,7 +187,7 @@ fn h2_request(
             return Box::pin(async move { refusal });
         }
         H2Route::Http
-    } else if let Some(status) = unknown_grpc_method(req.uri().path()) {
+    } else if let Some(status) = grpc::unknown_method(req.uri().path()) {
         H2Route::Unknown(status)
     } else if let Some(status) = (!IDENTITY_FREE_METHODS.contains(&req.uri().path()))
         .then(|| identity::grpc_refusal(conn.policy, &conn.peer, req.headers()))
@@ -326,23 +196,23 @@ fn h2_request(
         H2Route::Unknown(status)
     } else {
         match req.uri().path() {
-            range_wire::PATH => H2Route::Range,
-            frame::PATH => H2Route::Watch,
+            grpc::range::PATH => H2Route::Range,
+            grpc::watch::PATH => H2Route::Watch,
             _ => H2Route::Grpc,
         }
     };
-    let max = MAX_DECODING_MESSAGE;
+    let max = grpc::MAX_DECODING_MESSAGE;
     match route {
         H2Route::Http => {
             let req = req.map(|b| {
                 b.map_err(|e| http1::BodyError::Transport(e.to_string()))
                     .boxed()
             });
-            Box::pin(async move { crate::http::handle(req, &services).await })
+            Box::pin(async move { gateway::handle(req, &services).await })
         }
         H2Route::Unknown(status) => Box::pin(async move { status.into_http() }),
-        H2Route::Range => Box::pin(range_wire::serve(services.kv, req, max)),
-        H2Route::Watch => Box::pin(frame::serve(services.watch, req, max)),
+        H2Route::Range => Box::pin(grpc::range::serve(services.kv, req, max)),
+        H2Route::Watch => Box::pin(grpc::watch::serve(services.watch, req, max)),
         H2Route::Grpc => Box::pin(async move {
             match routes.oneshot(req).await {
                 Ok(resp) => resp,
@@ -371,7 +241,7 @@ pub async fn serve_with_tls(
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
-    let routes = services.grpc_routes();
+    let routes = grpc::routes(&services);
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.max_concurrent_streams(u32::MAX)
         .initial_stream_window_size(1 << 20)
@@ -473,7 +343,7 @@ impl Connection {
                         return Box::pin(async move { refusal });
                     }
                     let services = services.clone();
-                    Box::pin(async move { crate::http::handle(req, &services).await })
+                    Box::pin(async move { gateway::handle(req, &services).await })
                 };
                 http1::serve(stream, read, handle, shutdown).await;
             }

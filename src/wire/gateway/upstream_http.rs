@@ -14,8 +14,8 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use crate::source::upstream::Upstream;
 use crate::tls::client::Alpn;
-use crate::upstream::Upstream;
 
 /// Longest wait for a connection plus the response head, per endpoint.
 const TRY_TIMEOUT: Duration = Duration::from_secs(5);

@@ -19,12 +19,12 @@ use prost::Message;
 
 use super::frame::{EventsFrame, Frame};
 use super::{Out, WatchSpec};
-use crate::cache::{Cache, RevBatch};
 use crate::config::Config;
-use crate::feed::Feed;
 use crate::metrics;
 use crate::proto::etcdserverpb::{ResponseHeader, WatchResponse};
 use crate::proto::mvccpb::Event;
+use crate::source::cache::{Cache, RevBatch};
+use crate::source::feed::Feed;
 
 /// etcd's `watchBatchMaxRevs`: most revisions in one catch-up response.
 pub const MAX_REVS_PER_RESPONSE: usize = 1000;

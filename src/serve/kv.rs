@@ -14,14 +14,14 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
-use crate::feed::Feed;
-use crate::hub::Hub;
 use crate::keys::KeyRange;
 use crate::metrics;
 use crate::proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 use crate::proto::etcdserverpb::*;
 use crate::proto::mvccpb::KeyValue;
-use crate::upstream::{forward, has_credentials};
+use crate::source::feed::Feed;
+use crate::source::hub::Hub;
+use crate::source::upstream::{forward, has_credentials};
 
 /// Go's `sort.Sort` is an insertion sort (stable) up to this many elements; above it, the
 /// order of equal elements is etcd's own, so such sorts are forwarded.
@@ -32,12 +32,26 @@ const GO_STABLE_SORT_MAX: usize = 12;
 pub struct KvService {
     /// Feeds and upstream.
     hub: Arc<Hub>,
+    /// Recent range answers of each feed (same order as [`Hub::feeds`]), shared by identical
+    /// reads.
+    memos: Arc<[RangeMemo]>,
 }
 
 impl KvService {
     /// A KV service over `hub`.
     pub fn new(hub: Arc<Hub>) -> Self {
-        KvService { hub }
+        let memos = hub.feeds().iter().map(|_| RangeMemo::default()).collect();
+        KvService { hub, memos }
+    }
+
+    /// The range memo of `feed`.
+    fn memo(&self, feed: &Feed) -> Option<&RangeMemo> {
+        let i = self
+            .hub
+            .feeds()
+            .iter()
+            .position(|f| std::ptr::eq(Arc::as_ptr(f), feed))?;
+        self.memos.get(i)
     }
 
     /// Answers a range, from the cache when possible.
@@ -147,7 +161,8 @@ impl KvService {
             ..req.clone()
         }
         .encode_to_vec();
-        if let Some(body) = feed.range_memo().get(&key) {
+        let memo = self.memo(feed);
+        if let Some(body) = memo.and_then(|m| m.get(&key)) {
             return Some(RangeAnswer::Cached(header, body));
         }
         let kvs = feed.cache().kvs_at(range, at)?;
@@ -156,7 +171,9 @@ impl KvService {
             header: None,
             ..resp
         }));
-        feed.range_memo().put(key, body.clone());
+        if let Some(memo) = memo {
+            memo.put(key, body.clone());
+        }
         Some(RangeAnswer::Cached(header, body))
     }
 }

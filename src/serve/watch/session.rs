@@ -28,15 +28,15 @@ use super::shape::{ShapeKey, SHAPES};
 use super::watcher::{self, CachedWatch, Step};
 use super::{relay, Out, WatchSpec, INVALID_WATCH_ID, SHUTDOWN_MESSAGE};
 use crate::error::{WATCH_DUPLICATE_ID, WATCH_RANGE_EMPTY};
-use crate::feed::Feed;
-use crate::hub::Hub;
 use crate::keys::KeyRange;
 use crate::metrics;
 use crate::proto::etcdserverpb::watch_create_request::FilterType;
 use crate::proto::etcdserverpb::{
     watch_request::RequestUnion, WatchCreateRequest, WatchRequest, WatchResponse,
 };
-use crate::upstream::has_credentials;
+use crate::source::feed::Feed;
+use crate::source::hub::Hub;
+use crate::source::upstream::has_credentials;
 
 /// A feed, identified by the address of its (never freed) `Arc`.
 type FeedKey = usize;
@@ -484,7 +484,7 @@ async fn tick(progress: &mut Option<Pin<Box<tokio::time::Interval>>>) {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::upstream::Upstream;
+    use crate::source::upstream::Upstream;
     use clap::Parser;
 
     /// Each downstream stream is one session task holding this future: keep it small.

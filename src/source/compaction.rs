@@ -15,7 +15,7 @@ use bytes::Bytes;
 use tonic::Code;
 
 use crate::proto::etcdserverpb::{RangeRequest, WatchCreateRequest};
-use crate::upstream::Upstream;
+use crate::source::upstream::Upstream;
 
 /// A key no one writes, used for compaction probes.
 const PROBE_KEY: &[u8] = b"\0etcd-fanout/compaction-probe";

@@ -23,10 +23,10 @@ use http_body_util::StreamBody;
 
 use super::codec;
 use super::errors;
-use crate::cache::RevBatch;
 use crate::proto::etcdserverpb::WatchResponse;
-use crate::watch::frame::Frame as WatchFrame;
-use crate::watch::shape::Shape;
+use crate::serve::watch::frame::Frame as WatchFrame;
+use crate::serve::watch::shape::Shape;
+use crate::source::cache::RevBatch;
 
 /// The body type every answer uses.
 pub type Body = tonic::body::Body;
@@ -184,8 +184,8 @@ mod tests {
     use crate::keys::KeyRange;
     use crate::proto::etcdserverpb::ResponseHeader;
     use crate::proto::mvccpb::{Event, KeyValue};
-    use crate::watch::frame::EventsFrame;
-    use crate::watch::shape::{ShapeKey, SHAPES};
+    use crate::serve::watch::frame::EventsFrame;
+    use crate::serve::watch::shape::{ShapeKey, SHAPES};
 
     fn ev(key: &'static [u8], rev: i64, t: i32) -> Event {
         Event {

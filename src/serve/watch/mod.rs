@@ -25,9 +25,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
-use crate::hub::Hub;
-use crate::passthrough::BoxStream;
 use crate::proto::etcdserverpb::{WatchCreateRequest, WatchRequest, WatchResponse};
+use crate::serve::passthrough::BoxStream;
+use crate::source::hub::Hub;
 use frame::Frame;
 use session::Session;
 use shape::Shape;

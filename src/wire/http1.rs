@@ -40,7 +40,7 @@ use http_body_util::{BodyExt, Full};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
-use crate::transport::{readable, Transport};
+use crate::wire::transport::{readable, Transport};
 
 /// Why a request body could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +57,7 @@ pub enum BodyError {
     Transport(String),
 }
 
-/// The body of a request handed to [`crate::http::handle`], whatever the HTTP version.
+/// The body of a request handed to [`crate::wire::gateway::handle`], whatever the HTTP version.
 pub type ReqBody = BoxBody<Bytes, BodyError>;
 
 /// Largest request head (request line and headers), as Go's `DefaultMaxHeaderBytes`.

@@ -11,11 +11,11 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 
-use crate::cache::RevBatch;
 use crate::keys::KeyRange;
 use crate::proto::mvccpb::{event::EventType, Event};
+use crate::source::cache::{Encoded, RevBatch};
 
 /// Field number of `WatchResponse.events`.
 const EVENTS_FIELD: u32 = 11;
@@ -43,16 +43,6 @@ pub struct Shape {
     pub id: u64,
     /// The selection rules.
     pub key: ShapeKey,
-}
-
-/// One batch's events selected and encoded for one shape.
-#[derive(Debug)]
-pub struct Encoded {
-    /// The selected events, encoded as repeated `WatchResponse.events` fields (tag included):
-    /// appended to an encoded response header they form a complete WatchResponse.
-    pub proto: Bytes,
-    /// How many events were selected.
-    pub count: usize,
 }
 
 impl Shape {
@@ -160,6 +150,7 @@ mod tests {
     use super::*;
     use crate::proto::etcdserverpb::WatchResponse;
     use crate::proto::mvccpb::KeyValue;
+    use bytes::Bytes;
     use prost::Message;
 
     fn put(key: &str, rev: i64) -> Event {

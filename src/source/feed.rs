@@ -19,14 +19,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::cache::{Cache, RevBatch};
-use crate::compaction::Compaction;
 use crate::config::Config;
 use crate::keys::KeyRange;
 use crate::metrics;
 use crate::proto::etcdserverpb::{RangeRequest, WatchCreateRequest};
 use crate::proto::mvccpb::Event;
-use crate::upstream::Upstream;
+use crate::source::cache::{Cache, RevBatch};
+use crate::source::compaction::Compaction;
+use crate::source::upstream::Upstream;
 
 /// How a linearizable read may be answered from the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,8 +61,6 @@ pub struct Feed {
     /// The last sync check's finding `(h, x)`: the cached state at head `h` is etcd's state at
     /// revision `x` (serializable reads at head `h` report `x`, as etcd would).
     verified: std::sync::Mutex<(i64, i64)>,
-    /// Recent range answers, shared by identical reads.
-    range_memo: crate::kv::RangeMemo,
     /// Queue of linearizable reads waiting for a sync check.
     sync_tx: mpsc::UnboundedSender<oneshot::Sender<Option<SyncPoint>>>,
 }
@@ -93,7 +91,6 @@ impl Feed {
             page_size: config.load_page_size.max(1),
             backfill_revisions: config.backfill_revisions.min(config.history_revisions) as i64,
             verified: std::sync::Mutex::new((0, 0)),
-            range_memo: Default::default(),
             sync_tx,
         });
         tokio::spawn(feed.clone().run());
@@ -104,11 +101,6 @@ impl Feed {
     /// Read access to the cache (hold it briefly; never across an `.await`).
     pub fn cache(&self) -> RwLockReadGuard<'_, Cache> {
         self.cache.read().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Recent range answers of this prefix.
-    pub fn range_memo(&self) -> &crate::kv::RangeMemo {
-        &self.range_memo
     }
 
     /// Subscribes to head revision changes.

@@ -1,0 +1,9 @@
+//! The source layer: the upstream etcd channel, one feed per configured prefix (load, watch,
+//! backfill, sync check), the revision-indexed cache it fills, etcd's compaction revision as
+//! known, and the hub that routes a key range to its feed.
+
+pub mod cache;
+pub mod compaction;
+pub mod feed;
+pub mod hub;
+pub mod upstream;

@@ -215,9 +215,16 @@ impl Proxy {
             }
         }
         args.extend(extra.iter().map(|s| s.to_string()));
+        if given("--cert-file") {
+            tls::mark_tls_port(port);
+        }
         let mut p = Proxy {
             child: None,
-            url: tls::url(port),
+            url: if tls::is_tls_port(port) {
+                format!("https://127.0.0.1:{port}")
+            } else {
+                tls::url(port)
+            },
             port,
             dir: tempfile::tempdir().expect("tempdir"),
             args,

@@ -304,10 +304,25 @@ impl Write for Stream {
     }
 }
 
-/// Connects to a loopback port: over TLS with the CN-less client certificate in TLS mode
-/// (ALPN `http/1.1`), plain TCP otherwise.
+/// Ports known to serve TLS outside TLS mode (a proxy given its own `--cert-file`).
+static TLS_PORTS: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+
+/// Records that `port` serves TLS whatever the mode.
+pub fn mark_tls_port(port: u16) {
+    if let Ok(mut p) = TLS_PORTS.lock() {
+        p.push(port);
+    }
+}
+
+/// True when the harness talks TLS to `port`.
+pub fn is_tls_port(port: u16) -> bool {
+    enabled() || TLS_PORTS.lock().map(|p| p.contains(&port)).unwrap_or(false)
+}
+
+/// Connects to a loopback port: over TLS with the CN-less client certificate in TLS mode or
+/// to a TLS port (ALPN `http/1.1`), plain TCP otherwise.
 pub fn connect(port: u16) -> io::Result<Stream> {
-    if enabled() {
+    if is_tls_port(port) {
         connect_tls(port, Some(&certs().client), &[b"http/1.1"])
     } else {
         TcpStream::connect(("127.0.0.1", port)).map(Stream::Plain)

@@ -205,7 +205,7 @@ fn h2_request(
     match route {
         H2Route::Http => {
             let req = req.map(|b| {
-                b.map_err(|e| http1::BodyError::Transport(e.to_string()))
+                b.map_err(|e| crate::wire::body::BodyError::Transport(e.to_string()))
                     .boxed()
             });
             Box::pin(async move { gateway::handle(req, &services).await })

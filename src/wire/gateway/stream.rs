@@ -21,8 +21,8 @@ use http::{HeaderMap, HeaderValue};
 use http_body::Frame;
 use http_body_util::StreamBody;
 
-use super::codec;
 use super::errors;
+use super::jsonpb;
 use crate::proto::etcdserverpb::WatchResponse;
 use crate::serve::watch::frame::Frame as WatchFrame;
 use crate::serve::watch::shape::Shape;
@@ -74,7 +74,7 @@ pub fn result_chunk(json: &[u8]) -> Bytes {
 pub fn watch_chunk(resp: &WatchResponse) -> Bytes {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(b"{\"result\":");
-    codec::write_watch_response(&mut out, resp);
+    jsonpb::write_watch_response(&mut out, resp);
     out.extend_from_slice(b"}\n");
     Bytes::from(out)
 }
@@ -101,7 +101,7 @@ pub fn frame_chunk(frame: &WatchFrame) -> Bytes {
         ..Default::default()
     };
     // Header and watch id, then the shared events (`events` is the last field written).
-    codec::write_watch_response(&mut out, &resp);
+    jsonpb::write_watch_response(&mut out, &resp);
     out.pop();
     if !parts.is_empty() {
         out.extend_from_slice(b",\"events\":[");
@@ -157,7 +157,7 @@ impl BatchJson {
             if !json.is_empty() {
                 json.push(b',');
             }
-            codec::write_event(&mut json, &shape.view(ev));
+            jsonpb::write_event(&mut json, &shape.view(ev));
         }
         let json = Bytes::from(json);
         if self.map.len() >= BATCH_CACHE_ENTRIES

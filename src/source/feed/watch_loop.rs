@@ -1,0 +1,132 @@
+//! The feed's upstream watch loop: load, watch from head+1, apply each revision's events as
+//! one batch and publish the head; resume after a failure, reload after a compaction.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{group_by_revision, Feed};
+use crate::metrics;
+use crate::proto::etcdserverpb::WatchCreateRequest;
+use crate::proto::mvccpb::Event;
+
+impl Feed {
+    /// Keeps the cache loaded and watched, forever.
+    pub(super) async fn run(self: Arc<Self>) {
+        let mut need_load = true;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if need_load {
+                match self.load().await {
+                    Ok(revision) => {
+                        need_load = false;
+                        tokio::spawn(self.clone().backfill(revision));
+                    }
+                    Err(e) => {
+                        tracing::warn!(prefix = %self.name, error = %e, "loading prefix failed");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        continue;
+                    }
+                }
+            }
+            match self.watch_once(&mut backoff).await {
+                Ok(compact) => {
+                    tracing::warn!(prefix = %self.name, compact, "upstream watch compacted; reloading");
+                    self.compaction.observe(compact);
+                    need_load = true;
+                    backoff = Duration::from_millis(100);
+                }
+                Err(e) => {
+                    tracing::warn!(prefix = %self.name, error = %e, "upstream watch failed; resuming");
+                    metrics::UPSTREAM_WATCH_RESTARTS.inc();
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// Runs one upstream watch from head+1 until it fails (`Err`) or etcd says the resume
+    /// revision is compacted (`Ok(compact_revision)`).
+    async fn watch_once(&self, backoff: &mut Duration) -> Result<i64, tonic::Status> {
+        let start = self.cache().head() + 1;
+        let create = WatchCreateRequest {
+            key: self.range.start.clone(),
+            range_end: self.range.range_end(),
+            start_revision: start,
+            prev_kv: true,
+            progress_notify: true,
+            ..Default::default()
+        };
+        let mut up = self
+            .upstream
+            .open_watch(&Default::default(), create)
+            .await?;
+        metrics::UPSTREAM_WATCHES.inc();
+        let _gauge = scopeguard(|| metrics::UPSTREAM_WATCHES.dec());
+        while let Some(resp) = up.responses.message().await? {
+            self.upstream.observe_header(resp.header.as_ref());
+            if resp.canceled {
+                if resp.compact_revision > 0 {
+                    return Ok(resp.compact_revision);
+                }
+                return Err(tonic::Status::unavailable(format!(
+                    "upstream watch canceled: {}",
+                    resp.cancel_reason
+                )));
+            }
+            if resp.created {
+                tracing::info!(prefix = %self.name, start, "upstream watch established");
+                // A healthy watch: the next failure retries quickly again.
+                *backoff = Duration::from_millis(100);
+                self.ready.store(true, Ordering::Release);
+                continue;
+            }
+            if resp.events.is_empty() {
+                // A progress notification: every event up to this revision was delivered.
+                let rev = resp.header.as_ref().map_or(0, |h| h.revision);
+                let head = {
+                    let mut c = self.cache.write().unwrap_or_else(|e| e.into_inner());
+                    c.advance(rev);
+                    c.head()
+                };
+                self.publish(head);
+                continue;
+            }
+            self.apply_events(resp.events);
+        }
+        Err(tonic::Status::unavailable("upstream watch stream ended"))
+    }
+
+    /// Groups events by revision and applies each group as one batch.
+    fn apply_events(&self, events: Vec<Event>) {
+        let batches = group_by_revision(events);
+        let n: usize = batches.iter().map(|b| b.events.len()).sum();
+        let head = {
+            let mut c = self.cache.write().unwrap_or_else(|e| e.into_inner());
+            for b in batches {
+                if let Err(e) = c.apply(b) {
+                    // Already applied before a reconnect: skip, never apply twice.
+                    tracing::debug!(prefix = %self.name, error = %e, "skipping batch");
+                }
+            }
+            c.head()
+        };
+        metrics::UPSTREAM_EVENTS.inc_by(n as u64);
+        self.publish(head);
+    }
+}
+
+/// Runs `f` when dropped.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}

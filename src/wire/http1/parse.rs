@@ -1,0 +1,279 @@
+//! Reading and parsing a request: the head (`httparse`), its framing and connection options,
+//! Go's answers to malformed requests; the body is read by [`super::body`].
+
+use http_body_util::{BodyExt, Full};
+
+use std::io;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures::FutureExt;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Version};
+use tokio::io::AsyncReadExt;
+
+use super::body::{read_chunked, Failed, Framing};
+use super::{send, MAX_HEAD, MAX_HEADERS, READ_CHUNK};
+use crate::wire::body::{BodyError, ReqBody, MAX_BODY};
+use crate::wire::transport::{readable, Transport};
+
+/// A parsed request and what the connection must do after answering it.
+pub(super) struct Received {
+    /// The request, its body read whole.
+    pub(super) request: Request<ReqBody>,
+    /// The client allows another request on this connection.
+    pub(super) keep_alive: bool,
+    /// The body was read to its end (false for one too large or malformed: the connection
+    /// closes after the answer).
+    pub(super) body_consumed: bool,
+}
+
+/// Why no request could be read.
+pub(super) enum ReadError {
+    /// The connection failed or closed in the middle of a request, or its first line is not
+    /// HTTP/1.x (etcd's listener drops those unanswered): nothing to answer.
+    Io,
+    /// A malformed or oversized request: answered with this status (and Go's detail, as in
+    /// `400 Bad Request: invalid header name`), then closed.
+    Refuse(StatusCode, Option<&'static str>),
+}
+
+impl From<io::Error> for ReadError {
+    fn from(_: io::Error) -> Self {
+        ReadError::Io
+    }
+}
+
+/// Reads bytes that are ready into `buf` (growing it by at least `READ_CHUNK`), waiting for
+/// the socket if none are. `Ok(0)` is the end of the stream.
+pub(super) async fn fill<S: Transport>(s: &mut S, buf: &mut BytesMut) -> io::Result<usize> {
+    loop {
+        readable(s).await?;
+        if buf.capacity() - buf.len() < READ_CHUNK / 2 {
+            buf.reserve(READ_CHUNK);
+        }
+        // One read attempt; `None`: nothing after all (a spurious wake-up, or TLS bytes that
+        // completed no record yet), so wait again.
+        if let Some(r) = s.read_buf(buf).now_or_never() {
+            return r;
+        }
+    }
+}
+
+/// Reads the next request; `Ok(None)` when the client closed the connection between requests.
+pub(super) async fn read_request<S: Transport>(
+    s: &mut S,
+    buf: &mut BytesMut,
+) -> Result<Option<Received>, ReadError> {
+    let head = loop {
+        if !buf.is_empty() {
+            if let Some(head) = parse_head(buf)? {
+                break head;
+            }
+        }
+        if buf.len() >= MAX_HEAD {
+            return Err(ReadError::Refuse(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                None,
+            ));
+        }
+        if fill(s, buf).await? == 0 {
+            return if buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(ReadError::Io)
+            };
+        }
+    };
+    let Head {
+        consumed,
+        parts,
+        framing,
+        keep_alive,
+        expect_continue,
+    } = head;
+    buf.advance(consumed);
+    let too_large = match framing {
+        Framing::Length(n) => n > MAX_BODY as u64,
+        _ => false,
+    };
+    if expect_continue && !too_large && !matches!(framing, Framing::Empty) {
+        send(s, b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+    }
+    let (body, consumed) = match framing {
+        Framing::Empty => (Ok(Bytes::new()), true),
+        Framing::Length(_) if too_large => (Err(BodyError::TooLarge), false),
+        Framing::Length(n) => {
+            // `n` is at most MAX_BODY here.
+            let n = n as usize;
+            if buf.len() < n {
+                // Grow with what arrives: a declared length alone reserves little.
+                buf.reserve((n - buf.len()).min(64 << 10));
+            }
+            while buf.len() < n {
+                if fill(s, buf).await? == 0 {
+                    return Err(ReadError::Io);
+                }
+            }
+            (Ok(buf.split_to(n).freeze()), true)
+        }
+        Framing::Chunked => match read_chunked(s, buf).await? {
+            Ok(b) => (Ok(b), true),
+            Err(e) => (Err(e), false),
+        },
+    };
+    if buf.is_empty() {
+        // Free the read buffer: the body (if any) keeps only what it shares with it.
+        *buf = BytesMut::new();
+    }
+    let body = match body {
+        Ok(b) => Full::new(b).map_err(|never| match never {}).boxed(),
+        Err(e) => Failed(Some(e)).boxed(),
+    };
+    Ok(Some(Received {
+        request: Request::from_parts(parts, body),
+        keep_alive,
+        body_consumed: consumed,
+    }))
+}
+
+/// A parsed request head.
+pub(super) struct Head {
+    /// Bytes of the head in the buffer.
+    pub(super) consumed: usize,
+    /// Method, target, version, headers.
+    pub(super) parts: http::request::Parts,
+    /// How the body follows.
+    pub(super) framing: Framing,
+    /// The client allows another request after this one.
+    pub(super) keep_alive: bool,
+    /// The client waits for `100 Continue` before sending the body.
+    pub(super) expect_continue: bool,
+}
+
+/// Parses a complete request head at the start of `buf` (`None`: not complete yet).
+pub(super) fn parse_head(buf: &[u8]) -> Result<Option<Head>, ReadError> {
+    let bad = || ReadError::Refuse(StatusCode::BAD_REQUEST, None);
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let consumed = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(ReadError::Refuse(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                None,
+            ))
+        }
+        Err(httparse::Error::HeaderName) => return Err(bad_because("invalid header name")),
+        Err(httparse::Error::HeaderValue) => return Err(bad_because("invalid header value")),
+        // Not an HTTP/1.x request line.
+        Err(httparse::Error::Token | httparse::Error::Version) => return Err(ReadError::Io),
+        Err(_) => return Err(bad()),
+    };
+    if consumed > MAX_HEAD {
+        return Err(ReadError::Refuse(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            None,
+        ));
+    }
+    let method = Method::from_bytes(req.method.unwrap_or("").as_bytes()).map_err(|_| bad())?;
+    let uri: http::Uri = req.path.unwrap_or("").parse().map_err(|_| bad())?;
+    let version = match req.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    let mut map = HeaderMap::with_capacity(req.headers.len());
+    let (mut length, mut chunked, mut close, mut keep_alive_token) = (None, false, false, false);
+    let mut expect_continue = false;
+    for h in req.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| bad())?;
+        let value = HeaderValue::from_bytes(h.value).map_err(|_| bad())?;
+        if name == http::header::CONTENT_LENGTH {
+            let n: u64 = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .ok_or_else(bad)?;
+            if length.is_some_and(|l| l != n) {
+                return Err(bad());
+            }
+            length = Some(n);
+        } else if name == http::header::TRANSFER_ENCODING {
+            if !has_token(&value, "chunked") || version == Version::HTTP_10 {
+                return Err(ReadError::Refuse(StatusCode::NOT_IMPLEMENTED, None));
+            }
+            chunked = true;
+        } else if name == http::header::CONNECTION {
+            close |= has_token(&value, "close");
+            keep_alive_token |= has_token(&value, "keep-alive");
+        } else if name == http::header::EXPECT {
+            expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
+        }
+        map.append(name, value);
+    }
+    if chunked && length.is_some() {
+        // Go refuses a request with both.
+        return Err(bad());
+    }
+    // Go's checks of the Host header.
+    let hosts = map.get_all(http::header::HOST).iter().count();
+    if version == Version::HTTP_11 && hosts == 0 && method != Method::CONNECT {
+        return Err(bad_because("missing required Host header"));
+    }
+    if hosts > 1 {
+        return Err(bad());
+    }
+    let framing = match (chunked, length) {
+        (true, _) => Framing::Chunked,
+        (false, Some(n)) if n > 0 => Framing::Length(n),
+        _ => Framing::Empty,
+    };
+    let keep_alive = match version {
+        Version::HTTP_10 => keep_alive_token && !close,
+        _ => !close,
+    };
+    let mut builder = Request::builder().method(method).uri(uri).version(version);
+    if let Some(h) = builder.headers_mut() {
+        *h = map;
+    }
+    let parts = builder.body(()).map_err(|_| bad())?.into_parts().0;
+    Ok(Some(Head {
+        consumed,
+        parts,
+        framing,
+        keep_alive,
+        expect_continue,
+    }))
+}
+
+/// Go's `400 Bad Request: <detail>`.
+pub(super) fn bad_because(detail: &'static str) -> ReadError {
+    ReadError::Refuse(StatusCode::BAD_REQUEST, Some(detail))
+}
+
+/// Whether a comma-separated header value holds `token` (case-insensitive).
+pub(super) fn has_token(value: &HeaderValue, token: &str) -> bool {
+    value
+        .as_bytes()
+        .split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// Go's answer to a request it cannot serve (`http.Server`'s `400 Bad Request` and kin: the
+/// detail goes into the status line too).
+pub(super) fn go_error(status: StatusCode, detail: Option<&str>) -> Vec<u8> {
+    let mut line = format!(
+        "{} {}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
+    if let Some(d) = detail {
+        line = format!("{line}: {d}");
+    }
+    let text = match status {
+        StatusCode::NOT_IMPLEMENTED => "Unsupported transfer encoding",
+        _ => line.as_str(),
+    };
+    format!(
+        "HTTP/1.1 {line}\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n{text}"
+    )
+    .into_bytes()
+}

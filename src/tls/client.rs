@@ -7,8 +7,9 @@
 //! certificate, `--insecure-skip-tls-verify` accepts any server certificate. The client
 //! certificate must have an empty CommonName (grpc-proxy's `EmptyCN` rule): with
 //! `--client-cert-auth` etcd would take a CN as the user of every tokenless call the proxy
-//! makes or forwards. It is re-read when its files change, and a replacement with a CN is
-//! refused like the original.
+//! makes or forwards. The CA bundle and the client certificate are re-read when their files
+//! change (at the next connection to etcd), and a replacement certificate with a CN is refused
+//! like the original.
 //!
 //! Startup fails with a clear error on mixed `http://` and `https://` endpoints, TLS flags
 //! without `https://` endpoints, an `https://` endpoint with neither `--cacert` nor
@@ -23,7 +24,7 @@ use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::ResolvesClientCert;
+use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::sign::CertifiedKey;
@@ -103,7 +104,13 @@ impl UpstreamTls {
                         .into(),
                 ));
             };
-            builder.with_root_certificates(super::load_roots("--cacert", ca)?)
+            let ca = ca.clone();
+            let roots = Reloading::new("upstream CA bundle", vec![ca.clone()], move || {
+                server_verifier(&ca)
+            })?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(EtcdCa(roots)))
         };
         let mut config = match (&args.cert, &args.key) {
             (Some(cert), Some(key)) => {
@@ -157,6 +164,59 @@ fn server_name(authority: &str) -> io::Result<ServerName<'static>> {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     ServerName::try_from(host.to_string())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{host:?}: {e}")))
+}
+
+/// A verifier of etcd's certificate against the CA bundle at `ca` and the endpoint's name.
+fn server_verifier(ca: &std::path::Path) -> Result<Arc<WebPkiServerVerifier>, TlsError> {
+    let roots = super::load_roots("--cacert", ca)?;
+    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), super::provider())
+        .build()
+        .map_err(|e| TlsError::File {
+            flag: "--cacert",
+            path: ca.to_path_buf(),
+            reason: e.to_string(),
+        })
+}
+
+/// etcd's certificate verified by the current `--cacert` bundle, re-read when it changes.
+#[derive(Debug)]
+struct EtcdCa(Reloading<Arc<WebPkiServerVerifier>>);
+
+impl ServerCertVerifier for EtcdCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.0
+            .get()
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.get().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.get().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.get().supported_verify_schemes()
+    }
 }
 
 /// Loads the upstream client certificate, refusing one with a CommonName.

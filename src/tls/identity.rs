@@ -22,8 +22,9 @@ use bytes::Bytes;
 use http::{HeaderMap, Response, StatusCode};
 use http_body_util::Full;
 
-/// What a TLS handshake proved about the client, attached to each of its requests (request
-/// extension).
+/// What a TLS handshake proved about the client. When the certificate has a CN, each request
+/// of the connection carries it as an `Arc<Peer>` request extension (`tonic::Request::
+/// extensions` in the gRPC services), for decisions per identity.
 #[derive(Debug, Clone, Default)]
 pub struct Peer {
     /// The CommonName of the verified client certificate, when it has a non-empty one.

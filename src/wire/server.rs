@@ -195,6 +195,10 @@ fn h2_request(
     {
         H2Route::Unknown(status)
     } else {
+        if conn.peer.common_name.is_some() {
+            // For the services (`tonic::Request::extensions`): who the certificate names.
+            req.extensions_mut().insert(conn.peer.clone());
+        }
         match req.uri().path() {
             grpc::range::PATH => H2Route::Range,
             grpc::watch::PATH => H2Route::Watch,

@@ -226,8 +226,27 @@ pub fn proxy_listen_flags() -> Vec<String> {
     ]
 }
 
-/// A rustls client configuration trusting the test CA, presenting `cert` if given.
+/// A rustls client configuration trusting the test CA, presenting `cert` if given. One per
+/// (certificate, ALPN) for the process, so that its session cache resumes TLS sessions (a
+/// test making thousands of short connections would otherwise pay a full handshake each).
 pub fn client_config(cert: Option<&Pair>, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    type Key = (Option<PathBuf>, Vec<Vec<u8>>);
+    static CONFIGS: std::sync::Mutex<Vec<(Key, Arc<rustls::ClientConfig>)>> =
+        std::sync::Mutex::new(Vec::new());
+    let key: Key = (
+        cert.map(|p| p.cert.clone()),
+        alpn.iter().map(|a| a.to_vec()).collect(),
+    );
+    let mut configs = CONFIGS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, c)) = configs.iter().find(|(k, _)| *k == key) {
+        return c.clone();
+    }
+    let config = new_client_config(cert, alpn);
+    configs.push((key, config.clone()));
+    config
+}
+
+fn new_client_config(cert: Option<&Pair>, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let mut roots = rustls::RootCertStore::empty();
@@ -323,19 +342,25 @@ pub fn is_tls_port(port: u16) -> bool {
 /// to a TLS port (ALPN `http/1.1`), plain TCP otherwise.
 pub fn connect(port: u16) -> io::Result<Stream> {
     if is_tls_port(port) {
-        connect_tls(port, Some(&certs().client), &[b"http/1.1"])
+        handshake(port, client_config(Some(&certs().client), &[b"http/1.1"]))
     } else {
         TcpStream::connect(("127.0.0.1", port)).map(Stream::Plain)
     }
 }
 
-/// Connects over TLS presenting `cert`, and completes the handshake.
+/// Connects over TLS presenting `cert`, and completes a full handshake (a fresh client
+/// configuration: no session to resume, so the server shows its current certificate and
+/// verifies the client's).
 pub fn connect_tls(port: u16, cert: Option<&Pair>, alpn: &[&[u8]]) -> io::Result<Stream> {
+    handshake(port, new_client_config(cert, alpn))
+}
+
+/// Connects over TLS with `config` and completes the handshake.
+fn handshake(port: u16, config: Arc<rustls::ClientConfig>) -> io::Result<Stream> {
     let tcp = TcpStream::connect(("127.0.0.1", port))?;
     tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
-    let conn =
-        rustls::ClientConnection::new(client_config(cert, alpn), name).map_err(io::Error::other)?;
+    let conn = rustls::ClientConnection::new(config, name).map_err(io::Error::other)?;
     let mut s = rustls::StreamOwned::new(conn, tcp);
     while s.conn.is_handshaking() {
         s.conn.complete_io(&mut s.sock)?;

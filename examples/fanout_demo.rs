@@ -89,16 +89,10 @@ async fn main() -> ExitCode {
     }
 }
 
-/// The end of the range of all keys starting with `prefix` (etcd's `--prefix`).
+/// The end of the range of all keys starting with `prefix` (etcd's `--prefix`):
+/// [`etcd_fanout::keys::prefix_end`], or `\0`, every key, when it has none.
 fn prefix_end(prefix: &[u8]) -> Bytes {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return Bytes::from(end);
-        }
-    }
-    Bytes::from_static(&[0])
+    etcd_fanout::keys::prefix_end(prefix).unwrap_or_else(|| Bytes::from_static(&[0]))
 }
 
 async fn connect(url: &str) -> Result<Channel, BoxError> {

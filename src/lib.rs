@@ -1,20 +1,79 @@
 //! etcd-fanout: an etcd v3 proxy that keeps one upstream watch per configured prefix and
 //! serves every downstream reader and watcher from a revision-indexed cache.
 //!
-//! Data flows one way: [`source`] (upstream watch -> cache -> hub) -> [`serve`] (KV and Watch
-//! sessions, pass-through services) -> [`wire`] (the listener, gRPC and HTTP/JSON encoders).
-//! Writes and the non-KV services go straight to etcd through [`source::upstream`] and
-//! [`serve::passthrough`].
+//! Data flows one way, and so do imports: [`source`] (the upstream channel, one feed per
+//! prefix filling its cache, the hub routing key ranges to feeds) -> [`serve`] (KV and Watch
+//! sessions over the caches, the services passed through to etcd) -> [`wire`] (the listener,
+//! HTTP/2 and HTTP/1.x, gRPC routes and codec, etcd's HTTP/JSON gateway). `config`, `error`,
+//! `keys`, `metrics`, `proto` and `tasks` are shared by all three.
+//!
+//! The crate's public surface is what the binary, the tests and the load generator use:
+//! [`run`], [`config`], the wire types ([`proto`]), key ranges ([`keys`]), the gRPC codec
+//! ([`codec`]) and range answers ([`kv`]).
 
 pub mod config;
-pub mod error;
+pub(crate) mod error;
 pub mod keys;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod proto;
-pub mod serve;
-pub mod source;
+pub(crate) mod serve;
+pub(crate) mod source;
+pub(crate) mod tasks;
 pub mod tls;
-pub mod wire;
+pub(crate) mod wire;
 
-pub use serve::kv;
-pub use wire::grpc::codec;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The gRPC codec of every etcd service (prost, with etcd's wording of decode errors).
+pub mod codec {
+    pub use crate::wire::grpc::codec::{EtcdCodec, EtcdDecoder, EtcdEncoder};
+}
+
+/// Range answers as the KV service makes them (a cached answer keeps its encoded body).
+pub mod kv {
+    pub use crate::serve::kv::{RangeAnswer, RangeBody};
+}
+
+/// Longest time open connections get to finish after the shutdown signal.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// Longest wait for the background tasks to end once cancelled.
+const STOP: Duration = Duration::from_secs(5);
+
+/// Runs the proxy on `config` until `signal` completes: starts a feed per prefix, serves the
+/// listener, then drops readiness, ends watch streams, drains connections (at most 10 s),
+/// cancels every background task and waits for them.
+pub async fn run(
+    config: config::Config,
+    signal: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Box<dyn std::error::Error>> {
+    metrics::init();
+    // A TLS configuration that cannot work stops the proxy before anything starts.
+    let upstream_tls = tls::client::UpstreamTls::from_args(&config.tls, &config.endpoints)?;
+    let server_tls = tls::server::ServerTls::from_args(&config.tls)?;
+    let upstream = Arc::new(source::upstream::Upstream::with_tls(
+        &config.endpoints,
+        upstream_tls,
+    )?);
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    tracing::info!(listen = %config.listen, tls = server_tls.is_some(), endpoints = ?config.endpoints, prefixes = ?config.prefixes, "etcd-fanout starting");
+    let tasks = tasks::Tasks::new();
+    let hub = source::hub::Hub::start(config, upstream, tasks.clone());
+    let shutdown = hub.shutdown_signal();
+    let signal_hub = hub.clone();
+    tasks.spawn(async move {
+        signal.await;
+        tracing::info!("shutting down");
+        signal_hub.shutdown();
+    });
+    let services = serve::Services::new(hub);
+    wire::server::serve(listener, services, server_tls, shutdown, DRAIN).await;
+    let left = tasks.stop(STOP).await;
+    if left > 0 {
+        tracing::warn!(tasks = left, "background tasks still running at exit");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,20 +1,8 @@
-//! The `etcd-fanout` binary: parse flags, start the feeds, serve until SIGTERM or Ctrl-C.
-
-use std::sync::Arc;
-use std::time::Duration;
+//! The `etcd-fanout` binary: parse flags, run the proxy until SIGTERM or Ctrl-C.
 
 use clap::Parser;
 
 use etcd_fanout::config::Config;
-use etcd_fanout::serve::Services;
-use etcd_fanout::source::hub::Hub;
-use etcd_fanout::source::upstream::Upstream;
-use etcd_fanout::tls::client::UpstreamTls;
-use etcd_fanout::tls::server::ServerTls;
-use etcd_fanout::wire::server::serve_with_tls;
-
-/// Longest time open connections get to finish after a shutdown signal.
-const DRAIN: Duration = Duration::from_secs(10);
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -24,31 +12,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let config = Config::parse();
-    etcd_fanout::metrics::init();
-    // A TLS configuration that cannot work stops the process with a clear message.
-    let tls = UpstreamTls::from_args(&config.tls, &config.endpoints)
-        .and_then(|up| Ok((up, ServerTls::from_args(&config.tls)?)));
-    let (upstream_tls, server_tls) = match tls {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("etcd-fanout: {e}");
-            std::process::exit(2);
-        }
-    };
-    let upstream = Arc::new(Upstream::with_tls(&config.endpoints, upstream_tls)?);
-    let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    tracing::info!(listen = %config.listen, tls = server_tls.is_some(), endpoints = ?config.endpoints, prefixes = ?config.prefixes, "etcd-fanout starting");
-    let hub = Hub::start(config, upstream);
-    let shutdown = hub.shutdown_signal();
-    let signal_hub = hub.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down");
-        signal_hub.shutdown();
-    });
-    serve_with_tls(listener, Services::new(hub), server_tls, shutdown, DRAIN).await;
-    tracing::info!("stopped");
+    if let Err(e) = etcd_fanout::run(Config::parse(), wait_for_signal()).await {
+        // Said plainly (`Display`): a startup error names the flag and the file at fault.
+        eprintln!("etcd-fanout: {e}");
+        std::process::exit(2);
+    }
     Ok(())
 }
 

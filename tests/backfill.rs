@@ -2,15 +2,13 @@
 //! client resuming from a revision shortly before the restart is replayed from memory (no
 //! catch-up watch on etcd) and gets exactly the events etcd would give it.
 
-mod common;
-
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{metric_value, Clients, Etcd, Proxy};
 use etcd_fanout::proto::etcdserverpb::{
     watch_request::RequestUnion, PutRequest, WatchCreateRequest, WatchRequest, WatchResponse,
 };
+use testkit::{metric_value, Clients, Etcd, Proxy};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 

@@ -6,15 +6,13 @@
 //!
 //! `ETCD_FANOUT_DIFF_SELFCHECK=1` replaces the proxy with a plain etcd (validates the tests).
 
-mod common;
-
 use std::time::Duration;
 
-use common::diff::*;
 use etcd_fanout::proto::etcdserverpb::{
     RangeRequest, RangeResponse, WatchCreateRequest, WatchResponse,
 };
 use prost::Message;
+use testkit::diff::*;
 
 const QUIET: Duration = Duration::from_millis(400);
 

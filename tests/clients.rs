@@ -5,18 +5,16 @@
 //!
 //! `ETCD_FANOUT_DIFF_SELFCHECK=1` replaces the proxy with a plain etcd (validates the tests).
 
-mod common;
-
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::diff::*;
 use etcd_client::{
     Client, Compare, CompareOp, DeleteOptions, GetOptions, LeaseGrantOptions,
     LeaseTimeToLiveOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, WatchOptions,
 };
 use std::io::{Read, Write};
 use std::process::Command;
+use testkit::diff::*;
 
 /// Replaces `"cluster_id":N`, `"member_id":N`, `"raft_term":N` in etcdctl JSON output.
 fn normalize_json(s: &str) -> String {
@@ -67,7 +65,7 @@ async fn etcdctl(
             .arg(&url2)
             .arg("--dial-timeout=3s")
             .arg("--command-timeout=5s")
-            .args(common::tls::etcdctl_flags())
+            .args(testkit::tls::etcdctl_flags())
             .args(&args2)
             .stdin(if input.is_some() {
                 Stdio::piped()
@@ -139,7 +137,7 @@ fn etcdctl_watch(url: &str, args: &[&str]) -> BgWatch {
         .env("ETCDCTL_API", "3")
         .arg("--endpoints")
         .arg(url)
-        .args(common::tls::etcdctl_flags())
+        .args(testkit::tls::etcdctl_flags())
         .arg("watch")
         .args(args)
         .stdin(Stdio::null())
@@ -268,18 +266,16 @@ async fn etcd_client_crate_session() {
         "etcd_client_crate_session",
         Opts::default(),
         |side, rec| async move {
-            let mut c = match Client::connect(
-                [side.url.as_str()],
-                common::tls::etcd_client_options(),
-            )
-            .await
-            {
-                Ok(c) => c,
-                Err(e) => {
-                    rec.note(format!("connect failed: {e}"));
-                    return;
-                }
-            };
+            let mut c =
+                match Client::connect([side.url.as_str()], testkit::tls::etcd_client_options())
+                    .await
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        rec.note(format!("connect failed: {e}"));
+                        return;
+                    }
+                };
             macro_rules! log {
                 ($label:expr, $e:expr) => {{
                     match $e {

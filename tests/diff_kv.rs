@@ -4,13 +4,11 @@
 //!
 //! `ETCD_FANOUT_DIFF_SELFCHECK=1` replaces the proxy with a plain etcd (validates the tests).
 
-mod common;
-
-use common::diff::*;
 use etcd_fanout::proto::etcdserverpb::{
     compare, request_op, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
     TxnRequest,
 };
+use testkit::diff::*;
 
 /// Ranges of every shape over the standard data set.
 #[tokio::test(flavor = "multi_thread")]
@@ -630,7 +628,7 @@ async fn writes_and_txns() {
             &mut kv,
             &rec,
             "/apisix/routes/",
-            &prefix_end("/apisix/routes/"),
+            &range_end("/apisix/routes/"),
             true,
         )
         .await;
@@ -638,7 +636,7 @@ async fn writes_and_txns() {
             &mut kv,
             &rec,
             "/apisix/routes/",
-            &prefix_end("/apisix/routes/"),
+            &range_end("/apisix/routes/"),
             true,
         )
         .await; // nothing left
@@ -678,7 +676,7 @@ async fn writes_and_txns() {
                 success: vec![op_put("/apisix/upstreams/1", "never")],
                 failure: vec![
                     op_range(rr("/apisix/upstreams/1", b"")),
-                    op_del("/apisix/services/", &prefix_end("/apisix/services/"), true),
+                    op_del("/apisix/services/", &range_end("/apisix/services/"), true),
                 ],
             },
         )
@@ -725,7 +723,7 @@ async fn writes_and_txns() {
                     result: compare::CompareResult::NotEqual as i32,
                     target: compare::CompareTarget::Value as i32,
                     key: b("/apisix/"),
-                    range_end: prefix_end("/apisix/"),
+                    range_end: range_end("/apisix/"),
                     target_union: Some(compare::TargetUnion::Value(b("zzz"))),
                 }],
                 success: vec![op_range(rp("/apisix/"))],

@@ -9,17 +9,15 @@
 //!
 //! `ETCD_FANOUT_DIFF_SELFCHECK=1` replaces the proxy with a plain etcd (validates the tests).
 
-mod common;
-
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::diff::*;
 use etcd_fanout::proto::etcdserverpb::{
     request_op, watch_create_request::FilterType, CompactionRequest, DeleteRangeRequest,
     LeaseGrantRequest, LeaseRevokeRequest, PutRequest, RequestOp, TxnRequest, WatchCreateRequest,
     WatchResponse,
 };
+use testkit::diff::*;
 
 const QUIET: Duration = Duration::from_millis(400);
 
@@ -34,7 +32,7 @@ impl W {
     fn prefix(p: &str) -> W {
         W {
             key: p.as_bytes().to_vec(),
-            end: prefix_end(p).to_vec(),
+            end: range_end(p).to_vec(),
         }
     }
     fn single(k: &str) -> W {
@@ -503,7 +501,7 @@ async fn watch_prev_kv() {
             &mut kv,
             &rec,
             "/apisix/upstreams/",
-            &prefix_end("/apisix/upstreams/"),
+            &range_end("/apisix/upstreams/"),
             false,
         )
         .await;
@@ -609,7 +607,7 @@ async fn watch_txn_multi_key() {
                     op_put("/apisix/upstreams/9", "c"),
                     op_del("/apisix/routes/2", b""),
                     op_put("/apisix/routes/1", "d"),
-                    op_del("/apisix/services/", &prefix_end("/apisix/services/")),
+                    op_del("/apisix/services/", &range_end("/apisix/services/")),
                 ],
                 ..Default::default()
             };
@@ -624,7 +622,7 @@ async fn watch_txn_multi_key() {
             // txn put on key then delete of a range that includes other keys
             let t3 = TxnRequest {
                 success: vec![
-                    op_del("/apisix/routes/", &prefix_end("/apisix/routes/")),
+                    op_del("/apisix/routes/", &range_end("/apisix/routes/")),
                     op_put("/apisix/plugins", "p"),
                 ],
                 ..Default::default()
@@ -675,7 +673,7 @@ async fn watch_delete_range() {
                 &mut kv,
                 &rec,
                 "/apisix/routes/",
-                &prefix_end("/apisix/routes/"),
+                &range_end("/apisix/routes/"),
                 true,
             )
             .await;
@@ -684,7 +682,7 @@ async fn watch_delete_range() {
                 &mut kv,
                 &rec,
                 "/apisix/routes/",
-                &prefix_end("/apisix/routes/"),
+                &range_end("/apisix/routes/"),
                 true,
             )
             .await;
@@ -1159,7 +1157,7 @@ async fn watch_fragment_large_revision() {
             let r = kv
                 .delete_range(DeleteRangeRequest {
                     key: b("/apisix/big/"),
-                    range_end: prefix_end("/apisix/big/"),
+                    range_end: range_end("/apisix/big/"),
                     prev_kv: false,
                 })
                 .await;

@@ -4,17 +4,15 @@
 //! In self-check mode (`ETCD_FANOUT_DIFF_SELFCHECK=1`) the watchers talk to etcd directly: the
 //! delivery checks still run (validating the test), the upstream-watcher bound is only printed.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::diff::*;
-use common::{Etcd, Proxy};
 use etcd_fanout::proto::etcdserverpb::{
     watch_client::WatchClient, watch_request::RequestUnion, DeleteRangeRequest, PutRequest,
     WatchCreateRequest, WatchRequest, WatchResponse,
 };
+use testkit::diff::*;
+use testkit::{etcd_metric, Etcd, Proxy};
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
@@ -162,7 +160,7 @@ async fn open_watchers(
     let (ctx, mut crx) = mpsc::unbounded_channel();
     let mut handles = Vec::new();
     for _ in 0..CONNS {
-        let ch = common::channel(url).await;
+        let ch = testkit::channel(url).await;
         for _ in 0..STREAMS_PER_CONN {
             let client = WatchClient::new(ch.clone()).max_decoding_message_size(usize::MAX);
             handles.push(tokio::spawn(stream_task(
@@ -191,8 +189,8 @@ async fn open_watchers(
 /// under /apisix/routes/, plus a write outside the prefix every 10), alternately through `url`
 /// and directly on etcd. Returns the events a /apisix/ watcher must see.
 async fn do_writes_from(url: &str, etcd_url: &str, from: usize, n: usize) -> Vec<Ev> {
-    let mut via = common::Clients::connect(url).await.kv;
-    let mut direct = common::Clients::connect(etcd_url).await.kv;
+    let mut via = testkit::Clients::connect(url).await.kv;
+    let mut direct = testkit::Clients::connect(etcd_url).await.kv;
     let mut expected = Vec::new();
     for i in from..from + n {
         let kv = if i % 2 == 0 { &mut via } else { &mut direct };

@@ -5,25 +5,23 @@
 //! etcd, of a cluster's leader, of the proxy; a TCP relay between proxy and etcd that stalls,
 //! drops, resets or refuses; compaction while the proxy is cut off; clients that never read;
 //! SIGTERM), then compares what every downstream watcher received with etcd's own history
-//! using `common::checker`. The tests take a global lock and run one at a time (they are
+//! using `testkit::checker`. The tests take a global lock and run one at a time (they are
 //! timing-sensitive and the CI machine has two cores); each is bounded to 60 s once it runs.
-
-mod common;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::checker::{check, check_all, etcd_revision, wait_done, History, Outcome, Recorder};
-use common::cluster::Cluster;
-use common::fault::{is_alive, proxy_pid, proxy_port_for_endpoint, rss_kib, signal, Relay};
-use common::watchers::{lazy_channel, IdleStream, Log, Spec, Stream, Writer, WriterOpts};
-use common::{metric_value, Etcd, Proxy};
 use etcd_fanout::proto::etcdserverpb::{
     kv_client::KvClient, watch_client::WatchClient, watch_request::RequestUnion, CompactionRequest,
     PutRequest, WatchCreateRequest, WatchRequest, WatchResponse,
 };
+use testkit::checker::{check, check_all, etcd_revision, wait_done, History, Outcome, Recorder};
+use testkit::cluster::Cluster;
+use testkit::fault::{is_alive, proxy_pid, proxy_port_for_endpoint, rss_kib, signal, Relay};
+use testkit::watchers::{lazy_channel, IdleStream, Log, Spec, Stream, Writer, WriterOpts};
+use testkit::{metric_value, Etcd, Proxy};
 use tonic::transport::{Channel, Endpoint};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -573,7 +571,7 @@ async fn drop_latency(relay: &Relay, etcd_url: &str, prefix: &str, logs: &[Log])
         .into_inner()
         .header
         .map_or(0, |h| h.revision);
-    let end = common::checker::prefix_end(prefix.as_bytes());
+    let end = testkit::range_end(prefix);
     let wide: Vec<&Log> = logs
         .iter()
         .filter(|l| l.lock().unwrap().range_end == end)
@@ -654,7 +652,7 @@ fn cancel_shape(r: &WatchResponse) -> (bool, bool, i64, usize, i64, String) {
 fn compaction_while_disconnected() {
     serial_test("compaction_while_disconnected", async {
         let prefix = "/cmp/";
-        let end = common::checker::prefix_end(prefix.as_bytes());
+        let end = testkit::range_end(prefix);
         let etcd = start_etcd().await;
         let recorder = Recorder::spawn(vec![etcd.url.clone()]);
         seed(&etcd.url, prefix, 10).await;
@@ -1120,7 +1118,7 @@ fn readiness_waits_for_upstream() {
         };
         let mut statuses = Vec::new();
         for _ in 0..20 {
-            if let Ok((status, _)) = common::http_get(port, "/readyz") {
+            if let Ok((status, _)) = testkit::http_get(port, "/readyz") {
                 statuses.push(status);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1132,7 +1130,7 @@ fn readiness_waits_for_upstream() {
         relay.pass();
         let proxy = starting.await.expect("proxy became ready");
         assert_eq!(
-            common::http_get(proxy.port, "/readyz").map(|(s, _)| s),
+            testkit::http_get(proxy.port, "/readyz").map(|(s, _)| s),
             Ok(200)
         );
         eprintln!(

@@ -3,11 +3,9 @@
 //! etcd; the same writes give the same revisions, so status, the headers that matter and the
 //! exact JSON text must match once cluster id, member id and raft term are masked.
 
-mod common;
-mod gwhttp;
-
-use common::{Etcd, Proxy};
-use gwhttp::{b64, mask, post, request, same, same_with, IDENTITY};
+use testkit::gateway::{b64, mask, same, same_with, IDENTITY};
+use testkit::http::{post, request};
+use testkit::{Etcd, Proxy};
 
 /// etcd (reference), and the proxy in front of its own etcd.
 struct Pair {
@@ -607,8 +605,8 @@ fn auth_endpoints_and_tokens() {
     };
     let (ra, rp) = (ask(a, &ta), ask(p, &tp));
     assert_eq!(
-        gwhttp::render(&ra, &masked),
-        gwhttp::render(&rp, &masked),
+        testkit::gateway::render(&ra, &masked),
+        testkit::gateway::render(&rp, &masked),
         "range with a token"
     );
     // No token, a bad token, a key outside the role's permission.
@@ -638,8 +636,8 @@ fn auth_endpoints_and_tokens() {
         ),
     );
     assert_eq!(
-        gwhttp::render(&ra.expect("etcd"), &masked),
-        gwhttp::render(&rp.expect("proxy"), &masked)
+        testkit::gateway::render(&ra.expect("etcd"), &masked),
+        testkit::gateway::render(&rp.expect("proxy"), &masked)
     );
     let root = |port: u16| -> String {
         let r = post(
@@ -666,8 +664,8 @@ fn auth_endpoints_and_tokens() {
         ),
     );
     assert_eq!(
-        gwhttp::render(&ra.expect("etcd"), &masked),
-        gwhttp::render(&rp.expect("proxy"), &masked)
+        testkit::gateway::render(&ra.expect("etcd"), &masked),
+        testkit::gateway::render(&rp.expect("proxy"), &masked)
     );
     same(a, p, "POST", "/v3/kv/range", &body);
     drop(t.proxy);

@@ -5,19 +5,17 @@
 //!
 //! `.ci/install --test` installs etcd3gw; without it this test fails and says so.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Etcd, Proxy};
+use testkit::{Etcd, Proxy};
 
 /// Runs the client script against `port` (over TLS with the CN-less client certificate in
 /// the harness's TLS mode), bounded in time; returns its output lines.
 fn run_client(port: u16) -> Vec<String> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/etcd3gw_client.py");
-    let tls_args: Vec<String> = if common::tls::enabled() {
-        let c = common::tls::certs();
+    let tls_args: Vec<String> = if testkit::tls::enabled() {
+        let c = testkit::tls::certs();
         [&c.ca, &c.client.cert, &c.client.key]
             .iter()
             .map(|p| p.display().to_string())

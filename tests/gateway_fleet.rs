@@ -5,16 +5,14 @@
 //! writes outside the prefix). Every worker must see every revision of the prefix exactly once
 //! and in order, never a header revision below its resume point, and end with etcd's state.
 
-mod common;
-mod gwhttp;
-
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Etcd, Proxy};
-use gwhttp::{b64, post, unb64, Conn};
+use testkit::gateway::{b64, unb64};
+use testkit::http::{post, Conn};
+use testkit::{Etcd, Proxy};
 
 const WORKERS: usize = 50;
 const WRITE_FOR: Duration = Duration::from_secs(8);

@@ -1,13 +1,11 @@
 //! The HTTP watch stream (`POST /v3/watch`): differential against etcd's gateway, framing
 //! (one `{"result":..}\n` message per chunk), and clients that read slowly or vanish.
 
-mod common;
-mod gwhttp;
-
 use std::time::{Duration, Instant};
 
-use common::{metric_value, Etcd, Proxy};
-use gwhttp::{b64, mask, post, Conn, IDENTITY};
+use testkit::gateway::{b64, mask, IDENTITY};
+use testkit::http::{post, Conn};
+use testkit::{metric_value, Etcd, Proxy};
 
 struct Pair {
     _a: Etcd,
@@ -241,7 +239,7 @@ fn watch_bad_and_empty_bodies() {
     let t = pair();
     // A malformed first request: 500 (code Unknown), like etcd.
     for body in ["{bad", r#"{"create_request":{"key":"!!"}}"#, "[1]"] {
-        gwhttp::same(t.a, t.p, "POST", "/v3/watch", body);
+        testkit::gateway::same(t.a, t.p, "POST", "/v3/watch", body);
     }
     // An empty body: etcd never answers; neither does the proxy.
     for port in [t.a, t.p] {
@@ -294,7 +292,7 @@ fn vanishing_clients_free_their_sessions() {
         assert_eq!(w.messages(1, Duration::from_secs(5)).len(), 1, "created");
         watches.push(w);
     }
-    assert!(gwhttp::wait_until(Duration::from_secs(5), || gauge(
+    assert!(testkit::wait_until(Duration::from_secs(5), || gauge(
         &proxy,
         "etcd_fanout_watch_streams"
     ) >= 30.0));
@@ -303,7 +301,7 @@ fn vanishing_clients_free_their_sessions() {
         w.conn.close();
     }
     assert!(
-        gwhttp::wait_until(Duration::from_secs(10), || {
+        testkit::wait_until(Duration::from_secs(10), || {
             gauge(&proxy, "etcd_fanout_watch_streams") == 0.0
                 && gauge(&proxy, "etcd_fanout_watchers") == 0.0
                 && gauge(&proxy, "etcd_fanout_upstream_watches") == base_upstream
@@ -330,7 +328,7 @@ fn vanishing_clients_free_their_sessions() {
     w.conn.close();
     writer.join().expect("writer");
     assert!(
-        gwhttp::wait_until(Duration::from_secs(10), || gauge(
+        testkit::wait_until(Duration::from_secs(10), || gauge(
             &proxy,
             "etcd_fanout_watch_streams"
         ) == 0.0),

@@ -4,15 +4,12 @@
 //! answer on the connection is parsed and compared (status, the headers that matter, body),
 //! with `Date` and cluster identity masked.
 
-mod common;
-mod gwhttp;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{Etcd, Proxy};
-use gwhttp::{b64, mask, IDENTITY};
+use testkit::gateway::{b64, mask, IDENTITY};
+use testkit::{Etcd, Proxy};
 
 /// Sends `raw` in the given pieces (with a pause between them) and reads until the server
 /// closes the connection or `quiet` passes without a byte.

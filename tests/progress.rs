@@ -2,15 +2,13 @@
 //! the proxy every `--progress-interval`: only to watches that asked, only when caught up, and
 //! only after an interval without events, with the header at the revision reached.
 
-mod common;
-
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Clients, Etcd, Proxy};
 use etcd_fanout::proto::etcdserverpb::{
     watch_request::RequestUnion, PutRequest, WatchCreateRequest, WatchRequest, WatchResponse,
 };
+use testkit::{Clients, Etcd, Proxy};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 

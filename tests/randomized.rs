@@ -2,23 +2,21 @@
 //! from past revisions, compactions through the proxy, and faults (relay stall / drop / reset /
 //! refuse / black hole, proxy SIGKILL + restart, etcd SIGKILL + restart) at random times. At
 //! the end every watch ever opened is checked against etcd's history (recorded by a direct
-//! etcd watch from revision 1) with `common::checker`: exactly once, in order, no gap, or an
+//! etcd watch from revision 1) with `testkit::checker`: exactly once, in order, no gap, or an
 //! etcd-legal compaction cancel; headers never go backwards, not even across a reconnection.
 //!
 //! The seed comes from `ETCD_FANOUT_SEED` (decimal or 0x-hex), else a fixed default; it is
 //! printed so a failure can be replayed (timing still varies between runs, the choices do
 //! not). `ETCD_FANOUT_SOAK=1` runs for `ETCD_FANOUT_SOAK_SECS` (default 600) instead of 40 s.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::checker::{check, etcd_revision, wait_done, Outcome, Recorder};
-use common::fault::Relay;
-use common::watchers::{lazy_channel, Log, Spec, Stream, Writer, WriterOpts};
-use common::{Etcd, Proxy};
 use etcd_fanout::proto::etcdserverpb::{kv_client::KvClient, CompactionRequest};
+use testkit::checker::{check, etcd_revision, wait_done, Outcome, Recorder};
+use testkit::fault::Relay;
+use testkit::watchers::{lazy_channel, Log, Spec, Stream, Writer, WriterOpts};
+use testkit::{Etcd, Proxy};
 use tonic::transport::Channel;
 
 /// splitmix64: small, seedable, good enough to pick actions.

@@ -9,17 +9,15 @@
 //! ETCD_FANOUT_MEM_CONNS=2000 cargo test --test tls_memory -- --ignored --nocapture
 //! ```
 
-mod common;
-
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use common::fault::rss_kib;
-use common::tls::{self, Stream};
-use common::{Etcd, Proxy};
 use etcd_fanout::proto::etcdserverpb::{
     watch_client::WatchClient, watch_request::RequestUnion, WatchCreateRequest, WatchRequest,
 };
+use testkit::fault::rss_kib;
+use testkit::tls::{self, Stream};
+use testkit::{Etcd, Proxy};
 
 /// Connections per kind.
 fn conns() -> usize {
@@ -102,7 +100,7 @@ fn http_watching(port: u16, tls_on: bool, n: usize) -> Vec<Stream> {
 async fn grpc_watching(url: &str, n: usize) -> Vec<Box<dyn std::any::Any + Send>> {
     let mut held: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
     for _ in 0..n {
-        let ch = common::channel(url).await;
+        let ch = testkit::channel(url).await;
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         tx.send(WatchRequest {
             request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {

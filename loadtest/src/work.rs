@@ -117,16 +117,10 @@ impl Shared {
     }
 }
 
-/// The end of the range of all keys starting with `prefix`.
+/// The end of the range of all keys starting with `prefix` ([`etcd_fanout::keys::prefix_end`],
+/// or `\0`, every key, when it has none).
 pub fn prefix_end(prefix: &[u8]) -> Bytes {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return Bytes::from(end);
-        }
-    }
-    Bytes::from_static(&[0])
+    etcd_fanout::keys::prefix_end(prefix).unwrap_or_else(|| Bytes::from_static(&[0]))
 }
 
 /// A value of `size` bytes (at least 40) carrying `seq` and the send time.

@@ -86,8 +86,6 @@ pub enum ApplyError {
 /// The cached state and history of one key range.
 #[derive(Debug)]
 pub struct Cache {
-    /// The keys this cache holds.
-    range: KeyRange,
     /// Current value of every live key in the range.
     state: BTreeMap<Bytes, KeyValue>,
     /// Batches with revisions in `(floor, head]`, oldest first.
@@ -102,15 +100,12 @@ pub struct Cache {
     max_revisions: usize,
     /// Most history bytes kept.
     max_bytes: usize,
-    /// Approximate bytes held by `state`.
-    state_bytes: usize,
 }
 
 impl Cache {
-    /// An empty cache for `range`, with history bounded by count and bytes.
-    pub fn new(range: KeyRange, max_revisions: usize, max_bytes: usize) -> Cache {
+    /// An empty cache, with history bounded by count and bytes.
+    pub fn new(max_revisions: usize, max_bytes: usize) -> Cache {
         Cache {
-            range,
             state: BTreeMap::new(),
             history: VecDeque::new(),
             history_bytes: 0,
@@ -118,13 +113,7 @@ impl Cache {
             head: 0,
             max_revisions: max_revisions.max(1),
             max_bytes,
-            state_bytes: 0,
         }
-    }
-
-    /// The key range held.
-    pub fn range(&self) -> &KeyRange {
-        &self.range
     }
 
     /// Revision the cache is complete up to (0 before the first load).
@@ -142,24 +131,14 @@ impl Cache {
         self.state.len()
     }
 
-    /// True when no key is live.
-    pub fn is_empty(&self) -> bool {
-        self.state.is_empty()
-    }
-
     /// Batches currently kept and their approximate bytes.
-    pub fn history_size(&self) -> (usize, usize) {
+    #[cfg(test)]
+    fn history_size(&self) -> (usize, usize) {
         (self.history.len(), self.history_bytes)
-    }
-
-    /// Approximate bytes held by the current state.
-    pub fn state_bytes(&self) -> usize {
-        self.state_bytes
     }
 
     /// Replaces everything with a fresh load of the range at `revision`.
     pub fn reset(&mut self, revision: i64, kvs: Vec<KeyValue>) {
-        self.state_bytes = kvs.iter().map(kv_bytes).sum();
         self.state = kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
         self.history.clear();
         self.history_bytes = 0;
@@ -177,11 +156,8 @@ impl Cache {
         }
         for ev in &batch.events {
             let Some(kv) = &ev.kv else { continue };
-            if let Some(old) = self.state.remove(&kv.key) {
-                self.state_bytes -= kv_bytes(&old);
-            }
+            self.state.remove(&kv.key);
             if ev.r#type() == EventType::Put {
-                self.state_bytes += kv_bytes(kv);
                 self.state.insert(kv.key.clone(), kv.clone());
             }
         }
@@ -332,7 +308,7 @@ mod tests {
     }
 
     fn sample() -> Cache {
-        let mut c = Cache::new(KeyRange::prefix(b"/a/"), 100, 1 << 20);
+        let mut c = Cache::new(100, 1 << 20);
         c.reset(10, vec![kv("/a/1", "x", 5, 5, 1)]);
         // rev 11: create /a/2; rev 12: update /a/1; rev 13: delete /a/2
         c.apply(RevBatch::new(
@@ -381,7 +357,7 @@ mod tests {
 
     #[test]
     fn prepend_extends_the_window() {
-        let mut c = Cache::new(KeyRange::prefix(b"/a/"), 100, 1 << 20);
+        let mut c = Cache::new(100, 1 << 20);
         // State at 12: /a/1=z (created 5, updated 12). History before: created at 5, updated 12.
         c.reset(12, vec![kv("/a/1", "z", 5, 12, 2)]);
         c.apply(RevBatch::new(
@@ -412,7 +388,7 @@ mod tests {
 
     #[test]
     fn eviction_moves_floor() {
-        let mut c = Cache::new(KeyRange::prefix(b"/a/"), 2, 1 << 20);
+        let mut c = Cache::new(2, 1 << 20);
         c.reset(10, vec![]);
         for r in 11..=15 {
             c.apply(RevBatch::new(

@@ -10,6 +10,7 @@ use crate::keys::KeyRange;
 use crate::source::compaction::Compaction;
 use crate::source::feed::Feed;
 use crate::source::upstream::Upstream;
+use crate::tasks::Tasks;
 
 /// All feeds and the shared upstream.
 #[derive(Debug)]
@@ -22,31 +23,35 @@ pub struct Hub {
     pub compaction: Arc<Compaction>,
     /// Configuration the hub was built from.
     pub config: Arc<Config>,
+    /// The owner of every background task (made and stopped by `main`): the feeds' and the
+    /// compaction poll's, and every task spawned below the listener.
+    pub tasks: Tasks,
     /// Turns true when the proxy shuts down: sessions end their streams so clients reconnect
     /// to another replica.
     shutdown: watch::Sender<bool>,
 }
 
 impl Hub {
-    /// Starts a feed per configured prefix and the compaction poller.
-    pub fn start(config: Config, upstream: Arc<Upstream>) -> Arc<Hub> {
+    /// Starts a feed per configured prefix and the compaction poller, owned by `tasks`.
+    pub fn start(config: Config, upstream: Arc<Upstream>, tasks: Tasks) -> Arc<Hub> {
         let compaction = Arc::new(Compaction::default());
         let mut prefixes = config.prefixes.clone();
         prefixes.sort_by_key(|p| std::cmp::Reverse(p.len()));
         prefixes.dedup();
         let feeds: Vec<Arc<Feed>> = prefixes
             .iter()
-            .map(|p| Feed::spawn(p, upstream.clone(), compaction.clone(), &config))
+            .map(|p| Feed::spawn(p, upstream.clone(), compaction.clone(), &config, &tasks))
             .collect();
         let hub = Arc::new(Hub {
             feeds,
             upstream: upstream.clone(),
             compaction: compaction.clone(),
             config: Arc::new(config.clone()),
+            tasks: tasks.clone(),
             shutdown: watch::channel(false).0,
         });
         let weak = Arc::downgrade(&hub);
-        tokio::spawn(compaction.poll(upstream, config.compaction_poll, move || {
+        tasks.spawn(compaction.poll(upstream, config.compaction_poll, move || {
             let hub = weak.upgrade()?;
             hub.feeds
                 .iter()

@@ -47,6 +47,7 @@ pub struct Upstream {
 impl Upstream {
     /// Builds the channel over plaintext endpoints; connections are made lazily and re-made
     /// after failures.
+    #[cfg(test)]
     pub fn new(endpoints: &[String]) -> Result<Upstream, String> {
         Self::with_tls(endpoints, None)
     }

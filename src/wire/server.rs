@@ -226,19 +226,9 @@ fn h2_request(
     }
 }
 
-/// Accepts plaintext connections until `shutdown` turns true, then stops accepting and lets
-/// open connections finish gracefully for at most `drain`.
+/// Accepts connections (TLS ones when `tls` is given) until `shutdown` turns true, then stops
+/// accepting and lets open connections finish gracefully for at most `drain`.
 pub async fn serve(
-    listener: TcpListener,
-    services: Services,
-    shutdown: watch::Receiver<bool>,
-    drain: Duration,
-) {
-    serve_with_tls(listener, services, None, shutdown, drain).await
-}
-
-/// Like [`serve`], over TLS when `tls` is given.
-pub async fn serve_with_tls(
     listener: TcpListener,
     services: Services,
     tls: Option<Arc<ServerTls>>,

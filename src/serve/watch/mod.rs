@@ -7,12 +7,12 @@
 //! - outside every prefix (or with credentials) [`relay::run_uncached`] holds a dedicated
 //!   upstream watch for it.
 //!
-//! Events are encoded once per watch [`shape`] and revision and shared ([`frame`]). All of a
+//! Events are encoded once per watch [`shape`] and revision and shared ([`reply`]). All of a
 //! session's responses go through one bounded channel to the client, so a client that stops
 //! reading only stops its own watches, and memory per session is bounded.
 
-pub mod frame;
 pub mod relay;
+pub mod reply;
 pub mod session;
 pub mod shape;
 pub mod watcher;
@@ -25,24 +25,21 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
-use crate::proto::etcdserverpb::{WatchCreateRequest, WatchRequest, WatchResponse};
+use crate::proto::etcdserverpb::{WatchCreateRequest, WatchRequest};
 use crate::serve::passthrough::BoxStream;
 use crate::source::hub::Hub;
-use frame::Frame;
+use reply::Reply;
 use session::Session;
 use shape::Shape;
 
 /// Responses a session may have queued for its client before watches wait.
 const SESSION_BUFFER: usize = 256;
 
-/// Status message of watch streams ended by a proxy shutdown (etcd's `ErrGRPCStopped`).
-pub const SHUTDOWN_MESSAGE: &str = "etcdserver: server stopped";
-
 /// etcd's `clientv3.InvalidWatchID`.
 pub const INVALID_WATCH_ID: i64 = -1;
 
 /// The sending half every watch of a session writes its responses to.
-pub type Out = mpsc::Sender<Frame>;
+pub type Out = mpsc::Sender<Reply>;
 
 /// What one downstream watch asked for.
 #[derive(Debug, Clone)]
@@ -72,28 +69,15 @@ impl WatchService {
         WatchService { hub }
     }
 
-    /// Runs a watch session over `requests`; the returned stream carries every response.
-    /// The session lives until the returned stream is dropped (like etcd, a client that
-    /// half-closes its request stream keeps receiving events).
-    pub fn session<S>(&self, metadata: MetadataMap, requests: S) -> BoxStream<WatchResponse>
-    where
-        S: Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
-    {
-        Box::pin(
-            self.session_frames(metadata, requests)
-                .map(|r| r.and_then(Frame::into_response)),
-        )
-    }
-
-    /// Like [`WatchService::session`], with events responses left as shared [`Frame`]s for
+    /// Like [`WatchService::session`], with events responses left as shared [`Reply`]s for
     /// encoders that write them once per shape.
-    pub fn session_frames<S>(&self, metadata: MetadataMap, requests: S) -> BoxStream<Frame>
+    pub fn session<S>(&self, metadata: MetadataMap, requests: S) -> BoxStream<Reply>
     where
         S: Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
     {
         let (tx, rx) = mpsc::channel(SESSION_BUFFER);
         let session = Session::new(self.hub.clone(), metadata, tx);
-        tokio::spawn(session.run(requests));
-        Box::pin(ReceiverStream::new(rx).map(Frame::into_item))
+        self.hub.tasks.spawn(session.run(requests));
+        Box::pin(ReceiverStream::new(rx).map(Reply::into_item))
     }
 }

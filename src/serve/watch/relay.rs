@@ -16,7 +16,7 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 use tonic::metadata::MetadataMap;
 
-use super::frame::Frame;
+use super::reply::Reply;
 use super::watcher::{filter_into, send_events, WatcherGauge, RETRY_DELAY};
 use super::{Out, WatchSpec};
 use crate::config::Config;
@@ -30,13 +30,13 @@ const CREATE_ATTEMPTS: u32 = 10;
 
 /// Relays etcd's replay of `spec` from revision `from` until it reaches the cache window.
 /// Returns the revision to continue from in the cache, or `None` when the watch is over
-/// (canceled by etcd, or the client left). `floor` is the highest header revision the watch
+/// (canceled by etcd, or the client left). `highest_header` is the highest header revision the watch
 /// has sent; it is raised by etcd's headers and never undercut.
 pub async fn catch_up(
     feed: &Feed,
     spec: &WatchSpec,
     mut from: i64,
-    floor: &mut i64,
+    highest_header: &mut i64,
     out: &Out,
     metadata: &MetadataMap,
     config: &Config,
@@ -72,7 +72,7 @@ pub async fn catch_up(
             if resp.canceled {
                 // Compacted (or refused): exactly what etcd tells a direct client.
                 let _ = out
-                    .send(Frame::msg(WatchResponse {
+                    .send(Reply::msg(WatchResponse {
                         watch_id: spec.id,
                         created: false,
                         ..resp
@@ -93,8 +93,8 @@ pub async fn catch_up(
             filter_into(spec, &resp.events, &mut events);
             if !events.is_empty() {
                 let mut header = resp.header.unwrap_or_default();
-                header.revision = header.revision.max(*floor);
-                *floor = header.revision;
+                header.revision = header.revision.max(*highest_header);
+                *highest_header = header.revision;
                 if send_events(out, spec, header, events, config.fragment_threshold())
                     .await
                     .is_err()
@@ -152,7 +152,7 @@ pub async fn run_uncached(
                         cancel_reason: e.message().to_string(),
                         ..Default::default()
                     };
-                    let _ = out.send(Frame::msg(resp)).await;
+                    let _ = out.send(Reply::msg(resp)).await;
                     return;
                 }
                 tokio::select! {
@@ -173,7 +173,7 @@ pub async fn run_uncached(
             hub.upstream.observe_header(resp.header.as_ref());
             if resp.created {
                 if resp.canceled {
-                    let _ = out.send(Frame::msg(resp)).await;
+                    let _ = out.send(Reply::msg(resp)).await;
                     return;
                 }
                 if let Some(c) = created.take() {
@@ -186,7 +186,7 @@ pub async fn run_uncached(
                         });
                     }
                     let ok = out
-                        .send(Frame::msg(WatchResponse {
+                        .send(Reply::msg(WatchResponse {
                             watch_id: spec.id,
                             ..resp
                         }))
@@ -211,7 +211,7 @@ pub async fn run_uncached(
             }
             let canceled = resp.canceled;
             if out
-                .send(Frame::msg(WatchResponse {
+                .send(Reply::msg(WatchResponse {
                     watch_id: spec.id,
                     ..resp
                 }))

@@ -23,11 +23,11 @@ use tokio_stream::StreamMap;
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
-use super::frame::Frame;
+use super::reply::Reply;
 use super::shape::{ShapeKey, SHAPES};
 use super::watcher::{self, CachedWatch, Step};
-use super::{relay, Out, WatchSpec, INVALID_WATCH_ID, SHUTDOWN_MESSAGE};
-use crate::error::{WATCH_DUPLICATE_ID, WATCH_RANGE_EMPTY};
+use super::{relay, Out, WatchSpec, INVALID_WATCH_ID};
+use crate::error::{Error, WATCH_DUPLICATE_ID, WATCH_RANGE_EMPTY};
 use crate::keys::KeyRange;
 use crate::metrics;
 use crate::proto::etcdserverpb::watch_create_request::FilterType;
@@ -142,8 +142,8 @@ impl Session {
             tokio::select! {
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
                     // End the stream so the client reconnects (to another replica).
-                    let status = Status::unavailable(SHUTDOWN_MESSAGE);
-                    let _ = self.out.send(Frame::Error(Box::new(status))).await;
+                    let status = Status::from(Error::Stopped);
+                    let _ = self.out.send(Reply::Error(Box::new(status))).await;
                     break;
                 }
                 req = requests.next(), if requests_open => match req {
@@ -154,7 +154,7 @@ impl Session {
                     }
                     // An undecodable request ends the stream with etcd's error.
                     Some(Err(status)) => {
-                        let _ = self.out.send(Frame::Error(Box::new(status))).await;
+                        let _ = self.out.send(Reply::Error(Box::new(status))).await;
                         break;
                     }
                     // Request stream closed: keep serving until the client leaves.
@@ -218,7 +218,7 @@ impl Session {
     }
 
     async fn send(&self, resp: WatchResponse) -> Result<(), ()> {
-        self.out.send(Frame::msg(resp)).await.map_err(|_| ())
+        self.out.send(Reply::msg(resp)).await.map_err(|_| ())
     }
 
     async fn create(&mut self, mut c: WatchCreateRequest) -> Result<(), ()> {
@@ -290,7 +290,7 @@ impl Session {
     async fn create_relayed(&mut self, spec: WatchSpec) -> Result<(), ()> {
         let id = spec.id;
         let (created_tx, created_rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(relay::run_uncached(
+        let task = self.hub.tasks.spawn(relay::run_uncached(
             self.hub.clone(),
             self.metadata.clone(),
             spec,
@@ -387,7 +387,7 @@ impl Session {
         self.generation += 1;
         let generation = self.generation;
         let (feed, spec, from) = (watch.feed.clone(), watch.spec.clone(), watch.next);
-        let mut floor = watch.floor;
+        let mut highest_header = watch.highest_header;
         let (out, metadata) = (self.out.clone(), self.metadata.clone());
         let config = self.hub.config.clone();
         let handoff = self
@@ -395,10 +395,22 @@ impl Session {
             .get_or_insert_with(mpsc::unbounded_channel)
             .0
             .clone();
-        let task = tokio::spawn(async move {
-            let resume =
-                relay::catch_up(&feed, &spec, from, &mut floor, &out, &metadata, &config).await;
-            let _ = handoff.send((spec.id, generation, resume.map(|next| (next, floor))));
+        let task = self.hub.tasks.spawn(async move {
+            let resume = relay::catch_up(
+                &feed,
+                &spec,
+                from,
+                &mut highest_header,
+                &out,
+                &metadata,
+                &config,
+            )
+            .await;
+            let _ = handoff.send((
+                spec.id,
+                generation,
+                resume.map(|next| (next, highest_header)),
+            ));
         });
         self.watches.insert(
             id,
@@ -423,9 +435,9 @@ impl Session {
             return Ok(());
         };
         match resume {
-            Some((next, floor)) => {
+            Some((next, highest_header)) => {
                 watch.next = next;
-                watch.floor = floor;
+                watch.highest_header = highest_header;
                 watch.synced = true;
                 let key = feed_key(&watch.feed);
                 self.watches.insert(id, Entry::Cached(watch));
@@ -491,7 +503,11 @@ mod tests {
     #[tokio::test]
     async fn session_future_is_small() {
         let upstream = Arc::new(Upstream::new(&["http://127.0.0.1:1".to_string()]).unwrap());
-        let hub = Hub::start(Config::parse_from(["etcd-fanout"]), upstream);
+        let hub = Hub::start(
+            Config::parse_from(["etcd-fanout"]),
+            upstream,
+            crate::tasks::Tasks::new(),
+        );
         let (tx, _rx) = mpsc::channel(1);
         let session = Session::new(hub, MetadataMap::new(), tx);
         let requests = futures::stream::empty::<Result<WatchRequest, Status>>();

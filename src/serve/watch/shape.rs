@@ -137,14 +137,6 @@ impl Shapes {
     }
 }
 
-/// Encoded length of the `events` of a message built by [`Shape::select`] (for tests).
-pub fn encoded_events_len(events: &[Event]) -> usize {
-    events
-        .iter()
-        .map(|e| prost::encoding::message::encoded_len(EVENTS_FIELD, e))
-        .sum()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,6 +144,14 @@ mod tests {
     use crate::proto::mvccpb::KeyValue;
     use bytes::Bytes;
     use prost::Message;
+
+    /// Encoded length of the `events` of a message built by [`Shape::select`].
+    fn encoded_events_len(events: &[Event]) -> usize {
+        events
+            .iter()
+            .map(|e| prost::encoding::message::encoded_len(EVENTS_FIELD, e))
+            .sum()
+    }
 
     fn put(key: &str, rev: i64) -> Event {
         Event {

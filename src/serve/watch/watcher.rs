@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use prost::Message;
 
-use super::frame::{EventsFrame, Frame};
+use super::reply::{EventsReply, Reply};
 use super::{Out, WatchSpec};
 use crate::config::Config;
 use crate::metrics;
@@ -85,7 +85,7 @@ pub struct CachedWatch {
     pub quiet: bool,
     /// Highest header revision sent so far: headers never go backwards for a watch (a
     /// `created` at etcd's revision may be ahead of the cache head it then reads from).
-    pub floor: i64,
+    pub highest_header: i64,
     /// Counts the watch in the watcher gauge.
     _gauge: WatcherGauge,
 }
@@ -112,7 +112,7 @@ impl CachedWatch {
             next: created.start,
             synced: created.synced,
             quiet: true,
-            floor: created.response.header.map_or(0, |h| h.revision),
+            highest_header: created.response.header.map_or(0, |h| h.revision),
             _gauge: WatcherGauge::new(),
         }
     }
@@ -152,14 +152,14 @@ impl CachedWatch {
                 let header = self.header(b.revision);
                 if send_batches(out, &self.spec, header, vec![b], config).await? > 0 {
                     self.quiet = false;
-                    self.floor = header.revision;
+                    self.highest_header = header.revision;
                 }
             }
         } else {
             let header = self.header(head);
             if send_batches(out, &self.spec, header, batches, config).await? > 0 {
                 self.quiet = false;
-                self.floor = header.revision;
+                self.highest_header = header.revision;
             }
             self.synced = last >= head;
         }
@@ -176,7 +176,7 @@ impl CachedWatch {
             return None;
         }
         let header = self.header(self.feed.head());
-        self.floor = header.revision;
+        self.highest_header = header.revision;
         Some(WatchResponse {
             header: Some(header),
             watch_id: self.spec.id,
@@ -184,9 +184,11 @@ impl CachedWatch {
         })
     }
 
-    /// A response header at `revision`, or at the floor if that is higher.
+    /// A response header at `revision`, or at the highest header sent if that is higher.
     fn header(&self, revision: i64) -> ResponseHeader {
-        self.feed.upstream().header(revision.max(self.floor))
+        self.feed
+            .upstream()
+            .header(revision.max(self.highest_header))
     }
 }
 
@@ -250,14 +252,14 @@ pub async fn send_batches(
     if count == 0 {
         return Ok(0);
     }
-    let frame = EventsFrame {
+    let reply = EventsReply {
         header,
         watch_id: spec.id,
         batches,
         shape: spec.shape.clone(),
     };
     if spec.fragment {
-        let resp = frame.to_response();
+        let resp = reply.to_response();
         // Rare: boxed so that it does not grow every watcher's future.
         Box::pin(send_events(
             out,
@@ -268,7 +270,7 @@ pub async fn send_batches(
         ))
         .await?;
     } else {
-        out.send(Frame::Events(frame)).await.map_err(|_| ())?;
+        out.send(Reply::Events(reply)).await.map_err(|_| ())?;
         metrics::EVENTS_SENT.inc_by(count as u64);
     }
     Ok(count)
@@ -295,7 +297,7 @@ pub async fn send_events(
         vec![resp]
     };
     for p in parts {
-        out.send(Frame::msg(p)).await.map_err(|_| ())?;
+        out.send(Reply::msg(p)).await.map_err(|_| ())?;
     }
     metrics::EVENTS_SENT.inc_by(n);
     Ok(())

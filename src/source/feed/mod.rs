@@ -32,6 +32,7 @@ use crate::proto::mvccpb::Event;
 use crate::source::cache::{Cache, RevBatch};
 use crate::source::compaction::Compaction;
 use crate::source::upstream::Upstream;
+use crate::tasks::Tasks;
 
 pub use sync::SyncPoint;
 
@@ -59,6 +60,8 @@ pub struct Feed {
     /// The last sync check's finding `(h, x)`: the cached state at head `h` is etcd's state at
     /// revision `x` (serializable reads at head `h` report `x`, as etcd would).
     verified: std::sync::Mutex<(i64, i64)>,
+    /// Owner of the feed's tasks (watch loop, sync loop, backfills).
+    tasks: Tasks,
     /// Queue of linearizable reads waiting for a sync check.
     sync_tx: mpsc::UnboundedSender<oneshot::Sender<Option<SyncPoint>>>,
 }
@@ -70,17 +73,14 @@ impl Feed {
         upstream: Arc<Upstream>,
         compaction: Arc<Compaction>,
         config: &Config,
+        tasks: &Tasks,
     ) -> Arc<Feed> {
         let range = KeyRange::prefix(prefix.as_bytes());
         let (head_tx, _) = watch::channel(0);
         let (sync_tx, sync_rx) = mpsc::unbounded_channel();
         let feed = Arc::new(Feed {
             name: prefix.to_string(),
-            cache: RwLock::new(Cache::new(
-                range.clone(),
-                config.history_revisions,
-                config.history_bytes,
-            )),
+            cache: RwLock::new(Cache::new(config.history_revisions, config.history_bytes)),
             range,
             head_tx,
             ready: AtomicBool::new(false),
@@ -89,10 +89,11 @@ impl Feed {
             page_size: config.load_page_size.max(1),
             backfill_revisions: config.backfill_revisions.min(config.history_revisions) as i64,
             verified: std::sync::Mutex::new((0, 0)),
+            tasks: tasks.clone(),
             sync_tx,
         });
-        tokio::spawn(feed.clone().run());
-        tokio::spawn(feed.clone().sync_loop(sync_rx, config.sync_timeout));
+        tasks.spawn(feed.clone().run());
+        tasks.spawn(feed.clone().sync_loop(sync_rx, config.sync_timeout));
         feed
     }
 

@@ -20,7 +20,7 @@ impl Feed {
                 match self.load().await {
                     Ok(revision) => {
                         need_load = false;
-                        tokio::spawn(self.clone().backfill(revision));
+                        self.tasks.spawn(self.clone().backfill(revision));
                     }
                     Err(e) => {
                         tracing::warn!(prefix = %self.name, error = %e, "loading prefix failed");

@@ -430,8 +430,8 @@ pub struct Decoder<'a> {
 /// What [`Decoder::next_value`] found.
 #[derive(Debug)]
 pub enum Next<'a> {
-    /// A complete value and its raw text.
-    Value(Value<'a>, &'a [u8]),
+    /// A complete value.
+    Value(Value<'a>),
     /// Only whitespace was left (Go: `io.EOF`).
     End,
 }
@@ -454,11 +454,10 @@ impl<'a> Decoder<'a> {
             self.pos = p.pos;
             return Ok(Next::End);
         }
-        let start = p.pos;
         match p.value() {
             Scan::Ok(v) => {
                 self.pos = p.pos;
-                Ok(Next::Value(v, &self.buf[start..p.pos]))
+                Ok(Next::Value(v))
             }
             Scan::Err(e) => {
                 self.pos = self.buf.len();
@@ -701,14 +700,8 @@ mod tests {
     #[test]
     fn decoder_stream_and_eof() {
         let mut d = Decoder::new(b" {\"a\":1} {\"b\":2} trailing");
-        assert!(matches!(
-            d.next_value(),
-            Ok(Next::Value(Value::Object(_), _))
-        ));
-        assert!(matches!(
-            d.next_value(),
-            Ok(Next::Value(Value::Object(_), _))
-        ));
+        assert!(matches!(d.next_value(), Ok(Next::Value(Value::Object(_)))));
+        assert!(matches!(d.next_value(), Ok(Next::Value(Value::Object(_)))));
         assert!(d.next_value().is_err());
         assert!(matches!(first("  \n"), Ok(Next::End)));
         assert!(matches!(first(""), Ok(Next::End)));

@@ -658,7 +658,7 @@ mod tests {
 
     fn parse(s: &str) -> Value<'_> {
         match Decoder::new(s.as_bytes()).next_value() {
-            Ok(Next::Value(v, _)) => v,
+            Ok(Next::Value(v)) => v,
             other => panic!("{other:?}"),
         }
     }

@@ -19,7 +19,7 @@
 //! Its parts: [`mux`] (the access controller and Go's `ServeMux`), [`routes`] (the `/v3/`
 //! routes table: every route and the call that answers it), [`endpoints`] (`/version`,
 //! `/health`, the relays to etcd's HTTP server, and the proxy's own `/readyz`, `/metrics`),
-//! [`streaming`] (watch, keepalive and snapshot streams), [`reply`] (Go's framing of answers,
+//! [`streaming`] (watch, keepalive and snapshot streams), [`answer`] (Go's framing of answers,
 //! etcd's error answers), [`stream`] (response bodies), [`jsonpb`] and [`json`] (etcd's JSON).
 //!
 //! Compared with etcd 3.4.23 by `tests/gateway_*.rs` (same requests to both, answers diffed:
@@ -37,13 +37,13 @@
 //!   error (etcd reads it whole, then refuses it);
 //! - `/health` is etcd's answer, but `{"health":"false"}` (503) while the proxy's caches are
 //!   loading or etcd cannot be reached; `/version` is etcd's answer cached for a minute.
+mod answer;
 mod endpoints;
 pub mod errors;
 pub mod gobase64;
 pub mod json;
 pub mod jsonpb;
 mod mux;
-mod reply;
 mod routes;
 pub mod stream;
 mod streaming;

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 
-use super::reply::{empty, plain};
+use super::answer::{empty, plain};
 use super::stream::Body;
 use super::{endpoints, routes};
 use crate::serve::Services;

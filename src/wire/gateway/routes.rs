@@ -11,14 +11,15 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use prost::Message as _;
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue, MetadataMap};
-use tonic::{Code, Status};
+use tonic::Code;
 
-use super::json::{Decoder, Next, Value};
-use super::reply::{
+use super::answer::{
     body_error, call_error, error_response, json_response, plain, Failure, MAX_BODY,
 };
+use super::json::{Decoder, Next, Value};
 use super::stream::Body;
 use super::{endpoints, jsonpb, streaming};
+use crate::error::Error;
 use crate::proto::etcdserverpb::auth_server::Auth;
 use crate::proto::etcdserverpb::cluster_server::Cluster;
 use crate::proto::etcdserverpb::kv_server::Kv;
@@ -253,7 +254,7 @@ pub(super) async fn v3(req: Request<ReqBody>, path: &str, services: &Services) -
     };
     let mut dec = Decoder::new(&body);
     let value = match dec.next_value() {
-        Ok(Next::Value(v, _)) => v,
+        Ok(Next::Value(v)) => v,
         Ok(Next::End) => Value::Null,
         Err(e) => return error_response(Code::InvalidArgument, &e.0, false),
     };
@@ -287,9 +288,11 @@ async fn range(services: &Services, md: MetadataMap, v: &Value<'_>) -> Result<Ve
     let msg: RangeRequest = decode("etcdserverpb.RangeRequest", v)?;
     let len = msg.encoded_len();
     if len > MAX_DECODING_MESSAGE {
-        return Err(Failure::Call(Status::resource_exhausted(format!(
-            "grpc: received message larger than max ({len} vs. {MAX_DECODING_MESSAGE})"
-        ))));
+        return Err(Error::MessageTooLarge {
+            len,
+            max: MAX_DECODING_MESSAGE,
+        }
+        .into());
     }
     match services.kv.range_answer(&md, msg).await? {
         RangeAnswer::Cached(header, body) => {

@@ -4,7 +4,7 @@
 //! `{"result":{...}}\n` per message, each its own HTTP/1.1 chunk, sent as soon as the message
 //! exists; a failure ends the stream with one `{"error":{...}}` chunk.
 //!
-//! Encode once: the watch session hands over events responses as shared [`Frame`]s (revision
+//! Encode once: the watch session hands over events responses as shared [`Reply`]s (revision
 //! batches plus the watch's interned shape). The JSON of one batch's events for one shape is
 //! made once and kept in [`BatchJson`], so a batch fanned out to many HTTP watchers of the same
 //! shape is encoded once; per watcher only the header and watch id are written, and the shared
@@ -24,7 +24,7 @@ use http_body_util::StreamBody;
 use super::errors;
 use super::jsonpb;
 use crate::proto::etcdserverpb::WatchResponse;
-use crate::serve::watch::frame::Frame as WatchFrame;
+use crate::serve::watch::reply::Reply;
 use crate::serve::watch::shape::Shape;
 use crate::source::cache::RevBatch;
 
@@ -79,13 +79,13 @@ pub fn watch_chunk(resp: &WatchResponse) -> Bytes {
     Bytes::from(out)
 }
 
-/// The chunk of one watch session frame; events frames reuse the shared batch encodings.
-pub fn frame_chunk(frame: &WatchFrame) -> Bytes {
-    let f = match frame {
-        WatchFrame::Msg(resp) => return watch_chunk(resp),
-        WatchFrame::Events(f) => f,
-        // Session streams turn error frames into stream errors; none reaches an encoder.
-        WatchFrame::Error(_) => return Bytes::new(),
+/// The chunk of one watch session reply; events replies reuse the shared batch encodings.
+pub fn reply_chunk(reply: &Reply) -> Bytes {
+    let f = match reply {
+        Reply::Msg(resp) => return watch_chunk(resp),
+        Reply::Events(f) => f,
+        // Session streams turn error replies into stream errors; none reaches an encoder.
+        Reply::Error(_) => return Bytes::new(),
     };
     let parts: Vec<Bytes> = f
         .batches
@@ -184,7 +184,7 @@ mod tests {
     use crate::keys::KeyRange;
     use crate::proto::etcdserverpb::ResponseHeader;
     use crate::proto::mvccpb::{Event, KeyValue};
-    use crate::serve::watch::frame::EventsFrame;
+    use crate::serve::watch::reply::EventsReply;
     use crate::serve::watch::shape::{ShapeKey, SHAPES};
 
     fn ev(key: &'static [u8], rev: i64, t: i32) -> Event {
@@ -210,7 +210,7 @@ mod tests {
     }
 
     #[test]
-    fn shared_frames_match_messages() {
+    fn shared_replies_match_messages() {
         let batches: Vec<Arc<RevBatch>> = vec![
             Arc::new(RevBatch {
                 revision: 5,
@@ -232,7 +232,7 @@ mod tests {
                 no_delete: false,
                 prev_kv,
             });
-            let frame = EventsFrame {
+            let reply = EventsReply {
                 header: ResponseHeader {
                     revision: 6,
                     cluster_id: 1,
@@ -242,10 +242,10 @@ mod tests {
                 batches: batches.clone(),
                 shape,
             };
-            let a = frame_chunk(&WatchFrame::Events(frame.clone()));
-            let b = frame_chunk(&WatchFrame::Events(frame.clone()));
+            let a = reply_chunk(&Reply::Events(reply.clone()));
+            let b = reply_chunk(&Reply::Events(reply.clone()));
             assert_eq!(a, b);
-            assert_eq!(a, watch_chunk(&frame.to_response()));
+            assert_eq!(a, watch_chunk(&reply.to_response()));
             assert!(a.ends_with(b"}\n"));
             assert_eq!(a.iter().filter(|&&c| c == b'\n').count(), 1);
         }

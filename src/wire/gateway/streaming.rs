@@ -8,8 +8,8 @@ use http::{header, HeaderValue, Response, StatusCode};
 use tonic::metadata::MetadataMap;
 use tonic::Code;
 
+use super::answer::error_response;
 use super::json::{Decoder, Next, Value};
-use super::reply::error_response;
 use super::stream::{self, Body};
 use super::{errors, jsonpb};
 use crate::proto::etcdserverpb::{
@@ -29,7 +29,7 @@ pub(super) fn stream_requests<T: prost::Message + Default>(
     loop {
         let item = match dec.next_value() {
             Ok(Next::End) => break,
-            Ok(Next::Value(v, _)) => jsonpb::decode::<T>(name, &v).map_err(|e| e.0),
+            Ok(Next::Value(v)) => jsonpb::decode::<T>(name, &v).map_err(|e| e.0),
             Err(e) => Err(e.0),
         };
         match item {
@@ -111,8 +111,8 @@ pub(super) async fn watch(services: &Services, md: MetadataMap, body: Bytes) -> 
     }
     let session = services
         .watch
-        .session_frames(md, futures::stream::iter(reqs.into_iter().map(Ok)));
-    streaming(session, stream::frame_chunk, true).await
+        .session(md, futures::stream::iter(reqs.into_iter().map(Ok)));
+    streaming(session, stream::reply_chunk, true).await
 }
 
 /// `POST /v3/lease/keepalive`: the body's keepalives piped to etcd, etcd's answers back.
@@ -151,7 +151,7 @@ pub(super) async fn snapshot(services: &Services, md: MetadataMap, body: Bytes) 
     use crate::proto::etcdserverpb::maintenance_server::Maintenance;
     let mut dec = Decoder::new(&body);
     let value = match dec.next_value() {
-        Ok(Next::Value(v, _)) => v,
+        Ok(Next::Value(v)) => v,
         Ok(Next::End) => Value::Null,
         Err(e) => return error_response(Code::InvalidArgument, &e.0, false),
     };

@@ -1,4 +1,5 @@
-//! HTTP/1.1 (over TLS for `https://` endpoints) to etcd's own client port, for what only etcd's HTTP server can answer:
+//! HTTP/1.1 (over TLS for `https://` endpoints) to etcd's own client port, for what only
+//! etcd's HTTP server can answer:
 //! `/version` (fetched once and cached), `/health`, `/debug/vars`, `/config/local/log`, and the
 //! lock / election gateway routes (`/v3/lock/*`, `/v3/election/*`, services the proxy does not
 //! implement over gRPC). Endpoints are tried in configured order; each try is bounded in time.
@@ -15,6 +16,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::source::upstream::Upstream;
+use crate::tasks::Tasks;
 use crate::tls::client::Alpn;
 
 /// Longest wait for a connection plus the response head, per endpoint.
@@ -35,8 +37,10 @@ fn authority(endpoint: &str) -> Option<&str> {
     (!host.is_empty()).then_some(host)
 }
 
-/// Sends `req` (path and query only in its URI) to the first endpoint that answers.
+/// Sends `req` (path and query only in its URI) to the first endpoint that answers; the
+/// connection is driven by a task of `tasks` until the answer is read.
 pub async fn send(
+    tasks: &Tasks,
     upstream: &Upstream,
     method: http::Method,
     path_and_query: &str,
@@ -70,12 +74,12 @@ pub async fn send(
                         .connect(host, Alpn::Http1)
                         .await
                         .map_err(|e| e.to_string())?;
-                    handshake(stream).await?
+                    handshake(tasks, stream).await?
                 }
                 None => {
                     let stream = TcpStream::connect(host).await.map_err(|e| e.to_string())?;
                     let _ = stream.set_nodelay(true);
-                    handshake(stream).await?
+                    handshake(tasks, stream).await?
                 }
             };
             sender.send_request(req).await.map_err(|e| e.to_string())
@@ -89,16 +93,16 @@ pub async fn send(
     Err(last)
 }
 
-/// An HTTP/1.1 client connection over `io`; its connection task ends when the answer is read
-/// and the sender dropped.
-async fn handshake<T>(io: T) -> Result<SendRequest<Full<Bytes>>, String>
+/// An HTTP/1.1 client connection over `io`, driven by a task of `tasks` until the answer is
+/// read and the sender dropped.
+async fn handshake<T>(tasks: &Tasks, io: T) -> Result<SendRequest<Full<Bytes>>, String>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| e.to_string())?;
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let _ = conn.await;
     });
     Ok(sender)
@@ -106,10 +110,12 @@ where
 
 /// Fetches a small answer whole: (status, content type, body).
 pub async fn fetch(
+    tasks: &Tasks,
     upstream: &Upstream,
     path: &str,
 ) -> Result<(u16, Option<String>, Bytes), String> {
     let resp = send(
+        tasks,
         upstream,
         http::Method::GET,
         path,
@@ -136,14 +142,14 @@ static VERSION: Mutex<Option<(Bytes, Instant)>> = Mutex::new(None);
 
 /// etcd's `/version` body (`{"etcdserver":"3.4.23","etcdcluster":"3.4.0"}`), from the cache
 /// when fresh, else from etcd; a stale answer is used when etcd cannot be reached.
-pub async fn version(upstream: &Upstream) -> Result<Bytes, String> {
+pub async fn version(tasks: &Tasks, upstream: &Upstream) -> Result<Bytes, String> {
     let cached = VERSION.lock().ok().and_then(|v| v.clone());
     if let Some((body, at)) = &cached {
         if at.elapsed() < VERSION_TTL {
             return Ok(body.clone());
         }
     }
-    match fetch(upstream, "/version").await {
+    match fetch(tasks, upstream, "/version").await {
         Ok((200, _, body)) => {
             if let Ok(mut v) = VERSION.lock() {
                 *v = Some((body.clone(), Instant::now()));

@@ -52,7 +52,7 @@ impl<T: Message> Encoder for EtcdEncoder<T> {
 
     fn encode(&mut self, item: T, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
         item.encode(dst)
-            .map_err(|e| Status::internal(format!("grpc: error while marshaling: {e}")))
+            .map_err(|e| crate::error::Error::Marshal(e).into())
     }
 }
 

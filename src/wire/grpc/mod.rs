@@ -7,6 +7,7 @@ pub mod watch;
 
 use tonic::service::Routes;
 
+use crate::error::Error;
 use crate::proto::etcdserverpb::{
     auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
     lease_server::LeaseServer, maintenance_server::MaintenanceServer,
@@ -101,12 +102,14 @@ const GRPC_METHODS: [(&str, &[&str]); 6] = [
 pub fn unknown_method(path: &str) -> Option<tonic::Status> {
     let (service, method) = path.trim_start_matches('/').split_once('/')?;
     match GRPC_METHODS.iter().find(|(s, _)| *s == service) {
-        None => Some(tonic::Status::unimplemented(format!(
-            "unknown service {service}"
-        ))),
-        Some((_, methods)) if !methods.contains(&method) => Some(tonic::Status::unimplemented(
-            format!("unknown method {method} for service {service}"),
-        )),
+        None => Some(Error::UnknownService(service.into()).into()),
+        Some((_, methods)) if !methods.contains(&method) => Some(
+            Error::UnknownMethod {
+                method: method.into(),
+                service: service.into(),
+            }
+            .into(),
+        ),
         Some(_) => None,
     }
 }

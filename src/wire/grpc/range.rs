@@ -10,6 +10,7 @@ use tonic::codec::{Codec, EncodeBuf, Encoder};
 use tonic::server::{Grpc, UnaryService};
 use tonic::Status;
 
+use crate::error::Error;
 use crate::proto::etcdserverpb::{RangeRequest, RangeResponse};
 use crate::serve::kv::{KvService, RangeAnswer};
 use crate::wire::grpc::codec::{EtcdCodec, EtcdDecoder};
@@ -30,8 +31,7 @@ impl Encoder for AnswerEncoder {
     type Error = Status;
 
     fn encode(&mut self, item: RangeAnswer, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        item.encode_to(dst)
-            .map_err(|e| Status::internal(format!("grpc: error while marshaling: {e}")))
+        item.encode_to(dst).map_err(|e| Error::Marshal(e).into())
     }
 }
 

@@ -1,6 +1,6 @@
 //! The `Watch/Watch` gRPC route, with an encoder that shares encoded event bytes.
 //!
-//! A session's [`Frame`]s are written as WatchResponses: the header and watch id, then the
+//! A session's [`Reply`]s are written as WatchResponses: the header and watch id, then the
 //! bytes the watch's shape encoded once per batch for every watcher of that shape: per-watcher
 //! work is a few bytes of framing and one copy into the connection's buffer.
 //!
@@ -16,16 +16,16 @@ use tonic::{Status, Streaming};
 
 use crate::proto::etcdserverpb::{WatchRequest, WatchResponse};
 use crate::serve::passthrough::BoxStream;
-use crate::serve::watch::frame::Frame;
+use crate::serve::watch::reply::Reply;
 use crate::serve::watch::WatchService;
 
-/// Writes `frame` as an encoded WatchResponse: the header and watch id, then the shared
+/// Writes `reply` as an encoded WatchResponse: the header and watch id, then the shared
 /// event bytes.
-pub fn encode<B: BufMut>(frame: &Frame, buf: &mut B) -> Result<(), prost::EncodeError> {
-    match frame {
-        Frame::Msg(m) => m.encode(buf),
-        Frame::Error(_) => Ok(()),
-        Frame::Events(e) => {
+pub fn encode<B: BufMut>(reply: &Reply, buf: &mut B) -> Result<(), prost::EncodeError> {
+    match reply {
+        Reply::Msg(m) => m.encode(buf),
+        Reply::Error(_) => Ok(()),
+        Reply::Events(e) => {
             let head = WatchResponse {
                 header: Some(e.header),
                 watch_id: e.watch_id,
@@ -40,20 +40,20 @@ pub fn encode<B: BufMut>(frame: &Frame, buf: &mut B) -> Result<(), prost::Encode
     }
 }
 
-/// Encodes frames, decodes WatchRequests.
+/// Encodes replies, decodes WatchRequests.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct FrameCodec;
+pub struct ReplyCodec;
 
-/// The encoding half of [`FrameCodec`].
+/// The encoding half of [`ReplyCodec`].
 #[derive(Debug, Clone, Copy, Default)]
-pub struct FrameEncoder;
+pub struct ReplyEncoder;
 
-impl Encoder for FrameEncoder {
-    type Item = Frame;
+impl Encoder for ReplyEncoder {
+    type Item = Reply;
     type Error = Status;
 
-    fn encode(&mut self, item: Frame, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        encode(&item, dst).map_err(|e| Status::internal(format!("encoding watch response: {e}")))
+    fn encode(&mut self, item: Reply, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        encode(&item, dst).map_err(|e| crate::error::Error::Marshal(e).into())
     }
 
     /// Small buffers: a stream is mostly idle, and tonic's 8 KiB default per stream dominates
@@ -68,7 +68,7 @@ const STREAM_BUFFER: usize = 512;
 /// Encoded bytes after which the encoder yields to the connection (tonic's default).
 const YIELD_THRESHOLD: usize = 32 * 1024;
 
-/// The decoding half of [`FrameCodec`] (plain protobuf).
+/// The decoding half of [`ReplyCodec`] (plain protobuf).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RequestDecoder;
 
@@ -91,14 +91,14 @@ impl Decoder for RequestDecoder {
     }
 }
 
-impl Codec for FrameCodec {
-    type Encode = Frame;
+impl Codec for ReplyCodec {
+    type Encode = Reply;
     type Decode = WatchRequest;
-    type Encoder = FrameEncoder;
+    type Encoder = ReplyEncoder;
     type Decoder = RequestDecoder;
 
-    fn encoder(&mut self) -> FrameEncoder {
-        FrameEncoder
+    fn encoder(&mut self) -> ReplyEncoder {
+        ReplyEncoder
     }
 
     fn decoder(&mut self) -> RequestDecoder {
@@ -110,22 +110,20 @@ impl Codec for FrameCodec {
 struct Handler(WatchService);
 
 impl StreamingService<WatchRequest> for Handler {
-    type Response = Frame;
-    type ResponseStream = BoxStream<Frame>;
-    type Future = std::future::Ready<Result<tonic::Response<BoxStream<Frame>>, Status>>;
+    type Response = Reply;
+    type ResponseStream = BoxStream<Reply>;
+    type Future = std::future::Ready<Result<tonic::Response<BoxStream<Reply>>, Status>>;
 
     fn call(&mut self, request: tonic::Request<Streaming<WatchRequest>>) -> Self::Future {
         let (metadata, _, stream) = request.into_parts();
-        std::future::ready(Ok(tonic::Response::new(
-            self.0.session_frames(metadata, stream),
-        )))
+        std::future::ready(Ok(tonic::Response::new(self.0.session(metadata, stream))))
     }
 }
 
 /// The gRPC path of the Watch method.
 pub const PATH: &str = "/etcdserverpb.Watch/Watch";
 
-/// Serves one `Watch` call (a whole stream) with the frame encoder.
+/// Serves one `Watch` call (a whole stream) with the reply encoder.
 pub async fn serve<B>(
     svc: WatchService,
     req: http::Request<B>,
@@ -136,6 +134,6 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
     let mut grpc =
-        Grpc::new(FrameCodec).apply_max_message_size_config(Some(max_decoding), Some(usize::MAX));
+        Grpc::new(ReplyCodec).apply_max_message_size_config(Some(max_decoding), Some(usize::MAX));
     grpc.streaming(Handler(svc), req).await
 }

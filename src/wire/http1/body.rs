@@ -4,12 +4,11 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use http_body::{Frame, SizeHint};
-
 use bytes::{Buf, Bytes, BytesMut};
 use http::StatusCode;
+use http_body::{Frame, SizeHint};
 
-use super::parse::{fill, ReadError};
+use super::socket::{fill, ReadError};
 use super::MAX_HEAD;
 use crate::wire::body::{BodyError, MAX_BODY};
 use crate::wire::transport::Transport;

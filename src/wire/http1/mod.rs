@@ -27,6 +27,7 @@
 
 mod body;
 mod parse;
+mod socket;
 mod write;
 
 use std::future::Future;
@@ -38,7 +39,8 @@ use tokio::sync::watch;
 
 use crate::wire::body::ReqBody;
 use crate::wire::transport::{readable, Transport};
-use parse::{go_error, read_request, ReadError};
+use parse::{go_error, read_request};
+use socket::ReadError;
 use write::{write_response, Asked};
 
 /// Largest request head (request line and headers), as Go's `DefaultMaxHeaderBytes`.

@@ -1,19 +1,15 @@
 //! Reading and parsing a request: the head (`httparse`), its framing and connection options,
 //! Go's answers to malformed requests; the body is read by [`super::body`].
 
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
 
-use std::io;
-
-use bytes::{Buf, Bytes, BytesMut};
-use futures::FutureExt;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Version};
-use tokio::io::AsyncReadExt;
-
 use super::body::{read_chunked, Failed, Framing};
-use super::{send, MAX_HEAD, MAX_HEADERS, READ_CHUNK};
+use super::socket::{fill, ReadError};
+use super::{send, MAX_HEAD, MAX_HEADERS};
 use crate::wire::body::{BodyError, ReqBody, MAX_BODY};
-use crate::wire::transport::{readable, Transport};
+use crate::wire::transport::Transport;
 
 /// A parsed request and what the connection must do after answering it.
 pub(super) struct Received {
@@ -24,38 +20,6 @@ pub(super) struct Received {
     /// The body was read to its end (false for one too large or malformed: the connection
     /// closes after the answer).
     pub(super) body_consumed: bool,
-}
-
-/// Why no request could be read.
-pub(super) enum ReadError {
-    /// The connection failed or closed in the middle of a request, or its first line is not
-    /// HTTP/1.x (etcd's listener drops those unanswered): nothing to answer.
-    Io,
-    /// A malformed or oversized request: answered with this status (and Go's detail, as in
-    /// `400 Bad Request: invalid header name`), then closed.
-    Refuse(StatusCode, Option<&'static str>),
-}
-
-impl From<io::Error> for ReadError {
-    fn from(_: io::Error) -> Self {
-        ReadError::Io
-    }
-}
-
-/// Reads bytes that are ready into `buf` (growing it by at least `READ_CHUNK`), waiting for
-/// the socket if none are. `Ok(0)` is the end of the stream.
-pub(super) async fn fill<S: Transport>(s: &mut S, buf: &mut BytesMut) -> io::Result<usize> {
-    loop {
-        readable(s).await?;
-        if buf.capacity() - buf.len() < READ_CHUNK / 2 {
-            buf.reserve(READ_CHUNK);
-        }
-        // One read attempt; `None`: nothing after all (a spurious wake-up, or TLS bytes that
-        // completed no record yet), so wait again.
-        if let Some(r) = s.read_buf(buf).now_or_never() {
-            return r;
-        }
-    }
 }
 
 /// Reads the next request; `Ok(None)` when the client closed the connection between requests.

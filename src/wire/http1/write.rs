@@ -2,16 +2,13 @@
 //! framing with trailers, written straight from the body's chunks while the socket is watched
 //! for the client leaving (or pipelining its next request).
 
-use std::io::IoSlice;
+use std::io::{self, IoSlice};
 use std::time::SystemTime;
 
-use futures::FutureExt;
-use http_body::Body as _;
-
-use std::io;
-
 use bytes::BytesMut;
+use futures::FutureExt;
 use http::{HeaderMap, Response, StatusCode, Version};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

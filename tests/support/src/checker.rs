@@ -85,18 +85,6 @@ pub fn in_range(start: &[u8], end: &[u8], key: &[u8]) -> bool {
     }
 }
 
-/// The end of the prefix range of `prefix` (etcd's `GetPrefixRangeEnd`).
-pub fn prefix_end(prefix: &[u8]) -> Bytes {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return Bytes::from(end);
-        }
-    }
-    Bytes::from_static(b"\0")
-}
-
 /// etcd's history: every event in order, and the compactions the test made.
 #[derive(Clone, Debug, Default)]
 pub struct History {

@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-use super::checker::WatchLog;
+use crate::checker::WatchLog;
 
 /// A shared watch log.
 pub type Log = Arc<Mutex<WatchLog>>;
@@ -53,7 +53,7 @@ impl Spec {
         Spec {
             name: name.into(),
             key: Bytes::from(prefix.to_string()),
-            range_end: super::checker::prefix_end(prefix.as_bytes()),
+            range_end: crate::range_end(prefix),
             start_revision: start,
             progress_notify: false,
         }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use etcd_fanout::proto::etcdserverpb::{maintenance_client::MaintenanceClient, StatusRequest};
 
-use super::{free_port, http_get};
+use crate::{free_port, http_get};
 
 /// One member process.
 pub struct Member {

@@ -8,7 +8,6 @@
 //! Certificates are generated here with `rcgen`, once per test process: a CA, server
 //! certificates (IP SAN 127.0.0.1), client certificates with and without a CommonName, an
 //! expired one, and one from another CA.
-#![allow(dead_code)]
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -171,12 +170,12 @@ pub fn generate(dir: &Path) -> Certs {
     }
 }
 
-/// The process's certificates (generated on first use, under the target directory).
+/// The process's certificates (generated on first use, in the system's temporary directory).
 pub fn certs() -> &'static Certs {
     static CERTS: OnceLock<Certs> = OnceLock::new();
     CERTS.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("tls-certs-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("etcd-fanout-tls-certs-{}", std::process::id()));
         generate(&dir)
     })
 }

@@ -1,16 +1,17 @@
-//! HTTP/1.1 test client for the JSON gateway tests: whole answers (chunked bodies decoded,
-//! chunk boundaries kept), streaming answers read chunk by chunk, and the normalisation and
-//! comparison used to diff etcd's gateway against the proxy's.
+//! The one HTTP/1.1 client of the tests: whole answers (chunked bodies decoded, chunk
+//! boundaries kept), streaming answers read chunk by chunk, and plain GETs for health checks
+//! and metrics. Requests carry no Content-Type, as APISIX sends them.
 //!
-//! Dependency-free on purpose (std sockets, every read bounded by a timeout): the tests check
-//! the wire framing itself (one JSON message per chunk, trailers, status lines).
-#![allow(dead_code)]
+//! Written on std sockets on purpose (every read bounded by a timeout): the tests check the
+//! wire framing itself (one JSON message per chunk, trailers, status lines), which a client
+//! library would hide. Tests that must send malformed bytes keep their own raw socket
+//! (`tests/gateway_wire.rs`).
 
 use std::io::{Read, Write};
 use std::net::Shutdown;
+use std::time::Duration;
 
-use crate::common::tls::{self, Stream};
-use std::time::{Duration, Instant};
+use crate::tls::{self, Stream};
 
 /// Default bound of one blocking read.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(20);
@@ -267,177 +268,7 @@ pub fn post(port: u16, path: &str, body: &str) -> Resp {
         .unwrap_or_else(|e| panic!("POST {path} {body}: {e}"))
 }
 
-/// Standard base64 of a string.
-pub fn b64(s: &str) -> String {
-    b64_bytes(s.as_bytes())
-}
-
-/// Standard base64 with padding.
-pub fn b64_bytes(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for c in data.chunks(3) {
-        let n = (u32::from(c[0]) << 16)
-            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*c.get(2).unwrap_or(&0));
-        out.push(T[(n >> 18) as usize & 63] as char);
-        out.push(T[(n >> 12) as usize & 63] as char);
-        out.push(if c.len() > 1 {
-            T[(n >> 6) as usize & 63] as char
-        } else {
-            '='
-        });
-        out.push(if c.len() > 2 {
-            T[n as usize & 63] as char
-        } else {
-            '='
-        });
-    }
-    out
-}
-
-/// Decodes standard base64 (test data only).
-pub fn unb64(s: &str) -> Vec<u8> {
-    let val = |c: u8| -> u32 {
-        match c {
-            b'A'..=b'Z' => u32::from(c - b'A'),
-            b'a'..=b'z' => u32::from(c - b'a') + 26,
-            b'0'..=b'9' => u32::from(c - b'0') + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => 0,
-        }
-    };
-    let mut out = Vec::new();
-    for q in s.as_bytes().chunks(4) {
-        let pad = q.iter().filter(|&&c| c == b'=').count();
-        let n = q.iter().fold(0u32, |acc, &c| (acc << 6) | val(c));
-        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-        out.extend_from_slice(&bytes[..3 - pad]);
-    }
-    out
-}
-
-/// Replaces the string value of every `"name":"..."` in a JSON text with `"<name>"`
-/// (identity fields that differ between two clusters).
-pub fn mask(text: &str, names: &[&str]) -> String {
-    let mut out = text.to_string();
-    for name in names {
-        let pat = format!("\"{name}\":");
-        let mut res = String::with_capacity(out.len());
-        let mut rest = out.as_str();
-        while let Some(i) = rest.find(&pat) {
-            res.push_str(&rest[..i + pat.len()]);
-            rest = &rest[i + pat.len()..];
-            if let Some(r) = rest.strip_prefix('"') {
-                let end = r.find('"').unwrap_or(r.len());
-                res.push_str(&format!("\"<{name}>\""));
-                rest = &r[(end + 1).min(r.len())..];
-            } else if rest.starts_with('[') {
-                let end = rest.find(']').unwrap_or(rest.len());
-                res.push_str(&format!("[\"<{name}>\"]"));
-                rest = &rest[(end + 1).min(rest.len())..];
-            } else {
-                let end = rest.find([',', '}']).unwrap_or(rest.len());
-                res.push_str(&format!("\"<{name}>\""));
-                rest = &rest[end..];
-            }
-        }
-        res.push_str(rest);
-        out = res;
-    }
-    out
-}
-
-/// Fields that legitimately differ between two etcd clusters.
-pub const IDENTITY: &[&str] = &["cluster_id", "member_id", "raft_term"];
-
-/// Headers whose presence and value must match etcd's.
-pub const COMPARED_HEADERS: &[&str] = &[
-    "content-type",
-    "grpc-metadata-content-type",
-    "access-control-allow-origin",
-    "access-control-allow-methods",
-    "access-control-allow-headers",
-    "x-content-type-options",
-    "allow",
-    "location",
-    "trailer",
-];
-
-/// A comparable rendering of an answer: status, compared headers, framing, masked body.
-pub fn render(r: &Resp, masked: &[&str]) -> String {
-    let mut s = format!("status {}\n", r.status);
-    for h in COMPARED_HEADERS {
-        if let Some(v) = r.header(h) {
-            s.push_str(&format!("{h}: {v}\n"));
-        }
-    }
-    s.push_str(if r.chunked {
-        "framing: chunked\n"
-    } else {
-        "framing: length\n"
-    });
-    s.push_str(&mask(&r.text(), masked));
-    s
-}
-
-/// Sends the same request to etcd (`a`) and to the proxy (`b`) and asserts equal answers.
-pub fn same(a: u16, b: u16, method: &str, path: &str, body: &str) -> (Resp, Resp) {
-    same_with(a, b, method, path, &[], body, IDENTITY)
-}
-
-/// [`same`] with extra headers and masked fields.
-pub fn same_with(
-    a: u16,
-    b: u16,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-    masked: &[&str],
-) -> (Resp, Resp) {
-    let ra = request(a, method, path, headers, body.as_bytes())
-        .unwrap_or_else(|e| panic!("etcd {method} {path}: {e}"));
-    let rb = request(b, method, path, headers, body.as_bytes())
-        .unwrap_or_else(|e| panic!("proxy {method} {path}: {e}"));
-    let (sa, sb) = (render(&ra, masked), render(&rb, masked));
-    if sa != sb {
-        let short: String = body.chars().take(300).collect();
-        panic!("\n{method} {path} {short}\n{}", first_difference(&sa, &sb));
-    }
-    (ra, rb)
-}
-
-/// Both texts around their first difference (bounded, for readable failures).
-pub fn first_difference(a: &str, b: &str) -> String {
-    let i = a
-        .bytes()
-        .zip(b.bytes())
-        .position(|(x, y)| x != y)
-        .unwrap_or(a.len().min(b.len()));
-    let cut = |s: &str| -> String {
-        let mut from = i.saturating_sub(300).min(s.len());
-        while !s.is_char_boundary(from) {
-            from -= 1;
-        }
-        let mut to = (i + 300).min(s.len());
-        while !s.is_char_boundary(to) {
-            to += 1;
-        }
-        format!("[{} bytes, from {from}] {}", s.len(), &s[from..to])
-    };
-    format!("--- etcd ---\n{}\n--- proxy ---\n{}\n", cut(a), cut(b))
-}
-
-/// Polls `f` until it returns true or `timeout` passes.
-pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    f()
+/// A `GET path` on a fresh connection: (status, body), the body de-chunked.
+pub fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
+    request(port, "GET", path, &[], b"").map(|r| (r.status, r.text()))
 }

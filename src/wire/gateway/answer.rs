@@ -8,6 +8,7 @@ use tonic::{Code, Status};
 
 use super::errors;
 use super::stream::{self, Body};
+use crate::error::Error;
 use crate::serve::Services;
 use crate::wire::body::BodyError;
 use crate::wire::grpc::MAX_DECODING_MESSAGE;
@@ -142,12 +143,12 @@ pub(super) fn body_error(e: &(dyn std::error::Error + 'static)) -> Response<Body
     match e.downcast_ref::<BodyError>() {
         Some(BodyError::Malformed(why)) => error_response(Code::InvalidArgument, why, false),
         Some(BodyError::Transport(why)) => error_response(Code::InvalidArgument, why, false),
-        Some(BodyError::TooLarge) | None => error_response(
-            Code::ResourceExhausted,
-            &format!(
-                "grpc: received message larger than max ({MAX_BODY} vs. {MAX_DECODING_MESSAGE})"
-            ),
-            true,
-        ),
+        Some(BodyError::TooLarge) | None => {
+            let s = Status::from(Error::MessageTooLarge {
+                len: MAX_BODY,
+                max: MAX_DECODING_MESSAGE,
+            });
+            error_response(s.code(), s.message(), true)
+        }
     }
 }

@@ -1,19 +1,34 @@
-//! Test harness: real etcd processes and real etcd-fanout processes on free loopback ports.
+//! The shared harness of etcd-fanout's integration tests (`tests/*.rs`), compiled once as a
+//! library instead of once per test target: real etcd processes and real etcd-fanout
+//! processes on free loopback ports, gRPC clients to them, and the helpers the tests share.
 //!
 //! Every process is started with its own temporary data directory and killed by PID when its
 //! handle drops, so a failing test never leaves a server behind.
-#![allow(dead_code)]
+//!
+//! | module | owns |
+//! |---|---|
+//! | (root) | [`Etcd`], [`Proxy`] processes, gRPC [`Clients`], [`range_end`], metrics text |
+//! | [`http`] | the one HTTP/1.1 test client (whole and streamed answers, chunk by chunk) |
+//! | [`gateway`] | JSON gateway comparisons: base64, identity masking, etcd-vs-proxy answers |
+//! | [`diff`] | differential gRPC transcripts: reference etcd vs proxy, compared with a diff |
+//! | [`checker`] | the watch history checker: every revision once, in order, or an error |
+//! | [`watchers`] | load: writers and many watch streams recorded for the checker |
+//! | [`cluster`] | a multi-member etcd cluster for the fault tests |
+//! | [`fault`] | fault injection: a controllable TCP relay, process helpers |
+//! | [`tls`] | TLS mode (`ETCD_FANOUT_TEST_TLS=1`): certificates, TLS flags, TLS client connections |
 
-use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use etcd_fanout::proto::etcdserverpb::{
     kv_client::KvClient, lease_client::LeaseClient, watch_client::WatchClient,
 };
 use tonic::transport::Channel;
+
+pub use http::http_get;
 
 /// A free TCP port on 127.0.0.1 (bound then released; good enough for tests).
 pub fn free_port() -> u16 {
@@ -130,18 +145,6 @@ impl Etcd {
     pub async fn channel(&self) -> Channel {
         channel(&self.url).await
     }
-
-    /// etcd's Prometheus metrics text (served on the client port).
-    pub fn metrics(&self) -> String {
-        http_get(self.port, "/metrics")
-            .map(|(_, b)| b)
-            .unwrap_or_default()
-    }
-
-    /// Sum of the values of a metric family in [`Etcd::metrics`].
-    pub fn metric(&self, name: &str) -> f64 {
-        metric_value(&self.metrics(), name)
-    }
 }
 
 impl Drop for Etcd {
@@ -162,10 +165,34 @@ pub fn metric_value(text: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// A metric of the etcd on `port` (sum of all samples); 0 when etcd does not answer.
+pub fn etcd_metric(port: u16, name: &str) -> f64 {
+    let text = http_get(port, "/metrics")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    metric_value(&text, name)
+}
+
 fn etcd_bin() -> PathBuf {
     std::env::var_os("ETCD_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("etcd"))
+}
+
+/// The etcd-fanout binary under test. Cargo builds it for every integration test of the root
+/// package and names it in `CARGO_BIN_EXE_etcd-fanout` when it runs them; older cargos set
+/// that variable only at compile time, so the fallback is where cargo puts it: the profile
+/// directory above the test executable's `deps/`.
+fn proxy_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("CARGO_BIN_EXE_etcd-fanout") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current test executable");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executable inside target/<profile>/deps");
+    profile_dir.join(format!("etcd-fanout{}", std::env::consts::EXE_SUFFIX))
 }
 
 /// One etcd-fanout process.
@@ -239,7 +266,7 @@ impl Proxy {
             .append(true)
             .open(self.dir.path().join("proxy.log"))
             .expect("proxy log");
-        let child = Command::new(env!("CARGO_BIN_EXE_etcd-fanout"))
+        let child = Command::new(proxy_bin())
             .args(&self.args)
             .env(
                 "RUST_LOG",
@@ -328,41 +355,6 @@ impl Clients {
     }
 }
 
-/// A blocking HTTP/1.1 GET on loopback: (status, body). Small and dependency-free.
-pub fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
-    http_request(port, "GET", path, None)
-}
-
-/// A blocking HTTP/1.1 request on loopback without Content-Type (as APISIX sends it).
-pub fn http_request(
-    port: u16,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-) -> Result<(u16, String), String> {
-    let mut s = tls::connect(port).map_err(|e| e.to_string())?;
-    s.tcp().set_read_timeout(Some(Duration::from_secs(10))).ok();
-    let body = body.unwrap_or("");
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("bad response: {text:?}"))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
 /// Polls `GET path` until it answers 200 or `timeout` passes.
 pub fn wait_http_ok(port: u16, path: &str, timeout: Duration) -> Result<(), String> {
     let start = Instant::now();
@@ -377,9 +369,30 @@ pub fn wait_http_ok(port: u16, path: &str, timeout: Duration) -> Result<(), Stri
     }
     Err(format!("GET {path} on port {port}: {last}"))
 }
+
+/// The range end that selects every key starting with `prefix` (etcd's `GetPrefixRangeEnd`):
+/// [`etcd_fanout::keys::prefix_end`], or `"\0"` (every key) when `prefix` has no end.
+pub fn range_end(prefix: impl AsRef<[u8]>) -> Bytes {
+    etcd_fanout::keys::prefix_end(prefix.as_ref()).unwrap_or_else(|| Bytes::from_static(b"\0"))
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
+
 pub mod checker;
 pub mod cluster;
 pub mod diff;
 pub mod fault;
+pub mod gateway;
+pub mod http;
 pub mod tls;
 pub mod watchers;

@@ -68,6 +68,67 @@ pub struct Config {
     #[arg(long, env = "ETCD_FANOUT_PROGRESS_INTERVAL", default_value = "10m", value_parser = parse_duration)]
     pub progress_interval: Duration,
 
+    /// How often the proxy checks whether etcd has authentication enabled (etcd 3.4 has no
+    /// status call: a tokenless read tells). Nothing is served from the cache while unknown.
+    #[arg(long, env = "ETCD_FANOUT_AUTH_POLL", default_value = "1s", value_parser = parse_duration)]
+    pub auth_poll: Duration,
+
+    /// How long etcd's "allowed" for a (token, key range) is remembered: the longest a range
+    /// stays readable through the proxy after its permission is revoked on etcd. Keep it well
+    /// below etcd's `--auth-token-ttl` (300 s): reads served from the cache do not renew a
+    /// simple token at etcd.
+    #[arg(long, env = "ETCD_FANOUT_AUTH_DECISION_TTL", default_value = "5s", value_parser = parse_duration)]
+    pub auth_decision_ttl: Duration,
+
+    /// How long etcd's refusal for a (token, key range) is remembered (at most the decision
+    /// TTL): the longest a newly granted permission stays refused through the proxy.
+    #[arg(long, env = "ETCD_FANOUT_AUTH_DENIAL_TTL", default_value = "1s", value_parser = parse_duration)]
+    pub auth_denial_ttl: Duration,
+
+    /// Most permission decisions remembered (least used dropped first).
+    #[arg(
+        long,
+        env = "ETCD_FANOUT_AUTH_DECISION_ENTRIES",
+        default_value_t = 65_536
+    )]
+    pub auth_decision_entries: u64,
+
+    /// etcd user the proxy logs in as for its own reads and watches (etcdctl's
+    /// `--user NAME[:PASSWORD]`). Needs read permission on the cached prefixes only.
+    #[arg(long, env = "ETCD_FANOUT_USER", hide_env_values = true)]
+    pub user: Option<crate::source::credentials::Secret>,
+
+    /// Password of `--user` (then `--user` is the name as is, like etcdctl).
+    #[arg(
+        long,
+        env = "ETCD_FANOUT_PASSWORD",
+        conflicts_with = "password_file",
+        hide_env_values = true
+    )]
+    pub password: Option<crate::source::credentials::Secret>,
+
+    /// File holding the password of `--user` (e.g. a mounted Kubernetes Secret); re-read at
+    /// every login, trailing newlines trimmed.
+    #[arg(long, env = "ETCD_FANOUT_PASSWORD_FILE")]
+    pub password_file: Option<std::path::PathBuf>,
+
+    /// etcd's `--auth-token-ttl` (simple tokens): the proxy renews its own simple token every
+    /// half of it. JWTs are renewed from their `exp` claim.
+    #[arg(long, env = "ETCD_FANOUT_AUTH_TOKEN_TTL", default_value = "300s", value_parser = parse_duration)]
+    pub auth_token_ttl: Duration,
+    /// Longest time an HTTP/1.x request head may take to arrive, from its first byte (from
+    /// the accept for a connection's first request, which also bounds a connection that sends
+    /// nothing); a connection that has not sent a whole head by then is closed unanswered.
+    /// etcd (Go's server without `ReadHeaderTimeout`) has none.
+    #[arg(long, env = "ETCD_FANOUT_REQUEST_HEADER_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
+    pub request_header_timeout: Duration,
+
+    /// Longest time a kept-alive HTTP/1.x connection may wait between requests before the
+    /// proxy closes it. Well above the idle time of client pools (APISIX/nginx keep idle
+    /// connections 60 s); etcd keeps idle connections open for ever.
+    #[arg(long, env = "ETCD_FANOUT_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_positive_duration)]
+    pub idle_timeout: Duration,
+
     /// TLS to etcd and on the listen address.
     #[command(flatten)]
     pub tls: crate::tls::TlsArgs,
@@ -100,6 +161,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         _ => return Err(format!("invalid duration unit in {s:?}")),
     };
     Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
+}
+
+/// [`parse_duration`], refusing zero.
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!("duration {s:?} must be more than zero")),
+        d => Ok(d),
+    }
 }
 
 #[cfg(test)]

@@ -24,6 +24,21 @@ pub enum Error {
     /// Range without a key.
     #[error("etcdserver: key is not provided")]
     EmptyKey,
+    /// A range's `sort_order` or `sort_target` names no value (etcd 3.5's check).
+    #[error("etcdserver: invalid sort option")]
+    InvalidSortOption,
+    /// A Txn with more operations than `--max-txn-ops`.
+    #[error("etcdserver: too many operations in txn request")]
+    TooManyOps,
+    /// A put with `ignore_value` and a value.
+    #[error("etcdserver: value is provided")]
+    ValueProvided,
+    /// A put with `ignore_lease` and a lease.
+    #[error("etcdserver: lease is provided")]
+    LeaseProvided,
+    /// A Txn operation that names no request.
+    #[error("etcdserver: key not found")]
+    KeyNotFound,
     /// Range at a revision after the current one.
     #[error("etcdserver: mvcc: required revision is a future revision")]
     FutureRevision,
@@ -56,13 +71,22 @@ pub enum Error {
     /// An answer could not be encoded (grpc-go's wording).
     #[error("grpc: error while marshaling: {0}")]
     Marshal(#[source] prost::EncodeError),
+    /// A request without identity while etcd has auth enabled (`rpctypes.ErrGRPCUserEmpty`).
+    #[error("etcdserver: user name is empty")]
+    UserEmpty,
 }
 
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
         let code = match e {
             Error::Upstream(s) => return s,
-            Error::EmptyKey => Code::InvalidArgument,
+            Error::EmptyKey
+            | Error::UserEmpty
+            | Error::InvalidSortOption
+            | Error::TooManyOps
+            | Error::ValueProvided
+            | Error::LeaseProvided
+            | Error::KeyNotFound => Code::InvalidArgument,
             Error::FutureRevision | Error::Compacted => Code::OutOfRange,
             Error::Stopped => Code::Unavailable,
             Error::MessageTooLarge { .. } => Code::ResourceExhausted,
@@ -78,35 +102,45 @@ pub const WATCH_RANGE_EMPTY: &str = "mvcc: watcher range is empty";
 /// etcd's watch `cancel_reason` for a create request reusing an active watch id.
 pub const WATCH_DUPLICATE_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";
 
+/// A status as Go's gRPC prints it (`status.Error(...).Error()`): etcd's watch refusals carry
+/// this text as their `cancel_reason`, e.g.
+/// `rpc error: code = PermissionDenied desc = etcdserver: permission denied`.
+pub fn go_status_text(status: &Status) -> String {
+    let code = match status.code() {
+        Code::Ok => "OK",
+        Code::Cancelled => "Canceled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
+    };
+    format!("rpc error: code = {code} desc = {}", status.message())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn statuses_are_etcds() {
-        let s: Status = Error::Stopped.into();
+    fn watch_cancel_reasons_read_as_go_prints_them() {
         assert_eq!(
-            (s.code(), s.message()),
-            (Code::Unavailable, "etcdserver: server stopped")
+            go_status_text(&Error::UserEmpty.into()),
+            "rpc error: code = InvalidArgument desc = etcdserver: user name is empty"
         );
-        let s: Status = Error::MessageTooLarge { len: 3, max: 2 }.into();
         assert_eq!(
-            (s.code(), s.message()),
-            (
-                Code::ResourceExhausted,
-                "grpc: received message larger than max (3 vs. 2)"
-            )
+            go_status_text(&Status::unauthenticated("etcdserver: invalid auth token")),
+            "rpc error: code = Unauthenticated desc = etcdserver: invalid auth token"
         );
-        let s: Status = Error::UnknownMethod {
-            method: "Foo".into(),
-            service: "etcdserverpb.KV".into(),
-        }
-        .into();
-        assert_eq!(
-            s.message(),
-            "unknown method Foo for service etcdserverpb.KV"
-        );
-        let s: Status = Error::Upstream(Status::not_found("x")).into();
-        assert_eq!((s.code(), s.message()), (Code::NotFound, "x"));
     }
 }

@@ -13,7 +13,10 @@
 
 pub mod config;
 pub(crate) mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod keys;
+pub mod logging;
 pub(crate) mod metrics;
 pub mod proto;
 pub(crate) mod serve;
@@ -53,12 +56,14 @@ pub async fn run(
     // A TLS configuration that cannot work stops the proxy before anything starts.
     let upstream_tls = tls::client::UpstreamTls::from_args(&config.tls, &config.endpoints)?;
     let server_tls = tls::server::ServerTls::from_args(&config.tls)?;
-    let upstream = Arc::new(source::upstream::Upstream::with_tls(
-        &config.endpoints,
-        upstream_tls,
-    )?);
+    let credentials = source::credentials::Credentials::from_config(&config)?;
+    let user = credentials.user().unwrap_or("").to_string();
+    let upstream = Arc::new(
+        source::upstream::Upstream::with_tls(&config.endpoints, upstream_tls)?
+            .with_credentials(credentials),
+    );
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    tracing::info!(listen = %config.listen, tls = server_tls.is_some(), endpoints = ?config.endpoints, prefixes = ?config.prefixes, "etcd-fanout starting");
+    tracing::info!(listen = %config.listen, tls = server_tls.is_some(), endpoints = ?config.endpoints, prefixes = ?config.prefixes, user, "etcd-fanout starting");
     let tasks = tasks::Tasks::new();
     let hub = source::hub::Hub::start(config, upstream, tasks.clone());
     let shutdown = hub.shutdown_signal();

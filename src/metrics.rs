@@ -92,6 +92,74 @@ pub static SYNC_CHECKS: LazyLock<IntCounter> = LazyLock::new(|| {
         "Shared upstream checks made for linearizable reads.",
     )
 });
+/// Auth state as known: -1 unknown, 0 disabled, 1 enabled.
+pub static AUTH_STATE: LazyLock<IntGauge> = LazyLock::new(|| {
+    let g = gauge(
+        "etcd_fanout_auth_enabled",
+        "etcd authentication as known: -1 unknown, 0 disabled, 1 enabled.",
+    );
+    g.set(-1);
+    g
+});
+/// Permission probes sent to etcd.
+pub static AUTH_PROBES: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "etcd_fanout_auth_probes_total",
+        "Permission probes (count-only ranges with a caller's token) sent to etcd.",
+    )
+});
+/// Permission decisions answered from the decision table (or by a probe already in flight).
+pub static AUTH_DECISION_HITS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "etcd_fanout_auth_decision_hits_total",
+        "Permission decisions taken from the shared table or an in-flight probe.",
+    )
+});
+/// Requests refused with etcd's auth error.
+pub static AUTH_DENIALS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "etcd_fanout_auth_denials_total",
+        "Requests the cache could serve, refused with etcd's auth error.",
+    )
+});
+/// Requests forwarded because the auth state was unknown.
+pub static AUTH_UNKNOWN_FORWARDS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "etcd_fanout_auth_unknown_forwards_total",
+        "Requests forwarded to etcd because its auth state was unknown.",
+    )
+});
+
+/// Logins of the proxy's own etcd user that returned a token.
+pub static UPSTREAM_LOGINS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "etcd_fanout_upstream_logins_total",
+        "Logins of the proxy's own etcd user that returned a token (first login and renewals).",
+    )
+});
+/// Logins of the proxy's own etcd user that failed.
+pub static UPSTREAM_LOGIN_FAILURES: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "etcd_fanout_upstream_login_failures_total",
+        "Logins of the proxy's own etcd user that failed (wrong credentials, etcd unreachable).",
+    )
+});
+
+/// Log lines dropped because the log output refused them or was too slow.
+pub static LOG_DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "etcd_fanout_log_dropped_total",
+        "Log lines dropped because the log output failed or fell behind",
+    )
+});
+
+/// Failed accepts on the listener (e.g. at the file-descriptor limit).
+pub static ACCEPT_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "etcd_fanout_accept_errors_total",
+        "Failed accepts on the listener",
+    )
+});
 
 /// Forces registration of every metric (so they appear at zero).
 pub fn init() {
@@ -106,6 +174,15 @@ pub fn init() {
         &*RANGES_CACHED,
         &*RANGES_FORWARDED,
         &*SYNC_CHECKS,
+        &*AUTH_STATE,
+        &*AUTH_PROBES,
+        &*AUTH_DECISION_HITS,
+        &*AUTH_DENIALS,
+        &*AUTH_UNKNOWN_FORWARDS,
+        &*UPSTREAM_LOGINS,
+        &*UPSTREAM_LOGIN_FAILURES,
+        &*LOG_DROPPED,
+        &*ACCEPT_ERRORS,
     );
 }
 

@@ -1,8 +1,9 @@
 //! Differential bad-input tests: odd or invalid requests must get exactly etcd's answer
 //! (gRPC code AND message, or the same response) through the proxy.
 //!
-//! Not tested on purpose: `RangeRequest.sort_target` outside 0..=4 with a sort order — etcd
-//! 3.4.23 panics on it (nil sorter) and the whole server process dies.
+//! Not diffed: `RangeRequest.sort_target` outside 0..=4 with a sort order — etcd 3.4.23 panics
+//! on it (nil sorter) and the whole server process dies; the proxy refuses it as etcd 3.5
+//! does (`tests/shield.rs`).
 //!
 //! `ETCD_FANOUT_DIFF_SELFCHECK=1` replaces the proxy with a plain etcd (validates the tests).
 

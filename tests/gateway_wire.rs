@@ -223,6 +223,16 @@ fn http1_wire_matches_etcd() {
         ("malformed chunk size", vec![
             b"POST /v3/kv/range HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n".to_vec(),
         ]),
+        ("chunked body with bare LF after the data", vec![format!(
+            "POST /v3/kv/range HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\n{range}\n0\n\n",
+            range.len()
+        )
+        .into_bytes()]),
+        ("head with bare-LF lines", vec![format!(
+            "POST /v3/kv/range HTTP/1.1\nHost: x\nConnection: close\nContent-Length: {}\n\n{range}",
+            range.len()
+        )
+        .into_bytes()]),
         ("HEAD", vec![b"HEAD /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec()]),
         ("client closes without a request", vec![]),
     ];

@@ -19,9 +19,11 @@ use crate::metrics;
 use crate::proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 use crate::proto::etcdserverpb::*;
 use crate::proto::mvccpb::KeyValue;
+use crate::serve::access::{Access, Verdict};
+use crate::serve::shield;
 use crate::source::feed::Feed;
 use crate::source::hub::Hub;
-use crate::source::upstream::{forward, has_credentials};
+use crate::source::upstream::forward;
 
 /// Go's `sort.Sort` is an insertion sort (stable) up to this many elements; above it, the
 /// order of equal elements is etcd's own, so such sorts are forwarded.
@@ -35,13 +37,15 @@ pub struct KvService {
     /// Recent range answers of each feed (same order as [`Hub::feeds`]), shared by identical
     /// reads.
     memos: Arc<[RangeMemo]>,
+    /// etcd's decisions for callers of cached ranges.
+    access: Arc<Access>,
 }
 
 impl KvService {
-    /// A KV service over `hub`.
-    pub fn new(hub: Arc<Hub>) -> Self {
+    /// A KV service over `hub`, checking callers with `access`.
+    pub fn new(hub: Arc<Hub>, access: Arc<Access>) -> Self {
         let memos = hub.feeds().iter().map(|_| RangeMemo::default()).collect();
-        KvService { hub, memos }
+        KvService { hub, memos, access }
     }
 
     /// The range memo of `feed`.
@@ -69,15 +73,21 @@ impl KvService {
         metadata: &MetadataMap,
         req: RangeRequest,
     ) -> Result<RangeAnswer, Error> {
-        if req.key.is_empty() {
-            return Err(Error::EmptyKey);
-        }
+        shield::check_range(&req)?;
         let range = KeyRange::new(&req.key, &req.range_end);
-        let cached = if has_credentials(metadata) {
-            None
-        } else {
-            self.hub.feed_for(&range).filter(|f| f.is_ready())
-        };
+        let mut cached = self.hub.feed_for(&range).filter(|f| f.is_ready());
+        if cached.is_some() {
+            // etcd's permission check comes before the read (and its revision errors).
+            match self
+                .access
+                .check(metadata, &req.key, &req.range_end, true)
+                .await
+            {
+                Verdict::Serve => {}
+                Verdict::Refuse(e) => return Err(e),
+                Verdict::Forward => cached = None,
+            }
+        }
         if let Some(feed) = cached {
             if let Some(answer) = self.range_cached(feed, &range, &req).await? {
                 metrics::RANGES_CACHED.inc();
@@ -85,7 +95,13 @@ impl KvService {
             }
         }
         metrics::RANGES_FORWARDED.inc();
-        let resp = self.hub.upstream.kv().range(forward(metadata, req)).await?;
+        let resp = self
+            .hub
+            .upstream
+            .kv()
+            .range(forward(metadata, req))
+            .await
+            .inspect_err(|s| self.access.observe_status(s))?;
         self.hub
             .upstream
             .observe_header(resp.get_ref().header.as_ref());
@@ -127,12 +143,16 @@ impl KvService {
             if req.revision < head {
                 // A compaction made directly on etcd may not be known yet: ask (historical
                 // reads are rare, so one small request each is cheap).
-                if feed
+                match feed
                     .compaction()
                     .probe_range(feed.upstream(), req.revision)
-                    .await?
+                    .await
                 {
-                    return Err(Error::Compacted);
+                    Ok(true) => return Err(Error::Compacted),
+                    Ok(false) => {}
+                    // Not the caller's answer (e.g. the proxy's own read refused): let etcd
+                    // answer the caller.
+                    Err(_) => return Ok(None),
                 }
                 return Ok(self.read_at(feed, range, req, req.revision.min(base), report));
             }
@@ -414,6 +434,7 @@ impl kv_server::Kv for KvService {
 
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let (metadata, _, req) = request.into_parts();
+        shield::check_txn(&req)?;
         let resp = self.hub.upstream.kv().txn(forward(&metadata, req)).await?;
         self.hub
             .upstream

@@ -2,13 +2,16 @@
 //! KV (cached ranges, forwarded writes), Watch (sessions of cursors over the caches) and the
 //! services passed through to etcd.
 
+pub mod access;
 pub mod kv;
 pub mod passthrough;
+pub mod shield;
 pub mod watch;
 
 use std::sync::Arc;
 
 use crate::source::hub::Hub;
+use access::Access;
 use kv::KvService;
 use passthrough::PassThrough;
 use watch::WatchService;
@@ -29,10 +32,11 @@ pub struct Services {
 impl Services {
     /// Builds the services over `hub`.
     pub fn new(hub: Arc<Hub>) -> Self {
+        let access = Access::start(&hub.config, hub.upstream.clone(), &hub.tasks);
         Services {
-            kv: KvService::new(hub.clone()),
-            watch: WatchService::new(hub.clone()),
-            passthrough: PassThrough::new(hub.upstream.clone()),
+            kv: KvService::new(hub.clone(), access.clone()),
+            watch: WatchService::new(hub.clone(), access.clone()),
+            passthrough: PassThrough::new(hub.upstream.clone(), access),
             hub,
         }
     }

@@ -12,6 +12,7 @@ use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::proto::etcdserverpb::*;
+use crate::serve::access::Access;
 use crate::source::upstream::{forward, Upstream};
 
 /// A boxed response stream, as the streaming methods return.
@@ -22,12 +23,14 @@ pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 's
 pub struct PassThrough {
     /// The upstream etcd cluster.
     upstream: Arc<Upstream>,
+    /// Told about auth changes made through the proxy.
+    access: Arc<Access>,
 }
 
 impl PassThrough {
-    /// A forwarder on `upstream`.
-    pub fn new(upstream: Arc<Upstream>) -> Self {
-        PassThrough { upstream }
+    /// A forwarder on `upstream`, reporting auth changes to `access`.
+    pub fn new(upstream: Arc<Upstream>, access: Arc<Access>) -> Self {
+        PassThrough { upstream, access }
     }
 
     /// Pipes a stream of keepalive requests to etcd and etcd's answers back.
@@ -72,8 +75,10 @@ macro_rules! forward_unary {
                     .upstream
                     .$client()
                     .$method(forward(&metadata, msg))
-                    .await?;
+                    .await
+                    .inspect_err(|s| self.access.observe_status(s))?;
                 self.upstream.observe_header(resp.get_ref().header.as_ref());
+                self.access.observe_auth_call(stringify!($method));
                 Ok(Response::new(resp.into_inner()))
             })
         }

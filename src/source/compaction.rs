@@ -17,7 +17,7 @@ use tonic::Code;
 use crate::proto::etcdserverpb::{RangeRequest, WatchCreateRequest};
 use crate::source::upstream::Upstream;
 
-/// A key no one writes, used for compaction probes.
+/// A key no one writes, used for compaction probes when no prefix is configured.
 const PROBE_KEY: &[u8] = b"\0etcd-fanout/compaction-probe";
 
 /// The highest compaction revision known to have happened in etcd.
@@ -26,17 +26,30 @@ pub struct Compaction {
     /// Revisions below this are compacted: etcd's `compactMainRev`, which is -1 before the
     /// first compaction (so a watch from a negative revision is cancelled with -1, as by etcd).
     revision: AtomicI64,
+    /// The key probes read: inside a cached prefix, so a proxy user with read permission on
+    /// the prefixes only may read it.
+    probe_key: Bytes,
 }
 
 impl Default for Compaction {
     fn default() -> Self {
-        Compaction {
-            revision: AtomicI64::new(-1),
-        }
+        Compaction::with_probe_key(Bytes::from_static(PROBE_KEY))
     }
 }
 
 impl Compaction {
+    /// Compaction tracking whose probes read `key` (an empty key means [`PROBE_KEY`]).
+    pub fn with_probe_key(key: Bytes) -> Compaction {
+        Compaction {
+            revision: AtomicI64::new(-1),
+            probe_key: if key.is_empty() {
+                Bytes::from_static(PROBE_KEY)
+            } else {
+                key
+            },
+        }
+    }
+
     /// The compaction revision as last known.
     pub fn revision(&self) -> i64 {
         self.revision.load(Ordering::Acquire)
@@ -82,17 +95,17 @@ impl Compaction {
     /// True when revision `rev` is compacted in etcd.
     pub async fn probe_range(&self, upstream: &Upstream, rev: i64) -> Result<bool, tonic::Status> {
         let req = RangeRequest {
-            key: Bytes::from_static(PROBE_KEY),
+            key: self.probe_key.clone(),
             revision: rev,
             limit: 1,
             serializable: true,
             count_only: true,
             ..Default::default()
         };
-        match upstream.kv().range(req).await {
+        match upstream.own_range(req).await {
             Ok(resp) => {
                 // Also a cheap look at etcd's current revision.
-                upstream.observe_header(resp.get_ref().header.as_ref());
+                upstream.observe_header(resp.header.as_ref());
                 Ok(false)
             }
             Err(s) if s.code() == Code::OutOfRange && s.message().contains("compacted") => Ok(true),
@@ -103,17 +116,17 @@ impl Compaction {
     /// Learns the exact compaction revision: etcd cancels a watch from revision 1 with it.
     pub async fn probe_watch(&self, upstream: &Upstream) -> Result<i64, tonic::Status> {
         let create = WatchCreateRequest {
-            key: Bytes::from_static(PROBE_KEY),
+            key: self.probe_key.clone(),
             start_revision: 1,
             ..Default::default()
         };
-        let mut up = upstream.open_watch(&Default::default(), create).await?;
+        let mut up = upstream.own_watch(create).await?;
         let deadline = tokio::time::sleep(Duration::from_secs(3));
         tokio::pin!(deadline);
         loop {
             tokio::select! {
                 _ = &mut deadline => return Ok(self.revision()),
-                msg = up.responses.message() => match msg? {
+                msg = up.message() => match msg? {
                     Some(r) if r.compact_revision > 0 => {
                         self.observe(r.compact_revision);
                         return Ok(r.compact_revision);

@@ -34,10 +34,13 @@ pub struct Hub {
 impl Hub {
     /// Starts a feed per configured prefix and the compaction poller, owned by `tasks`.
     pub fn start(config: Config, upstream: Arc<Upstream>, tasks: Tasks) -> Arc<Hub> {
-        let compaction = Arc::new(Compaction::default());
         let mut prefixes = config.prefixes.clone();
         prefixes.sort_by_key(|p| std::cmp::Reverse(p.len()));
         prefixes.dedup();
+        let probe_key = prefixes
+            .first()
+            .map(|p| KeyRange::prefix(p.as_bytes()).start);
+        let compaction = Arc::new(Compaction::with_probe_key(probe_key.unwrap_or_default()));
         let feeds: Vec<Arc<Feed>> = prefixes
             .iter()
             .map(|p| Feed::spawn(p, upstream.clone(), compaction.clone(), &config, &tasks))

@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod compaction;
+pub mod credentials;
 pub mod feed;
 pub mod hub;
 pub mod upstream;

@@ -42,6 +42,8 @@ pub struct Upstream {
     header: Mutex<ResponseHeader>,
     /// Highest revision any etcd response header has shown (etcd's revision is at least this).
     revision: std::sync::atomic::AtomicI64,
+    /// The proxy's own login and token, for the calls it makes for itself.
+    credentials: crate::source::credentials::Credentials,
 }
 
 impl Upstream {
@@ -89,6 +91,7 @@ impl Upstream {
             tls,
             header: Mutex::new(ResponseHeader::default()),
             revision: std::sync::atomic::AtomicI64::new(0),
+            credentials: Default::default(),
         })
     }
 
@@ -100,6 +103,20 @@ impl Upstream {
     /// The TLS client configuration for `https://` endpoints.
     pub fn tls(&self) -> Option<&Arc<UpstreamTls>> {
         self.tls.as_ref()
+    }
+
+    /// Uses `credentials` for the proxy's own calls (see [`crate::source::credentials`]).
+    pub fn with_credentials(
+        mut self,
+        credentials: crate::source::credentials::Credentials,
+    ) -> Self {
+        self.credentials = credentials;
+        self
+    }
+
+    /// The proxy's own credentials.
+    pub fn credentials(&self) -> &crate::source::credentials::Credentials {
+        &self.credentials
     }
 
     /// KV client with no message size cap (etcd sends ranges of any size).
@@ -176,6 +193,24 @@ pub struct UpstreamWatch {
     _requests: tokio::sync::mpsc::Sender<WatchRequest>,
     /// etcd's responses.
     pub responses: tonic::Streaming<WatchResponse>,
+    /// A response already read from `responses` (the `created` one), returned first by
+    /// [`UpstreamWatch::message`].
+    pending: Option<WatchResponse>,
+}
+
+impl UpstreamWatch {
+    /// The next response: a response put back first, then the stream's.
+    pub async fn message(&mut self) -> Result<Option<WatchResponse>, tonic::Status> {
+        match self.pending.take() {
+            Some(r) => Ok(Some(r)),
+            None => self.responses.message().await,
+        }
+    }
+
+    /// Puts a response back, to be returned by the next [`UpstreamWatch::message`].
+    pub fn push_back(&mut self, resp: WatchResponse) {
+        self.pending = Some(resp);
+    }
 }
 
 impl Upstream {
@@ -202,6 +237,7 @@ impl Upstream {
         Ok(UpstreamWatch {
             _requests: tx,
             responses,
+            pending: None,
         })
     }
 }
@@ -216,13 +252,6 @@ pub fn watch_stream<S>(metadata: &MetadataMap, requests: S) -> Request<S> {
         tonic::metadata::MetadataValue::from_static("true"),
     );
     req
-}
-
-/// True when the caller presented credentials (an auth token). Such callers are served by
-/// etcd itself until per-identity permission checks exist: the shared cache must never show
-/// a key to a caller etcd would refuse it to.
-pub fn has_credentials(metadata: &MetadataMap) -> bool {
-    metadata.contains_key("token") || metadata.contains_key("authorization")
 }
 
 /// Copies the credential metadata (see [`FORWARDED_METADATA`]) from one map to another.

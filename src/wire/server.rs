@@ -215,11 +215,19 @@ fn h2_request(
             Box::pin(async move { gateway::handle(req, &services).await })
         }
         H2Route::Unknown(status) => Box::pin(async move { status.into_http() }),
-        H2Route::Range => Box::pin(grpc::range::serve(services.kv, req, max)),
-        H2Route::Watch => Box::pin(grpc::watch::serve(services.watch, req, max)),
+        H2Route::Range => {
+            Box::pin(
+                async move { grpc::go_status(grpc::range::serve(services.kv, req, max).await) },
+            )
+        }
+        H2Route::Watch => {
+            Box::pin(
+                async move { grpc::go_status(grpc::watch::serve(services.watch, req, max).await) },
+            )
+        }
         H2Route::Grpc => Box::pin(async move {
             match routes.oneshot(req).await {
-                Ok(resp) => resp,
+                Ok(resp) => grpc::go_status(resp),
                 Err(never) => match never {},
             }
         }),
@@ -247,49 +255,66 @@ pub async fn serve(
     let (conn_shutdown_tx, _) = watch::channel(false);
     let conn_shutdown_tx = Arc::new(conn_shutdown_tx);
     let mut conns = tokio::task::JoinSet::new();
+    let mut accept_errors = AcceptErrors::default();
+    let timeouts = http1::Timeouts {
+        header: services.hub.config.request_header_timeout,
+        idle: services.hub.config.idle_timeout,
+    };
     loop {
         let (mut stream, _peer) = tokio::select! {
             r = listener.accept() => match r {
-                Ok(s) => s,
+                Ok(s) => {
+                    accept_errors.succeeded();
+                    s
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let pause = accept_errors.failed(&e);
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
+                    }
                     continue;
                 }
             },
             _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
         };
+        let accepted = tokio::time::Instant::now();
         let _ = stream.set_nodelay(true);
         let conn = Connection {
             routes: routes.clone(),
             services: services.clone(),
             h2: h2.clone(),
             shutdown: conn_shutdown_tx.subscribe(),
+            timeouts,
         };
         let tls = tls.clone();
         conns.spawn(async move {
             match tls {
                 None => {
-                    let Some((protocol, read)) = sniff(&mut stream).await else {
+                    // The first bytes are part of the first request's head: due within its
+                    // deadline.
+                    let sniffed =
+                        tokio::time::timeout_at(accepted + timeouts.header, sniff(&mut stream));
+                    let Ok(Some((protocol, read))) = sniffed.await else {
                         return;
                     };
-                    conn.serve(stream, protocol, read, ConnInfo::default())
+                    conn.serve(stream, protocol, read, ConnInfo::default(), accepted)
                         .await;
                 }
                 Some(tls) => {
-                    let Some(accepted) = tls.accept(stream).await else {
+                    let Some(tls_conn) = tls.accept(stream).await else {
                         return;
                     };
-                    let protocol = if accepted.h2 {
+                    let protocol = if tls_conn.h2 {
                         Protocol::Http2
                     } else {
                         Protocol::Http1
                     };
                     let info = ConnInfo {
-                        peer: Arc::new(accepted.peer),
+                        peer: Arc::new(tls_conn.peer),
                         policy: tls.policy,
                     };
-                    conn.serve(accepted.stream, protocol, BytesMut::new(), info)
+                    conn.serve(tls_conn.stream, protocol, BytesMut::new(), info, accepted)
                         .await;
                 }
             }
@@ -313,6 +338,8 @@ struct Connection {
     h2: Arc<http2::Builder<TokioExecutor>>,
     /// Turns true when open connections must finish.
     shutdown: watch::Receiver<bool>,
+    /// The HTTP/1.x deadlines.
+    timeouts: http1::Timeouts,
 }
 
 impl Connection {
@@ -323,12 +350,14 @@ impl Connection {
         protocol: Protocol,
         read: BytesMut,
         info: ConnInfo,
+        accepted: tokio::time::Instant,
     ) {
         let Connection {
             routes,
             services,
             h2,
             mut shutdown,
+            timeouts,
         } = self;
         match protocol {
             Protocol::Http1 => {
@@ -339,7 +368,7 @@ impl Connection {
                     let services = services.clone();
                     Box::pin(async move { gateway::handle(req, &services).await })
                 };
-                http1::serve(stream, read, handle, shutdown).await;
+                http1::serve(stream, read, handle, shutdown, timeouts, accepted).await;
             }
             Protocol::Http2 => {
                 let io = Rewind {
@@ -362,5 +391,58 @@ impl Connection {
                 }
             }
         }
+    }
+}
+
+/// Failed accepts (at the file-descriptor limit, every accept fails at once): a pause that
+/// doubles from 5 ms to 1 s, as Go's server backs off, and one log line per second with the
+/// number of failures since the last one.
+#[derive(Debug)]
+struct AcceptErrors {
+    /// Current pause after a failure (zero after a success).
+    pause: Duration,
+    /// Failures not reported yet.
+    unreported: u64,
+    /// When the last report was logged.
+    last_report: Option<tokio::time::Instant>,
+}
+
+impl Default for AcceptErrors {
+    fn default() -> Self {
+        AcceptErrors {
+            pause: Duration::ZERO,
+            unreported: 0,
+            last_report: None,
+        }
+    }
+}
+
+impl AcceptErrors {
+    /// Smallest and largest pause after a failed accept.
+    const MIN_PAUSE: Duration = Duration::from_millis(5);
+    const MAX_PAUSE: Duration = Duration::from_secs(1);
+    /// Shortest time between two reports.
+    const REPORT_EVERY: Duration = Duration::from_secs(1);
+
+    /// Records a failure; returns how long to pause before the next accept.
+    fn failed(&mut self, e: &std::io::Error) -> Duration {
+        crate::metrics::ACCEPT_ERRORS.inc();
+        self.unreported += 1;
+        let now = tokio::time::Instant::now();
+        if self
+            .last_report
+            .is_none_or(|t| now.duration_since(t) >= Self::REPORT_EVERY)
+        {
+            tracing::warn!(error = %e, failures = self.unreported, "accept failed");
+            self.unreported = 0;
+            self.last_report = Some(now);
+        }
+        self.pause = (self.pause * 2).clamp(Self::MIN_PAUSE, Self::MAX_PAUSE);
+        self.pause
+    }
+
+    /// Records a success: the next failure pauses briefly again.
+    fn succeeded(&mut self) {
+        self.pause = Duration::ZERO;
     }
 }

@@ -4,8 +4,8 @@
 //! - Inside a configured prefix a watch is a [`watcher::CachedWatch`], a cursor the session
 //!   advances over the prefix's cache (never etcd, unless it needs revisions older than the
 //!   cache window: then [`relay::catch_up`] replays them from etcd);
-//! - outside every prefix (or with credentials) [`relay::run_uncached`] holds a dedicated
-//!   upstream watch for it.
+//! - outside every prefix (or while etcd's auth state is unknown, or when a permission probe
+//!   could not decide) [`relay::run_uncached`] holds a dedicated upstream watch for it.
 //!
 //! Events are encoded once per watch [`shape`] and revision and shared ([`reply`]). All of a
 //! session's responses go through one bounded channel to the client, so a client that stops
@@ -26,6 +26,7 @@ use tonic::metadata::MetadataMap;
 use tonic::Status;
 
 use crate::proto::etcdserverpb::{WatchCreateRequest, WatchRequest};
+use crate::serve::access::Access;
 use crate::serve::passthrough::BoxStream;
 use crate::source::hub::Hub;
 use reply::Reply;
@@ -61,12 +62,14 @@ pub struct WatchSpec {
 pub struct WatchService {
     /// Feeds and upstream.
     hub: Arc<Hub>,
+    /// etcd's decisions for watch creates the caches could serve.
+    access: Arc<Access>,
 }
 
 impl WatchService {
-    /// A watch service over `hub`.
-    pub fn new(hub: Arc<Hub>) -> Self {
-        WatchService { hub }
+    /// A watch service over `hub`, checking creates with `access`.
+    pub fn new(hub: Arc<Hub>, access: Arc<Access>) -> Self {
+        WatchService { hub, access }
     }
 
     /// Like [`WatchService::session`], with events responses left as shared [`Reply`]s for
@@ -76,7 +79,7 @@ impl WatchService {
         S: Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
     {
         let (tx, rx) = mpsc::channel(SESSION_BUFFER);
-        let session = Session::new(self.hub.clone(), metadata, tx);
+        let session = Session::new(self.hub.clone(), self.access.clone(), metadata, tx);
         self.hub.tasks.spawn(session.run(requests));
         Box::pin(ReceiverStream::new(rx).map(Reply::into_item))
     }

@@ -9,7 +9,9 @@
 //!   lives as long as the downstream one.
 //!
 //! Either way, if the upstream watch breaks it is re-created from the first revision not yet
-//! delivered, and its new `created` is swallowed: the client never sees a second one.
+//! delivered, and its new `created` is swallowed: the client never sees a second one. If etcd
+//! refuses the re-create (a token that died with an etcd restart), the client's watch ends
+//! with etcd's `cancel_reason` under its own id.
 
 use std::sync::Arc;
 
@@ -142,6 +144,7 @@ pub async fn run_uncached(
         let mut up = match hub.upstream.open_watch(&metadata, request.clone()).await {
             Ok(up) => up,
             Err(e) => {
+                tracing::debug!(error = %e, "relayed watch failed to open");
                 failures += 1;
                 if created.is_some() && failures >= CREATE_ATTEMPTS {
                     let resp = WatchResponse {
@@ -171,8 +174,22 @@ pub async fn run_uncached(
                 Ok(None) | Err(_) => break,
             };
             hub.upstream.observe_header(resp.header.as_ref());
+            tracing::trace!(?resp, "relayed watch response");
             if resp.created {
                 if resp.canceled {
+                    // etcd refused the create. The first time that is the client's answer as
+                    // is; on a re-create after an upstream failure (e.g. the token died with
+                    // an etcd restart) the client already has its `created`: its watch ends
+                    // with etcd's reason under its own id, never a second `created`.
+                    let resp = if created.is_some() {
+                        resp
+                    } else {
+                        WatchResponse {
+                            watch_id: spec.id,
+                            created: false,
+                            ..resp
+                        }
+                    };
                     let _ = out.send(Reply::msg(resp)).await;
                     return;
                 }

@@ -27,16 +27,16 @@ use super::reply::Reply;
 use super::shape::{ShapeKey, SHAPES};
 use super::watcher::{self, CachedWatch, Step};
 use super::{relay, Out, WatchSpec, INVALID_WATCH_ID};
-use crate::error::{Error, WATCH_DUPLICATE_ID, WATCH_RANGE_EMPTY};
+use crate::error::{go_status_text, Error, WATCH_DUPLICATE_ID, WATCH_RANGE_EMPTY};
 use crate::keys::KeyRange;
 use crate::metrics;
 use crate::proto::etcdserverpb::watch_create_request::FilterType;
 use crate::proto::etcdserverpb::{
     watch_request::RequestUnion, WatchCreateRequest, WatchRequest, WatchResponse,
 };
+use crate::serve::access::{Access, Verdict};
 use crate::source::feed::Feed;
 use crate::source::hub::Hub;
-use crate::source::upstream::has_credentials;
 
 /// A feed, identified by the address of its (never freed) `Arc`.
 type FeedKey = usize;
@@ -88,6 +88,8 @@ impl Entry {
 pub(super) struct Session {
     /// Feeds and upstream.
     hub: Arc<Hub>,
+    /// etcd's decisions for this stream's creates.
+    access: Arc<Access>,
     /// The stream's metadata (credentials for relayed watches), shared with its tasks.
     metadata: Arc<MetadataMap>,
     /// Responses to the client.
@@ -115,9 +117,15 @@ pub(super) struct Session {
 
 impl Session {
     /// A session writing to `out`.
-    pub(super) fn new(hub: Arc<Hub>, metadata: MetadataMap, out: Out) -> Session {
+    pub(super) fn new(
+        hub: Arc<Hub>,
+        access: Arc<Access>,
+        metadata: MetadataMap,
+        out: Out,
+    ) -> Session {
         Session {
             hub,
+            access,
             metadata: Arc::new(metadata),
             out,
             watches: HashMap::new(),
@@ -227,6 +235,26 @@ impl Session {
             c.key = bytes::Bytes::from_static(b"\0");
         }
         let range = KeyRange::new(&c.key, &c.range_end);
+        let cacheable = (!range.is_empty())
+            .then(|| self.hub.feed_for(&range).filter(|f| f.is_ready()).cloned())
+            .flatten();
+        // etcd checks the caller's permission before anything else (range, id); the check
+        // covers the whole range, also for `range_end` "\0" (see `access`).
+        let duplicate = c.watch_id != 0 && self.watches.contains_key(&c.watch_id);
+        let verdict = self
+            .access
+            .check(
+                &self.metadata,
+                &c.key,
+                &c.range_end,
+                cacheable.is_some() || duplicate || range.is_empty(),
+            )
+            .await;
+        let feed = match verdict {
+            Verdict::Serve => cacheable,
+            Verdict::Refuse(e) => return self.refuse(&go_status_text(&e.into())).await,
+            Verdict::Forward => None,
+        };
         if range.is_empty() {
             return self.refuse(WATCH_RANGE_EMPTY).await;
         }
@@ -240,13 +268,6 @@ impl Session {
             return self.refuse(WATCH_DUPLICATE_ID).await;
         } else {
             c.watch_id
-        };
-        // Callers with credentials, and watches before the prefix is loaded, are relayed to
-        // etcd (see `upstream::has_credentials`).
-        let feed = if has_credentials(&self.metadata) {
-            None
-        } else {
-            self.hub.feed_for(&range).filter(|f| f.is_ready()).cloned()
         };
         let shape = SHAPES.intern(ShapeKey {
             range,
@@ -286,7 +307,8 @@ impl Session {
         self.deliver(key).await
     }
 
-    /// A watch outside every prefix (or with credentials): its own upstream watch.
+    /// A watch the caches cannot serve (outside every prefix, or one only etcd can judge):
+    /// its own upstream watch.
     async fn create_relayed(&mut self, spec: WatchSpec) -> Result<(), ()> {
         let id = spec.id;
         let (created_tx, created_rx) = tokio::sync::oneshot::channel();
@@ -503,13 +525,12 @@ mod tests {
     #[tokio::test]
     async fn session_future_is_small() {
         let upstream = Arc::new(Upstream::new(&["http://127.0.0.1:1".to_string()]).unwrap());
-        let hub = Hub::start(
-            Config::parse_from(["etcd-fanout"]),
-            upstream,
-            crate::tasks::Tasks::new(),
-        );
+        let config = Config::parse_from(["etcd-fanout"]);
+        let tasks = crate::tasks::Tasks::new();
+        let access = Access::start(&config, upstream.clone(), &tasks);
+        let hub = Hub::start(config, upstream, tasks);
         let (tx, _rx) = mpsc::channel(1);
-        let session = Session::new(hub, MetadataMap::new(), tx);
+        let session = Session::new(hub, access, MetadataMap::new(), tx);
         let requests = futures::stream::empty::<Result<WatchRequest, Status>>();
         let fut = session.run(requests);
         let size = std::mem::size_of_val(&fut);

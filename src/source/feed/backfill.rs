@@ -1,5 +1,7 @@
 //! History backfill after a load: the revisions just before the load revision replayed from
 //! a whole-keyspace etcd watch, so clients resuming from shortly before are served from memory.
+//! A proxy user that may read its prefixes only cannot watch the whole keyspace: then the
+//! prefix alone is replayed, which completes only once the prefix changes after the load.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,11 +25,19 @@ impl Feed {
         let mut base = (upto - self.backfill_revisions)
             .max(self.compaction.revision() - 1)
             .max(1);
+        let mut whole_keyspace = true;
         for _ in 0..3 {
             if base >= upto {
                 return;
             }
-            match tokio::time::timeout(BACKFILL_TIMEOUT, self.replay(base, upto)).await {
+            let replay = self.replay(base, upto, whole_keyspace);
+            match tokio::time::timeout(BACKFILL_TIMEOUT, replay).await {
+                Ok(Err(Replay::Failed(e)))
+                    if whole_keyspace && e.code() == tonic::Code::PermissionDenied =>
+                {
+                    tracing::info!(prefix = %self.name, "history backfill: the proxy's etcd user may not watch the whole keyspace; replaying the prefix alone, which completes only if the prefix changes within 30 s");
+                    whole_keyspace = false;
+                }
                 Ok(Ok(batches)) => {
                     let n = batches.len();
                     let ok = self
@@ -46,29 +56,43 @@ impl Feed {
                     tracing::debug!(prefix = %self.name, error = %e, "backfill failed");
                     return;
                 }
-                Err(_) => return,
+                Err(_) => {
+                    tracing::debug!(prefix = %self.name, "backfill timed out");
+                    return;
+                }
             }
         }
     }
 
-    /// The batches of this prefix in revisions `(base, upto]`, from a whole-keyspace watch.
-    async fn replay(&self, base: i64, upto: i64) -> Result<Vec<RevBatch>, Replay> {
+    /// The batches of this prefix in revisions `(base, upto]`, from a whole-keyspace watch
+    /// (or a watch of the prefix alone, which proves completeness only once it delivers an
+    /// event at or after `upto`).
+    async fn replay(
+        &self,
+        base: i64,
+        upto: i64,
+        whole_keyspace: bool,
+    ) -> Result<Vec<RevBatch>, Replay> {
+        let (key, range_end) = if whole_keyspace {
+            (Bytes::from_static(b"\0"), Bytes::from_static(b"\0"))
+        } else {
+            (self.range.start.clone(), self.range.range_end())
+        };
         let create = WatchCreateRequest {
-            key: Bytes::from_static(b"\0"),
-            range_end: Bytes::from_static(b"\0"),
+            key,
+            range_end,
             start_revision: base + 1,
             prev_kv: true,
             ..Default::default()
         };
         let mut up = self
             .upstream
-            .open_watch(&Default::default(), create)
+            .own_watch(create)
             .await
             .map_err(Replay::Failed)?;
         let mut events = Vec::new();
         loop {
             let resp = up
-                .responses
                 .message()
                 .await
                 .map_err(Replay::Failed)?

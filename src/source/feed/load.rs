@@ -9,22 +9,21 @@ impl Feed {
     /// Pages the whole prefix out of etcd at one revision and resets the cache to it; returns
     /// that revision.
     pub(super) async fn load(&self) -> Result<i64, tonic::Status> {
-        let mut kv = self.upstream.kv();
         let end = self.range.range_end();
         let mut key = self.range.start.clone();
         let mut revision = 0;
         let mut kvs = Vec::new();
         loop {
-            let resp = kv
-                .range(RangeRequest {
+            let resp = self
+                .upstream
+                .own_range(RangeRequest {
                     key: key.clone(),
                     range_end: end.clone(),
                     limit: self.page_size,
                     revision,
                     ..Default::default()
                 })
-                .await?
-                .into_inner();
+                .await?;
             self.upstream.observe_header(resp.header.as_ref());
             if revision == 0 {
                 revision = resp.header.as_ref().map_or(0, |h| h.revision);

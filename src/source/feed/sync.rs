@@ -83,16 +83,14 @@ impl Feed {
         loop {
             let resp = self
                 .upstream
-                .kv()
-                .range(RangeRequest {
+                .own_range(RangeRequest {
                     key: self.range.start.clone(),
                     range_end: self.range.range_end(),
                     count_only: true,
                     ..Default::default()
                 })
                 .await
-                .ok()?
-                .into_inner();
+                .ok()?;
             self.upstream.observe_header(resp.header.as_ref());
             let x = resp.header.as_ref().map_or(0, |h| h.revision);
             let in_flight = head_rx.wait_for(|h| *h >= x);
@@ -108,8 +106,7 @@ impl Feed {
             }
             let changed = self
                 .upstream
-                .kv()
-                .range(RangeRequest {
+                .own_range(RangeRequest {
                     key: self.range.start.clone(),
                     range_end: self.range.range_end(),
                     revision: x,
@@ -119,8 +116,7 @@ impl Feed {
                     ..Default::default()
                 })
                 .await
-                .ok()?
-                .into_inner();
+                .ok()?;
             if changed.kvs.is_empty() && changed.count == count1 {
                 if let Ok(mut v) = self.verified.lock() {
                     *v = (h1, x);

@@ -23,7 +23,9 @@ impl Feed {
                         self.tasks.spawn(self.clone().backfill(revision));
                     }
                     Err(e) => {
-                        tracing::warn!(prefix = %self.name, error = %e, "loading prefix failed");
+                        if !self.complain(&e) {
+                            tracing::warn!(prefix = %self.name, error = %e, "loading prefix failed");
+                        }
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(2));
                         continue;
@@ -38,13 +40,27 @@ impl Feed {
                     backoff = Duration::from_millis(100);
                 }
                 Err(e) => {
-                    tracing::warn!(prefix = %self.name, error = %e, "upstream watch failed; resuming");
+                    if !self.complain(&e) {
+                        tracing::warn!(prefix = %self.name, error = %e, "upstream watch failed; resuming");
+                    }
                     metrics::UPSTREAM_WATCH_RESTARTS.inc();
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
             }
         }
+    }
+
+    /// Logs a refusal of the proxy's own read (identity or permission) loudly; true if it was
+    /// one. A permission refusal also ends readiness: the cache can no longer be kept
+    /// current, so requests for the prefix go to etcd until the proxy may read it again.
+    fn complain(&self, e: &tonic::Status) -> bool {
+        if e.code() == tonic::Code::PermissionDenied {
+            self.ready.store(false, Ordering::Release);
+        }
+        self.upstream
+            .credentials()
+            .complain(&self.name, &self.range, e)
     }
 
     /// Runs one upstream watch from head+1 until it fails (`Err`) or etcd says the resume
@@ -59,13 +75,10 @@ impl Feed {
             progress_notify: true,
             ..Default::default()
         };
-        let mut up = self
-            .upstream
-            .open_watch(&Default::default(), create)
-            .await?;
+        let mut up = self.upstream.own_watch(create).await?;
         metrics::UPSTREAM_WATCHES.inc();
         let _gauge = scopeguard(|| metrics::UPSTREAM_WATCHES.dec());
-        while let Some(resp) = up.responses.message().await? {
+        while let Some(resp) = up.message().await? {
             self.upstream.observe_header(resp.header.as_ref());
             if resp.canceled {
                 if resp.compact_revision > 0 {
@@ -78,6 +91,7 @@ impl Feed {
             }
             if resp.created {
                 tracing::info!(prefix = %self.name, start, "upstream watch established");
+                self.upstream.credentials().resolved(&self.name);
                 // A healthy watch: the next failure retries quickly again.
                 *backoff = Duration::from_millis(100);
                 self.ready.store(true, Ordering::Release);

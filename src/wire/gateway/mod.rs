@@ -11,8 +11,8 @@
 //!   watches from the cache, the rest forwarded), the answer or error written as etcd writes it
 //!   ([`errors`], [`stream`]).
 //!
-//! `Authorization` becomes the gRPC `token` (and `authorization`) metadata, and
-//! `Grpc-Metadata-*` headers become metadata, as in grpc-gateway. Lock and election routes,
+//! `Authorization` becomes the gRPC `authorization` metadata and `Grpc-Metadata-*` headers
+//! become metadata, as in grpc-gateway (so `Grpc-Metadata-Token` wins over `Authorization`). Lock and election routes,
 //! `/debug/vars` and `/config/local/log` are relayed to etcd's own HTTP server
 //! ([`upstream_http`]); `/metrics` and `/readyz` are the proxy's own.
 //!

@@ -314,12 +314,10 @@ fn metadata(headers: &http::HeaderMap) -> MetadataMap {
     let mut md = MetadataMap::new();
     for (k, v) in headers {
         let name = k.as_str();
+        // grpc-gateway passes `Authorization` as `authorization` metadata; a
+        // `Grpc-Metadata-Token` header becomes `token`, which etcd reads first.
         let key = if name == "authorization" {
-            if let Ok(v) = AsciiMetadataValue::try_from(v.as_bytes()) {
-                md.insert("token", v.clone());
-                md.insert("authorization", v);
-            }
-            continue;
+            name
         } else if let Some(rest) = name.strip_prefix("grpc-metadata-") {
             rest
         } else {

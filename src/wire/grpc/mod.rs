@@ -36,6 +36,52 @@ pub fn routes(services: &Services) -> Routes {
     .add_service(AuthServer::new(p).max_decoding_message_size(MAX_DECODING_MESSAGE))
 }
 
+/// A gRPC answer with tonic's own statuses worded as grpc-go words them, in its head
+/// (trailers-only) or its trailers: a request message over the limit is
+/// `RESOURCE_EXHAUSTED` "grpc: received message larger than max (N vs. M)" from etcd, where
+/// tonic says `OUT_OF_RANGE` "Error, decoded message length too large: found N bytes, the
+/// limit is: M bytes".
+pub fn go_status(resp: http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body> {
+    use http_body_util::BodyExt;
+    let (mut parts, body) = resp.into_parts();
+    rewrite_status(&mut parts.headers);
+    let body = body.map_frame(|frame| match frame.into_trailers() {
+        Ok(mut trailers) => {
+            rewrite_status(&mut trailers);
+            http_body::Frame::trailers(trailers)
+        }
+        Err(frame) => frame,
+    });
+    http::Response::from_parts(parts, tonic::body::Body::new(body))
+}
+
+/// Rewrites a tonic status in `headers` (see [`go_status`]); others are left as they are.
+fn rewrite_status(headers: &mut http::HeaderMap) {
+    if headers.get("grpc-status").map(|v| v.as_bytes()) != Some(b"11") {
+        return;
+    }
+    let Some(status) = tonic::Status::from_header_map(headers) else {
+        return;
+    };
+    let Some(sizes) = status
+        .message()
+        .strip_prefix("Error, decoded message length too large: found ")
+    else {
+        return;
+    };
+    let mut numbers = sizes
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty());
+    let (Some(found), Some(limit)) = (numbers.next(), numbers.next()) else {
+        return;
+    };
+    let go = tonic::Status::resource_exhausted(format!(
+        "grpc: received message larger than max ({found} vs. {limit})"
+    ));
+    headers.remove("grpc-message");
+    let _ = go.add_header(headers);
+}
+
 /// Every gRPC method etcd 3.4 serves, by service.
 const GRPC_METHODS: [(&str, &[&str]); 6] = [
     (

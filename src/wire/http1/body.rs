@@ -26,17 +26,22 @@ pub(super) enum Framing {
     Chunked,
 }
 
-/// Reads a chunked body. `Ok(Err(_))`: the body is over [`MAX_BODY`] or its framing is
-/// malformed; the handler sees that error (as Go's handlers do), and the connection closes.
+/// Reads a chunked body: the body and whether its framing held to the end. `Ok(Err(_))`: the
+/// body is over [`MAX_BODY`] or its framing is malformed before any data; the handler sees
+/// that error (as Go's handlers do), and the connection closes. When the framing breaks after
+/// a chunk's data (no CRLF after it, as from a client ending every line with a bare LF), the
+/// data read so far is the body, as etcd's gateway decodes the JSON value it read before
+/// Go's chunked reader failed; the connection closes after the answer.
 pub(super) async fn read_chunked<S: Transport>(
     s: &mut S,
     buf: &mut BytesMut,
-) -> Result<Result<Bytes, BodyError>, ReadError> {
+) -> Result<Result<(Bytes, bool), BodyError>, ReadError> {
     let mut body = BytesMut::new();
     loop {
-        // The chunk-size line.
+        // The chunk-size line, ended by LF with or without CR (Go's `readChunkLine` trims
+        // trailing whitespace, so bare-LF lines are accepted).
         let line_end = loop {
-            if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
+            if let Some(i) = buf.iter().position(|b| *b == b'\n') {
                 break i;
             }
             if buf.len() > MAX_CHUNK_LINE {
@@ -58,12 +63,12 @@ pub(super) async fn read_chunked<S: Transport>(
                 Err(e) => return Ok(Err(e)),
             }
         };
-        buf.advance(line_end + 2);
+        buf.advance(line_end + 1);
         if size == 0 {
-            // Trailers, up to an empty line.
+            // Trailers, up to an empty line (LF or CRLF, as Go's textproto reads them).
             loop {
                 let end = loop {
-                    if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
+                    if let Some(i) = buf.iter().position(|b| *b == b'\n') {
                         break i;
                     }
                     if buf.len() > MAX_HEAD {
@@ -76,9 +81,10 @@ pub(super) async fn read_chunked<S: Transport>(
                         return Err(ReadError::Io);
                     }
                 };
-                buf.advance(end + 2);
-                if end == 0 {
-                    return Ok(Ok(body.freeze()));
+                let blank = end == 0 || (end == 1 && buf[0] == b'\r');
+                buf.advance(end + 1);
+                if blank {
+                    return Ok(Ok((body.freeze(), true)));
                 }
             }
         }
@@ -93,7 +99,10 @@ pub(super) async fn read_chunked<S: Transport>(
         }
         body.extend_from_slice(&buf[..size]);
         if &buf[size..size + 2] != b"\r\n" {
-            return Ok(Err(BodyError::Malformed("malformed chunked encoding")));
+            if body.is_empty() {
+                return Ok(Err(BodyError::Malformed("malformed chunked encoding")));
+            }
+            return Ok(Ok((body.freeze(), false)));
         }
         buf.advance(size + 2);
     }

@@ -31,11 +31,14 @@ mod socket;
 mod write;
 
 use std::future::Future;
+use std::time::Duration;
 
 use bytes::BytesMut;
+use futures::FutureExt;
 use http::{Method, Request, Response};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::wire::body::ReqBody;
 use crate::wire::transport::{readable, Transport};
@@ -52,15 +55,29 @@ pub(crate) const MAX_HEADERS: usize = 128;
 /// First read buffer of a request: enough for a typical APISIX request in one read.
 pub(crate) const READ_CHUNK: usize = 2048;
 
-/// Serves HTTP/1.x requests on `stream` until the client leaves, a request is malformed, or
-/// `shutdown` turns true. `buffered` holds bytes already read from the stream (the start of
-/// the first request). Every request goes to `handler`, whose future should be boxed so that
-/// the connection's own state stays small however large the handler is.
+/// The deadlines of an HTTP/1.x connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// A request head must be complete this long after its first byte arrived (after the
+    /// connection was accepted, for the first request): `--request-header-timeout`.
+    pub header: Duration,
+    /// A kept-alive connection may wait this long for its next request: `--idle-timeout`.
+    pub idle: Duration,
+}
+
+/// Serves HTTP/1.x requests on `stream` until the client leaves, a request is malformed, a
+/// deadline of `timeouts` passes, or `shutdown` turns true. `buffered` holds bytes already
+/// read from the stream (the start of the first request) and `accepted` is when the
+/// connection was accepted. Every request goes to `handler`, whose future should be boxed so
+/// that the connection's own state stays small however large the handler is; it is dropped
+/// as soon as the client leaves.
 pub async fn serve<S, F, Fut>(
     mut stream: S,
     buffered: BytesMut,
     handler: F,
     mut shutdown: watch::Receiver<bool>,
+    timeouts: Timeouts,
+    accepted: Instant,
 ) where
     S: Transport,
     F: Fn(Request<ReqBody>) -> Fut,
@@ -68,19 +85,28 @@ pub async fn serve<S, F, Fut>(
 {
     let s = &mut stream;
     let mut buf = buffered;
+    let mut first = true;
     loop {
         if *shutdown.borrow() {
             return;
         }
-        if buf.is_empty() {
-            // Wait for the next request holding no buffer at all.
-            buf = BytesMut::new();
-            tokio::select! {
-                r = readable(s) => if r.is_err() { return },
-                _ = shutdown.changed() => return,
+        let head_deadline = if first {
+            // The first request's head is due from the accept, bytes or not.
+            accepted + timeouts.header
+        } else {
+            if buf.is_empty() {
+                // Wait for the next request holding no buffer at all.
+                buf = BytesMut::new();
+                tokio::select! {
+                    r = readable(s) => if r.is_err() { return },
+                    _ = shutdown.changed() => return,
+                    _ = tokio::time::sleep(timeouts.idle) => return,
+                }
             }
-        }
-        let incoming = match read_request(s, &mut buf).await {
+            Instant::now() + timeouts.header
+        };
+        first = false;
+        let incoming = match read_request(s, &mut buf, head_deadline).await {
             Ok(Some(r)) => r,
             Ok(None) => return,
             Err(ReadError::Io) => return,
@@ -94,7 +120,24 @@ pub async fn serve<S, F, Fut>(
             version: incoming.request.version(),
             keep_alive: incoming.keep_alive && incoming.body_consumed && !*shutdown.borrow(),
         };
-        let response = handler(incoming.request).await;
+        let response = {
+            let answer = handler(incoming.request);
+            tokio::pin!(answer);
+            loop {
+                if buf.len() >= MAX_HEAD {
+                    // Enough pipelined bytes are waiting: read no more until they are used.
+                    break answer.await;
+                }
+                tokio::select! {
+                    biased;
+                    r = &mut answer => break r,
+                    left = client_left(s, &mut buf) => if left {
+                        // The client is gone: drop its handler now and close (no CLOSE-WAIT).
+                        return;
+                    },
+                }
+            }
+        };
         match write_response(s, &mut buf, response, asked).await {
             Ok(true) => {}
             _ => return,
@@ -106,6 +149,63 @@ pub async fn serve<S, F, Fut>(
 pub(super) async fn send<S: Transport>(s: &mut S, bytes: &[u8]) -> std::io::Result<()> {
     s.write_all(bytes).await?;
     s.flush().await
+}
+
+/// The head parser as the fuzz targets drive it (`crate::fuzzing`): `data` parsed whole, and
+/// fed in pieces of `piece` bytes the way a connection reads it (parsed only when
+/// [`parse::head_may_be_complete`] says so). Both must agree on whether a head is complete
+/// and where it ends; a chunk size line is parsed from the same bytes.
+pub(crate) fn fuzz_head(data: &[u8], piece: usize) {
+    let whole = match parse::parse_head(data) {
+        Ok(Some(h)) => Some(h.consumed),
+        _ => None,
+    };
+    let mut scanned = 0;
+    let mut line_seen = false;
+    let mut incremental = None;
+    let mut end = 0;
+    while end < data.len() {
+        end = (end + piece.max(1)).min(data.len());
+        if parse::head_may_be_complete(&data[..end], scanned, &mut line_seen) {
+            match parse::parse_head(&data[..end]) {
+                Ok(Some(h)) => {
+                    incremental = Some(h.consumed);
+                    break;
+                }
+                Ok(None) => {}
+                Err(_) => break,
+            }
+        }
+        scanned = end;
+    }
+    if let (Some(w), Some(i)) = (whole, incremental) {
+        assert_eq!(w, i, "a head's end found in pieces differs from the whole");
+    }
+    if whole.is_some() {
+        assert!(
+            incremental.is_some(),
+            "a complete head was not found in pieces"
+        );
+    }
+    let _ = body::parse_chunk_size(data);
+}
+
+/// Waits until the socket is readable, then keeps what arrived (a pipelined request) and
+/// says whether the client has gone (end of stream or error). Holds no buffer while waiting.
+async fn client_left<S: Transport>(s: &mut S, buf: &mut BytesMut) -> bool {
+    if readable(s).await.is_err() {
+        return true;
+    }
+    if buf.capacity() - buf.len() < READ_CHUNK / 2 {
+        buf.reserve(READ_CHUNK);
+    }
+    // One read attempt; `None`: nothing after all (a spurious wake-up, or TLS bytes that
+    // completed no record yet).
+    match s.read_buf(buf).now_or_never() {
+        None => false,
+        Some(Ok(0)) | Some(Err(_)) => true,
+        Some(Ok(_)) => false,
+    }
 }
 
 #[cfg(test)]
@@ -226,7 +326,7 @@ mod tests {
         for n in [1usize, 15, 16, 255, 4096, 0x1A2B3C] {
             let mut out = Vec::new();
             write_chunk_size(&mut out, n);
-            assert_eq!(out, format!("{n:X}\r\n").into_bytes());
+            assert_eq!(out, format!("{n:x}\r\n").into_bytes());
         }
     }
 

@@ -4,6 +4,7 @@
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
+use tokio::time::Instant;
 
 use super::body::{read_chunked, Failed, Framing};
 use super::socket::{fill, ReadError};
@@ -23,23 +24,36 @@ pub(super) struct Received {
 }
 
 /// Reads the next request; `Ok(None)` when the client closed the connection between requests.
+/// The head must be complete by `head_deadline` (`--request-header-timeout`): a client that
+/// sends part of a head and stalls (slowloris) is closed unanswered then, as Go closes a
+/// connection whose `ReadHeaderTimeout` passed.
 pub(super) async fn read_request<S: Transport>(
     s: &mut S,
     buf: &mut BytesMut,
+    head_deadline: Instant,
 ) -> Result<Option<Received>, ReadError> {
+    // Bytes already looked at for the end of the head: a head arriving in small pieces is
+    // parsed when its request line and when its end may have arrived, not on every read.
+    let mut scanned = 0;
+    let mut line_seen = false;
     let head = loop {
-        if !buf.is_empty() {
+        if head_may_be_complete(buf, scanned, &mut line_seen) {
             if let Some(head) = parse_head(buf)? {
                 break head;
             }
         }
+        scanned = buf.len();
         if buf.len() >= MAX_HEAD {
             return Err(ReadError::Refuse(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 None,
             ));
         }
-        if fill(s, buf).await? == 0 {
+        let n = match tokio::time::timeout_at(head_deadline, fill(s, buf)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(ReadError::Io),
+        };
+        if n == 0 {
             return if buf.is_empty() {
                 Ok(None)
             } else {
@@ -80,7 +94,7 @@ pub(super) async fn read_request<S: Transport>(
             (Ok(buf.split_to(n).freeze()), true)
         }
         Framing::Chunked => match read_chunked(s, buf).await? {
-            Ok(b) => (Ok(b), true),
+            Ok((b, intact)) => (Ok(b), intact),
             Err(e) => (Err(e), false),
         },
     };
@@ -97,6 +111,22 @@ pub(super) async fn read_request<S: Transport>(
         keep_alive,
         body_consumed: consumed,
     }))
+}
+
+/// Whether parsing `buf` may now give an answer, its first `scanned` bytes having been seen
+/// before: the first line break (the request line is judged then, as Go does) or a blank
+/// line (`\n\n` or `\n\r\n`, Go also accepts bare LF) among the new bytes.
+pub(super) fn head_may_be_complete(buf: &[u8], scanned: usize, line_seen: &mut bool) -> bool {
+    if buf.is_empty() {
+        return false;
+    }
+    let from = scanned.saturating_sub(2);
+    let new = &buf[from..];
+    if !*line_seen && new.contains(&b'\n') {
+        *line_seen = true;
+        return true;
+    }
+    new.windows(2).any(|w| w == b"\n\n") || new.windows(3).any(|w| w == b"\n\r\n")
 }
 
 /// A parsed request head.

@@ -163,7 +163,7 @@ pub(super) async fn write_response<S: Transport>(
         let chunked = out == Out::Chunked;
         if data.len() >= LARGE_FRAME {
             // Large: written from its own buffer, not copied.
-            let size = chunked.then(|| format!("{:X}\r\n", data.len()));
+            let size = chunked.then(|| format!("{:x}\r\n", data.len()));
             let size = size.as_deref().unwrap_or("").as_bytes();
             let crlf: &[u8] = if chunked { b"\r\n" } else { b"" };
             write_all(s, &[&pending, size, &data, crlf]).await?;
@@ -198,14 +198,14 @@ pub(super) async fn write_response<S: Transport>(
 /// into one write.
 pub(super) const LARGE_FRAME: usize = 16 << 10;
 
-/// Appends a chunk-size line (`1A2\r\n`).
+/// Appends a chunk-size line (`1a2\r\n`, lower-case hex as Go writes it).
 pub(super) fn write_chunk_size(out: &mut Vec<u8>, n: usize) {
     let mut digits = [0u8; 16];
     let mut i = digits.len();
     let mut n = n;
     loop {
         i -= 1;
-        digits[i] = b"0123456789ABCDEF"[n & 15];
+        digits[i] = b"0123456789abcdef"[n & 15];
         n >>= 4;
         if n == 0 {
             break;

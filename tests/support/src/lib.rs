@@ -16,6 +16,7 @@
 //! | [`cluster`] | a multi-member etcd cluster for the fault tests |
 //! | [`fault`] | fault injection: a controllable TCP relay, process helpers |
 //! | [`tls`] | TLS mode (`ETCD_FANOUT_TEST_TLS=1`): certificates, TLS flags, TLS client connections |
+//! | [`auth`] | etcd with auth on: users and roles by `etcdctl`, tokens, unready proxies |
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -388,6 +389,7 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     f()
 }
 
+pub mod auth;
 pub mod checker;
 pub mod cluster;
 pub mod diff;

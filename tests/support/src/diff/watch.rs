@@ -52,6 +52,25 @@ impl WatchConn {
         }
     }
 
+    /// Like [`WatchConn::open`], the stream carrying `metadata` (e.g. a `token`).
+    pub fn open_with(
+        client: &mut WatchClient<Channel>,
+        metadata: tonic::metadata::MetadataMap,
+    ) -> WatchConn {
+        let (tx, rx) = mpsc::unbounded_channel::<WatchRequest>();
+        let mut c = client.clone();
+        let h = tokio::spawn(async move {
+            let s = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
+            let mut req = tonic::Request::new(s);
+            *req.metadata_mut() = metadata;
+            c.watch(req).await.map(|r| r.into_inner())
+        });
+        WatchConn {
+            tx: Some(tx),
+            rx: RxState::Pending(h),
+        }
+    }
+
     pub fn send(&self, r: RequestUnion) {
         if let Some(tx) = &self.tx {
             let _ = tx.send(WatchRequest {

@@ -1,0 +1,8 @@
+//! Fuzz target: `etcd_fanout::fuzzing::go_base64` (see `src/fuzzing.rs`).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    etcd_fanout::fuzzing::go_base64(data);
+});

@@ -1,0 +1,198 @@
+//! etcd's permission decisions for tokens, asked of etcd itself and shared.
+//!
+//! etcd decides a Range or a Watch create from `(identity, key, range_end)` only (options such
+//! as `limit`, `revision` or `serializable` play no part, `auth/store.go` `IsRangePermitted`).
+//! So on a miss the proxy forwards one probe, `Range{key, range_end, count_only, limit: 1}`
+//! (linearizable, as a default read) carrying the caller's token, and etcd's answer *is* the
+//! decision: allowed, or etcd's exact error (`permission denied`, `invalid auth token`, ...).
+//! Root, role unions, adjacent grants and inverted ranges are all etcd's own evaluation.
+//!
+//! The table is keyed by `(epoch, token, key, range_end)`, bounded in entries (least useful
+//! dropped first) and each answer is remembered for a bounded time: allows for
+//! `--auth-decision-ttl`, denials for `--auth-denial-ttl`, `revision of auth store is old`
+//! (a race on etcd, or a JWT the caller must renew) not at all. Concurrent requests for the same
+//! key wait for one probe (single flight): a storm of watch creates by one identity costs etcd
+//! one Range. A probe that fails otherwise (etcd unreachable, timeout) decides nothing: the
+//! caller forwards its request and etcd answers it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use moka::future::Cache;
+use moka::Expiry;
+use tonic::metadata::AsciiMetadataValue;
+use tonic::{Code, Request, Status};
+
+use super::identity::TOKEN;
+use crate::metrics;
+use crate::proto::etcdserverpb::RangeRequest;
+use crate::source::upstream::Upstream;
+
+/// Longest wait for a probe's answer before the request is forwarded instead.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// etcd's refusals a probe can get (`rpctypes`), and whether to remember them.
+const REFUSALS: [(&str, bool); 4] = [
+    ("etcdserver: permission denied", true),
+    ("etcdserver: invalid auth token", true),
+    ("etcdserver: user name is empty", true),
+    ("etcdserver: revision of auth store is old", false),
+];
+
+/// What the table is keyed by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    /// Decision epoch (see `state.rs`): a decision never outlives an auth state change.
+    epoch: u64,
+    /// The caller's token, as etcd reads it.
+    token: Bytes,
+    /// Start of the requested range.
+    key: Bytes,
+    /// End of the requested range (empty: one key; `\0`: to the end of the keyspace).
+    range_end: Bytes,
+}
+
+/// etcd's decision for one key.
+#[derive(Debug, Clone)]
+pub enum Decision {
+    /// etcd answered the probe: the caller may read the range.
+    Allow,
+    /// etcd refused the probe with this status.
+    Deny {
+        /// gRPC code etcd used.
+        code: Code,
+        /// etcd's message.
+        message: Arc<str>,
+        /// Remembered for the denial TTL (false: used by the waiters of this probe only).
+        remember: bool,
+    },
+}
+
+impl Decision {
+    /// etcd's status of a denial.
+    pub fn status(&self) -> Option<Status> {
+        match self {
+            Decision::Allow => None,
+            Decision::Deny { code, message, .. } => Some(Status::new(*code, &**message)),
+        }
+    }
+}
+
+/// How long each decision is remembered.
+#[derive(Debug)]
+struct Ttl {
+    /// Allows.
+    allow: Duration,
+    /// Remembered denials.
+    deny: Duration,
+}
+
+impl Expiry<Key, Decision> for Ttl {
+    fn expire_after_create(&self, _: &Key, d: &Decision, _: Instant) -> Option<Duration> {
+        Some(match d {
+            Decision::Allow => self.allow,
+            Decision::Deny { remember: true, .. } => self.deny,
+            Decision::Deny {
+                remember: false, ..
+            } => Duration::ZERO,
+        })
+    }
+}
+
+/// A probe that decided nothing (etcd unreachable, timeout, an unexpected error).
+#[derive(Debug)]
+pub struct Undecided;
+
+/// The shared decision table.
+pub struct Decisions {
+    /// `(epoch, token, key, range_end)` -> decision; bounded, expiring, single flight.
+    table: Cache<Key, Decision>,
+}
+
+impl std::fmt::Debug for Decisions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decisions")
+            .field("entries", &self.table.entry_count())
+            .finish()
+    }
+}
+
+impl Decisions {
+    /// A table of at most `entries` decisions, remembered for `allow` / `deny`.
+    pub fn new(entries: u64, allow: Duration, deny: Duration) -> Decisions {
+        Decisions {
+            table: Cache::builder()
+                .max_capacity(entries)
+                .expire_after(Ttl { allow, deny })
+                .build(),
+        }
+    }
+
+    /// etcd's decision for `token` on `[key, range_end)`, probing etcd on a miss.
+    pub async fn decide(
+        &self,
+        upstream: &Upstream,
+        epoch: u64,
+        token: &AsciiMetadataValue,
+        key: &Bytes,
+        range_end: &Bytes,
+    ) -> Result<Decision, Undecided> {
+        let k = Key {
+            epoch,
+            token: Bytes::copy_from_slice(token.as_bytes()),
+            key: key.clone(),
+            range_end: range_end.clone(),
+        };
+        let entry = self
+            .table
+            .entry(k)
+            .or_try_insert_with(probe(upstream, token, key, range_end))
+            .await
+            .map_err(|_| Undecided)?;
+        if !entry.is_fresh() {
+            metrics::AUTH_DECISION_HITS.inc();
+        }
+        Ok(entry.into_value())
+    }
+
+    /// Forgets every decision (their epochs already keep them from being used).
+    pub fn clear(&self) {
+        self.table.invalidate_all();
+    }
+}
+
+/// Asks etcd: one `count_only` Range of the whole requested range with the caller's token.
+async fn probe(
+    upstream: &Upstream,
+    token: &AsciiMetadataValue,
+    key: &Bytes,
+    range_end: &Bytes,
+) -> Result<Decision, Undecided> {
+    metrics::AUTH_PROBES.inc();
+    let mut req = Request::new(RangeRequest {
+        key: key.clone(),
+        range_end: range_end.clone(),
+        count_only: true,
+        limit: 1,
+        ..Default::default()
+    });
+    req.metadata_mut().insert(TOKEN, token.clone());
+    req.set_timeout(PROBE_TIMEOUT);
+    match tokio::time::timeout(PROBE_TIMEOUT, upstream.kv().range(req)).await {
+        // (Its header is not recorded as etcd's revision, for the reason given in `state.rs`.)
+        Ok(Ok(_)) => Ok(Decision::Allow),
+        Ok(Err(s)) => match REFUSALS.iter().find(|(m, _)| *m == s.message()) {
+            Some((_, remember)) => Ok(Decision::Deny {
+                code: s.code(),
+                message: s.message().into(),
+                remember: *remember,
+            }),
+            None => {
+                tracing::debug!(error = %s, "permission probe failed");
+                Err(Undecided)
+            }
+        },
+        Err(_) => Err(Undecided),
+    }
+}

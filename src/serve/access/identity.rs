@@ -1,0 +1,47 @@
+//! Who a request says it is, found exactly as etcd 3.4 finds it (`AuthInfoFromCtx`,
+//! `auth/store.go`): the first value of the gRPC metadata `token`, else the first value of
+//! `authorization` (the gateway's `Authorization` header arrives as the latter, and a
+//! `Grpc-Metadata-Token` header as the former, so it wins). etcd 3.4 does not strip a
+//! `Bearer ` prefix, so neither does the proxy. Client-certificate names are not an identity
+//! here: the proxy serves plaintext only.
+
+use tonic::metadata::{AsciiMetadataValue, MetadataMap};
+
+/// gRPC metadata key of clientv3's token (`rpctypes.TokenFieldNameGRPC`).
+pub const TOKEN: &str = "token";
+/// gRPC metadata key of the gateway's `Authorization` header (`TokenFieldNameSwagger`).
+pub const AUTHORIZATION: &str = "authorization";
+
+/// The token etcd would read from `metadata`, if any (possibly empty: etcd then answers
+/// `invalid auth token`, and so does a probe carrying it).
+pub fn token(metadata: &MetadataMap) -> Option<&AsciiMetadataValue> {
+    metadata.get(TOKEN).or_else(|| metadata.get(AUTHORIZATION))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn md(pairs: &[(&'static str, &'static str)]) -> MetadataMap {
+        let mut m = MetadataMap::new();
+        for (k, v) in pairs {
+            m.append(*k, AsciiMetadataValue::from_static(v));
+        }
+        m
+    }
+
+    #[test]
+    fn token_wins_over_authorization() {
+        let m = md(&[("authorization", "a"), ("token", "t")]);
+        assert_eq!(token(&m).map(|v| v.as_bytes()), Some(&b"t"[..]));
+        let m = md(&[("authorization", "Bearer a")]);
+        assert_eq!(token(&m).map(|v| v.as_bytes()), Some(&b"Bearer a"[..]));
+        assert!(token(&md(&[("hasleader", "true")])).is_none());
+    }
+
+    #[test]
+    fn first_value_counts() {
+        let m = md(&[("token", "one"), ("token", "two")]);
+        assert_eq!(token(&m).map(|v| v.as_bytes()), Some(&b"one"[..]));
+    }
+}

@@ -1,0 +1,176 @@
+//! Access control in front of the shared cache: for every request the cache could answer,
+//! etcd's own decision for the caller, so that no one reads through the proxy what etcd would
+//! refuse them, and permitted callers with tokens share the cache (and the one upstream watch
+//! per prefix) like anonymous ones.
+//!
+//! - [`identity`]: the caller's token, found as etcd finds it;
+//! - [`state`]: whether auth is on, polled every second (nothing is served from the cache
+//!   while it is unknown; with auth off a tokenless request is served without asking);
+//! - [`decisions`]: per `(token, key, range_end)` decisions made by etcd (one probe, shared,
+//!   remembered for a bounded time).
+//!
+//! A tokenless request while auth is on gets etcd's refusal (`user name is empty`) without
+//! asking etcd. A request with a token is decided by etcd (a probe) whether auth is on or off:
+//! etcd 3.4.23 validates a token it is sent even with auth off (the fix that ignores it came
+//! in 3.4.28), so a stale or bogus token is refused there too. Watches are checked when
+//! created only, as etcd checks them.
+
+pub mod decisions;
+pub mod identity;
+pub mod state;
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tonic::metadata::MetadataMap;
+use tonic::Status;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::metrics;
+use crate::source::upstream::Upstream;
+use crate::tasks::Tasks;
+use decisions::{Decision, Decisions};
+pub use state::AuthState;
+use state::State;
+
+/// What to do with a request the cache could answer.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Answer it from the cache.
+    Serve,
+    /// Refuse it with etcd's error.
+    Refuse(Error),
+    /// Only etcd can answer it: forward (or relay) it with the caller's credentials.
+    Forward,
+}
+
+/// Auth state, decisions and the poll that keeps the state fresh.
+#[derive(Debug)]
+pub struct Access {
+    /// Whether auth is on, and the decision epoch.
+    state: State,
+    /// Shared permission decisions.
+    decisions: Decisions,
+    /// Where probes and polls go.
+    upstream: Arc<Upstream>,
+}
+
+impl Access {
+    /// Access control over `upstream`, with its auth poll running as one of `tasks` (it also
+    /// ends when the `Access` is dropped).
+    pub fn start(config: &Config, upstream: Arc<Upstream>, tasks: &Tasks) -> Arc<Access> {
+        let access = Arc::new(Access {
+            state: State::default(),
+            decisions: Decisions::new(
+                config.auth_decision_entries,
+                config.auth_decision_ttl,
+                config.auth_denial_ttl.min(config.auth_decision_ttl),
+            ),
+            upstream,
+        });
+        tasks.spawn(poll(Arc::downgrade(&access), config.auth_poll));
+        access
+    }
+
+    /// The verdict for a Range or Watch create of `[key, range_end)` by the caller of
+    /// `metadata`. `cacheable`: the cache could answer it (otherwise a caller with a token is
+    /// left to etcd; a tokenless one is still refused, as etcd checks identity first).
+    pub async fn check(
+        &self,
+        metadata: &MetadataMap,
+        key: &Bytes,
+        range_end: &Bytes,
+        cacheable: bool,
+    ) -> Verdict {
+        let state = self.state.get();
+        if state == AuthState::Unknown {
+            metrics::AUTH_UNKNOWN_FORWARDS.inc();
+            return Verdict::Forward;
+        }
+        match identity::token(metadata) {
+            None if state == AuthState::Off => Verdict::Serve,
+            None => {
+                metrics::AUTH_DENIALS.inc();
+                Verdict::Refuse(Error::UserEmpty)
+            }
+            Some(_) if !cacheable => Verdict::Forward,
+            // Also while auth is off: etcd 3.4 (before 3.4.28) still validates a token it is
+            // sent, and with auth off it knows no simple token (`invalid auth token`), while
+            // a JWT passes. The probe gets whichever answer the fronted etcd gives.
+            Some(token) => {
+                let epoch = self.state.epoch();
+                let decided =
+                    Box::pin(
+                        self.decisions
+                            .decide(&self.upstream, epoch, token, key, range_end),
+                    )
+                    .await;
+                match decided {
+                    Ok(Decision::Allow) => Verdict::Serve,
+                    Ok(deny) => {
+                        metrics::AUTH_DENIALS.inc();
+                        match deny.status() {
+                            Some(s) => {
+                                self.state.observe(&s);
+                                Verdict::Refuse(Error::Upstream(s))
+                            }
+                            None => Verdict::Forward,
+                        }
+                    }
+                    Err(_) => Verdict::Forward,
+                }
+            }
+        }
+    }
+
+    /// Learns from an error etcd returned to a forwarded request (`user name is empty` means
+    /// auth is on).
+    pub fn observe_status(&self, status: &Status) {
+        self.state.observe(status);
+    }
+
+    /// Learns from a successful call forwarded to etcd: `method` is the gRPC method name in
+    /// snake case (only Auth methods tell something). Enabling or disabling auth switches the state at once; any user or role
+    /// change starts a new decision epoch (a permission granted or revoked through the proxy
+    /// is seen by the next request).
+    pub fn observe_auth_call(&self, method: &str) {
+        match method {
+            "auth_enable" => self.state.set(AuthState::On),
+            "auth_disable" => self.state.set(AuthState::Off),
+            "user_add"
+            | "user_delete"
+            | "user_change_password"
+            | "user_grant_role"
+            | "user_revoke_role"
+            | "role_add"
+            | "role_delete"
+            | "role_grant_permission"
+            | "role_revoke_permission" => {
+                self.state.new_epoch();
+                self.decisions.clear();
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Polls etcd's auth state every `interval` until the `Access` is dropped.
+async fn poll(access: Weak<Access>, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(access) = access.upgrade() else {
+            return;
+        };
+        // A loaded etcd (or proxy) may take longer than one interval to answer: waiting up to
+        // three keeps the state known (and the fan-out on) through such hiccups, at the price
+        // of a staler state while they last.
+        access
+            .state
+            .poll_once(&access.upstream, (interval * 3).max(Duration::from_secs(1)))
+            .await;
+    }
+}

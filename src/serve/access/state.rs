@@ -1,0 +1,173 @@
+//! Whether authentication is enabled on etcd, as the proxy knows it, and the poll that keeps
+//! that knowledge fresh.
+//!
+//! etcd 3.4 has no `AuthStatus` RPC, but a Range without a token fails with InvalidArgument
+//! `etcdserver: user name is empty` exactly when auth is on (any other answer means off). So
+//! the proxy sends one tokenless, serializable, `count_only` Range of a key no one writes every
+//! `--auth-poll` (1 s). A poll that fails, or gets no answer within three intervals, makes the
+//! state *unknown*, and nothing is then served from the cache until a poll answers again: the
+//! state the proxy acts on is never older than one poll interval plus the poll's round trip
+//! (at most three intervals). Forwarded
+//! answers that reveal the state (`user name is empty`, a successful `AuthEnable` or
+//! `AuthDisable` through the proxy) switch it at once.
+//!
+//! Every change of the known state (and every RBAC change the proxy sees) starts a new
+//! *epoch*; permission decisions are keyed by epoch, so none outlives the state it was made in.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tonic::{Code, Status};
+
+use crate::metrics;
+use crate::proto::etcdserverpb::RangeRequest;
+use crate::source::upstream::Upstream;
+
+/// A key no one writes, read by the auth poll.
+const POLL_KEY: &[u8] = b"\0etcd-fanout/auth-probe";
+
+/// etcd's message for a request without identity when auth is on (`rpctypes.ErrUserEmpty`).
+pub const USER_EMPTY: &str = "etcdserver: user name is empty";
+
+/// Authentication on etcd, as last seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthState {
+    /// Not known (proxy starting, or etcd not answering the poll): nothing is served from the
+    /// cache, every request is forwarded.
+    Unknown = 0,
+    /// Disabled: tokens are ignored, as etcd ignores them.
+    Off = 1,
+    /// Enabled: every request served from the cache is checked.
+    On = 2,
+}
+
+impl AuthState {
+    fn from_u8(v: u8) -> AuthState {
+        match v {
+            1 => AuthState::Off,
+            2 => AuthState::On,
+            _ => AuthState::Unknown,
+        }
+    }
+}
+
+/// The auth state and the decision epoch.
+#[derive(Debug)]
+pub struct State {
+    /// The state acted on ([`AuthState`] as a number).
+    current: AtomicU8,
+    /// The last *known* state (off or on), to tell a real change from an outage.
+    last_known: AtomicU8,
+    /// Bumped whenever earlier permission decisions must no longer be used.
+    epoch: AtomicU64,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            current: AtomicU8::new(AuthState::Unknown as u8),
+            last_known: AtomicU8::new(AuthState::Unknown as u8),
+            epoch: AtomicU64::new(0),
+        }
+    }
+}
+
+impl State {
+    /// The state requests are decided by.
+    pub fn get(&self) -> AuthState {
+        AuthState::from_u8(self.current.load(Ordering::Acquire))
+    }
+
+    /// The current decision epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Starts a new epoch: decisions made so far are not used again.
+    pub fn new_epoch(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Records what the poll or a forwarded answer showed.
+    pub fn set(&self, state: AuthState) {
+        // A change of the known state starts a new epoch *before* it is acted on, so no
+        // decision of the old state is used under the new one.
+        if state != AuthState::Unknown {
+            let before = self.last_known.swap(state as u8, Ordering::AcqRel);
+            if before != state as u8 {
+                self.new_epoch();
+                tracing::info!(auth = ?state, "etcd authentication state");
+            }
+        }
+        let before = self.current.swap(state as u8, Ordering::AcqRel);
+        if before != state as u8 {
+            metrics::AUTH_STATE.set(match state {
+                AuthState::Unknown => -1,
+                AuthState::Off => 0,
+                AuthState::On => 1,
+            });
+            if state == AuthState::Unknown {
+                tracing::warn!("etcd authentication state unknown: forwarding every request");
+            }
+        }
+    }
+
+    /// What a status etcd returned says about the auth state, if anything.
+    pub fn observe(&self, status: &Status) {
+        if status.code() == Code::InvalidArgument && status.message() == USER_EMPTY {
+            self.set(AuthState::On);
+        }
+    }
+
+    /// One poll: a tokenless read etcd refuses exactly when auth is on.
+    pub async fn poll_once(&self, upstream: &Upstream, timeout: Duration) {
+        let req = RangeRequest {
+            key: Bytes::from_static(POLL_KEY),
+            serializable: true,
+            count_only: true,
+            limit: 1,
+            ..Default::default()
+        };
+        let state = match tokio::time::timeout(timeout, upstream.kv().range(req)).await {
+            // The header is not recorded as etcd's revision: a revision newer than the cache
+            // head would become the header of cached watches' `created` and, through their
+            // header floor, of backlog responses that do not hold its events yet.
+            Ok(Ok(_)) => AuthState::Off,
+            Ok(Err(s)) if s.code() == Code::InvalidArgument && s.message() == USER_EMPTY => {
+                AuthState::On
+            }
+            Ok(Err(s)) => {
+                tracing::debug!(error = %s, "auth poll failed");
+                AuthState::Unknown
+            }
+            Err(_) => {
+                tracing::debug!("auth poll timed out");
+                AuthState::Unknown
+            }
+        };
+        self.set(state);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epochs_change_with_the_known_state_only() {
+        let s = State::default();
+        assert_eq!(s.get(), AuthState::Unknown);
+        s.set(AuthState::Off);
+        let e = s.epoch();
+        s.set(AuthState::Unknown);
+        assert_eq!(s.get(), AuthState::Unknown);
+        s.set(AuthState::Off);
+        assert_eq!(s.epoch(), e, "an outage alone keeps the decisions");
+        s.observe(&Status::invalid_argument(USER_EMPTY));
+        assert_eq!(s.get(), AuthState::On);
+        assert!(s.epoch() > e);
+        s.observe(&Status::permission_denied("etcdserver: permission denied"));
+        assert_eq!(s.get(), AuthState::On);
+    }
+}

@@ -156,6 +156,10 @@ pub struct Config {
     /// connections 60 s); etcd keeps idle connections open for ever.
     #[arg(long, env = "ETCD_FANOUT_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_positive_duration)]
     pub idle_timeout: Duration,
+
+    /// TLS to etcd and on the listen address.
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 /// etcd's `grpcOverheadBytes`: added to `--max-request-bytes` for gRPC message limits.

@@ -22,6 +22,7 @@ pub mod proto;
 pub(crate) mod serve;
 pub(crate) mod source;
 pub(crate) mod tasks;
+pub mod tls;
 pub(crate) mod wire;
 
 use std::future::Future;
@@ -56,14 +57,19 @@ where
     S: Future<Output = ()> + Send + 'static,
 {
     metrics::init();
+    // A TLS configuration that cannot work stops the proxy before anything starts.
+    let upstream_tls = tls::client::UpstreamTls::from_args(&config.tls, &config.endpoints)?;
+    let server_tls = tls::server::ServerTls::from_args(&config.tls)?;
     let credentials = source::credentials::Credentials::from_config(&config)?;
     let user = credentials.user().unwrap_or("").to_string();
-    let upstream =
-        Arc::new(source::upstream::Upstream::new(&config.endpoints)?.with_credentials(credentials));
+    let upstream = Arc::new(
+        source::upstream::Upstream::with_tls(&config.endpoints, upstream_tls)?
+            .with_credentials(credentials),
+    );
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("cannot listen on {} (--listen): {e}", config.listen))?;
-    tracing::info!(listen = %config.listen, endpoints = ?config.endpoints, prefixes = ?config.prefixes, user, "etcd-fanout starting");
+    tracing::info!(listen = %config.listen, tls = server_tls.is_some(), endpoints = ?config.endpoints, prefixes = ?config.prefixes, user, "etcd-fanout starting");
     let (delay, drain) = (config.shutdown_delay, config.shutdown_timeout);
     let tasks = tasks::Tasks::new();
     let hub = source::hub::Hub::start(config, upstream, tasks.clone());
@@ -83,7 +89,8 @@ where
         tracing::info!("shutting down: ending watch streams, draining connections");
         signal_hub.shutdown();
     });
-    wire::server::serve(listener, serve::Services::new(hub), shutdown, drain).await;
+    let services = serve::Services::new(hub);
+    wire::server::serve(listener, services, server_tls, shutdown, drain).await;
     let left = tasks.stop(STOP).await;
     if left > 0 {
         tracing::warn!(tasks = left, "background tasks still running at exit");

@@ -65,6 +65,7 @@ async fn etcdctl(
             .arg(&url2)
             .arg("--dial-timeout=3s")
             .arg("--command-timeout=5s")
+            .args(testkit::tls::etcdctl_flags())
             .args(&args2)
             .stdin(if input.is_some() {
                 Stdio::piped()
@@ -136,6 +137,7 @@ fn etcdctl_watch(url: &str, args: &[&str]) -> BgWatch {
         .env("ETCDCTL_API", "3")
         .arg("--endpoints")
         .arg(url)
+        .args(testkit::tls::etcdctl_flags())
         .arg("watch")
         .args(args)
         .stdin(Stdio::null())
@@ -264,13 +266,16 @@ async fn etcd_client_crate_session() {
         "etcd_client_crate_session",
         Opts::default(),
         |side, rec| async move {
-            let mut c = match Client::connect([side.url.as_str()], None).await {
-                Ok(c) => c,
-                Err(e) => {
-                    rec.note(format!("connect failed: {e}"));
-                    return;
-                }
-            };
+            let mut c =
+                match Client::connect([side.url.as_str()], testkit::tls::etcd_client_options())
+                    .await
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        rec.note(format!("connect failed: {e}"));
+                        return;
+                    }
+                };
             macro_rules! log {
                 ($label:expr, $e:expr) => {{
                     match $e {

@@ -2,7 +2,8 @@
 prints what it observed, one JSON line per step, so tests/gateway_etcd3gw.rs can run it
 against etcd and against etcd-fanout and compare.
 
-Usage: python3 tests/etcd3gw_client.py PORT
+Usage: python3 tests/etcd3gw_client.py PORT [CA_CERT CLIENT_CERT CLIENT_KEY]
+(with the three files: https, the CA verifying the server and a client certificate)
 Lease ids and TTL countdowns differ between clusters and are reduced to stable facts.
 """
 
@@ -24,7 +25,18 @@ def text(v):
 
 def main():
     port = int(sys.argv[1])
-    c = etcd3gw.client(host="127.0.0.1", port=port, timeout=10)
+    if len(sys.argv) > 4:
+        c = etcd3gw.client(
+            host="127.0.0.1",
+            port=port,
+            protocol="https",
+            ca_cert=sys.argv[2],
+            cert_cert=sys.argv[3],
+            cert_key=sys.argv[4],
+            timeout=10,
+        )
+    else:
+        c = etcd3gw.client(host="127.0.0.1", port=port, timeout=10)
     out("api_path", c.api_path)
 
     # put / get / prefix get

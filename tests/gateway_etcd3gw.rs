@@ -10,12 +10,26 @@ use std::time::{Duration, Instant};
 
 use testkit::{Etcd, Proxy};
 
-/// Runs the client script against `port`, bounded in time; returns its output lines.
+/// Runs the client script against `port` (over TLS with the CN-less client certificate in
+/// the harness's TLS mode), bounded in time; returns its output lines.
 fn run_client(port: u16) -> Vec<String> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/etcd3gw_client.py");
+    let tls_args: Vec<String> = if testkit::tls::enabled() {
+        let c = testkit::tls::certs();
+        [&c.ca, &c.client.cert, &c.client.key]
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect()
+    } else {
+        Vec::new()
+    };
     let mut child = Command::new("python3")
         .arg(script)
         .arg(port.to_string())
+        .args(tls_args)
+        // `requests` lets these override a session's own CA bundle (etcd3gw's `ca_cert`).
+        .env_remove("REQUESTS_CA_BUNDLE")
+        .env_remove("CURL_CA_BUNDLE")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

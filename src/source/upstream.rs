@@ -5,14 +5,21 @@
 //! Failover: tonic's balanced channel keeps a connection per endpoint and routes around the
 //! ones that fail; HTTP/2 keepalives notice a stalled connection that never closes.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
 use std::time::Duration;
 
+use tower::Service;
+
 use tonic::metadata::MetadataMap;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Request;
+
+use crate::tls::client::UpstreamTls;
 
 use crate::proto::etcdserverpb::{
     auth_client::AuthClient, cluster_client::ClusterClient, kv_client::KvClient,
@@ -28,7 +35,11 @@ const FORWARDED_METADATA: [&str; 3] = ["token", "hasleader", "authorization"];
 #[derive(Debug)]
 pub struct Upstream {
     /// Balanced channel over all endpoints.
-    channel: Channel,
+    channel: UpstreamChannel,
+    /// The endpoint URLs.
+    endpoints: Vec<String>,
+    /// TLS client configuration (`https://` endpoints).
+    tls: Option<Arc<UpstreamTls>>,
     /// Cluster id, member id and raft term from the most recent upstream response: read on
     /// every answer the proxy makes, replaced (rarely) when etcd's identity fields change.
     header: ArcSwap<ResponseHeader>,
@@ -39,8 +50,18 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Builds the channel; connections are made lazily and re-made after failures.
+    /// Builds the channel over plaintext endpoints; connections are made lazily and re-made
+    /// after failures.
+    #[cfg(test)]
     pub fn new(endpoints: &[String]) -> Result<Upstream, String> {
+        Self::with_tls(endpoints, None)
+    }
+
+    /// Builds the channel, over TLS when `tls` is given (`https://` endpoints).
+    pub fn with_tls(
+        endpoints: &[String],
+        tls: Option<Arc<UpstreamTls>>,
+    ) -> Result<Upstream, String> {
         let mut eps = Vec::with_capacity(endpoints.len());
         for url in endpoints {
             let url = if url.contains("://") {
@@ -62,17 +83,29 @@ impl Upstream {
         if eps.is_empty() {
             return Err("no etcd endpoint configured".into());
         }
-        let channel = if eps.len() == 1 {
-            eps.remove(0).connect_lazy()
-        } else {
-            Channel::balance_list(eps.into_iter())
+        let channel = match &tls {
+            None if eps.len() == 1 => UpstreamChannel::Plain(eps.remove(0).connect_lazy()),
+            None => UpstreamChannel::Plain(Channel::balance_list(eps.into_iter())),
+            Some(tls) => UpstreamChannel::tls(tls, eps),
         };
         Ok(Upstream {
             channel,
+            endpoints: endpoints.to_vec(),
+            tls,
             header: ArcSwap::from_pointee(ResponseHeader::default()),
             revision: std::sync::atomic::AtomicI64::new(0),
             credentials: Default::default(),
         })
+    }
+
+    /// The configured endpoint URLs (for the gateway's HTTP calls to etcd).
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    /// The TLS client configuration for `https://` endpoints.
+    pub fn tls(&self) -> Option<&Arc<UpstreamTls>> {
+        self.tls.as_ref()
     }
 
     /// Uses `credentials` for the proxy's own calls (see [`crate::source::credentials`]).
@@ -90,36 +123,36 @@ impl Upstream {
     }
 
     /// KV client with no message size cap (etcd sends ranges of any size).
-    pub fn kv(&self) -> KvClient<Channel> {
+    pub fn kv(&self) -> KvClient<UpstreamChannel> {
         KvClient::new(self.channel.clone())
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX)
     }
 
     /// Watch client.
-    pub fn watch(&self) -> WatchClient<Channel> {
+    pub fn watch(&self) -> WatchClient<UpstreamChannel> {
         WatchClient::new(self.channel.clone())
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX)
     }
 
     /// Lease client.
-    pub fn lease(&self) -> LeaseClient<Channel> {
+    pub fn lease(&self) -> LeaseClient<UpstreamChannel> {
         LeaseClient::new(self.channel.clone()).max_decoding_message_size(usize::MAX)
     }
 
     /// Cluster client.
-    pub fn cluster(&self) -> ClusterClient<Channel> {
+    pub fn cluster(&self) -> ClusterClient<UpstreamChannel> {
         ClusterClient::new(self.channel.clone()).max_decoding_message_size(usize::MAX)
     }
 
     /// Maintenance client.
-    pub fn maintenance(&self) -> MaintenanceClient<Channel> {
+    pub fn maintenance(&self) -> MaintenanceClient<UpstreamChannel> {
         MaintenanceClient::new(self.channel.clone()).max_decoding_message_size(usize::MAX)
     }
 
     /// Auth client.
-    pub fn auth(&self) -> AuthClient<Channel> {
+    pub fn auth(&self) -> AuthClient<UpstreamChannel> {
         AuthClient::new(self.channel.clone()).max_decoding_message_size(usize::MAX)
     }
 
@@ -245,6 +278,81 @@ pub fn copy_credentials(from: &MetadataMap, to: &mut MetadataMap) {
     for key in FORWARDED_METADATA {
         if let Some(v) = from.get(key) {
             to.insert(key, v.clone());
+        }
+    }
+}
+
+/// A boxed error, as tower's balancer and buffer return them.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One HTTP/2 request to etcd, boxed.
+type BoxResponse =
+    Pin<Box<dyn Future<Output = Result<http::Response<tonic::body::Body>, BoxError>> + Send>>;
+
+/// Requests over TLS channels, balanced and buffered (clonable like tonic's `Channel`).
+type TlsBalanced = tower::buffer::Buffer<http::Request<tonic::body::Body>, BoxResponse>;
+
+/// The service every typed client runs on.
+#[derive(Clone)]
+pub enum UpstreamChannel {
+    /// tonic's channel (balanced over the endpoints when there are several).
+    Plain(Channel),
+    /// One tonic channel per `https://` endpoint, each with its TLS connector, balanced by
+    /// tower's power-of-two-choices (tonic's own balancer takes no custom connector).
+    Tls(TlsBalanced),
+}
+
+impl std::fmt::Debug for UpstreamChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamChannel::Plain(c) => f.debug_tuple("Plain").field(c).finish(),
+            UpstreamChannel::Tls(_) => f.write_str("Tls"),
+        }
+    }
+}
+
+impl UpstreamChannel {
+    /// Channels to `https://` endpoints over `tls`.
+    fn tls(tls: &Arc<UpstreamTls>, eps: Vec<Endpoint>) -> UpstreamChannel {
+        let channels: Vec<_> = eps
+            .iter()
+            .map(|ep| {
+                // `Channel::new`, not `Endpoint::connect_with_connector_lazy`: the latter puts
+                // tonic's own TLS layer (present when tonic's TLS feature is on) in front,
+                // which refuses `https://` without tonic's TLS settings. The connector bounds
+                // connect plus handshake in time itself.
+                tower::load::PendingRequests::new(
+                    Channel::new(tls.grpc_connector(), ep.clone()),
+                    tower::load::CompleteOnResponse::default(),
+                )
+            })
+            .collect();
+        let balanced =
+            tower::balance::p2c::Balance::new(tower::discover::ServiceList::new(channels));
+        let boxed = tower::util::BoxService::new(balanced);
+        UpstreamChannel::Tls(tower::buffer::Buffer::new(boxed, 1024))
+    }
+}
+
+impl Service<http::Request<tonic::body::Body>> for UpstreamChannel {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = BoxError;
+    type Future = BoxResponse;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        match self {
+            UpstreamChannel::Plain(c) => c.poll_ready(cx).map_err(Into::into),
+            UpstreamChannel::Tls(c) => c.poll_ready(cx),
+        }
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> BoxResponse {
+        match self {
+            UpstreamChannel::Plain(c) => {
+                let f = c.call(req);
+                Box::pin(async move { f.await.map_err(Into::into) })
+            }
+            UpstreamChannel::Tls(c) => Box::pin(c.call(req)),
         }
     }
 }

@@ -6,3 +6,4 @@ pub mod gateway;
 pub mod grpc;
 pub mod http1;
 pub mod server;
+pub mod transport;

@@ -4,6 +4,11 @@
 //! tonic and the [`grpc`] routes, anything else to the [`gateway`]. HTTP/1.x connections are
 //! served by [`http1`], every request to the [`gateway`] (health, readiness, metrics, and the
 //! JSON API), as etcd sends every HTTP/1 request to its HTTP handlers.
+//!
+//! With TLS ([`crate::tls::server`]) the handshake's ALPN tells the protocols apart instead
+//! (`h2`: HTTP/2; `http/1.1` or none: HTTP/1.x), and what the handshake proved about the client
+//! ([`Peer`]) goes with each request: [`crate::tls::identity`] decides what its certificate's
+//! CommonName means.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -24,7 +29,10 @@ use tonic::service::Routes;
 use tower::ServiceExt;
 
 use crate::serve::Services;
+use crate::tls::identity::{self, CnPolicy, Peer};
+use crate::tls::server::ServerTls;
 use crate::wire::http1;
+use crate::wire::transport::Transport;
 use crate::wire::{gateway, grpc};
 
 fn is_grpc<B>(req: &http::Request<B>) -> bool {
@@ -74,14 +82,14 @@ async fn sniff(stream: &mut TcpStream) -> Option<(Protocol, BytesMut)> {
 }
 
 /// A stream whose first reads return bytes already read from it (the sniffed preface).
-struct Rewind {
+struct Rewind<S> {
     /// Bytes to return before reading the stream again.
     prefix: Bytes,
     /// The connection.
-    inner: TcpStream,
+    inner: S,
 }
 
-impl AsyncRead for Rewind {
+impl<S: Transport> AsyncRead for Rewind<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -96,7 +104,7 @@ impl AsyncRead for Rewind {
     }
 }
 
-impl AsyncWrite for Rewind {
+impl<S: Transport> AsyncWrite for Rewind<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -144,14 +152,62 @@ enum H2Route {
     Grpc,
 }
 
+/// What a connection's requests carry along: the client's TLS identity and its policy.
+#[derive(Debug, Clone, Default)]
+struct ConnInfo {
+    /// What the TLS handshake proved (nothing for plaintext).
+    peer: Arc<Peer>,
+    /// What a certificate's CommonName means on this listener.
+    policy: CnPolicy,
+}
+
+impl ConnInfo {
+    /// etcd's answer to a gateway request this client may not make (see
+    /// [`identity::gateway_refusal`]); otherwise the peer is attached to the request.
+    fn admit_http<B>(
+        &self,
+        req: &mut http::Request<B>,
+    ) -> Option<http::Response<tonic::body::Body>> {
+        self.peer.common_name.as_ref()?;
+        let refusal = identity::gateway_refusal(self.policy, &self.peer, req.uri().path());
+        req.extensions_mut().insert(self.peer.clone());
+        refusal
+    }
+}
+
+/// gRPC methods etcd answers without looking at the caller's identity, so a client
+/// certificate's CommonName never matters for them (`Authenticate` is how such a client gets a
+/// token).
+const IDENTITY_FREE_METHODS: [&str; 2] = [
+    "/etcdserverpb.Auth/Authenticate",
+    "/etcdserverpb.Cluster/MemberList",
+];
+
 /// One HTTP/2 request: gRPC to tonic (Watch and KV/Range to their own encoders), anything
 /// else (JSON over h2c) to the [`gateway`].
-fn h2_request(req: http::Request<Incoming>, routes: Routes, services: Services) -> Answer {
+fn h2_request(
+    mut req: http::Request<Incoming>,
+    routes: Routes,
+    services: Services,
+    conn: &ConnInfo,
+) -> Answer {
     let route = if !is_grpc(&req) {
+        if let Some(refusal) = conn.admit_http(&mut req) {
+            return Box::pin(async move { refusal });
+        }
         H2Route::Http
     } else if let Some(status) = grpc::unknown_method(req.uri().path()) {
         H2Route::Unknown(status)
+    } else if let Some(status) = (!IDENTITY_FREE_METHODS.contains(&req.uri().path()))
+        .then(|| identity::grpc_refusal(conn.policy, &conn.peer, req.headers()))
+        .flatten()
+    {
+        H2Route::Unknown(status)
     } else {
+        if conn.peer.common_name.is_some() {
+            // For the services (`tonic::Request::extensions`): who the certificate names.
+            req.extensions_mut().insert(conn.peer.clone());
+        }
         match req.uri().path() {
             grpc::range::PATH => H2Route::Range,
             grpc::watch::PATH => H2Route::Watch,
@@ -187,11 +243,12 @@ fn h2_request(req: http::Request<Incoming>, routes: Routes, services: Services) 
     }
 }
 
-/// Accepts connections until `shutdown` turns true, then stops accepting and lets open
-/// connections finish gracefully for at most `drain`.
+/// Accepts connections (TLS ones when `tls` is given) until `shutdown` turns true, then stops
+/// accepting and lets open connections finish gracefully for at most `drain`.
 pub async fn serve(
     listener: TcpListener,
     services: Services,
+    tls: Option<Arc<ServerTls>>,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
@@ -232,53 +289,42 @@ pub async fn serve(
         };
         let accepted = tokio::time::Instant::now();
         let _ = stream.set_nodelay(true);
-        let routes = routes.clone();
-        let services = services.clone();
-        let h2 = h2.clone();
-        let mut conn_shutdown = conn_shutdown_tx.subscribe();
+        let conn = Connection {
+            routes: routes.clone(),
+            services: services.clone(),
+            h2: h2.clone(),
+            shutdown: conn_shutdown_tx.subscribe(),
+            timeouts,
+        };
+        let tls = tls.clone();
         conns.spawn(async move {
-            // The first bytes are part of the first request's head: due within its deadline.
-            let sniffed = tokio::time::timeout_at(accepted + timeouts.header, sniff(&mut stream));
-            let Ok(Some((protocol, read))) = sniffed.await else {
-                return;
-            };
-            let label = match protocol {
-                Protocol::Http1 => "http1",
-                Protocol::Http2 => "http2",
-            };
-            crate::metrics::CONNECTIONS_ACCEPTED
-                .with_label_values(&[label])
-                .inc();
-            let open = crate::metrics::CONNECTIONS_OPEN.with_label_values(&[label]);
-            open.inc();
-            let _open = OpenGuard(open);
-            match protocol {
-                Protocol::Http1 => {
-                    let handle = move |req| -> Answer {
-                        let services = services.clone();
-                        Box::pin(async move { gateway::handle(req, &services).await })
+            match tls {
+                None => {
+                    // The first bytes are part of the first request's head: due within its
+                    // deadline.
+                    let sniffed =
+                        tokio::time::timeout_at(accepted + timeouts.header, sniff(&mut stream));
+                    let Ok(Some((protocol, read))) = sniffed.await else {
+                        return;
                     };
-                    http1::serve(stream, read, handle, conn_shutdown, timeouts, accepted).await;
+                    conn.serve(stream, protocol, read, ConnInfo::default(), accepted)
+                        .await;
                 }
-                Protocol::Http2 => {
-                    let io = Rewind {
-                        prefix: read.freeze(),
-                        inner: stream,
+                Some(tls) => {
+                    let Some(tls_conn) = tls.accept(stream).await else {
+                        return;
                     };
-                    let svc = hyper::service::service_fn(move |req| {
-                        let answer = h2_request(req, routes.clone(), services.clone());
-                        async move { Ok::<_, Infallible>(answer.await) }
-                    });
-                    let mut conn = std::pin::pin!(h2.serve_connection(TokioIo::new(io), svc));
-                    tokio::select! {
-                        r = conn.as_mut() => if let Err(e) = r {
-                            tracing::debug!(error = %e, "connection ended");
-                        },
-                        _ = async { let _ = conn_shutdown.wait_for(|s| *s).await; } => {
-                            conn.as_mut().graceful_shutdown();
-                            let _ = conn.await;
-                        }
-                    }
+                    let protocol = if tls_conn.h2 {
+                        Protocol::Http2
+                    } else {
+                        Protocol::Http1
+                    };
+                    let info = ConnInfo {
+                        peer: Arc::new(tls_conn.peer),
+                        policy: tls.policy,
+                    };
+                    conn.serve(tls_conn.stream, protocol, BytesMut::new(), info, accepted)
+                        .await;
                 }
             }
         });
@@ -289,6 +335,82 @@ pub async fn serve(
     drop(listener);
     let _ = conn_shutdown_tx.send(true);
     let _ = tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await;
+}
+
+/// What serving one connection needs.
+struct Connection {
+    /// The gRPC routes.
+    routes: Routes,
+    /// The services.
+    services: Services,
+    /// hyper's HTTP/2 server settings.
+    h2: Arc<http2::Builder<TokioExecutor>>,
+    /// Turns true when open connections must finish.
+    shutdown: watch::Receiver<bool>,
+    /// The HTTP/1.x deadlines.
+    timeouts: http1::Timeouts,
+}
+
+impl Connection {
+    /// Serves `stream` (whose first bytes, already read, are `read`) as `protocol`.
+    async fn serve<S: Transport + 'static>(
+        self,
+        stream: S,
+        protocol: Protocol,
+        read: BytesMut,
+        info: ConnInfo,
+        accepted: tokio::time::Instant,
+    ) {
+        let Connection {
+            routes,
+            services,
+            h2,
+            mut shutdown,
+            timeouts,
+        } = self;
+        let label = match protocol {
+            Protocol::Http1 => "http1",
+            Protocol::Http2 => "http2",
+        };
+        crate::metrics::CONNECTIONS_ACCEPTED
+            .with_label_values(&[label])
+            .inc();
+        let open = crate::metrics::CONNECTIONS_OPEN.with_label_values(&[label]);
+        open.inc();
+        let _open = OpenGuard(open);
+        match protocol {
+            Protocol::Http1 => {
+                let handle = move |mut req| -> Answer {
+                    if let Some(refusal) = info.admit_http(&mut req) {
+                        return Box::pin(async move { refusal });
+                    }
+                    let services = services.clone();
+                    Box::pin(async move { gateway::handle(req, &services).await })
+                };
+                http1::serve(stream, read, handle, shutdown, timeouts, accepted).await;
+            }
+            Protocol::Http2 => {
+                let io = Rewind {
+                    prefix: read.freeze(),
+                    inner: stream,
+                };
+                let svc = hyper::service::service_fn(move |req| {
+                    let answer = h2_request(req, routes.clone(), services.clone(), &info);
+                    async move { Ok::<_, Infallible>(answer.await) }
+                });
+                let mut conn = std::pin::pin!(h2.serve_connection(TokioIo::new(io), svc));
+                tokio::select! {
+                    r = conn.as_mut() => if let Err(e) = r {
+                        tracing::debug!(error = %e, "connection ended");
+                    },
+                    _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Failed accepts (at the file-descriptor limit, every accept fails at once): a pause that

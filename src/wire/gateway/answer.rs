@@ -9,6 +9,7 @@ use tonic::{Code, Status};
 use super::errors;
 use super::stream::{self, Body};
 use crate::error::Error;
+use crate::serve::Services;
 use crate::wire::body::BodyError;
 use crate::wire::grpc::MAX_DECODING_MESSAGE;
 
@@ -115,6 +116,22 @@ pub(super) fn error_response(code: Code, msg: &str, trailer: bool) -> Response<B
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// An error returned by the gRPC call itself. etcd's gateway reaches etcd's gRPC server
+/// natively on a plaintext port (the error's content type arrives as a trailer) and through
+/// Go's HTTP/2 server on a TLS port (it arrives with the headers, as
+/// `Grpc-Metadata-Content-Type`); the proxy answers as etcd on the same kind of port.
+pub(super) fn call_error(code: Code, msg: &str, services: &Services) -> Response<Body> {
+    if services.hub.config.tls.cert_file.is_none() {
+        return error_response(code, msg, true);
+    }
+    let mut resp = error_response(code, msg, false);
+    resp.headers_mut().insert(
+        "grpc-metadata-content-type",
+        HeaderValue::from_static("application/grpc"),
     );
     resp
 }

@@ -75,7 +75,7 @@ pub(super) async fn version(method: &Method, services: &Services) -> Response<Bo
             .insert(header::ALLOW, HeaderValue::from_static("GET"));
         return r;
     }
-    match upstream_http::version(&services.hub.tasks, &services.hub.config.endpoints).await {
+    match upstream_http::version(&services.hub.tasks, &services.hub.upstream).await {
         Ok(body) => {
             let mut resp = Response::new(Body::new(Full::new(body)));
             resp.headers_mut().insert(
@@ -109,7 +109,7 @@ pub(super) async fn health(req: Request<ReqBody>, services: &Services) -> Respon
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/health".into());
-    match upstream_http::fetch(&services.hub.tasks, &services.hub.config.endpoints, &path).await {
+    match upstream_http::fetch(&services.hub.tasks, &services.hub.upstream, &path).await {
         Ok((status, ct, body)) => {
             let mut resp = Response::new(Body::new(Full::new(body)));
             *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
@@ -145,7 +145,7 @@ pub(super) async fn relay(req: Request<ReqBody>, services: &Services) -> Respons
         .unwrap_or_else(|| "/".into());
     match upstream_http::send(
         &services.hub.tasks,
-        &services.hub.config.endpoints,
+        &services.hub.upstream,
         parts.method,
         &pq,
         &parts.headers,

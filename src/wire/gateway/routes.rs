@@ -13,7 +13,9 @@ use prost::Message as _;
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue, MetadataMap};
 use tonic::Code;
 
-use super::answer::{body_error, error_response, json_response, plain, Failure, MAX_BODY};
+use super::answer::{
+    body_error, call_error, error_response, json_response, plain, Failure, MAX_BODY,
+};
 use super::json::{Decoder, Next, Value};
 use super::stream::Body;
 use super::{endpoints, jsonpb, streaming};
@@ -265,7 +267,7 @@ pub(super) async fn v3(req: Request<ReqBody>, path: &str, services: &Services) -
     match answer {
         Ok(json) => json_response(json),
         Err(Failure::Decode(msg)) => error_response(Code::InvalidArgument, &msg, false),
-        Err(Failure::Call(s)) => error_response(s.code(), s.message(), true),
+        Err(Failure::Call(s)) => call_error(s.code(), s.message(), services),
     }
 }
 

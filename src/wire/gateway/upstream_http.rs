@@ -1,4 +1,5 @@
-//! Plain HTTP/1.1 to etcd's own client port, for what only etcd's HTTP server can answer:
+//! HTTP/1.1 (over TLS for `https://` endpoints) to etcd's own client port, for what only
+//! etcd's HTTP server can answer:
 //! `/version` (fetched once and cached), `/health`, `/debug/vars`, `/config/local/log`, and the
 //! lock / election gateway routes (`/v3/lock/*`, `/v3/election/*`, services the proxy does not
 //! implement over gRPC). Endpoints are tried in configured order; each try is bounded in time.
@@ -10,10 +11,13 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use crate::source::upstream::Upstream;
 use crate::tasks::Tasks;
+use crate::tls::client::Alpn;
 
 /// Longest wait for a connection plus the response head, per endpoint.
 const TRY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -21,10 +25,11 @@ const TRY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a fetched `/version` answer is reused.
 const VERSION_TTL: Duration = Duration::from_secs(60);
 
-/// `host:port` of an endpoint URL, or `None` for schemes this client cannot speak (TLS).
+/// `host:port` of an endpoint URL (`http://`, `https://` or none), or `None` for other
+/// schemes.
 fn authority(endpoint: &str) -> Option<&str> {
     let rest = match endpoint.split_once("://") {
-        Some(("http", rest)) => rest,
+        Some(("http" | "https", rest)) => rest,
         Some(_) => return None,
         None => endpoint,
     };
@@ -36,14 +41,14 @@ fn authority(endpoint: &str) -> Option<&str> {
 /// connection is driven by a task of `tasks` until the answer is read.
 pub async fn send(
     tasks: &Tasks,
-    endpoints: &[String],
+    upstream: &Upstream,
     method: http::Method,
     path_and_query: &str,
     headers: &http::HeaderMap,
     body: Bytes,
 ) -> Result<Response<Incoming>, String> {
     let mut last = String::from("no usable etcd endpoint");
-    for ep in endpoints {
+    for ep in upstream.endpoints() {
         let Some(host) = authority(ep) else { continue };
         let mut builder = Request::builder()
             .method(method.clone())
@@ -63,14 +68,20 @@ pub async fn send(
             Err(e) => return Err(e.to_string()),
         };
         let attempt = async {
-            let stream = TcpStream::connect(host).await.map_err(|e| e.to_string())?;
-            let _ = stream.set_nodelay(true);
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(|e| e.to_string())?;
-            tasks.spawn(async move {
-                let _ = conn.await;
-            });
+            let mut sender = match upstream.tls() {
+                Some(tls) => {
+                    let stream = tls
+                        .connect(host, Alpn::Http1)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    handshake(tasks, stream).await?
+                }
+                None => {
+                    let stream = TcpStream::connect(host).await.map_err(|e| e.to_string())?;
+                    let _ = stream.set_nodelay(true);
+                    handshake(tasks, stream).await?
+                }
+            };
             sender.send_request(req).await.map_err(|e| e.to_string())
         };
         match tokio::time::timeout(TRY_TIMEOUT, attempt).await {
@@ -82,15 +93,30 @@ pub async fn send(
     Err(last)
 }
 
+/// An HTTP/1.1 client connection over `io`, driven by a task of `tasks` until the answer is
+/// read and the sender dropped.
+async fn handshake<T>(tasks: &Tasks, io: T) -> Result<SendRequest<Full<Bytes>>, String>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| e.to_string())?;
+    tasks.spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
 /// Fetches a small answer whole: (status, content type, body).
 pub async fn fetch(
     tasks: &Tasks,
-    endpoints: &[String],
+    upstream: &Upstream,
     path: &str,
 ) -> Result<(u16, Option<String>, Bytes), String> {
     let resp = send(
         tasks,
-        endpoints,
+        upstream,
         http::Method::GET,
         path,
         &http::HeaderMap::new(),
@@ -116,14 +142,14 @@ static VERSION: Mutex<Option<(Bytes, Instant)>> = Mutex::new(None);
 
 /// etcd's `/version` body (`{"etcdserver":"3.4.23","etcdcluster":"3.4.0"}`), from the cache
 /// when fresh, else from etcd; a stale answer is used when etcd cannot be reached.
-pub async fn version(tasks: &Tasks, endpoints: &[String]) -> Result<Bytes, String> {
+pub async fn version(tasks: &Tasks, upstream: &Upstream) -> Result<Bytes, String> {
     let cached = VERSION.lock().ok().and_then(|v| v.clone());
     if let Some((body, at)) = &cached {
         if at.elapsed() < VERSION_TTL {
             return Ok(body.clone());
         }
     }
-    match fetch(tasks, endpoints, "/version").await {
+    match fetch(tasks, upstream, "/version").await {
         Ok((200, _, body)) => {
             if let Ok(mut v) = VERSION.lock() {
                 *v = Some((body.clone(), Instant::now()));
@@ -146,6 +172,7 @@ mod tests {
         assert_eq!(authority("http://127.0.0.1:2379"), Some("127.0.0.1:2379"));
         assert_eq!(authority("127.0.0.1:2379"), Some("127.0.0.1:2379"));
         assert_eq!(authority("http://h:1/"), Some("h:1"));
-        assert_eq!(authority("https://h:1"), None);
+        assert_eq!(authority("https://h:1"), Some("h:1"));
+        assert_eq!(authority("unix://h:1"), None);
     }
 }

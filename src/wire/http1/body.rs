@@ -7,11 +7,11 @@ use std::task::{Context, Poll};
 use bytes::{Buf, Bytes, BytesMut};
 use http::StatusCode;
 use http_body::{Frame, SizeHint};
-use tokio::net::tcp::ReadHalf;
 
 use super::socket::{fill, ReadError};
 use super::MAX_HEAD;
 use crate::wire::body::{BodyError, MAX_BODY};
+use crate::wire::transport::Transport;
 
 /// Longest chunk-size line of a chunked request body.
 pub(super) const MAX_CHUNK_LINE: usize = 4096;
@@ -32,8 +32,8 @@ pub(super) enum Framing {
 /// a chunk's data (no CRLF after it, as from a client ending every line with a bare LF), the
 /// data read so far is the body, as etcd's gateway decodes the JSON value it read before
 /// Go's chunked reader failed; the connection closes after the answer.
-pub(super) async fn read_chunked(
-    rd: &mut ReadHalf<'_>,
+pub(super) async fn read_chunked<S: Transport>(
+    s: &mut S,
     buf: &mut BytesMut,
 ) -> Result<Result<(Bytes, bool), BodyError>, ReadError> {
     let mut body = BytesMut::new();
@@ -47,7 +47,7 @@ pub(super) async fn read_chunked(
             if buf.len() > MAX_CHUNK_LINE {
                 return Ok(Err(BodyError::Malformed("header line too long")));
             }
-            if fill(rd, buf).await? == 0 {
+            if fill(s, buf).await? == 0 {
                 return Err(ReadError::Io);
             }
         };
@@ -77,7 +77,7 @@ pub(super) async fn read_chunked(
                             None,
                         ));
                     }
-                    if fill(rd, buf).await? == 0 {
+                    if fill(s, buf).await? == 0 {
                         return Err(ReadError::Io);
                     }
                 };
@@ -93,7 +93,7 @@ pub(super) async fn read_chunked(
         }
         let size = size as usize;
         while buf.len() < size + 2 {
-            if fill(rd, buf).await? == 0 {
+            if fill(s, buf).await? == 0 {
                 return Err(ReadError::Io);
             }
         }

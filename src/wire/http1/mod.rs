@@ -22,8 +22,8 @@
 //! - a malformed request gets Go's `400 Bad Request` (`431 Request Header Fields Too Large` for
 //!   a head over [`MAX_HEAD`]) and the connection is closed.
 //!
-//! Plain TCP only for now: the readiness-based reads below are `TcpStream`'s; a TLS listener will
-//! need the same loop over its own stream.
+//! Over plain TCP or TLS ([`Transport`]): reads wait for readiness first and only then take a
+//! buffer; over TLS rustls keeps its own record buffer (see ARCHITECTURE.md for the cost).
 
 mod body;
 mod parse;
@@ -34,14 +34,14 @@ use std::future::Future;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use futures::FutureExt;
 use http::{Method, Request, Response};
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::ReadHalf;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::wire::body::ReqBody;
+use crate::wire::transport::{readable, Transport};
 use parse::{go_error, read_request};
 use socket::ReadError;
 use write::{write_response, Asked};
@@ -71,18 +71,19 @@ pub struct Timeouts {
 /// connection was accepted. Every request goes to `handler`, whose future should be boxed so
 /// that the connection's own state stays small however large the handler is; it is dropped
 /// as soon as the client leaves.
-pub async fn serve<F, Fut>(
-    mut stream: TcpStream,
+pub async fn serve<S, F, Fut>(
+    mut stream: S,
     buffered: BytesMut,
     handler: F,
     mut shutdown: watch::Receiver<bool>,
     timeouts: Timeouts,
     accepted: Instant,
 ) where
+    S: Transport,
     F: Fn(Request<ReqBody>) -> Fut,
     Fut: Future<Output = Response<tonic::body::Body>>,
 {
-    let (mut rd, mut wr) = stream.split();
+    let s = &mut stream;
     let mut buf = buffered;
     let mut first = true;
     loop {
@@ -97,7 +98,7 @@ pub async fn serve<F, Fut>(
                 // Wait for the next request holding no buffer at all.
                 buf = BytesMut::new();
                 tokio::select! {
-                    r = rd.readable() => if r.is_err() { return },
+                    r = readable(s) => if r.is_err() { return },
                     _ = shutdown.changed() => return,
                     _ = tokio::time::sleep(timeouts.idle) => return,
                 }
@@ -105,12 +106,12 @@ pub async fn serve<F, Fut>(
             Instant::now() + timeouts.header
         };
         first = false;
-        let incoming = match read_request(&mut rd, &mut wr, &mut buf, head_deadline).await {
+        let incoming = match read_request(s, &mut buf, head_deadline).await {
             Ok(Some(r)) => r,
             Ok(None) => return,
             Err(ReadError::Io) => return,
             Err(ReadError::Refuse(status, detail)) => {
-                let _ = wr.write_all(&go_error(status, detail)).await;
+                let _ = send(s, &go_error(status, detail)).await;
                 return;
             }
         };
@@ -130,18 +131,24 @@ pub async fn serve<F, Fut>(
                 tokio::select! {
                     biased;
                     r = &mut answer => break r,
-                    left = client_left(&mut rd, &mut buf) => if left {
+                    left = client_left(s, &mut buf) => if left {
                         // The client is gone: drop its handler now and close (no CLOSE-WAIT).
                         return;
                     },
                 }
             }
         };
-        match write_response(&mut rd, &mut wr, &mut buf, response, asked).await {
+        match write_response(s, &mut buf, response, asked).await {
             Ok(true) => {}
             _ => return,
         }
     }
+}
+
+/// Writes `bytes` and flushes them (a TLS stream holds written bytes until flushed).
+pub(super) async fn send<S: Transport>(s: &mut S, bytes: &[u8]) -> std::io::Result<()> {
+    s.write_all(bytes).await?;
+    s.flush().await
 }
 
 /// The head parser as the fuzz targets drive it (`crate::fuzzing`): `data` parsed whole, and
@@ -185,17 +192,19 @@ pub(crate) fn fuzz_head(data: &[u8], piece: usize) {
 
 /// Waits until the socket is readable, then keeps what arrived (a pipelined request) and
 /// says whether the client has gone (end of stream or error). Holds no buffer while waiting.
-async fn client_left(rd: &mut ReadHalf<'_>, buf: &mut BytesMut) -> bool {
-    if rd.readable().await.is_err() {
+async fn client_left<S: Transport>(s: &mut S, buf: &mut BytesMut) -> bool {
+    if readable(s).await.is_err() {
         return true;
     }
     if buf.capacity() - buf.len() < READ_CHUNK / 2 {
         buf.reserve(READ_CHUNK);
     }
-    match rd.try_read_buf(buf) {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    // One read attempt; `None`: nothing after all (a spurious wake-up, or TLS bytes that
+    // completed no record yet).
+    match s.read_buf(buf).now_or_never() {
+        None => false,
+        Some(Ok(0)) | Some(Err(_)) => true,
+        Some(Ok(_)) => false,
     }
 }
 

@@ -4,14 +4,13 @@
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::time::Instant;
 
 use super::body::{read_chunked, Failed, Framing};
 use super::socket::{fill, ReadError};
-use super::{MAX_HEAD, MAX_HEADERS};
+use super::{send, MAX_HEAD, MAX_HEADERS};
 use crate::wire::body::{BodyError, ReqBody, MAX_BODY};
+use crate::wire::transport::Transport;
 
 /// A parsed request and what the connection must do after answering it.
 pub(super) struct Received {
@@ -28,9 +27,8 @@ pub(super) struct Received {
 /// The head must be complete by `head_deadline` (`--request-header-timeout`): a client that
 /// sends part of a head and stalls (slowloris) is closed unanswered then, as Go closes a
 /// connection whose `ReadHeaderTimeout` passed.
-pub(super) async fn read_request(
-    rd: &mut ReadHalf<'_>,
-    wr: &mut WriteHalf<'_>,
+pub(super) async fn read_request<S: Transport>(
+    s: &mut S,
     buf: &mut BytesMut,
     head_deadline: Instant,
 ) -> Result<Option<Received>, ReadError> {
@@ -51,7 +49,7 @@ pub(super) async fn read_request(
                 None,
             ));
         }
-        let n = match tokio::time::timeout_at(head_deadline, fill(rd, buf)).await {
+        let n = match tokio::time::timeout_at(head_deadline, fill(s, buf)).await {
             Ok(r) => r?,
             Err(_) => return Err(ReadError::Io),
         };
@@ -76,7 +74,7 @@ pub(super) async fn read_request(
         _ => false,
     };
     if expect_continue && !too_large && !matches!(framing, Framing::Empty) {
-        wr.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+        send(s, b"HTTP/1.1 100 Continue\r\n\r\n").await?;
     }
     let (body, consumed) = match framing {
         Framing::Empty => (Ok(Bytes::new()), true),
@@ -89,13 +87,13 @@ pub(super) async fn read_request(
                 buf.reserve((n - buf.len()).min(64 << 10));
             }
             while buf.len() < n {
-                if fill(rd, buf).await? == 0 {
+                if fill(s, buf).await? == 0 {
                     return Err(ReadError::Io);
                 }
             }
             (Ok(buf.split_to(n).freeze()), true)
         }
-        Framing::Chunked => match read_chunked(rd, buf).await? {
+        Framing::Chunked => match read_chunked(s, buf).await? {
             Ok((b, intact)) => (Ok(b), intact),
             Err(e) => (Err(e), false),
         },

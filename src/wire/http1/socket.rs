@@ -1,13 +1,15 @@
-//! Bytes off the socket: filling the read buffer with what is ready, and why no request
+//! Bytes off the connection (TCP or TLS, see [`Transport`]): filling the read buffer with what is ready, and why no request
 //! could be read.
 
 use std::io;
 
 use bytes::BytesMut;
+use futures::FutureExt;
 use http::StatusCode;
-use tokio::net::tcp::ReadHalf;
+use tokio::io::AsyncReadExt;
 
 use super::READ_CHUNK;
+use crate::wire::transport::{readable, Transport};
 
 /// Why no request could be read.
 pub(super) enum ReadError {
@@ -27,16 +29,16 @@ impl From<io::Error> for ReadError {
 
 /// Reads bytes that are ready into `buf` (growing it by at least `READ_CHUNK`), waiting for
 /// the socket if none are. `Ok(0)` is the end of the stream.
-pub(super) async fn fill(rd: &mut ReadHalf<'_>, buf: &mut BytesMut) -> io::Result<usize> {
-    if buf.capacity() - buf.len() < READ_CHUNK / 2 {
-        buf.reserve(READ_CHUNK);
-    }
+pub(super) async fn fill<S: Transport>(s: &mut S, buf: &mut BytesMut) -> io::Result<usize> {
     loop {
-        rd.readable().await?;
-        match rd.try_read_buf(buf) {
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+        readable(s).await?;
+        if buf.capacity() - buf.len() < READ_CHUNK / 2 {
+            buf.reserve(READ_CHUNK);
+        }
+        // One read attempt; `None`: nothing after all (a spurious wake-up, or TLS bytes that
+        // completed no record yet), so wait again.
+        if let Some(r) = s.read_buf(buf).now_or_never() {
+            return r;
         }
     }
 }

@@ -10,11 +10,11 @@ use futures::FutureExt;
 use http::{HeaderMap, Response, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::parse::has_token;
-use super::MAX_HEAD;
+use super::{send, MAX_HEAD};
+use crate::wire::transport::{readable, Transport};
 
 /// How an answer's body is framed on the wire.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -41,9 +41,8 @@ pub(super) struct Asked {
 /// Writes `response`; while its body streams, watches the socket so that a client leaving
 /// ends the answer (and the watch behind it) at once. Bytes of a pipelined next request that
 /// arrive meanwhile are kept in `buf`. `Ok(true)`: the connection can serve another request.
-pub(super) async fn write_response(
-    rd: &mut ReadHalf<'_>,
-    wr: &mut WriteHalf<'_>,
+pub(super) async fn write_response<S: Transport>(
+    s: &mut S,
     buf: &mut BytesMut,
     response: Response<tonic::body::Body>,
     asked: Asked,
@@ -108,7 +107,7 @@ pub(super) async fn write_response(
     }
     head.extend_from_slice(b"\r\n");
     if out == Out::None || asked.head_only {
-        wr.write_all(&head).await?;
+        send(s, &head).await?;
         return Ok(keep_alive);
     }
     // Bytes waiting to be written, the head first (so a unary answer is one write). Frames
@@ -117,19 +116,17 @@ pub(super) async fn write_response(
     let mut pending = head;
     let mut trailers: Option<HeaderMap> = None;
     let mut reading = true;
-    let mut readable = std::pin::pin!(rd.readable());
     loop {
         let frame = if pending.is_empty() {
             tokio::select! {
                 biased;
                 f = body.frame() => f,
-                r = &mut readable, if reading => {
+                r = readable(&*s), if reading => {
                     r?;
-                    if !keep_pipelined(rd, buf)? {
+                    if !keep_pipelined(s, buf)? {
                         return Err(io::ErrorKind::ConnectionAborted.into());
                     }
                     reading = buf.len() < MAX_HEAD;
-                    readable.set(rd.readable());
                     continue;
                 }
             }
@@ -137,7 +134,7 @@ pub(super) async fn write_response(
             match body.frame().now_or_never() {
                 Some(f) => f,
                 None => {
-                    wr.write_all(&std::mem::take(&mut pending)).await?;
+                    send(s, &std::mem::take(&mut pending)).await?;
                     continue;
                 }
             }
@@ -147,7 +144,7 @@ pub(super) async fn write_response(
             Some(Err(e)) => {
                 // The answer cannot be completed; the connection cannot be reused either.
                 tracing::debug!(error = %e, "answer body failed");
-                wr.write_all(&pending).await?;
+                send(s, &pending).await?;
                 return Err(io::ErrorKind::Other.into());
             }
             Some(Ok(f)) => match f.into_data() {
@@ -169,7 +166,7 @@ pub(super) async fn write_response(
             let size = chunked.then(|| format!("{:x}\r\n", data.len()));
             let size = size.as_deref().unwrap_or("").as_bytes();
             let crlf: &[u8] = if chunked { b"\r\n" } else { b"" };
-            write_all(wr, &[&pending, size, &data, crlf]).await?;
+            write_all(s, &[&pending, size, &data, crlf]).await?;
             pending = Vec::new();
             continue;
         }
@@ -181,7 +178,7 @@ pub(super) async fn write_response(
             pending.extend_from_slice(&data);
         }
         if pending.len() >= LARGE_FRAME {
-            wr.write_all(&std::mem::take(&mut pending)).await?;
+            send(s, &std::mem::take(&mut pending)).await?;
         }
     }
     if out == Out::Chunked {
@@ -192,7 +189,7 @@ pub(super) async fn write_response(
         pending.extend_from_slice(b"\r\n");
     }
     if !pending.is_empty() {
-        wr.write_all(&pending).await?;
+        send(s, &pending).await?;
     }
     Ok(keep_alive)
 }
@@ -219,16 +216,16 @@ pub(super) fn write_chunk_size(out: &mut Vec<u8>, n: usize) {
 }
 
 /// Reads what the client sent while an answer streams. `Ok(false)`: the client closed.
-pub(super) fn keep_pipelined(rd: &ReadHalf<'_>, buf: &mut BytesMut) -> io::Result<bool> {
+pub(super) fn keep_pipelined<S: Transport>(s: &mut S, buf: &mut BytesMut) -> io::Result<bool> {
     let mut scratch = [0u8; 1024];
-    match rd.try_read(&mut scratch) {
-        Ok(0) => Ok(false),
-        Ok(n) => {
+    match s.read(&mut scratch).now_or_never() {
+        Some(Ok(0)) => Ok(false),
+        Some(Ok(n)) => {
             buf.extend_from_slice(&scratch[..n]);
             Ok(true)
         }
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(true),
-        Err(e) => Err(e),
+        None => Ok(true),
+        Some(Err(e)) => Err(e),
     }
 }
 
@@ -245,7 +242,7 @@ pub(super) fn write_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
 }
 
 /// Writes every slice (at most four), in as few system calls as the socket allows.
-pub(super) async fn write_all(wr: &mut WriteHalf<'_>, parts: &[&[u8]]) -> io::Result<()> {
+pub(super) async fn write_all<S: Transport>(s: &mut S, parts: &[&[u8]]) -> io::Result<()> {
     let mut slices = [IoSlice::new(&[]); 4];
     let mut n = 0;
     for p in parts.iter().filter(|p| !p.is_empty()).take(slices.len()) {
@@ -254,11 +251,11 @@ pub(super) async fn write_all(wr: &mut WriteHalf<'_>, parts: &[&[u8]]) -> io::Re
     }
     let mut rest = &mut slices[..n];
     while !rest.is_empty() {
-        let n = wr.write_vectored(rest).await?;
+        let n = s.write_vectored(rest).await?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
         IoSlice::advance_slices(&mut rest, n);
     }
-    Ok(())
+    s.flush().await
 }

@@ -54,7 +54,7 @@ impl Cluster {
             let peer_port = free_port();
             members.push(Member {
                 name: format!("m{i}"),
-                url: format!("http://127.0.0.1:{port}"),
+                url: super::tls::url(port),
                 port,
                 peer_port,
                 dir: tempfile::tempdir().expect("tempdir"),
@@ -103,6 +103,11 @@ impl Cluster {
             .args(["--initial-cluster-state", "new"])
             // Quick elections on loopback; well above the loopback round trip.
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .args(if super::tls::enabled() {
+                super::tls::etcd_flags()
+            } else {
+                Vec::new()
+            })
             .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))

@@ -115,7 +115,7 @@ impl Relay {
             .expect("relay thread");
         Relay {
             port,
-            url: format!("http://127.0.0.1:{port}"),
+            url: super::tls::url(port),
             ctl,
             next_id,
             stats,

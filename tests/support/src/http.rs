@@ -8,8 +8,10 @@
 //! (`tests/gateway_wire.rs`).
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
 use std::time::Duration;
+
+use crate::tls::{self, Stream};
 
 /// Default bound of one blocking read.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(20);
@@ -63,7 +65,7 @@ fn request_bytes(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]
 
 /// A connection reading an answer incrementally.
 pub struct Conn {
-    sock: TcpStream,
+    sock: Stream,
     buf: Vec<u8>,
     /// Status of the answer (after [`Conn::read_head`]).
     pub status: u16,
@@ -84,9 +86,9 @@ impl Conn {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> Result<Conn, String> {
-        let mut sock = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-        sock.set_read_timeout(Some(READ_TIMEOUT)).ok();
-        sock.set_nodelay(true).ok();
+        let mut sock = tls::connect(port).map_err(|e| e.to_string())?;
+        sock.tcp().set_read_timeout(Some(READ_TIMEOUT)).ok();
+        sock.tcp().set_nodelay(true).ok();
         sock.write_all(&request_bytes(method, path, headers, body))
             .map_err(|e| e.to_string())?;
         Ok(Conn {
@@ -102,7 +104,7 @@ impl Conn {
 
     /// Sets the bound of each following read.
     pub fn set_timeout(&self, t: Duration) {
-        self.sock.set_read_timeout(Some(t)).ok();
+        self.sock.tcp().set_read_timeout(Some(t)).ok();
     }
 
     fn fill(&mut self) -> Result<usize, String> {
@@ -223,7 +225,7 @@ impl Conn {
 
     /// Closes both directions (the client "vanishes").
     pub fn close(self) {
-        let _ = self.sock.shutdown(Shutdown::Both);
+        let _ = self.sock.tcp().shutdown(Shutdown::Both);
     }
 }
 

@@ -15,6 +15,7 @@
 //! | [`watchers`] | load: writers and many watch streams recorded for the checker |
 //! | [`cluster`] | a multi-member etcd cluster for the fault tests |
 //! | [`fault`] | fault injection: a controllable TCP relay, process helpers |
+//! | [`tls`] | TLS mode (`ETCD_FANOUT_TEST_TLS=1`): certificates, TLS flags, TLS client connections |
 //! | [`auth`] | etcd with auth on: users and roles by `etcdctl`, tokens, unready proxies |
 
 use std::net::TcpListener;
@@ -67,7 +68,7 @@ impl Etcd {
         let peer_port = free_port();
         let mut e = Etcd {
             child: None,
-            url: format!("http://127.0.0.1:{port}"),
+            url: tls::url(port),
             port,
             peer_port,
             dir,
@@ -100,6 +101,11 @@ impl Etcd {
             .arg(&peer)
             .arg("--initial-cluster")
             .arg(format!("t={peer}"))
+            .args(if tls::enabled() {
+                tls::etcd_flags()
+            } else {
+                Vec::new()
+            })
             .args(&self.extra)
             .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH)
             .stdin(Stdio::null())
@@ -223,10 +229,30 @@ impl Proxy {
             args.push("--prefix".into());
             args.push(p.to_string());
         }
+        // TLS mode: the harness's certificates, unless the caller gives its own.
+        let given = |flag: &str| extra.iter().any(|a| a.starts_with(flag));
+        if tls::enabled() {
+            if endpoints.starts_with("https://")
+                && !given("--cacert")
+                && !given("--insecure-skip-tls-verify")
+            {
+                args.extend(tls::proxy_upstream_flags());
+            }
+            if !given("--cert-file") {
+                args.extend(tls::proxy_listen_flags());
+            }
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
+        if given("--cert-file") {
+            tls::mark_tls_port(port);
+        }
         let mut p = Proxy {
             child: None,
-            url: format!("http://127.0.0.1:{port}"),
+            url: if tls::is_tls_port(port) {
+                format!("https://127.0.0.1:{port}")
+            } else {
+                tls::url(port)
+            },
             port,
             dir: tempfile::tempdir().expect("tempdir"),
             args,
@@ -262,6 +288,11 @@ impl Proxy {
         std::fs::read_to_string(self.dir.path().join("proxy.log")).unwrap_or_default()
     }
 
+    /// PID of the running proxy.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// SIGKILLs the proxy.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -295,13 +326,16 @@ impl Drop for Proxy {
     }
 }
 
-/// Connects a tonic channel (no TLS) to `url`.
+/// Connects a tonic channel to `url` (over TLS with the CN-less client certificate for
+/// `https://` URLs).
 pub async fn channel(url: &str) -> Channel {
-    Channel::from_shared(url.to_string())
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect")
+    let mut ep = Channel::from_shared(url.to_string()).expect("url");
+    if url.starts_with("https://") {
+        ep = ep
+            .tls_config(tls::tonic_tls(&tls::certs().client))
+            .expect("tls config");
+    }
+    ep.connect().await.expect("connect")
 }
 
 /// KV, Watch and Lease clients on one channel.
@@ -362,4 +396,5 @@ pub mod diff;
 pub mod fault;
 pub mod gateway;
 pub mod http;
+pub mod tls;
 pub mod watchers;

@@ -57,7 +57,7 @@ impl Cluster {
                 url: super::tls::url(port),
                 port,
                 peer_port,
-                dir: tempfile::tempdir().expect("tempdir"),
+                dir: crate::etcd_data_dir(),
                 child: None,
             });
         }

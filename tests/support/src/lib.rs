@@ -63,7 +63,7 @@ impl Etcd {
 
     /// Like [`Etcd::start`] with extra command line flags.
     pub fn start_with(extra: &[&str]) -> Etcd {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = etcd_data_dir();
         let port = free_port();
         let peer_port = free_port();
         let mut e = Etcd {
@@ -398,3 +398,20 @@ pub mod gateway;
 pub mod http;
 pub mod tls;
 pub mod watchers;
+
+/// A temporary directory for an etcd member's data and log. On tmpfs (`/dev/shm`) when the
+/// machine has one, so that etcd's fsyncs do not wait behind the disk traffic of parallel
+/// builds: tests measure the proxy, not the disk. `ETCD_FANOUT_TEST_DATA_ON_DISK=1` keeps
+/// the data on the default temp dir.
+pub fn etcd_data_dir() -> tempfile::TempDir {
+    let shm = std::path::Path::new("/dev/shm");
+    if std::env::var_os("ETCD_FANOUT_TEST_DATA_ON_DISK").is_none() && shm.is_dir() {
+        if let Ok(dir) = tempfile::Builder::new()
+            .prefix("etcd-fanout-test")
+            .tempdir_in(shm)
+        {
+            return dir;
+        }
+    }
+    tempfile::tempdir().expect("tempdir")
+}

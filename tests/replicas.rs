@@ -15,7 +15,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use etcd_fanout::proto::etcdserverpb::{kv_client::KvClient, PutRequest};
+use etcd_fanout::proto::etcdserverpb::{
+    kv_client::KvClient, watch_client::WatchClient, watch_request::RequestUnion, PutRequest,
+    WatchCreateRequest, WatchRequest, WatchResponse,
+};
 use testkit::fault::Relay;
 use testkit::gateway::b64;
 use testkit::http::{request, Conn};
@@ -253,5 +256,182 @@ fn round_robin_client_never_sees_a_revision_go_back() {
             cl.events, written,
             "every revision of the prefix exactly once, in order"
         );
+    });
+}
+
+/// One watch's responses, checked as a client that resumes from headers (APISIX) relies on
+/// them: after `created`, headers never go down nor below `created`'s, no response carries
+/// an event at or below a header an earlier (non-`created`) response showed, every event is
+/// at or below its own response's header, and the events are exactly etcd's revisions of the
+/// prefix from the watch's start, in order. Returns the violations.
+fn check_watch(name: &str, responses: &[WatchResponse], start: i64, want: &[i64]) -> Vec<String> {
+    let mut bad = Vec::new();
+    let Some(first) = responses.first() else {
+        return vec![format!("{name}: no response")];
+    };
+    if !first.created {
+        bad.push(format!("{name}: first response not created: {first:?}"));
+    }
+    let created = first.header.map_or(0, |h| h.revision);
+    let mut shown = 0;
+    let mut got = Vec::new();
+    for (i, r) in responses.iter().enumerate().skip(1) {
+        let header = r.header.map_or(0, |h| h.revision);
+        if header < created || header < shown {
+            bad.push(format!(
+                "{name}: response {i} header {header} below created {created} / earlier {shown}"
+            ));
+        }
+        for ev in &r.events {
+            let rev = ev.kv.as_ref().map_or(0, |kv| kv.mod_revision);
+            if rev <= shown {
+                bad.push(format!(
+                    "{name}: response {i} event at {rev} after a header at {shown} (revision again)"
+                ));
+            }
+            if rev > header {
+                bad.push(format!(
+                    "{name}: response {i} event at {rev} above its header {header}"
+                ));
+            }
+            if got.last() != Some(&rev) {
+                got.push(rev);
+            }
+        }
+        shown = shown.max(header);
+    }
+    let want: Vec<i64> = want.iter().copied().filter(|r| *r >= start).collect();
+    if got != want {
+        bad.push(format!("{name}: events at {got:?}, etcd has {want:?}"));
+    }
+    bad
+}
+
+/// A cached watch's `created` carries etcd's current revision, which can be ahead of the
+/// cache: its next responses must wait for the cache to get there, or a response would carry
+/// that header before the events up to it ("revision N again" for a client resuming from the
+/// header). Reproduced deterministically: the proxy has two etcd endpoints (relays), the one
+/// carrying its upstream watch is stalled while etcd is written directly, so the proxy learns
+/// etcd's revision through the other endpoint (sync checks, the compaction poll) while its
+/// cache stays behind; watches from a past revision are created then. The same watches made on
+/// etcd directly are checked the same way (the oracle).
+#[test]
+fn responses_after_created_wait_for_the_cache() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let prefix = "/hw/";
+        let etcd = Etcd::start();
+        let mut kv = KvClient::new(testkit::channel(&etcd.url).await);
+        let mut put = async |i: usize| {
+            kv.put(PutRequest {
+                key: Bytes::from(format!("/hw/k{}", i % 7)),
+                value: Bytes::from(vec![b'v'; 20_000]),
+                ..Default::default()
+            })
+            .await
+            .expect("put")
+            .into_inner()
+            .header
+            .map_or(0, |h| h.revision)
+        };
+        let base = put(0).await;
+        let (r1, r2) = (Relay::start(etcd.port), Relay::start(etcd.port));
+        let endpoints = format!("{},{}", r1.url, r2.url);
+        let proxy = Proxy::start_with(&endpoints, &[prefix], &["--sync-timeout", "500ms"]);
+        // Which relay carries the upstream watch: the one the events flow through.
+        let down = |r: &Relay| r.stats.down_bytes.load(Ordering::Relaxed);
+        let (d1, d2) = (down(&r1), down(&r2));
+        let mut revs = vec![base];
+        for i in 1..=20 {
+            revs.push(put(i).await);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (g1, g2) = (down(&r1) - d1, down(&r2) - d2);
+        assert!(
+            g1.max(g2) > 400_000,
+            "no relay carried the events ({g1}, {g2})"
+        );
+        let watch_relay = if g1 > g2 { &r1 } else { &r2 };
+
+        watch_relay.stall();
+        for i in 21..=30 {
+            revs.push(put(i).await);
+        }
+        // The proxy learns etcd's revision through the other endpoint (its compaction poll
+        // runs every second).
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let start = revs[5];
+        let open = |url: String, name: String| async move {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let _ = tx.send(WatchRequest {
+                request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                    key: Bytes::from_static(b"/hw/"),
+                    range_end: range_end("/hw/"),
+                    start_revision: start,
+                    ..Default::default()
+                })),
+            });
+            let mut w = WatchClient::new(testkit::channel(&url).await);
+            let mut stream = w
+                .watch(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+                .await
+                .expect("watch")
+                .into_inner();
+            tokio::spawn(async move {
+                let _tx = tx;
+                let mut got: Vec<WatchResponse> = Vec::new();
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                let mut last = 0;
+                while tokio::time::Instant::now() < deadline {
+                    let fin = FINAL.load(Ordering::Acquire);
+                    if fin > 0 && last >= fin {
+                        break;
+                    }
+                    match tokio::time::timeout(Duration::from_millis(200), stream.message()).await {
+                        Ok(Ok(Some(r))) => {
+                            last = r
+                                .events
+                                .iter()
+                                .filter_map(|e| e.kv.as_ref().map(|kv| kv.mod_revision))
+                                .fold(last, i64::max);
+                            got.push(r);
+                        }
+                        Ok(_) => break,
+                        Err(_) => {}
+                    }
+                }
+                (name, got)
+            })
+        };
+        static FINAL: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(-1);
+        let mut watchers = Vec::new();
+        for i in 0..6 {
+            watchers.push(open(proxy.url.clone(), format!("proxy watch {i}")).await);
+        }
+        watchers.push(open(etcd.url.clone(), "etcd watch".to_string()).await);
+        for i in 31..=40 {
+            revs.push(put(i).await);
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        watch_relay.pass();
+        for i in 41..=50 {
+            revs.push(put(i).await);
+        }
+        FINAL.store(*revs.last().unwrap_or(&0), Ordering::Release);
+        let mut bad = Vec::new();
+        for w in watchers {
+            let (name, got) = w.await.expect("watcher");
+            bad.extend(check_watch(&name, &got, start, &revs));
+        }
+        assert!(
+            bad.is_empty(),
+            "watch responses after created:\n{}",
+            bad.join("\n")
+        );
+        drop(proxy);
     });
 }

@@ -123,7 +123,8 @@ impl Inbox {
         self.wake.notified().await;
     }
 
-    fn wake(&self) {
+    /// Wakes the session (a permit is kept if it is not waiting).
+    pub fn wake(&self) {
         self.wake.notify_one();
     }
 }
@@ -353,6 +354,33 @@ impl Index {
         self.dispatched.fetch_max(head, Ordering::AcqRel);
         for inbox in woken {
             inbox.wake();
+        }
+    }
+
+    /// Appends to `out` the notes dispatch left for `batches` under the tags `holds` accepts:
+    /// what a session whose inbox overflowed was not told, rebuilt from the history (work per
+    /// revision as at dispatch, whatever the number of the session's watches).
+    pub fn notes_for(
+        &self,
+        batches: &[Arc<RevBatch>],
+        holds: impl Fn(u64) -> bool,
+        out: &mut Vec<Note>,
+    ) {
+        let inner = self.lock();
+        let mut tags = Vec::new();
+        for batch in batches {
+            tags.clear();
+            for ev in &batch.events {
+                if let Some(kv) = &ev.kv {
+                    inner.matching(&kv.key, &mut tags);
+                }
+            }
+            tags.sort_unstable();
+            tags.dedup();
+            out.extend(tags.iter().filter(|t| holds(**t)).map(|&tag| Note::Events {
+                tag,
+                revision: batch.revision,
+            }));
         }
     }
 

@@ -243,6 +243,26 @@ fn h2_request(
     }
 }
 
+/// HTTP/2 receive window of each stream: how much a client may send that the proxy has not
+/// read yet, per stream.
+///
+/// h2 also keeps a budget for the framing overhead of small DATA frames received and not yet
+/// read (each frame of `p` < 256 bytes costs `256 - p`; half the connection window) and ends
+/// the connection with GOAWAY `ENHANCE_YOUR_CALM` ("too_many_data_frames") when it runs out.
+/// A watch session reads its requests as they arrive (`serve/watch/session.rs`) and stops
+/// reading only when 4 MiB of them wait to be handled: then flow control must stop the client
+/// before the budget does. One message per DATA frame (what grpc-go and tonic send) is at
+/// least 10 bytes for a create, so a stopped stream holds at most `STREAM_WINDOW / 10 * 246`
+/// bytes of overhead (12.6 MiB), within the budget of [`CONNECTION_WINDOW`] (16 MiB): one
+/// flooding stream is held back, not cut off. What still ends a connection: frames of a few
+/// bytes (a message cut into pieces), or several streams flooding at once without reading
+/// their answers, and h2's other limits (empty DATA frames, resets, header floods) as they are.
+const STREAM_WINDOW: u32 = 512 << 10;
+
+/// HTTP/2 receive window of a connection (all its streams): see [`STREAM_WINDOW`]; h2's
+/// small-frame budget is half of it.
+const CONNECTION_WINDOW: u32 = 32 << 20;
+
 /// Accepts connections (TLS ones when `tls` is given) until `shutdown` turns true, then stops
 /// accepting and lets open connections finish gracefully for at most `drain`.
 pub async fn serve(
@@ -255,8 +275,8 @@ pub async fn serve(
     let routes = grpc::routes(&services);
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.max_concurrent_streams(u32::MAX)
-        .initial_stream_window_size(1 << 20)
-        .initial_connection_window_size(8 << 20)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10))
         .timer(TokioTimer::new());

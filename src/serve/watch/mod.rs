@@ -21,9 +21,8 @@ pub mod watcher;
 
 use std::sync::Arc;
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
@@ -50,12 +49,32 @@ pub const SESSION_RESUME_BYTES: usize = 64 << 10;
 /// etcd's `clientv3.InvalidWatchID`.
 pub const INVALID_WATCH_ID: i64 = -1;
 
+/// What a session's queue carries: one reply, or several queued together (a burst of
+/// `created` answers) so that the encoder writes them into one buffer, not one DATA frame
+/// each.
+#[derive(Debug)]
+pub enum Parcel {
+    /// One reply.
+    One(Reply),
+    /// Replies in order.
+    Many(Vec<Reply>),
+}
+
+impl Parcel {
+    fn queued_bytes(&self) -> usize {
+        match self {
+            Parcel::One(r) => r.queued_bytes(),
+            Parcel::Many(v) => v.iter().map(Reply::queued_bytes).sum(),
+        }
+    }
+}
+
 /// The sending half every watch of a session writes its responses to, counting the bytes
 /// queued for the client (see [`SESSION_BUDGET_BYTES`]).
 #[derive(Debug, Clone)]
 pub struct Out {
     /// The session's queue.
-    tx: mpsc::Sender<Reply>,
+    tx: mpsc::Sender<Parcel>,
     /// Bytes queued, shared with the receiving end.
     queued: Arc<Queued>,
 }
@@ -84,8 +103,8 @@ impl Queued {
 }
 
 impl Out {
-    /// A queue of `replies` replies at most and its receiving end.
-    pub fn channel(replies: usize) -> (Out, mpsc::Receiver<Reply>, Arc<Queued>) {
+    /// A queue of `replies` parcels at most and its receiving end.
+    pub fn channel(replies: usize) -> (Out, mpsc::Receiver<Parcel>, Arc<Queued>) {
         let (tx, rx) = mpsc::channel(replies);
         let queued = Arc::new(Queued::default());
         (
@@ -100,11 +119,34 @@ impl Out {
 
     /// Queues `reply`; `Err` when the client is gone.
     pub async fn send(&self, reply: Reply) -> Result<(), ()> {
-        let n = reply.queued_bytes();
+        self.send_parcel(Parcel::One(reply)).await
+    }
+
+    /// Queues `replies` together, once the queue is within the session's byte budget (a
+    /// client that does not read them holds the sender back); `Err` when the client is gone.
+    pub async fn send_many(&self, mut replies: Vec<Reply>) -> Result<(), ()> {
+        if self.over_budget() {
+            tokio::select! {
+                _ = self.drained() => {}
+                _ = self.closed() => return Err(()),
+            }
+        }
+        match replies.len() {
+            0 => Ok(()),
+            1 => match replies.pop() {
+                Some(r) => self.send(r).await,
+                None => Ok(()),
+            },
+            _ => self.send_parcel(Parcel::Many(replies)).await,
+        }
+    }
+
+    async fn send_parcel(&self, parcel: Parcel) -> Result<(), ()> {
+        let n = parcel.queued_bytes();
         self.queued
             .bytes
             .fetch_add(n, std::sync::atomic::Ordering::AcqRel);
-        if self.tx.send(reply).await.is_err() {
+        if self.tx.send(parcel).await.is_err() {
             self.queued.taken(n);
             return Err(());
         }
@@ -172,9 +214,49 @@ impl WatchService {
         let (tx, rx, queued) = Out::channel(SESSION_BUFFER);
         let session = Session::new(self.hub.clone(), self.access.clone(), metadata, tx);
         self.hub.tasks.spawn(session.run(requests));
-        Box::pin(ReceiverStream::new(rx).map(move |r| {
-            queued.taken(r.queued_bytes());
-            Reply::into_item(r)
-        }))
+        Box::pin(Replies {
+            rx,
+            queued,
+            parcel: Vec::new().into_iter(),
+        })
+    }
+}
+
+/// A session's responses as a stream: parcels taken from its queue (their bytes leave the
+/// budget) and unpacked in order. Every reply of a parcel is ready at once, so the encoder
+/// writes them into one buffer.
+struct Replies {
+    /// The session's queue.
+    rx: mpsc::Receiver<Parcel>,
+    /// Its byte count.
+    queued: Arc<Queued>,
+    /// What is left of the parcel being unpacked.
+    parcel: std::vec::IntoIter<Reply>,
+}
+
+impl Stream for Replies {
+    type Item = Result<Reply, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        loop {
+            if let Some(r) = self.parcel.next() {
+                return Poll::Ready(Some(r.into_item()));
+            }
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(p)) => {
+                    self.queued.taken(p.queued_bytes());
+                    match p {
+                        Parcel::One(r) => return Poll::Ready(Some(r.into_item())),
+                        Parcel::Many(v) => self.parcel = v.into_iter(),
+                    }
+                }
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }

@@ -21,8 +21,10 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::{FutureExt, Stream, StreamExt};
-use tokio::sync::mpsc;
+use std::time::Instant;
+
+use futures::{Stream, StreamExt};
+use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 use tonic::metadata::MetadataMap;
 use tonic::Status;
@@ -47,6 +49,10 @@ use crate::source::upstream::requires_leader;
 /// A catch-up task's result: (watch id, generation, and the revision to resume at with the
 /// highest header sent so far, or `None` if the watch ended).
 type Handoff = (i64, u64, Option<(i64, i64)>);
+
+/// A feed and the watches held on it until its cache is complete up to a revision:
+/// (revision, watch id).
+type Held = (Arc<Feed>, BTreeSet<(i64, i64)>);
 
 /// One watch id on the stream.
 enum Entry {
@@ -133,6 +139,25 @@ pub(super) struct Session {
     /// Progress ticker, created with the first watch that asks for progress notifications
     /// (etcd has one per stream too).
     progress: Option<Pin<Box<tokio::time::Interval>>>,
+    /// Cached watches held until their feed's cache is complete up to the header they have
+    /// shown (a `created` at etcd's revision, ahead of the cache), by feed: (revision, id).
+    /// Nothing is sent for them meanwhile, so no response carries a header above what the
+    /// events sent so far imply.
+    held: HashMap<usize, Held>,
+    /// Plain responses (created, canceled, progress) not queued yet: queued together as one
+    /// parcel, so a burst of creates is written in a few large DATA frames, not one each.
+    staged: Vec<Reply>,
+}
+
+/// What the request reader hands the session.
+enum Incoming {
+    /// A request, when it was received, and the bytes it counts (see
+    /// [`MAX_QUEUED_REQUEST_BYTES`]).
+    Request(WatchRequest, Instant, usize),
+    /// An undecodable request: the stream ends with etcd's error.
+    Failed(Status),
+    /// The client closed its request stream.
+    End,
 }
 
 impl Session {
@@ -159,73 +184,76 @@ impl Session {
             handoffs: None,
             generation: 0,
             progress: None,
+            held: HashMap::new(),
+            staged: Vec::new(),
         }
     }
 
     /// Serves the stream until the client leaves, sends a bad request, or the proxy stops.
-    pub(super) async fn run<S>(mut self, mut requests: S)
+    pub(super) async fn run<S>(mut self, requests: S)
     where
         S: Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
     {
         metrics::WATCH_STREAMS.inc();
         let mut shutdown = self.hub.shutdown_signal();
+        // The request reader: takes requests off the stream as they arrive, whatever the
+        // session is waiting for (HTTP/2 counts unread small DATA frames against a budget and
+        // ends the connection with ENHANCE_YOUR_CALM when it runs out), up to
+        // MAX_QUEUED_REQUEST_BYTES not handled yet; beyond that it stops reading and HTTP/2
+        // flow control holds the client back.
+        let room = Arc::new(Semaphore::new(MAX_QUEUED_REQUEST_BYTES));
+        let (tx, mut incoming) = mpsc::unbounded_channel();
+        let reader = self
+            .hub
+            .tasks
+            .spawn(read_requests(requests, tx, room.clone()));
         let mut requests_open = true;
-        // Requests received and not handled yet, with their encoded bytes (see
-        // `MAX_QUEUED_REQUEST_BYTES`).
-        let mut queued: VecDeque<Result<WatchRequest, Status>> = VecDeque::new();
-        let mut queued_bytes = 0usize;
         loop {
-            // Take every request already received: HTTP/2 keeps unread small DATA frames
-            // against a budget (half the connection window) and ends the connection with
-            // ENHANCE_YOUR_CALM when a client outpaces the session; read promptly, the frames
-            // are released as they arrive and only this bounded queue waits.
-            while requests_open && queued_bytes < MAX_QUEUED_REQUEST_BYTES {
-                match requests.next().now_or_never() {
-                    Some(Some(req)) => {
-                        queued_bytes += request_bytes(&req);
-                        queued.push_back(req);
-                    }
-                    Some(None) => requests_open = false,
-                    None => break,
-                }
-            }
             tokio::select! {
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
                     // End the stream so the client reconnects (to another replica).
                     let status = Status::from(Error::Stopped);
-                    let _ = self.out.send(Reply::Error(Box::new(status))).await;
+                    let _ = self.end(status).await;
                     break;
                 }
-                _ = std::future::ready(()), if !queued.is_empty() => {
-                    let Some(req) = queued.pop_front() else { continue };
-                    queued_bytes -= request_bytes(&req);
-                    match req {
-                        Ok(req) => {
-                            if self.handle(req).await.is_err() {
-                                break;
+                item = incoming.recv(), if requests_open => {
+                    // This request and every one already received, then their answers go out
+                    // together.
+                    let mut item = item;
+                    let mut handled = 0;
+                    let stop = loop {
+                        match item {
+                            None | Some(Incoming::End) => {
+                                // Request stream closed: keep serving until the client leaves.
+                                requests_open = false;
+                                break false;
+                            }
+                            // An undecodable request ends the stream with etcd's error.
+                            Some(Incoming::Failed(status)) => {
+                                let _ = self.end(status).await;
+                                break true;
+                            }
+                            Some(Incoming::Request(req, received, cost)) => {
+                                let r = self.handle(req, received).await;
+                                room.add_permits(cost);
+                                if r.is_err() {
+                                    break true;
+                                }
                             }
                         }
-                        // An undecodable request ends the stream with etcd's error.
-                        Err(status) => {
-                            let _ = self.out.send(Reply::Error(Box::new(status))).await;
-                            break;
+                        handled += 1;
+                        if handled >= REQUESTS_PER_TURN {
+                            break false;
                         }
-                    }
-                }
-                req = requests.next(), if requests_open && queued.is_empty() => match req {
-                    Some(Ok(req)) => {
-                        if self.handle(req).await.is_err() {
-                            break;
+                        match incoming.try_recv() {
+                            Ok(next) => item = Some(next),
+                            Err(_) => break false,
                         }
-                    }
-                    // An undecodable request ends the stream with etcd's error.
-                    Some(Err(status)) => {
-                        let _ = self.out.send(Reply::Error(Box::new(status))).await;
+                    };
+                    if stop || self.flush().await.is_err() {
                         break;
                     }
-                    // Request stream closed: keep serving until the client leaves.
-                    None => requests_open = false,
-                },
+                }
                 _ = self.inbox.wait(), if !self.parked => {
                     if self.drain().await.is_err() {
                         break;
@@ -251,11 +279,15 @@ impl Session {
                 _ = self.out.closed() => break,
             }
         }
+        reader.abort();
         for entry in self.watches.values() {
             entry.stop();
         }
         for (tag, u) in self.shapes.drain() {
             u.feed.index().release(tag, &self.inbox);
+        }
+        for (feed, _) in self.held.values() {
+            feed.forget_waiter(&self.inbox);
         }
         if self.parked {
             metrics::SESSIONS_PARKED.dec();
@@ -264,9 +296,9 @@ impl Session {
     }
 
     /// Handles one request; `Err` when the client is gone.
-    async fn handle(&mut self, req: WatchRequest) -> Result<(), ()> {
+    async fn handle(&mut self, req: WatchRequest, received: Instant) -> Result<(), ()> {
         match req.request_union {
-            Some(RequestUnion::CreateRequest(c)) => self.create(c).await,
+            Some(RequestUnion::CreateRequest(c)) => self.create(c, received).await,
             Some(RequestUnion::CancelRequest(c)) => {
                 // etcd 3.4 ignores a cancel for an unknown id.
                 let Some(entry) = self.watches.remove(&c.watch_id) else {
@@ -296,11 +328,32 @@ impl Session {
         }
     }
 
-    async fn send(&self, resp: WatchResponse) -> Result<(), ()> {
-        self.out.send(Reply::msg(resp)).await.map_err(|_| ())
+    /// Stages a plain response; queued with the next [`Session::flush`] (at the latest when
+    /// the requests received so far are handled).
+    async fn send(&mut self, resp: WatchResponse) -> Result<(), ()> {
+        self.staged.push(Reply::msg(resp));
+        if self.staged.len() >= STAGED_REPLIES {
+            return self.flush().await;
+        }
+        Ok(())
     }
 
-    async fn create(&mut self, mut c: WatchCreateRequest) -> Result<(), ()> {
+    /// Queues the staged responses (before anything else is queued or handed to a task, so
+    /// responses keep their order).
+    async fn flush(&mut self) -> Result<(), ()> {
+        if self.staged.is_empty() {
+            return Ok(());
+        }
+        self.out.send_many(std::mem::take(&mut self.staged)).await
+    }
+
+    /// Ends the stream with `status` after what is staged.
+    async fn end(&mut self, status: Status) -> Result<(), ()> {
+        self.flush().await?;
+        self.out.send(Reply::Error(Box::new(status))).await
+    }
+
+    async fn create(&mut self, mut c: WatchCreateRequest, received: Instant) -> Result<(), ()> {
         if c.key.is_empty() {
             // etcd: "\x00 is the smallest key".
             c.key = bytes::Bytes::from_static(b"\0");
@@ -315,8 +368,7 @@ impl Session {
         {
             // As etcd ends a require-leader stream on a member without a leader (its
             // interceptor, ahead of the permission check).
-            let status = Status::from(Error::NoLeader);
-            let _ = self.out.send(Reply::Error(Box::new(status))).await;
+            let _ = self.end(Status::from(Error::NoLeader)).await;
             return Err(());
         }
         // etcd checks the caller's permission before anything else (range, id); the check
@@ -369,15 +421,21 @@ impl Session {
             request: Box::new(c),
         };
         let Some(feed) = feed else {
+            self.flush().await?;
             return self.create_relayed(spec).await;
         };
-        watcher::learn_revision(
+        if !feed.checked_since(received) {
+            // Waits for a round: what is answered so far goes out first.
+            self.flush().await?;
+        }
+        let learned = watcher::learn_revision(
             &feed,
             spec.request.start_revision,
+            received,
             self.hub.config.sync_timeout,
         )
         .await;
-        let created = watcher::created(&feed, &spec);
+        let created = watcher::created(&feed, &spec, learned);
         self.send(created.response.clone()).await?;
         let compacted = feed.compaction().revision();
         if created.start < compacted {
@@ -458,16 +516,26 @@ impl Session {
 
     /// Brings cached watch `id` up to its feed's head from the cache: its backlog batched as
     /// etcd batches an unsynced watch's, then (synced) one response per revision. Ends synced,
-    /// or handed to a catch-up when the cache no longer holds its next revision.
+    /// held, or handed to a catch-up when the cache no longer holds its next revision.
+    ///
+    /// A watch whose next revision is not above the highest header it has shown (a backlog
+    /// under a `created` at etcd's revision) is held until the cache is complete up to that
+    /// header: sent earlier, a response would carry that header with the events the cache has
+    /// so far, and the events between would follow under it ("revision N again" for a client
+    /// that resumes from a header, as APISIX does).
     async fn serve_backlog(&mut self, id: i64) -> Result<(), ()> {
         let config = self.hub.config.clone();
-        // A backlog goes out in one response up to the revision `created` reported (etcd's
-        // current revision, possibly just ahead of the cache): wait for the cache to get
-        // there, briefly, so the backlog is not split.
-        if let Some(Entry::Cached(w)) = self.watches.get(&id) {
-            if !w.synced && w.feed.head() < w.highest_header {
-                let (mut head, created) = (w.feed.subscribe(), w.highest_header);
-                let _ = tokio::time::timeout(BACKLOG_WAIT, head.wait_for(|h| *h >= created)).await;
+        if let Some(Entry::Cached(w)) = self.watches.get_mut(&id) {
+            let until = w.highest_header;
+            if w.next <= until && !w.feed.complete_or_wake(until, &self.inbox) {
+                w.synced = false;
+                let feed = w.feed.clone();
+                self.held
+                    .entry(Arc::as_ptr(&feed) as usize)
+                    .or_insert_with(|| (feed.clone(), BTreeSet::new()))
+                    .1
+                    .insert((until, id));
+                return Ok(());
             }
         }
         loop {
@@ -485,13 +553,48 @@ impl Session {
                     w.synced = true;
                     return Ok(());
                 }
-                Step::Send(batches, head) => w.deliver(batches, head, &self.out, &config).await?,
+                Step::Send(batches, head) => {
+                    if !self.staged.is_empty() {
+                        self.flush().await?;
+                    }
+                    let Some(Entry::Cached(w)) = self.watches.get_mut(&id) else {
+                        return Ok(());
+                    };
+                    w.deliver(batches, head, &self.out, &config).await?
+                }
                 Step::CatchUp => {
+                    self.flush().await?;
                     self.start_catch_up(id);
                     return Ok(());
                 }
             }
         }
+    }
+
+    /// Held watches whose feed's cache is now complete up to their header go to `rescan`
+    /// (served from the cache); for the others the session asks to be woken.
+    fn release_held(&mut self) {
+        let (inbox, rescan) = (&self.inbox, &mut self.rescan);
+        self.held.retain(|_, (feed, waiting)| {
+            let complete = feed.complete();
+            while let Some(&(until, id)) = waiting.first() {
+                if until > complete {
+                    break;
+                }
+                waiting.pop_first();
+                rescan.insert(id);
+            }
+            match waiting.first() {
+                None => false,
+                Some(&(until, _)) => {
+                    if feed.complete_or_wake(until, inbox) {
+                        // Got there meanwhile: look again.
+                        inbox.wake();
+                    }
+                    true
+                }
+            }
+        });
     }
 
     /// Serves the notes the feeds left: each revision to the (synced) watches of the shape it
@@ -501,6 +604,7 @@ impl Session {
     /// revision from which the watches must look at the history again).
     async fn drain(&mut self) -> Result<(), ()> {
         let config = self.hub.config.clone();
+        self.flush().await?;
         loop {
             if self.out.over_budget() {
                 if !self.parked {
@@ -510,6 +614,7 @@ impl Session {
                 return Ok(());
             }
             let Some(note) = self.pending.pop_front() else {
+                self.release_held();
                 if let Some(from) = self.overflow_from.take() {
                     self.overflowed(from);
                     continue;
@@ -565,9 +670,29 @@ impl Session {
         }
     }
 
-    /// Notes from revision `from` on were dropped: every cached watch steps its cursor
-    /// through the shared history from there (the kept notes, all older, are served).
+    /// Notes from revision `from` on were dropped. When the session's watches are all on one
+    /// feed whose history still holds `from`, the notes are rebuilt from that history, a chunk
+    /// of revisions at a time (the rest stays in `overflow_from`); otherwise every cached watch
+    /// steps its cursor through the shared history from there (the kept notes, all older, are
+    /// served).
     fn overflowed(&mut self, from: i64) {
+        let mut feeds = self.shapes.values().map(|u| &u.feed);
+        if let Some(feed) = feeds.next().cloned() {
+            if feeds.all(|f| Arc::ptr_eq(f, &feed)) {
+                let batches = feed.cache().batches_after(from - 1, OVERFLOW_CHUNK);
+                if let Some(batches) = batches {
+                    if batches.len() == OVERFLOW_CHUNK {
+                        self.overflow_from = batches.last().map(|b| b.revision + 1);
+                    }
+                    let mut notes = Vec::new();
+                    let shapes = &self.shapes;
+                    feed.index()
+                        .notes_for(&batches, |t| shapes.contains_key(&t), &mut notes);
+                    self.pending.extend(notes);
+                    return;
+                }
+            }
+        }
         for (id, e) in &mut self.watches {
             if let Entry::Cached(w) = e {
                 if w.synced {
@@ -642,6 +767,7 @@ impl Session {
 
     /// A catch-up finished: the watch continues from the cache, or it ended.
     async fn handoff(&mut self, (id, generation, resume): Handoff) -> Result<(), ()> {
+        self.flush().await?;
         let current = matches!(
             self.watches.get(&id),
             Some(Entry::CatchingUp { generation: g, .. }) if *g == generation
@@ -701,26 +827,61 @@ impl Session {
         for resp in due {
             self.send(resp).await?;
         }
-        Ok(())
+        self.flush().await
     }
 }
 
-/// Bytes of received requests a session holds before it stops reading its stream (then the
-/// HTTP/2 flow-control window holds the client back): 100,000 typical creates.
+/// Bytes of received requests a session holds before its reader stops reading the stream
+/// (then the HTTP/2 flow-control window holds the client back; see `wire/server.rs` for why
+/// h2's budget for small DATA frames is not reached first).
 const MAX_QUEUED_REQUEST_BYTES: usize = 4 << 20;
 
-/// The encoded size of a received request, as counted against [`MAX_QUEUED_REQUEST_BYTES`].
-fn request_bytes(req: &Result<WatchRequest, Status>) -> usize {
-    match req {
-        Ok(r) => 8 + prost::Message::encoded_len(r),
-        Err(_) => 8,
-    }
+/// Requests handled in one turn of the session before it looks at its other work (notes,
+/// catch-ups, its client leaving).
+const REQUESTS_PER_TURN: usize = 1024;
+
+/// Revisions of history read at a time to rebuild the notes an inbox dropped.
+const OVERFLOW_CHUNK: usize = 64;
+
+/// Plain responses staged before they are queued as one parcel.
+const STAGED_REPLIES: usize = 64;
+
+/// The memory a received request holds until it is handled: the decoded message and its
+/// encoded size (keys share the receive buffer).
+fn request_bytes(req: &WatchRequest) -> usize {
+    std::mem::size_of::<Incoming>() + prost::Message::encoded_len(req)
 }
 
-/// Longest a new watch's backlog waits for the cache to reach the revision its `created`
-/// reported. Short: when that revision came from a sync check or a write outside the prefix,
-/// the cache head does not move until the prefix changes, and there is nothing to wait for.
-const BACKLOG_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
+/// The session's request reader: moves requests from the stream to the session as they
+/// arrive, stamped with the time they were received, while the session has room for them
+/// (`room`, in bytes); without room it waits, and the stream is not read.
+async fn read_requests<S>(
+    mut requests: S,
+    to_session: mpsc::UnboundedSender<Incoming>,
+    room: Arc<Semaphore>,
+) where
+    S: Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
+{
+    loop {
+        let item = match requests.next().await {
+            Some(Ok(req)) => {
+                let received = Instant::now();
+                let cost = request_bytes(&req).min(MAX_QUEUED_REQUEST_BYTES);
+                let Ok(permits) = room.acquire_many(cost as u32).await else {
+                    return;
+                };
+                permits.forget();
+                Incoming::Request(req, received, cost)
+            }
+            Some(Err(status)) => Incoming::Failed(status),
+            None => Incoming::End,
+        };
+        let last = !matches!(item, Incoming::Request(..));
+        if to_session.send(item).is_err() || last {
+            return;
+        }
+    }
+}
 
 /// The next report of a catch-up task; never, while the stream has had none.
 async fn next_handoff(

@@ -114,20 +114,36 @@ pub static SHAPES: std::sync::LazyLock<Shapes> = std::sync::LazyLock::new(Shapes
 /// Interns shapes so identical watches share one [`Shape`] (and so one encoding per batch).
 #[derive(Debug, Default)]
 pub struct Shapes {
-    /// Live shapes by key; dead entries are swept when the table grows.
-    table: Mutex<HashMap<ShapeKey, Weak<Shape>>>,
+    /// Live shapes by key; dead entries are swept when the table has doubled since the last
+    /// sweep (amortized O(1) per intern, whatever the number of live shapes).
+    table: Mutex<Table>,
 }
+
+/// The interning table and when to sweep it next.
+#[derive(Debug, Default)]
+struct Table {
+    /// Shapes by key (dead ones until the next sweep).
+    shapes: HashMap<ShapeKey, Weak<Shape>>,
+    /// Size at which the next sweep runs.
+    sweep_at: usize,
+}
+
+/// Entries below which the table is never swept.
+const MIN_SWEEP: usize = 1024;
 
 impl Shapes {
     /// The shared shape for `key`.
     pub fn intern(&self, key: ShapeKey) -> Arc<Shape> {
-        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = table.get(&key).and_then(Weak::upgrade) {
+        let mut guard = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let t = &mut *guard;
+        if let Some(s) = t.shapes.get(&key).and_then(Weak::upgrade) {
             return s;
         }
-        if table.len() >= 1024 {
-            table.retain(|_, w| w.strong_count() > 0);
+        if t.shapes.len() >= t.sweep_at.max(MIN_SWEEP) {
+            t.shapes.retain(|_, w| w.strong_count() > 0);
+            t.sweep_at = 2 * t.shapes.len();
         }
+        let table = &mut t.shapes;
         let shape = Arc::new(Shape {
             id: NEXT_SHAPE_ID.fetch_add(1, Ordering::Relaxed),
             key: key.clone(),

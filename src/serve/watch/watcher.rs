@@ -49,36 +49,47 @@ fn known_revision(feed: &Feed) -> i64 {
         .max(feed.upstream().observed_revision())
 }
 
-/// Called before a `created` is built: makes the revision it carries etcd's current one, as
+/// Called before a `created` is built: learns the revision it carries, etcd's current one as
 /// one etcd's would be, so that a client moving between replicas is never shown a `created`
 /// header lower than one another replica showed it (issue: a replica tier that behaves as
-/// one etcd). One shared sync check ([`Feed::linearize`], its first request gives etcd's
-/// revision to every create and read waiting at that moment). A stale prefix answers with
-/// what it knows, as a member without a leader would. When etcd could not be asked in time
-/// and the client's `start_revision` - 1 (a revision it has seen) is beyond what is known,
-/// the answer waits up to `wait` for the cache to reach it.
-pub async fn learn_revision(feed: &Feed, start_revision: i64, wait: std::time::Duration) {
+/// one etcd). One shared sync check ([`Feed::linearize_since`]: a check that started after
+/// the request was received, or one round shared by every create and read waiting at that
+/// moment) proves the cache complete up to etcd's revision at that moment; the answer is the
+/// feed's complete revision then ([`Feed::complete`]), so what the watch sends next never has
+/// to wait for the cache. `None` when etcd could not be asked (or the prefix is stale): then
+/// [`created`] answers with the newest revision the proxy knows, as a member without a
+/// leader would, after waiting up to `wait` for the cache to reach the client's
+/// `start_revision` - 1 (a revision it has seen) when that is beyond what is known.
+pub async fn learn_revision(
+    feed: &Feed,
+    start_revision: i64,
+    received: std::time::Instant,
+    wait: std::time::Duration,
+) -> Option<i64> {
     if feed.health.is_stale() {
-        return;
+        return None;
     }
-    if feed.linearize().await.is_some() {
-        return;
+    if feed.linearize_since(received).await.is_some() {
+        return Some(feed.complete());
     }
     let seen = start_revision - 1;
     if known_revision(feed) < seen {
         let mut head = feed.subscribe();
         let _ = tokio::time::timeout(wait, head.wait_for(|h| *h >= seen)).await;
     }
+    None
 }
 
-/// Builds the `created` response for `spec` on `feed`: header at etcd's revision as far as
-/// the proxy knows it, start at `start_revision` or, when 0, right after that revision.
-pub fn created(feed: &Feed, spec: &WatchSpec) -> Created {
-    // "Now" is the newest revision etcd is known to have reached: the cache head, a revision
-    // a sync check proved has the cached state, or any header etcd sent (writes through the
-    // proxy, the sync check `learn_revision` made). A watch from now starts after it, as
-    // etcd's would; it waits for the cache to get there.
-    let head = known_revision(feed);
+/// Builds the `created` response for `spec` on `feed`: header at etcd's revision as learnt
+/// (`learned`, see [`learn_revision`]) or else as far as the proxy knows it, start at
+/// `start_revision` or, when 0, right after that revision.
+pub fn created(feed: &Feed, spec: &WatchSpec, learned: Option<i64>) -> Created {
+    // Without a check, "now" is the newest revision etcd is known to have reached: the cache
+    // head, a revision a sync check proved has the cached state, or any header etcd sent
+    // (writes through the proxy). It may be ahead of the cache: the session then holds the
+    // watch's next response until the cache is complete up to it. A watch from now starts
+    // after it, as etcd's would.
+    let head = learned.unwrap_or_else(|| known_revision(feed));
     // Only 0 means "now"; a negative start is kept (etcd cancels it as compacted).
     let start = match spec.request.start_revision {
         0 => head + 1,

@@ -22,8 +22,10 @@ mod load;
 mod sync;
 mod watch_loop;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, Weak};
+use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -32,7 +34,7 @@ use crate::keys::KeyRange;
 use crate::proto::mvccpb::Event;
 use crate::source::cache::{Cache, RevBatch};
 use crate::source::compaction::Compaction;
-use crate::source::index::Index;
+use crate::source::index::{Inbox, Index};
 use crate::source::upstream::Upstream;
 use crate::tasks::Tasks;
 
@@ -74,6 +76,15 @@ pub struct Feed {
     events_received: prometheus::IntCounter,
     /// Queue of linearizable reads waiting for a sync check.
     sync_tx: mpsc::UnboundedSender<oneshot::Sender<Option<SyncPoint>>>,
+    /// When the last successful sync check started, and what it found: a request received
+    /// before that moment may use it instead of waiting for a round of its own.
+    last_check: Mutex<Option<(Instant, SyncPoint)>>,
+    /// The complete revision: every event of the prefix up to it is in the cache (the head, or
+    /// a revision a sync check proved nothing in the prefix changed up to). Only grows.
+    complete: AtomicI64,
+    /// Sessions waiting for the complete revision to reach a revision (by inbox address: the
+    /// lowest revision each waits for), woken through their inbox.
+    complete_waiters: Mutex<HashMap<usize, (i64, Weak<Inbox>)>>,
 }
 
 impl Feed {
@@ -104,6 +115,9 @@ impl Feed {
             tasks: tasks.clone(),
             events_received: crate::metrics::PREFIX_EVENTS_RECEIVED.with_label_values(&[prefix]),
             sync_tx,
+            last_check: Mutex::new(None),
+            complete: AtomicI64::new(0),
+            complete_waiters: Mutex::new(HashMap::new()),
         });
         tasks.spawn(feed.clone().run());
         tasks.spawn(feed.clone().sync_loop(sync_rx, config.sync_timeout));
@@ -150,6 +164,76 @@ impl Feed {
 
     fn publish(&self, head: i64) {
         self.head_tx.send_modify(|h| *h = head);
+        self.advance_complete(head);
+    }
+
+    /// The complete revision: the cache holds every event of the prefix up to it (see
+    /// [`Feed::complete`]'s field). A watch response may carry a header revision up to it.
+    pub fn complete(&self) -> i64 {
+        self.complete.load(Ordering::Acquire).max(self.head())
+    }
+
+    /// Every event of the prefix up to `rev` is in the cache: wakes the sessions waiting for
+    /// that.
+    fn advance_complete(&self, rev: i64) {
+        if self.complete.fetch_max(rev, Ordering::AcqRel) >= rev {
+            return;
+        }
+        let mut ready = Vec::new();
+        {
+            let mut waiters = self
+                .complete_waiters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            waiters.retain(|_, (until, inbox)| {
+                if *until > rev {
+                    return inbox.strong_count() > 0;
+                }
+                ready.push(inbox.clone());
+                false
+            });
+        }
+        for inbox in ready.iter().filter_map(Weak::upgrade) {
+            inbox.wake();
+        }
+    }
+
+    /// True when the complete revision has reached `until`. Otherwise `inbox` is woken once it
+    /// has, and a sync check is started so that it gets there even if the prefix stays idle
+    /// (the revision may come from a write outside the prefix): the caller holds what it has
+    /// to send after `until` and looks again when woken.
+    pub fn complete_or_wake(&self, until: i64, inbox: &Arc<Inbox>) -> bool {
+        if self.complete() >= until {
+            return true;
+        }
+        {
+            let mut waiters = self
+                .complete_waiters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            // Checked again under the lock: `advance_complete` raises the revision before it
+            // takes the lock, so either this sees it or it sees this waiter.
+            if self.complete() >= until {
+                return true;
+            }
+            let w = waiters
+                .entry(Arc::as_ptr(inbox) as usize)
+                .or_insert_with(|| (until, Arc::downgrade(inbox)));
+            w.0 = w.0.min(until);
+        }
+        // A round of its own, not waited for: its answer arrives through `advance_complete`.
+        let (tx, _rx) = oneshot::channel();
+        let _ = self.sync_tx.send(tx);
+        false
+    }
+
+    /// Forgets `inbox`'s wait (its session ended).
+    pub fn forget_waiter(&self, inbox: &Arc<Inbox>) {
+        let mut waiters = self
+            .complete_waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        waiters.remove(&(Arc::as_ptr(inbox) as usize));
     }
 }
 

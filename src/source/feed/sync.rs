@@ -38,6 +38,29 @@ impl Feed {
         rx.await.ok().flatten()
     }
 
+    /// True when a successful sync check started after `received`: [`Feed::linearize_since`]
+    /// answers at once.
+    pub fn checked_since(&self, received: std::time::Instant) -> bool {
+        self.last_check
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|(started, _)| started >= received)
+    }
+
+    /// [`Feed::linearize`] for a request received at `received`: a successful check that
+    /// started after that answers it at once (etcd's revision at that start is at least any
+    /// revision the client could have seen before it sent the request), so requests received
+    /// together (a burst of watch creates on one stream) share one round.
+    pub async fn linearize_since(&self, received: std::time::Instant) -> Option<SyncPoint> {
+        let last = *self.last_check.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((started, point)) = last {
+            if started >= received {
+                return Some(point);
+            }
+        }
+        self.linearize().await
+    }
+
     /// Serves [`Feed::linearize`]: each round answers every read queued before it started.
     pub(super) async fn sync_loop(
         self: Arc<Self>,
@@ -49,13 +72,15 @@ impl Feed {
             while let Ok(w) = rx.try_recv() {
                 waiting.push(w);
             }
+            let started = std::time::Instant::now();
             let point = tokio::time::timeout(timeout, self.sync_check())
                 .await
                 .ok()
                 .flatten();
             metrics::SYNC_CHECKS.inc();
-            if point.is_some() {
+            if let Some(p) = point {
                 self.health.mark_current();
+                *self.last_check.lock().unwrap_or_else(|e| e.into_inner()) = Some((started, p));
             }
             for w in waiting {
                 let _ = w.send(point);
@@ -124,6 +149,8 @@ impl Feed {
                 if let Ok(mut v) = self.verified.lock() {
                     *v = (h1, x);
                 }
+                // Nothing in the prefix changed after the head up to `x`.
+                self.advance_complete(x);
                 return Some(SyncPoint {
                     read_at: h1,
                     report: x,

@@ -188,8 +188,15 @@ impl Upstream {
     }
 }
 
-/// Wraps `msg` in a request carrying the caller's credentials from `from`.
+/// Wraps a client's `msg` forwarded to etcd in a request carrying the caller's credentials
+/// from `from` (counted in `etcd_fanout_upstream_requests_total{kind="forwarded"}`).
 pub fn forward<T>(from: &MetadataMap, msg: T) -> Request<T> {
+    crate::metrics::Upstream::Forwarded.inc();
+    with_credentials(from, msg)
+}
+
+/// `msg` in a request carrying the credentials in `from`.
+fn with_credentials<T>(from: &MetadataMap, msg: T) -> Request<T> {
     let mut req = Request::new(msg);
     copy_credentials(from, req.metadata_mut());
     req
@@ -227,6 +234,7 @@ impl Upstream {
     /// credentials and the require-leader flag.
     pub async fn open_watch(
         &self,
+        kind: crate::metrics::Upstream,
         metadata: &MetadataMap,
         create: WatchCreateRequest,
     ) -> Result<UpstreamWatch, tonic::Status> {
@@ -238,6 +246,7 @@ impl Upstream {
             .await
             .map_err(|_| tonic::Status::internal("request channel closed"))?;
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        kind.inc();
         let responses = self
             .watch()
             .watch(watch_stream(metadata, stream))
@@ -255,7 +264,7 @@ impl Upstream {
 /// `hasleader` flag, so a member that loses its leader ends the stream instead of silently
 /// serving a stale watch (the proxy then resumes on a healthy member).
 pub fn watch_stream<S>(metadata: &MetadataMap, requests: S) -> Request<S> {
-    let mut req = forward(metadata, requests);
+    let mut req = with_credentials(metadata, requests);
     req.metadata_mut().insert(
         "hasleader",
         tonic::metadata::MetadataValue::from_static("true"),

@@ -274,6 +274,7 @@ impl Credentials {
                     name: login.user.clone(),
                     password: password.expose().to_string(),
                 };
+                metrics::Upstream::Login.inc();
                 match tokio::time::timeout(LOGIN_TIMEOUT, upstream.auth().authenticate(req)).await {
                     Err(_) => Err(Failure::Unreachable(
                         "etcd did not answer the login in time".to_string(),

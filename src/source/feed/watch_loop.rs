@@ -94,10 +94,14 @@ impl Feed {
             progress_notify: true,
             ..Default::default()
         };
-        let mut up = self.upstream.own_watch(create).await?;
+        let mut up = self
+            .upstream
+            .own_watch(metrics::Upstream::Watch, create)
+            .await?;
         metrics::UPSTREAM_WATCHES.inc();
         let _gauge = scopeguard(|| metrics::UPSTREAM_WATCHES.dec());
         while let Some(resp) = up.message().await? {
+            let received = std::time::Instant::now();
             self.upstream.observe_header(resp.header.as_ref());
             if resp.canceled {
                 if resp.compact_revision > 0 {
@@ -136,14 +140,14 @@ impl Feed {
                 self.publish(head);
                 continue;
             }
-            self.apply_events(resp.events);
+            self.apply_events(resp.events, received);
         }
         Err(tonic::Status::unavailable("upstream watch stream ended"))
     }
 
     /// Groups events by revision and applies each group as one batch.
-    fn apply_events(&self, events: Vec<Event>) {
-        let batches = group_by_revision(events);
+    fn apply_events(&self, events: Vec<Event>, received: std::time::Instant) {
+        let batches = group_by_revision(events, received);
         let n: usize = batches.iter().map(|b| b.events.len()).sum();
         let mut applied = Vec::with_capacity(batches.len());
         let head = {
@@ -158,7 +162,7 @@ impl Feed {
             c.head()
         };
         metrics::UPSTREAM_EVENTS.inc_by(n as u64);
-        self.events_received.inc_by(n as u64);
+        self.counters.events_in.inc_by(n as u64);
         // Sessions registered before the cache lock was released read these revisions from
         // the cache or get a note (or both: their cursors skip what they already have).
         self.index.dispatch(&applied, head);

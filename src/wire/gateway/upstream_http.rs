@@ -50,6 +50,7 @@ pub async fn send(
     let mut last = String::from("no usable etcd endpoint");
     for ep in upstream.endpoints() {
         let Some(host) = authority(ep) else { continue };
+        crate::metrics::Upstream::Http.inc();
         let mut builder = Request::builder()
             .method(method.clone())
             .uri(path_and_query)

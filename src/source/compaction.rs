@@ -84,10 +84,10 @@ impl Compaction {
                 Ok(false) => {}
                 Ok(true) => {
                     if let Err(e) = self.probe_watch(&upstream).await {
-                        tracing::warn!(error = %e, "compaction probe watch failed");
+                        tracing::warn!("compaction probe watch failed: {}", upstream.describe(&e));
                     }
                 }
-                Err(e) => tracing::debug!(error = %e, "compaction probe failed"),
+                Err(e) => tracing::debug!("compaction probe failed: {}", upstream.describe(&e)),
             }
         }
     }

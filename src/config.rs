@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 
 /// etcd-fanout: one etcd watch per prefix, shared by every downstream watcher.
 #[derive(Parser, Debug, Clone)]
@@ -157,9 +157,79 @@ pub struct Config {
     #[arg(long, env = "ETCD_FANOUT_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_positive_duration)]
     pub idle_timeout: Duration,
 
+    /// Log format: `text` (colour only when standard output is a terminal) or `json` (one
+    /// JSON object per line: `timestamp`, `level`, `target`, `message` and the event's fields).
+    #[arg(
+        long,
+        env = "ETCD_FANOUT_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+
     /// TLS to etcd and on the listen address.
     #[command(flatten)]
     pub tls: crate::tls::TlsArgs,
+
+    /// Every effective setting as `--flag=value` (defaults included, secrets masked), for the
+    /// startup log line; filled by [`Config::from_command_line`].
+    #[arg(skip)]
+    pub settings: String,
+}
+
+/// How log lines are written.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines (ANSI colour only on a terminal).
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Flags whose values are secret: masked in [`Config::settings`] (`--user` may be
+/// `NAME:PASSWORD`: its name is kept).
+const SECRET_FLAGS: [&str; 2] = ["password", "user"];
+
+impl Config {
+    /// Parses the command line and the environment (exiting with clap's message and code 2
+    /// on a bad value) and records every effective setting in [`Config::settings`].
+    pub fn from_command_line() -> Config {
+        let matches = Config::command().get_matches();
+        let mut config = Config::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        config.settings = settings(&matches);
+        config
+    }
+}
+
+/// Every flag's effective value (as given, from the environment, or the default) as
+/// `--flag=value`, comma-joined values, `--flag=` when unset; secrets masked.
+fn settings(matches: &clap::ArgMatches) -> String {
+    let cmd = Config::command();
+    let mut out = Vec::new();
+    for arg in cmd.get_arguments() {
+        let (id, Some(long)) = (arg.get_id().as_str(), arg.get_long()) else {
+            continue;
+        };
+        if id == "help" || id == "version" {
+            continue;
+        }
+        let values: Vec<String> = matches
+            .get_raw(id)
+            .into_iter()
+            .flatten()
+            .map(|v| v.to_string_lossy().into_owned())
+            .collect();
+        let mut value = values.join(",");
+        if SECRET_FLAGS.contains(&long) && !value.is_empty() {
+            value = match (long, value.split_once(':')) {
+                ("user", Some((name, _))) => format!("{name}:***"),
+                ("user", None) => value,
+                _ => "***".to_string(),
+            };
+        }
+        out.push(format!("--{long}={value}"));
+    }
+    out.join(" ")
 }
 
 /// etcd's `grpcOverheadBytes`: added to `--max-request-bytes` for gRPC message limits.
@@ -268,6 +338,37 @@ pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_list_every_flag_with_secrets_masked() {
+        let m = Config::command().get_matches_from([
+            "etcd-fanout",
+            "--prefix",
+            "/a/,/b/",
+            "--user",
+            "root:pw1",
+            "--password",
+            "pw2",
+        ]);
+        let s = settings(&m);
+        for want in [
+            "--prefix=/a/,/b/",
+            "--user=root:***",
+            "--password=***",
+            "--listen=127.0.0.1:23790",
+            "--log-format=text",
+            "--cacert= ",
+            "--client-cert-auth=false",
+        ] {
+            assert!(s.contains(want), "{want} not in {s}");
+        }
+        assert!(!s.contains("pw1") && !s.contains("pw2"), "{s}");
+        let flags = Config::command()
+            .get_arguments()
+            .filter(|a| a.get_long().is_some_and(|l| l != "help" && l != "version"))
+            .count();
+        assert_eq!(s.matches(" --").count() + 1, flags, "{s}");
+    }
 
     #[test]
     fn durations() {

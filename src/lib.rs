@@ -5,7 +5,7 @@
 //! prefix filling its cache, the hub routing key ranges to feeds) -> [`serve`] (KV and Watch
 //! sessions over the caches, the services passed through to etcd) -> [`wire`] (the listener,
 //! HTTP/2 and HTTP/1.x, gRPC routes and codec, etcd's HTTP/JSON gateway). `config`, `error`,
-//! `keys`, `metrics`, `proto` and `tasks` are shared by all three.
+//! `keys`, `metrics`, `proto`, `tasks` and `throttle` are shared by all three.
 //!
 //! The crate's public surface is what the binary, the tests and the load generator use:
 //! [`run`], [`config`], the wire types ([`proto`]), key ranges ([`keys`]), the gRPC codec
@@ -22,6 +22,7 @@ pub mod proto;
 pub(crate) mod serve;
 pub(crate) mod source;
 pub(crate) mod tasks;
+pub(crate) mod throttle;
 pub mod tls;
 pub(crate) mod wire;
 
@@ -57,6 +58,19 @@ where
     S: Future<Output = ()> + Send + 'static,
 {
     metrics::init();
+    // One line with the version and every effective setting (secrets masked), first, so
+    // that even a proxy that cannot start says how it was configured.
+    let settings = if config.settings.is_empty() {
+        format!("{config:?}")
+    } else {
+        config.settings.clone()
+    };
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        settings = %settings,
+        "etcd-fanout {} starting",
+        env!("CARGO_PKG_VERSION")
+    );
     // A TLS configuration that cannot work stops the proxy before anything starts.
     let upstream_tls = tls::client::UpstreamTls::from_args(&config.tls, &config.endpoints)?;
     let server_tls = tls::server::ServerTls::from_args(&config.tls)?;
@@ -69,7 +83,8 @@ where
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("cannot listen on {} (--listen): {e}", config.listen))?;
-    tracing::info!(listen = %config.listen, tls = server_tls.is_some(), endpoints = ?config.endpoints, prefixes = ?config.prefixes, user, "etcd-fanout starting");
+    let bound = listener.local_addr().unwrap_or(config.listen);
+    tracing::info!(listen = %bound, tls = server_tls.is_some(), endpoints = ?config.endpoints, prefixes = ?config.prefixes, user, "listening");
     let (delay, drain) = (config.shutdown_delay, config.shutdown_timeout);
     let tasks = tasks::Tasks::new();
     let hub = source::hub::Hub::start(config, upstream, tasks.clone());

@@ -3,13 +3,20 @@
 //! Counters and gauges live in one registry so every module reports through one name space
 //! (`etcd_fanout_*`), next to the process metrics (`process_*`, Linux) and the build info.
 //!
-//! Per-prefix state (keys, head, window) is read from the caches when `/metrics` is scraped
-//! ([`PrefixGauges`], set by the hub), so the hot paths pay nothing for it.
+//! Per-prefix state (keys, head, window, lag) is read from the caches when `/metrics` is
+//! scraped ([`PrefixGauges`], set by the hub), so the hot paths pay nothing for it. What the
+//! hot paths count (events in and out, watchers, catch-ups, delivery latency, requests) goes
+//! through handles resolved once: per prefix held by its feed ([`PrefixCounters`]), per
+//! upstream request kind, gRPC method and gateway route in tables made at first use
+//! ([`RequestHandles`]). Counting an event or a request is then an atomic add, never a label
+//! lookup, a lock or an allocation.
 
-use std::sync::LazyLock;
+use std::sync::{LazyLock, OnceLock};
+use std::time::Duration;
 
 use prometheus::{
-    GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The registry every metric below is registered in.
@@ -270,6 +277,301 @@ pub static BUILD_INFO: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     )
 });
 
+/// Buckets (seconds) of the request and delivery latency histograms: 100 µs to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+fn histogram_vec(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+        labels,
+    )
+    .expect("valid metric");
+    let _ = REGISTRY.register(Box::new(h.clone()));
+    h
+}
+
+/// What the proxy asks etcd, by kind (label `kind`): the etcd load the proxy causes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upstream {
+    /// Watch streams the proxy opens for its prefixes: the upstream watch (and every resume)
+    /// and the history backfill after a load.
+    Watch,
+    /// Watch streams replaying revisions older than a cache window for a client (catch-ups).
+    CatchUp,
+    /// Range pages loading a prefix.
+    Load,
+    /// Ranges of the shared sync checks (linearizable reads, idle-prefix confirmation).
+    SyncCheck,
+    /// Compaction probes (the compaction poll).
+    CompactionProbe,
+    /// Polls of etcd's auth state.
+    AuthPoll,
+    /// Permission probes (a caller's token on a count-only range).
+    PermissionProbe,
+    /// Logins of the proxy's own user.
+    Login,
+    /// Client requests forwarded to etcd unchanged (writes, ranges the cache does not answer,
+    /// Lease, Cluster, Maintenance, Auth, watches outside every prefix).
+    Forwarded,
+    /// Requests relayed to etcd's HTTP server (`/version`, `/health`, lock, election).
+    Http,
+}
+
+impl Upstream {
+    /// Every kind, in label order.
+    const ALL: [Upstream; 10] = [
+        Upstream::Watch,
+        Upstream::CatchUp,
+        Upstream::Load,
+        Upstream::SyncCheck,
+        Upstream::CompactionProbe,
+        Upstream::AuthPoll,
+        Upstream::PermissionProbe,
+        Upstream::Login,
+        Upstream::Forwarded,
+        Upstream::Http,
+    ];
+
+    /// The `kind` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Upstream::Watch => "watch",
+            Upstream::CatchUp => "catchup_watch",
+            Upstream::Load => "load",
+            Upstream::SyncCheck => "sync_check",
+            Upstream::CompactionProbe => "compaction_probe",
+            Upstream::AuthPoll => "auth_poll",
+            Upstream::PermissionProbe => "permission_probe",
+            Upstream::Login => "login",
+            Upstream::Forwarded => "forwarded",
+            Upstream::Http => "http",
+        }
+    }
+
+    /// Counts one request of this kind sent to etcd.
+    pub fn inc(self) {
+        UPSTREAM_REQUESTS[self as usize].inc();
+    }
+}
+
+/// `etcd_fanout_upstream_requests_total{kind}`, one handle per [`Upstream`] kind.
+static UPSTREAM_REQUESTS: LazyLock<[IntCounter; 10]> = LazyLock::new(|| {
+    let v = counter_vec(
+        "etcd_fanout_upstream_requests_total",
+        "Requests the proxy sent to etcd, by kind: watch (upstream watch streams of the \
+         prefixes, resumes, backfill), catchup_watch, load (range pages), sync_check, \
+         compaction_probe, auth_poll, permission_probe, login, forwarded (client requests \
+         passed through), http (etcd's HTTP endpoints).",
+        &["kind"],
+    );
+    Upstream::ALL.map(|k| v.with_label_values(&[k.label()]))
+});
+
+/// Per prefix, what the hot paths count: resolved once when the feed is made and held by it.
+#[derive(Debug, Clone)]
+pub struct PrefixCounters {
+    /// `etcd_fanout_prefix_events_received_total{prefix}`.
+    pub events_in: IntCounter,
+    /// `etcd_fanout_prefix_events_sent_total{prefix}`.
+    pub events_out: IntCounter,
+    /// `etcd_fanout_prefix_watchers{prefix}`.
+    pub watchers: IntGauge,
+    /// `etcd_fanout_prefix_catchups_total{prefix}`.
+    pub catchups: IntCounter,
+}
+
+impl PrefixCounters {
+    /// The handles of `prefix` (its series appear at zero).
+    pub fn new(prefix: &str) -> PrefixCounters {
+        let l = &[prefix];
+        PrefixCounters {
+            events_in: PREFIX_EVENTS_RECEIVED.with_label_values(l),
+            events_out: PREFIX_EVENTS_SENT.with_label_values(l),
+            watchers: PREFIX_WATCHERS.with_label_values(l),
+            catchups: PREFIX_CATCHUPS.with_label_values(l),
+        }
+    }
+}
+
+/// Events delivered to downstream watchers per prefix (cached watches and their catch-ups).
+pub static PREFIX_EVENTS_SENT: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "etcd_fanout_prefix_events_sent_total",
+        "Events delivered to downstream watches of the prefix (from its cache and catch-ups).",
+        &["prefix"],
+    )
+});
+
+/// Downstream watches per prefix.
+pub static PREFIX_WATCHERS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge_vec(
+        "etcd_fanout_prefix_watchers",
+        "Downstream watches currently served from the prefix's cache (or catching up).",
+        &["prefix"],
+    )
+});
+
+/// Catch-ups per prefix.
+pub static PREFIX_CATCHUPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "etcd_fanout_prefix_catchups_total",
+        "Watches of the prefix caught up from etcd (they needed revisions older than the window).",
+        &["prefix"],
+    )
+});
+
+/// Fan-out delivery latency by wire (`grpc`, `json`): see [`delivered`].
+static DELIVERY: LazyLock<[Histogram; 2]> = LazyLock::new(|| {
+    let v = histogram_vec(
+        "etcd_fanout_delivery_latency_seconds",
+        "Fan-out delivery latency of live events: from the moment the proxy received etcd's \
+         watch response carrying the revision to the moment the response to a watch that was \
+         current (synced) is taken by the downstream connection for writing (gRPC: encoded \
+         into the HTTP/2 stream; JSON: the chunk handed to the connection's writer). \
+         Backlogs replayed to watches behind the head are not counted.",
+        &["wire"],
+    );
+    [
+        v.with_label_values(&["grpc"]),
+        v.with_label_values(&["json"]),
+    ]
+});
+
+/// The wire a watch response is written on.
+#[derive(Debug, Clone, Copy)]
+pub enum Wire {
+    /// gRPC (protobuf over HTTP/2).
+    Grpc = 0,
+    /// The JSON gateway (HTTP/1.x or h2c).
+    Json = 1,
+}
+
+/// A live events response whose oldest revision was received from etcd at `received` is
+/// being written on `wire` now.
+pub fn delivered(wire: Wire, received: std::time::Instant) {
+    DELIVERY[wire as usize].observe(received.elapsed().as_secs_f64());
+}
+
+/// Watch sessions currently waiting on a full queue (their client reads slower than the
+/// proxy sends, and the reply-count backstop was reached before the byte budget).
+pub static SESSIONS_BLOCKED: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "etcd_fanout_watch_sessions_blocked",
+        "Watch sessions currently waiting for room in their full response queue.",
+    )
+});
+
+/// Times a watch session waited on a full queue.
+pub static SESSION_BLOCKS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "etcd_fanout_watch_session_blocks_total",
+        "Times a watch session had to wait for room in its full response queue.",
+    )
+});
+
+/// Times a watch session was parked.
+pub static SESSION_PARKS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "etcd_fanout_watch_session_parks_total",
+        "Times a watch session was parked because its client fell behind by the byte budget.",
+    )
+});
+
+/// A family of request metrics: requests by name and code, and a latency histogram by name.
+#[derive(Debug)]
+pub struct RequestFamily {
+    /// `..._requests_total{NAME, code}`.
+    requests: IntCounterVec,
+    /// `..._request_duration_seconds{NAME}`.
+    duration: HistogramVec,
+}
+
+/// gRPC requests (label `method`: the full method path).
+pub static GRPC: LazyLock<RequestFamily> = LazyLock::new(|| RequestFamily {
+    requests: counter_vec(
+        "etcd_fanout_grpc_requests_total",
+        "gRPC calls answered, by method (full path, `unknown` for methods etcd does not serve) \
+         and gRPC status code (Go's names), counted when the call ends (streams too).",
+        &["method", "code"],
+    ),
+    duration: histogram_vec(
+        "etcd_fanout_grpc_request_duration_seconds",
+        "Duration of unary gRPC calls, by method: from the request's arrival to the end of the \
+         answer (its trailers handed to the connection). Streaming methods are not observed.",
+        &["method"],
+    ),
+});
+
+/// Gateway (HTTP) requests (label `route`: a gateway route, or one of the proxy's paths).
+pub static HTTP: LazyLock<RequestFamily> = LazyLock::new(|| RequestFamily {
+    requests: counter_vec(
+        "etcd_fanout_http_requests_total",
+        "HTTP requests answered (JSON gateway and the proxy's endpoints), by route (`other` \
+         for unknown paths) and HTTP status code.",
+        &["route", "code"],
+    ),
+    duration: histogram_vec(
+        "etcd_fanout_http_request_duration_seconds",
+        "Duration of HTTP requests by route: from the request head's arrival to the answer's \
+         head being ready (the body is in memory by then). Streams (watch, keepalive, \
+         snapshot) are not observed.",
+        &["route"],
+    ),
+});
+
+/// One gRPC method's or HTTP route's handles: the histogram and one counter per code slot,
+/// each resolved on first use (so series exist only for codes that happened) and read
+/// without a lock afterwards.
+#[derive(Debug)]
+pub struct RequestHandles {
+    /// The family.
+    family: &'static RequestFamily,
+    /// The method or route label.
+    name: String,
+    /// Whether calls are observed in the latency histogram (not for streams).
+    timed: bool,
+    /// The histogram, made on first use.
+    duration: OnceLock<Histogram>,
+    /// Counters per code slot (the caller maps codes to slots), made on first use.
+    codes: Box<[OnceLock<IntCounter>]>,
+}
+
+impl RequestHandles {
+    /// Handles of `name` in `family` with `slots` code slots; `timed` false for streams.
+    pub fn new(family: &'static RequestFamily, name: &str, slots: usize, timed: bool) -> Self {
+        RequestHandles {
+            family,
+            name: name.to_string(),
+            timed,
+            duration: OnceLock::new(),
+            codes: (0..slots).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    /// One request ended with `code` (in slot `slot`, or none: looked up, the cold path)
+    /// after `elapsed`.
+    pub fn done(&self, slot: Option<usize>, code: &str, elapsed: Duration) {
+        match slot.and_then(|i| self.codes.get(i)) {
+            Some(c) => c
+                .get_or_init(|| self.family.requests.with_label_values(&[&self.name, code]))
+                .inc(),
+            None => self
+                .family
+                .requests
+                .with_label_values(&[&self.name, code])
+                .inc(),
+        }
+        if self.timed {
+            self.duration
+                .get_or_init(|| self.family.duration.with_label_values(&[&self.name]))
+                .observe(elapsed.as_secs_f64());
+        }
+    }
+}
+
 /// Per-prefix state of the caches, labelled `prefix`, set at scrape time.
 pub struct PrefixGauges {
     /// 1 when the prefix is loaded and its upstream watch established.
@@ -286,6 +588,10 @@ pub struct PrefixGauges {
     pub history_bytes: IntGaugeVec,
     /// The history bound in bytes (`--history-bytes`).
     pub history_bytes_limit: IntGaugeVec,
+    /// Revisions etcd is known to have reached beyond what the cache is proven to hold.
+    pub lag_revisions: IntGaugeVec,
+    /// Seconds since the cache was last known current.
+    pub lag_seconds: GaugeVec,
 }
 
 /// The per-prefix gauges.
@@ -323,6 +629,29 @@ pub static PREFIX: LazyLock<PrefixGauges> = LazyLock::new(|| {
             "Bound on the prefix's history window in bytes (--history-bytes).",
             l,
         ),
+        lag_revisions: gauge_vec(
+            "etcd_fanout_prefix_upstream_lag_revisions",
+            "Revisions etcd is known to be at (the newest response header the proxy saw from \
+             etcd: events, sync checks, forwarded calls, the compaction poll) beyond the newest \
+             revision the prefix's cache is proven to hold (its head, or the revision a sync \
+             check proved the cached state current at). Writes outside the prefix count here \
+             until the next sync check (at most a third of --stale-after).",
+            l,
+        ),
+        lag_seconds: {
+            let g = GaugeVec::new(
+                Opts::new(
+                    "etcd_fanout_prefix_upstream_lag_seconds",
+                    "Seconds since the prefix's cache was last known current: its last event or \
+                     progress notification from etcd, or the last sync check proving it current \
+                     (+Inf before the first load). Stale above --stale-after.",
+                ),
+                l,
+            )
+            .expect("valid metric");
+            let _ = REGISTRY.register(Box::new(g.clone()));
+            g
+        },
     }
 });
 
@@ -341,7 +670,21 @@ pub fn init() {
     BUILD_INFO
         .with_label_values(&[env!("CARGO_PKG_VERSION")])
         .set(1);
-    let _ = (&*READY, &*PREFIX, &*PREFIX_EVENTS_RECEIVED);
+    let _ = (
+        &*READY,
+        &*PREFIX,
+        &*PREFIX_EVENTS_RECEIVED,
+        &*PREFIX_EVENTS_SENT,
+        &*PREFIX_WATCHERS,
+        &*PREFIX_CATCHUPS,
+        &*UPSTREAM_REQUESTS,
+        &*DELIVERY,
+        &*GRPC,
+        &*HTTP,
+        &*SESSIONS_BLOCKED,
+        &*SESSION_BLOCKS,
+        &*SESSION_PARKS,
+    );
     for protocol in ["http1", "http2"] {
         CONNECTIONS_ACCEPTED.with_label_values(&[protocol]);
         CONNECTIONS_OPEN.with_label_values(&[protocol]);

@@ -672,11 +672,18 @@ fn dashboard_and_alert_metrics_exist_on_a_live_proxy() {
         return;
     }
     let etcd = Etcd::start();
-    let proxy = Proxy::start(&etcd.url, &["/apisix/", "/other/"]);
+    // A small window, so that a watch from an early revision is caught up from etcd.
+    let proxy = Proxy::start_with(
+        &etcd.url,
+        &["/apisix/", "/other/"],
+        &["--history-revisions", "20"],
+    );
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let mut c = Clients::connect(&proxy.url).await;
-        // A watcher, then writes it receives, then ranges (cached and forwarded).
+        // A watcher, then writes it receives (live fan-out: delivery latency), a watch from
+        // before the window (a catch-up), then ranges (cached and forwarded) over gRPC and
+        // the JSON gateway.
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tx.send(WatchRequest {
             request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
@@ -716,6 +723,27 @@ fn dashboard_and_alert_metrics_exist_on_a_live_proxy() {
                 .expect("open");
             events += r.events.len();
         }
+        tx.send(WatchRequest {
+            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                key: bytes::Bytes::from_static(b"/apisix/"),
+                range_end: testkit::range_end("/apisix/"),
+                start_revision: 2,
+                ..Default::default()
+            })),
+        })
+        .await
+        .expect("send");
+        let mut replayed = 0;
+        while replayed < 50 {
+            let r = tokio::time::timeout(Duration::from_secs(30), stream.message())
+                .await
+                .expect("catch-up events in time")
+                .expect("watch")
+                .expect("open");
+            if r.watch_id == 1 {
+                replayed += r.events.len();
+            }
+        }
         for key in ["/apisix/routes/1", "/elsewhere"] {
             c.kv.range(RangeRequest {
                 key: key.as_bytes().to_vec().into(),
@@ -727,6 +755,13 @@ fn dashboard_and_alert_metrics_exist_on_a_live_proxy() {
         }
         drop(tx);
     });
+    for body in [
+        r#"{"key":"L2FwaXNpeC8=","range_end":"L2FwaXNpeDA="}"#,
+        r#"{"key":"L2Vsc2V3aGVyZQ=="}"#,
+    ] {
+        let r = testkit::http::post(proxy.port, "/v3/kv/range", body);
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
     let text = proxy.metrics();
 
     if have("promtool", &["--version"]) {
@@ -789,6 +824,54 @@ fn dashboard_and_alert_metrics_exist_on_a_live_proxy() {
             env!("CARGO_PKG_VERSION")
         )),
         Some(1.0)
+    );
+    // The new series count what the load above did.
+    let at_least = |head: &str, n: f64| {
+        assert!(
+            sample(head).is_some_and(|v| v >= n),
+            "{head} below {n}:\n{text}"
+        );
+    };
+    at_least(
+        "etcd_fanout_prefix_events_sent_total{prefix=\"/apisix/\"}",
+        100.0,
+    );
+    at_least(
+        "etcd_fanout_prefix_catchups_total{prefix=\"/apisix/\"}",
+        1.0,
+    );
+    at_least("etcd_fanout_prefix_watchers{prefix=\"/apisix/\"}", 0.0);
+    at_least(
+        "etcd_fanout_grpc_requests_total{code=\"OK\",method=\"/etcdserverpb.KV/Put\"}",
+        50.0,
+    );
+    at_least(
+        "etcd_fanout_grpc_request_duration_seconds_count{method=\"/etcdserverpb.KV/Range\"}",
+        2.0,
+    );
+    at_least(
+        "etcd_fanout_http_requests_total{code=\"200\",route=\"/v3/kv/range\"}",
+        2.0,
+    );
+    at_least(
+        "etcd_fanout_delivery_latency_seconds_count{wire=\"grpc\"}",
+        50.0,
+    );
+    for kind in [
+        "watch",
+        "catchup_watch",
+        "load",
+        "forwarded",
+        "compaction_probe",
+    ] {
+        at_least(
+            &format!("etcd_fanout_upstream_requests_total{{kind=\"{kind}\"}}"),
+            1.0,
+        );
+    }
+    assert_eq!(
+        sample("etcd_fanout_prefix_upstream_lag_revisions{prefix=\"/other/\"}").map(|v| v < 1000.0),
+        Some(true)
     );
 
     let mut problems = Vec::new();

@@ -30,6 +30,9 @@ pub struct RevBatch {
     pub events: Vec<Event>,
     /// Approximate memory held by the batch.
     pub bytes: usize,
+    /// When the proxy received the etcd watch response carrying this revision (the start of
+    /// `etcd_fanout_delivery_latency_seconds`).
+    pub received: std::time::Instant,
     /// This batch's events encoded once per (watch shape, wire), shared by every watcher of
     /// that shape: the one home of encode-once (filled by the serving and wire layers).
     pub encoded: Encodings,
@@ -121,8 +124,15 @@ impl RevBatch {
             revision,
             events,
             bytes,
+            received: std::time::Instant::now(),
             encoded: Encodings::default(),
         }
+    }
+
+    /// The batch, received from etcd at `at`.
+    pub fn received_at(mut self, at: std::time::Instant) -> RevBatch {
+        self.received = at;
+        self
     }
 }
 

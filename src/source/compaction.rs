@@ -84,10 +84,10 @@ impl Compaction {
                 Ok(false) => {}
                 Ok(true) => {
                     if let Err(e) = self.probe_watch(&upstream).await {
-                        tracing::warn!(error = %e, "compaction probe watch failed");
+                        tracing::warn!("compaction probe watch failed: {}", upstream.describe(&e));
                     }
                 }
-                Err(e) => tracing::debug!(error = %e, "compaction probe failed"),
+                Err(e) => tracing::debug!("compaction probe failed: {}", upstream.describe(&e)),
             }
         }
     }
@@ -102,7 +102,10 @@ impl Compaction {
             count_only: true,
             ..Default::default()
         };
-        match upstream.own_range(req).await {
+        match upstream
+            .own_range(crate::metrics::Upstream::CompactionProbe, req)
+            .await
+        {
             Ok(resp) => {
                 // Also a cheap look at etcd's current revision.
                 upstream.observe_header(resp.header.as_ref());
@@ -120,7 +123,9 @@ impl Compaction {
             start_revision: 1,
             ..Default::default()
         };
-        let mut up = upstream.own_watch(create).await?;
+        let mut up = upstream
+            .own_watch(crate::metrics::Upstream::CompactionProbe, create)
+            .await?;
         let deadline = tokio::time::sleep(Duration::from_secs(3));
         tokio::pin!(deadline);
         loop {

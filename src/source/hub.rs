@@ -118,14 +118,23 @@ impl Hub {
         self.draining.store(true, Ordering::Release);
     }
 
-    /// Sets the gauges read at scrape time: readiness and each prefix's cache and window.
+    /// Sets the gauges read at scrape time: readiness, each prefix's cache and window, and
+    /// its lag behind etcd.
     pub fn observe_metrics(&self) {
         crate::metrics::READY.set(i64::from(self.is_ready()));
         let g = &*crate::metrics::PREFIX;
+        let etcd_at = self.upstream.observed_revision();
         for feed in &self.feeds {
             let l = &[feed.name.as_str()];
             g.ready.with_label_values(l).set(i64::from(feed.is_ready()));
+            g.lag_seconds
+                .with_label_values(l)
+                .set(feed.health.age().map_or(f64::INFINITY, |a| a.as_secs_f64()));
             let cache = feed.cache();
+            let proven = feed.verified_revision(cache.head());
+            g.lag_revisions
+                .with_label_values(l)
+                .set((etcd_at - proven).max(0));
             let (revisions, bytes) = cache.history_size();
             g.keys.with_label_values(l).set(cache.len() as i64);
             g.head_revision.with_label_values(l).set(cache.head());

@@ -188,8 +188,47 @@ impl Upstream {
     }
 }
 
-/// Wraps `msg` in a request carrying the caller's credentials from `from`.
+impl Upstream {
+    /// A failure of a call to etcd worded for the log: it names etcd and its endpoint(s)
+    /// (the one endpoint, or every configured one: the balanced channel does not say which
+    /// one failed) and says whether etcd was unreachable or answered with an error, e.g.
+    /// `etcd at http://127.0.0.1:2379 unreachable: tcp connect error: Connection refused`.
+    pub fn describe(&self, e: &tonic::Status) -> String {
+        let at = self.endpoints.join(",");
+        let mut detail = e.message().to_string();
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            let s_text = s.to_string();
+            if !s_text.is_empty() && !detail.contains(&s_text) {
+                detail.push_str(": ");
+                detail.push_str(&s_text);
+            }
+            source = s.source();
+        }
+        // Statuses tonic makes itself carry their transport error as a source; etcd's own
+        // answers (e.g. "etcdserver: no leader") come from its grpc-status and carry none.
+        let transport = std::error::Error::source(e).is_some()
+            || matches!(e.code(), tonic::Code::Unavailable | tonic::Code::Unknown)
+                && !e.message().starts_with("etcdserver:");
+        match e.code() {
+            tonic::Code::DeadlineExceeded if transport || e.message().is_empty() => {
+                format!("etcd at {at} did not answer in time: {detail}")
+            }
+            _ if transport => format!("etcd at {at} unreachable: {detail}"),
+            code => format!("etcd at {at} answered {code:?}: {detail}"),
+        }
+    }
+}
+
+/// Wraps a client's `msg` forwarded to etcd in a request carrying the caller's credentials
+/// from `from` (counted in `etcd_fanout_upstream_requests_total{kind="forwarded"}`).
 pub fn forward<T>(from: &MetadataMap, msg: T) -> Request<T> {
+    crate::metrics::Upstream::Forwarded.inc();
+    with_credentials(from, msg)
+}
+
+/// `msg` in a request carrying the credentials in `from`.
+fn with_credentials<T>(from: &MetadataMap, msg: T) -> Request<T> {
     let mut req = Request::new(msg);
     copy_credentials(from, req.metadata_mut());
     req
@@ -227,6 +266,7 @@ impl Upstream {
     /// credentials and the require-leader flag.
     pub async fn open_watch(
         &self,
+        kind: crate::metrics::Upstream,
         metadata: &MetadataMap,
         create: WatchCreateRequest,
     ) -> Result<UpstreamWatch, tonic::Status> {
@@ -238,6 +278,7 @@ impl Upstream {
             .await
             .map_err(|_| tonic::Status::internal("request channel closed"))?;
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        kind.inc();
         let responses = self
             .watch()
             .watch(watch_stream(metadata, stream))
@@ -255,7 +296,7 @@ impl Upstream {
 /// `hasleader` flag, so a member that loses its leader ends the stream instead of silently
 /// serving a stale watch (the proxy then resumes on a healthy member).
 pub fn watch_stream<S>(metadata: &MetadataMap, requests: S) -> Request<S> {
-    let mut req = forward(metadata, requests);
+    let mut req = with_credentials(metadata, requests);
     req.metadata_mut().insert(
         "hasleader",
         tonic::metadata::MetadataValue::from_static("true"),

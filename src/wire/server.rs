@@ -191,6 +191,7 @@ fn h2_request(
     services: Services,
     conn: &ConnInfo,
 ) -> Answer {
+    let start = std::time::Instant::now();
     let route = if !is_grpc(&req) {
         if let Some(refusal) = conn.admit_http(&mut req) {
             return Box::pin(async move { refusal });
@@ -215,6 +216,8 @@ fn h2_request(
         }
     };
     let max = grpc::MAX_DECODING_MESSAGE;
+    let rpc = grpc::observe::handles(req.uri().path());
+    let observe = move |resp| grpc::observe::observe(resp, rpc, start);
     match route {
         H2Route::Http => {
             let req = req.map(|b| {
@@ -223,20 +226,20 @@ fn h2_request(
             });
             Box::pin(async move { gateway::handle(req, &services).await })
         }
-        H2Route::Unknown(status) => Box::pin(async move { status.into_http() }),
-        H2Route::Range => {
-            Box::pin(
-                async move { grpc::go_status(grpc::range::serve(services.kv, req, max).await) },
-            )
-        }
-        H2Route::Watch => {
-            Box::pin(
-                async move { grpc::go_status(grpc::watch::serve(services.watch, req, max).await) },
-            )
-        }
+        H2Route::Unknown(status) => Box::pin(async move { observe(status.into_http()) }),
+        H2Route::Range => Box::pin(async move {
+            observe(grpc::go_status(
+                grpc::range::serve(services.kv, req, max).await,
+            ))
+        }),
+        H2Route::Watch => Box::pin(async move {
+            observe(grpc::go_status(
+                grpc::watch::serve(services.watch, req, max).await,
+            ))
+        }),
         H2Route::Grpc => Box::pin(async move {
             match routes.oneshot(req).await {
-                Ok(resp) => grpc::go_status(resp),
+                Ok(resp) => observe(grpc::go_status(resp)),
                 Err(never) => match never {},
             }
         }),

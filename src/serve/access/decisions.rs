@@ -170,6 +170,7 @@ async fn probe(
     range_end: &Bytes,
 ) -> Result<Decision, Undecided> {
     metrics::AUTH_PROBES.inc();
+    metrics::Upstream::PermissionProbe.inc();
     let mut req = Request::new(RangeRequest {
         key: key.clone(),
         range_end: range_end.clone(),

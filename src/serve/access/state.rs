@@ -129,6 +129,7 @@ impl State {
             limit: 1,
             ..Default::default()
         };
+        crate::metrics::Upstream::AuthPoll.inc();
         let state = match tokio::time::timeout(timeout, upstream.kv().range(req)).await {
             // The header is not recorded as etcd's revision: a revision newer than the cache
             // head would become the header of cached watches' `created` and, through their

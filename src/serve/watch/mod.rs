@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
+use crate::metrics;
 use crate::proto::etcdserverpb::{WatchCreateRequest, WatchRequest};
 use crate::serve::access::Access;
 use crate::serve::passthrough::BoxStream;
@@ -117,7 +118,9 @@ impl Out {
         )
     }
 
-    /// Queues `reply`; `Err` when the client is gone.
+    /// Queues `reply`; `Err` when the client is gone. A full queue (the reply-count
+    /// backstop) blocks the session until its client reads, counted in
+    /// `etcd_fanout_watch_sessions_blocked` and `..._session_blocks_total`.
     pub async fn send(&self, reply: Reply) -> Result<(), ()> {
         self.send_parcel(Parcel::One(reply)).await
     }
@@ -146,11 +149,19 @@ impl Out {
         self.queued
             .bytes
             .fetch_add(n, std::sync::atomic::Ordering::AcqRel);
-        if self.tx.send(parcel).await.is_err() {
+        let sent = match self.tx.try_send(parcel) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+            Err(mpsc::error::TrySendError::Full(parcel)) => {
+                metrics::SESSION_BLOCKS.inc();
+                let _blocked = Blocked::new();
+                self.tx.send(parcel).await.map_err(|_| ())
+            }
+        };
+        if sent.is_err() {
             self.queued.taken(n);
-            return Err(());
         }
-        Ok(())
+        sent
     }
 
     /// True when the queue holds more than the session's byte budget.
@@ -172,6 +183,23 @@ impl Out {
     /// Completes when the client is gone.
     pub async fn closed(&self) {
         self.tx.closed().await
+    }
+}
+
+/// Counts a session in `etcd_fanout_watch_sessions_blocked` while it lives (also when the
+/// waiting send is dropped).
+struct Blocked;
+
+impl Blocked {
+    fn new() -> Blocked {
+        metrics::SESSIONS_BLOCKED.inc();
+        Blocked
+    }
+}
+
+impl Drop for Blocked {
+    fn drop(&mut self) {
+        metrics::SESSIONS_BLOCKED.dec();
     }
 }
 

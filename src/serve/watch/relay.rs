@@ -44,6 +44,7 @@ pub async fn catch_up(
     config: &Config,
 ) -> Option<i64> {
     metrics::CATCHUPS.inc();
+    feed.counters.catchups.inc();
     loop {
         let create = WatchCreateRequest {
             key: spec.shape.key.range.start.clone(),
@@ -52,7 +53,11 @@ pub async fn catch_up(
             prev_kv: true,
             ..Default::default()
         };
-        let mut up = match feed.upstream().open_watch(metadata, create).await {
+        let mut up = match feed
+            .upstream()
+            .open_watch(metrics::Upstream::CatchUp, metadata, create)
+            .await
+        {
             Ok(up) => up,
             Err(e) => {
                 tracing::debug!(error = %e, "catch-up watch failed to open");
@@ -97,12 +102,14 @@ pub async fn catch_up(
                 let mut header = resp.header.unwrap_or_default();
                 header.revision = header.revision.max(*highest_header);
                 *highest_header = header.revision;
+                let n = events.len() as u64;
                 if send_events(out, spec, header, events, config.fragment_threshold())
                     .await
                     .is_err()
                 {
                     return None;
                 }
+                feed.counters.events_out.inc_by(n);
             }
             if resp.fragment {
                 continue;
@@ -128,7 +135,7 @@ pub async fn run_uncached(
     out: Out,
     created: oneshot::Sender<()>,
 ) {
-    let _gauge = WatcherGauge::new();
+    let _gauge = WatcherGauge::new(None);
     let mut created = Some(created);
     let mut request = WatchCreateRequest {
         watch_id: 0,
@@ -141,7 +148,11 @@ pub async fn run_uncached(
         if let Some(n) = next {
             request.start_revision = n;
         }
-        let mut up = match hub.upstream.open_watch(&metadata, request.clone()).await {
+        let mut up = match hub
+            .upstream
+            .open_watch(metrics::Upstream::Forwarded, &metadata, request.clone())
+            .await
+        {
             Ok(up) => up,
             Err(e) => {
                 tracing::debug!(error = %e, "relayed watch failed to open");

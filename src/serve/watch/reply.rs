@@ -37,9 +37,20 @@ pub struct EventsReply {
     pub batches: Vec<Arc<RevBatch>>,
     /// The watch's shape.
     pub shape: Arc<Shape>,
+    /// Sent to a current (synced) watch as part of the live fan-out: the wire encoder
+    /// observes its delivery latency (`etcd_fanout_delivery_latency_seconds`).
+    pub live: bool,
 }
 
 impl EventsReply {
+    /// When the oldest revision of a live reply was received from etcd.
+    pub fn live_since(&self) -> Option<std::time::Instant> {
+        if !self.live {
+            return None;
+        }
+        self.batches.first().map(|b| b.received)
+    }
+
     /// The same response as a message.
     pub fn to_response(&self) -> WatchResponse {
         WatchResponse {

@@ -610,6 +610,7 @@ impl Session {
                 if !self.parked {
                     self.parked = true;
                     metrics::SESSIONS_PARKED.inc();
+                    metrics::SESSION_PARKS.inc();
                 }
                 return Ok(());
             }

@@ -20,7 +20,7 @@ use prost::Message;
 use super::reply::{EventsReply, Reply};
 use super::{Out, WatchSpec};
 use crate::config::Config;
-use crate::metrics;
+use crate::metrics::{self, PrefixCounters};
 use crate::proto::etcdserverpb::{ResponseHeader, WatchResponse};
 use crate::proto::mvccpb::Event;
 use crate::source::cache::{Cache, RevBatch};
@@ -145,12 +145,12 @@ impl CachedWatch {
     pub fn new(feed: Arc<Feed>, spec: WatchSpec, created: &Created) -> CachedWatch {
         CachedWatch {
             spec,
-            feed,
             next: created.start,
             synced: created.synced,
             quiet: true,
             highest_header: created.response.header.map_or(0, |h| h.revision),
-            _gauge: WatcherGauge::new(),
+            _gauge: WatcherGauge::new(Some(&feed.counters.watchers)),
+            feed,
         }
     }
 
@@ -184,17 +184,20 @@ impl CachedWatch {
         let Some(last) = batches.last().map(|b| b.revision) else {
             return Ok(());
         };
+        let counters = &self.feed.counters;
         if self.synced {
+            // A current watch: live fan-out, its delivery latency is observed.
             for b in batches {
                 let header = self.header(b.revision);
-                if send_batches(out, &self.spec, header, vec![b], config).await? > 0 {
+                if send_batches(out, &self.spec, header, vec![b], config, counters, true).await? > 0
+                {
                     self.quiet = false;
                     self.highest_header = header.revision;
                 }
             }
         } else {
             let header = self.header(head);
-            if send_batches(out, &self.spec, header, batches, config).await? > 0 {
+            if send_batches(out, &self.spec, header, batches, config, counters, false).await? > 0 {
                 self.quiet = false;
                 self.highest_header = header.revision;
             }
@@ -230,22 +233,28 @@ impl CachedWatch {
     }
 }
 
-/// Counts a downstream watch in the watcher gauge for as long as it lives.
+/// Counts a downstream watch in the watcher gauge (and its prefix's, if it has one) for as
+/// long as it lives.
 #[derive(Debug)]
-pub struct WatcherGauge(());
+pub struct WatcherGauge(Option<prometheus::IntGauge>);
 
 impl WatcherGauge {
-    /// Increments the gauge; dropping the value decrements it.
-    #[allow(clippy::new_without_default)]
-    pub fn new() -> Self {
+    /// Increments the gauges; dropping the value decrements them.
+    pub fn new(prefix: Option<&prometheus::IntGauge>) -> Self {
         metrics::WATCHERS.inc();
-        WatcherGauge(())
+        if let Some(g) = prefix {
+            g.inc();
+        }
+        WatcherGauge(prefix.cloned())
     }
 }
 
 impl Drop for WatcherGauge {
     fn drop(&mut self) {
         metrics::WATCHERS.dec();
+        if let Some(g) = &self.0 {
+            g.dec();
+        }
     }
 }
 
@@ -273,13 +282,16 @@ pub fn filter_into(spec: &WatchSpec, events: &[Event], out: &mut Vec<Event>) {
 
 /// Sends the events `spec` wants from `batches` in one response (encoded once per shape and
 /// shared), or in fragments when the watch asked for them. Returns how many events went out
-/// (0: nothing was sent).
+/// (0: nothing was sent), counted in the totals and the prefix's `counters`. `live`: the
+/// watch is current, so the wire encoder observes the delivery latency.
 pub async fn send_batches(
     out: &Out,
     spec: &WatchSpec,
     header: ResponseHeader,
     mut batches: Vec<Arc<RevBatch>>,
     config: &Config,
+    counters: &PrefixCounters,
+    live: bool,
 ) -> Result<usize, ()> {
     let mut count = 0;
     batches.retain(|b| {
@@ -295,6 +307,7 @@ pub async fn send_batches(
         watch_id: spec.id,
         batches,
         shape: spec.shape.clone(),
+        live,
     };
     if spec.fragment {
         let resp = reply.to_response();
@@ -311,6 +324,7 @@ pub async fn send_batches(
         out.send(Reply::Events(reply)).await?;
         metrics::EVENTS_SENT.inc_by(count as u64);
     }
+    counters.events_out.inc_by(count as u64);
     Ok(count)
 }
 

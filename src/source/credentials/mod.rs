@@ -274,13 +274,15 @@ impl Credentials {
                     name: login.user.clone(),
                     password: password.expose().to_string(),
                 };
+                metrics::Upstream::Login.inc();
                 match tokio::time::timeout(LOGIN_TIMEOUT, upstream.auth().authenticate(req)).await {
-                    Err(_) => Err(Failure::Unreachable(
-                        "etcd did not answer the login in time".to_string(),
-                    )),
+                    Err(_) => Err(Failure::Unreachable(format!(
+                        "etcd at {} did not answer the login in time",
+                        upstream.endpoints().join(",")
+                    ))),
                     Ok(Err(s)) if s.message() == AUTH_NOT_ENABLED => Ok(None),
                     Ok(Err(s)) if is_transport(&s) => {
-                        Err(Failure::Unreachable(s.message().to_string()))
+                        Err(Failure::Unreachable(upstream.describe(&s)))
                     }
                     Ok(Err(s)) => Err(Failure::Refused(s.message().to_string())),
                     Ok(Ok(resp)) => {
@@ -329,7 +331,7 @@ impl Credentials {
                     .min(MAX_LOGIN_BACKOFF);
                 let message = match failure {
                     Failure::Unreachable(m) => {
-                        tracing::warn!(user = %login.user, error = %m, retry_in = ?again, "etcd login failed: etcd unreachable");
+                        tracing::warn!(user = %login.user, retry_in = ?again, "etcd login failed: {m}");
                         m
                     }
                     Failure::Refused(m) => {

@@ -7,16 +7,22 @@ use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 
 use super::{needs_login, Ticket};
+use crate::metrics;
 use crate::proto::etcdserverpb::{RangeRequest, RangeResponse, WatchCreateRequest};
 use crate::source::upstream::{Upstream, UpstreamWatch};
 
 /// The proxy's own calls: each carries the proxy's token and is retried once after a new
 /// login when etcd refuses the token.
 impl Upstream {
-    /// A Range made for the proxy itself.
-    pub async fn own_range(&self, req: RangeRequest) -> Result<RangeResponse, Status> {
+    /// A Range made for the proxy itself (counted as `kind`).
+    pub async fn own_range(
+        &self,
+        kind: metrics::Upstream,
+        req: RangeRequest,
+    ) -> Result<RangeResponse, Status> {
         let creds = self.credentials();
         let ticket = creds.ticket(self).await;
+        kind.inc();
         match self.kv().range(ticket.request(req.clone())).await {
             Ok(r) => Ok(r.into_inner()),
             Err(s) if needs_login(&s) => {
@@ -26,6 +32,7 @@ impl Upstream {
                     return Err(s);
                 }
                 let ticket = creds.ticket(self).await;
+                kind.inc();
                 self.kv()
                     .range(ticket.request(req))
                     .await
@@ -35,12 +42,16 @@ impl Upstream {
         }
     }
 
-    /// A watch made for the proxy itself, on its own stream. Returns once etcd accepted it;
-    /// a refusal becomes the matching error (e.g. `PermissionDenied`).
-    pub async fn own_watch(&self, create: WatchCreateRequest) -> Result<UpstreamWatch, Status> {
+    /// A watch made for the proxy itself, on its own stream (counted as `kind`). Returns once
+    /// etcd accepted it; a refusal becomes the matching error (e.g. `PermissionDenied`).
+    pub async fn own_watch(
+        &self,
+        kind: metrics::Upstream,
+        create: WatchCreateRequest,
+    ) -> Result<UpstreamWatch, Status> {
         let creds = self.credentials();
         let ticket = creds.ticket(self).await;
-        match self.try_own_watch(&ticket, create.clone()).await {
+        match self.try_own_watch(kind, &ticket, create.clone()).await {
             Err(s) if needs_login(&s) => {
                 tracing::debug!(error = %s.message(), "etcd refused the proxy's token; logging in again");
                 creds.drop_token(&ticket);
@@ -48,7 +59,7 @@ impl Upstream {
                     return Err(s);
                 }
                 let ticket = creds.ticket(self).await;
-                self.try_own_watch(&ticket, create).await
+                self.try_own_watch(kind, &ticket, create).await
             }
             r => r,
         }
@@ -56,12 +67,13 @@ impl Upstream {
 
     async fn try_own_watch(
         &self,
+        kind: metrics::Upstream,
         ticket: &Ticket,
         create: WatchCreateRequest,
     ) -> Result<UpstreamWatch, Status> {
         let mut metadata = MetadataMap::new();
         ticket.insert(&mut metadata);
-        let mut up = self.open_watch(&metadata, create).await?;
+        let mut up = self.open_watch(kind, &metadata, create).await?;
         match up.responses.message().await? {
             None => Err(Status::unavailable("upstream watch stream ended")),
             Some(first) if first.canceled && first.compact_revision == 0 => {

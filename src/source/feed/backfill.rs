@@ -87,7 +87,7 @@ impl Feed {
         };
         let mut up = self
             .upstream
-            .own_watch(create)
+            .own_watch(crate::metrics::Upstream::Watch, create)
             .await
             .map_err(Replay::Failed)?;
         let mut events = Vec::new();
@@ -114,7 +114,7 @@ impl Feed {
                 }
             }
             if done {
-                return Ok(group_by_revision(events));
+                return Ok(group_by_revision(events, std::time::Instant::now()));
             }
         }
     }

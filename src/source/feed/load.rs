@@ -16,13 +16,16 @@ impl Feed {
         loop {
             let resp = self
                 .upstream
-                .own_range(RangeRequest {
-                    key: key.clone(),
-                    range_end: end.clone(),
-                    limit: self.page_size,
-                    revision,
-                    ..Default::default()
-                })
+                .own_range(
+                    crate::metrics::Upstream::Load,
+                    RangeRequest {
+                        key: key.clone(),
+                        range_end: end.clone(),
+                        limit: self.page_size,
+                        revision,
+                        ..Default::default()
+                    },
+                )
                 .await?;
             self.upstream.observe_header(resp.header.as_ref());
             if revision == 0 {

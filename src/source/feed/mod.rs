@@ -72,8 +72,9 @@ pub struct Feed {
     verified: std::sync::Mutex<(i64, i64)>,
     /// Owner of the feed's tasks (watch loop, sync loop, backfills).
     tasks: Tasks,
-    /// `etcd_fanout_prefix_events_received_total{prefix}`, labelled once here.
-    events_received: prometheus::IntCounter,
+    /// The prefix's metric handles (events in and out, watchers, catch-ups), labelled once
+    /// here so the hot paths only add.
+    pub counters: crate::metrics::PrefixCounters,
     /// Queue of linearizable reads waiting for a sync check.
     sync_tx: mpsc::UnboundedSender<oneshot::Sender<Option<SyncPoint>>>,
     /// When the last successful sync check started, and what it found: a request received
@@ -113,7 +114,7 @@ impl Feed {
             backfill_revisions: config.backfill_revisions.min(config.history_revisions) as i64,
             verified: std::sync::Mutex::new((0, 0)),
             tasks: tasks.clone(),
-            events_received: crate::metrics::PREFIX_EVENTS_RECEIVED.with_label_values(&[prefix]),
+            counters: crate::metrics::PrefixCounters::new(prefix),
             sync_tx,
             last_check: Mutex::new(None),
             complete: AtomicI64::new(0),
@@ -237,21 +238,21 @@ impl Feed {
     }
 }
 
-/// Splits events (in etcd's order) into one batch per revision.
-fn group_by_revision(events: Vec<Event>) -> Vec<RevBatch> {
+/// Splits events (in etcd's order, received at `received`) into one batch per revision.
+fn group_by_revision(events: Vec<Event>, received: std::time::Instant) -> Vec<RevBatch> {
     let mut batches: Vec<RevBatch> = Vec::new();
     let mut cur: Vec<Event> = Vec::new();
     let mut cur_rev = 0;
     for ev in events {
         let rev = ev.kv.as_ref().map_or(0, |kv| kv.mod_revision);
         if rev != cur_rev && !cur.is_empty() {
-            batches.push(RevBatch::new(cur_rev, std::mem::take(&mut cur)));
+            batches.push(RevBatch::new(cur_rev, std::mem::take(&mut cur)).received_at(received));
         }
         cur_rev = rev;
         cur.push(ev);
     }
     if !cur.is_empty() {
-        batches.push(RevBatch::new(cur_rev, cur));
+        batches.push(RevBatch::new(cur_rev, cur).received_at(received));
     }
     batches
 }

@@ -111,12 +111,15 @@ impl Feed {
         loop {
             let resp = self
                 .upstream
-                .own_range(RangeRequest {
-                    key: self.range.start.clone(),
-                    range_end: self.range.range_end(),
-                    count_only: true,
-                    ..Default::default()
-                })
+                .own_range(
+                    metrics::Upstream::SyncCheck,
+                    RangeRequest {
+                        key: self.range.start.clone(),
+                        range_end: self.range.range_end(),
+                        count_only: true,
+                        ..Default::default()
+                    },
+                )
                 .await
                 .ok()?;
             self.upstream.observe_header(resp.header.as_ref());
@@ -134,15 +137,18 @@ impl Feed {
             }
             let changed = self
                 .upstream
-                .own_range(RangeRequest {
-                    key: self.range.start.clone(),
-                    range_end: self.range.range_end(),
-                    revision: x,
-                    min_mod_revision: h1 + 1,
-                    keys_only: true,
-                    limit: 1,
-                    ..Default::default()
-                })
+                .own_range(
+                    metrics::Upstream::SyncCheck,
+                    RangeRequest {
+                        key: self.range.start.clone(),
+                        range_end: self.range.range_end(),
+                        revision: x,
+                        min_mod_revision: h1 + 1,
+                        keys_only: true,
+                        limit: 1,
+                        ..Default::default()
+                    },
+                )
                 .await
                 .ok()?;
             if changed.kvs.is_empty() && changed.count == count1 {

@@ -9,14 +9,21 @@ use super::{group_by_revision, Feed, UpstreamState};
 use crate::metrics;
 use crate::proto::etcdserverpb::WatchCreateRequest;
 use crate::proto::mvccpb::Event;
+use crate::throttle::Throttle;
+
+/// While a feed keeps failing, its warning is repeated at most this often (with the count of
+/// failures not logged in between).
+const RETRY_WARN_EVERY: Duration = Duration::from_secs(30);
 
 impl Feed {
     /// Keeps the cache loaded and watched, forever.
     pub(super) async fn run(self: Arc<Self>) {
         let mut need_load = true;
         let mut backoff = Duration::from_millis(100);
-        // Failures in a row: only the first of a run is logged as a warning.
+        // Failures in a row, and their warnings: the first of a run, then one every
+        // `RETRY_WARN_EVERY` with the count of those not logged (the rest are debug lines).
         let mut failures = 0u64;
+        let mut warn = Throttle::new(RETRY_WARN_EVERY);
         loop {
             if need_load {
                 self.health.set_state(UpstreamState::Loading);
@@ -29,10 +36,14 @@ impl Feed {
                     Err(e) => {
                         failures += 1;
                         if !self.complain(&e) {
-                            if failures == 1 {
-                                tracing::warn!(prefix = %self.name, error = %e, "loading prefix failed; retrying");
-                            } else {
-                                tracing::debug!(prefix = %self.name, error = %e, failures, "loading prefix failed");
+                            let error = self.upstream.describe(&e);
+                            match warn.allow() {
+                                Some(repeats) => {
+                                    tracing::warn!(prefix = %self.name, failures, repeats_not_logged = repeats, "loading prefix failed, retrying: {error}")
+                                }
+                                None => {
+                                    tracing::debug!(prefix = %self.name, failures, "loading prefix failed: {error}")
+                                }
                             }
                         }
                         tokio::time::sleep(backoff).await;
@@ -41,7 +52,10 @@ impl Feed {
                     }
                 }
             }
-            match self.watch_once(&mut backoff, &mut failures).await {
+            match self
+                .watch_once(&mut backoff, &mut failures, &mut warn)
+                .await
+            {
                 Ok(compact) => {
                     tracing::warn!(prefix = %self.name, compact, "upstream watch compacted; reloading");
                     self.compaction.observe(compact);
@@ -52,10 +66,14 @@ impl Feed {
                     self.health.set_state(UpstreamState::Resuming);
                     failures += 1;
                     if !self.complain(&e) {
-                        if failures == 1 {
-                            tracing::warn!(prefix = %self.name, error = %e, "upstream watch failed; resuming");
-                        } else {
-                            tracing::debug!(prefix = %self.name, error = %e, failures, "upstream watch failed again");
+                        let error = self.upstream.describe(&e);
+                        match warn.allow() {
+                            Some(repeats) => {
+                                tracing::warn!(prefix = %self.name, failures, repeats_not_logged = repeats, "upstream watch failed, resuming: {error}")
+                            }
+                            None => {
+                                tracing::debug!(prefix = %self.name, failures, "upstream watch failed again: {error}")
+                            }
                         }
                     }
                     metrics::UPSTREAM_WATCH_RESTARTS.inc();
@@ -84,6 +102,7 @@ impl Feed {
         &self,
         backoff: &mut Duration,
         failures: &mut u64,
+        warn: &mut Throttle,
     ) -> Result<i64, tonic::Status> {
         let start = self.cache().head() + 1;
         let create = WatchCreateRequest {
@@ -94,10 +113,14 @@ impl Feed {
             progress_notify: true,
             ..Default::default()
         };
-        let mut up = self.upstream.own_watch(create).await?;
+        let mut up = self
+            .upstream
+            .own_watch(metrics::Upstream::Watch, create)
+            .await?;
         metrics::UPSTREAM_WATCHES.inc();
         let _gauge = scopeguard(|| metrics::UPSTREAM_WATCHES.dec());
         while let Some(resp) = up.message().await? {
+            let received = std::time::Instant::now();
             self.upstream.observe_header(resp.header.as_ref());
             if resp.canceled {
                 if resp.compact_revision > 0 {
@@ -114,6 +137,7 @@ impl Feed {
                 // A healthy watch: the next failure retries quickly again.
                 *backoff = Duration::from_millis(100);
                 *failures = 0;
+                warn.reset();
                 self.ready.store(true, Ordering::Release);
                 self.health.set_state(UpstreamState::Watching);
                 if resp.header.as_ref().is_some_and(|h| h.revision < start) {
@@ -136,14 +160,14 @@ impl Feed {
                 self.publish(head);
                 continue;
             }
-            self.apply_events(resp.events);
+            self.apply_events(resp.events, received);
         }
         Err(tonic::Status::unavailable("upstream watch stream ended"))
     }
 
     /// Groups events by revision and applies each group as one batch.
-    fn apply_events(&self, events: Vec<Event>) {
-        let batches = group_by_revision(events);
+    fn apply_events(&self, events: Vec<Event>, received: std::time::Instant) {
+        let batches = group_by_revision(events, received);
         let n: usize = batches.iter().map(|b| b.events.len()).sum();
         let mut applied = Vec::with_capacity(batches.len());
         let head = {
@@ -158,7 +182,7 @@ impl Feed {
             c.head()
         };
         metrics::UPSTREAM_EVENTS.inc_by(n as u64);
-        self.events_received.inc_by(n as u64);
+        self.counters.events_in.inc_by(n as u64);
         // Sessions registered before the cache lock was released read these revisions from
         // the cache or get a note (or both: their cursors skip what they already have).
         self.index.dispatch(&applied, head);

@@ -45,6 +45,7 @@ pub mod gobase64;
 pub mod json;
 pub mod jsonpb;
 mod mux;
+mod observe;
 mod routes;
 pub mod stream;
 mod streaming;

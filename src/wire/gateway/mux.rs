@@ -16,7 +16,10 @@ use crate::wire::body::ReqBody;
 
 /// Answers one non-gRPC HTTP request.
 pub async fn handle(req: Request<ReqBody>, services: &Services) -> Response<Body> {
+    let start = std::time::Instant::now();
+    let metrics = super::observe::handles(req.uri().path());
     let mut resp = route(req, services).await;
+    super::observe::answered(metrics, resp.status(), start);
     let h = resp.headers_mut();
     // Upstream answers relayed as is already carry them: keep one copy.
     h.remove("access-control-allow-methods");

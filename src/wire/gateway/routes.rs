@@ -226,7 +226,12 @@ const ROUTES: &[(&str, Call)] = &[
 
 /// Gateway routes etcd serves from services the proxy has no gRPC implementation of: relayed
 /// to etcd's own gateway over HTTP.
-const RELAYED_PREFIXES: &[&str] = &["/v3/lock/", "/v3/election/"];
+pub(super) const RELAYED_PREFIXES: &[&str] = &["/v3/lock/", "/v3/election/"];
+
+/// Every `/v3/` route path of [`ROUTES`].
+pub(super) fn route_paths() -> impl Iterator<Item = &'static str> {
+    ROUTES.iter().map(|(p, _)| *p)
+}
 
 /// Answers a request under `/v3/`: a relayed prefix, or a route of [`ROUTES`].
 pub(super) async fn v3(req: Request<ReqBody>, path: &str, services: &Services) -> Response<Body> {

@@ -78,10 +78,17 @@ pub fn watch_chunk(resp: &WatchResponse) -> Bytes {
 }
 
 /// The chunk of one watch session reply; events replies reuse the shared batch encodings.
+/// Called as the connection's writer polls the response body: a live reply's delivery
+/// latency is observed here.
 pub fn reply_chunk(reply: &Reply) -> Bytes {
     let f = match reply {
         Reply::Msg(resp) => return watch_chunk(resp),
-        Reply::Events(f) => f,
+        Reply::Events(f) => {
+            if let Some(at) = f.live_since() {
+                crate::metrics::delivered(crate::metrics::Wire::Json, at);
+            }
+            f
+        }
         // Session streams turn error replies into stream errors; none reaches an encoder.
         Reply::Error(_) => return Bytes::new(),
     };
@@ -182,12 +189,14 @@ mod tests {
                 revision: 5,
                 events: vec![ev(b"/apisix/routes/1", 5, 0), ev(b"/other", 5, 0)],
                 bytes: 0,
+                received: std::time::Instant::now(),
                 encoded: Default::default(),
             }),
             Arc::new(RevBatch {
                 revision: 6,
                 events: vec![ev(b"/apisix/routes/1", 6, 1)],
                 bytes: 0,
+                received: std::time::Instant::now(),
                 encoded: Default::default(),
             }),
         ];
@@ -207,6 +216,7 @@ mod tests {
                 watch_id: 2,
                 batches: batches.clone(),
                 shape,
+                live: false,
             };
             let a = reply_chunk(&Reply::Events(reply.clone()));
             let b = reply_chunk(&Reply::Events(reply.clone()));

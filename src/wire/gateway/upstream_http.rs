@@ -50,6 +50,7 @@ pub async fn send(
     let mut last = String::from("no usable etcd endpoint");
     for ep in upstream.endpoints() {
         let Some(host) = authority(ep) else { continue };
+        crate::metrics::Upstream::Http.inc();
         let mut builder = Request::builder()
             .method(method.clone())
             .uri(path_and_query)
@@ -86,8 +87,8 @@ pub async fn send(
         };
         match tokio::time::timeout(TRY_TIMEOUT, attempt).await {
             Ok(Ok(resp)) => return Ok(resp),
-            Ok(Err(e)) => last = format!("{ep}: {e}"),
-            Err(_) => last = format!("{ep}: timed out"),
+            Ok(Err(e)) => last = format!("etcd at {ep} unreachable: {e}"),
+            Err(_) => last = format!("etcd at {ep} did not answer in time"),
         }
     }
     Err(last)

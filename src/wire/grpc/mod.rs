@@ -1,7 +1,9 @@
-//! gRPC on the wire: the protobuf codec of every generated service, and the two routes served
-//! with encoders of their own that share encoded bytes (`KV/Range`, `Watch/Watch`).
+//! gRPC on the wire: the protobuf codec of every generated service, the two routes served
+//! with encoders of their own that share encoded bytes (`KV/Range`, `Watch/Watch`), and the
+//! request metrics of every call ([`observe`]).
 
 pub mod codec;
+pub mod observe;
 pub mod range;
 pub mod watch;
 

@@ -52,7 +52,14 @@ impl Encoder for ReplyEncoder {
     type Item = Reply;
     type Error = Status;
 
+    /// Called as hyper's HTTP/2 connection polls the response stream for data to send: a
+    /// live reply's delivery latency is observed here.
     fn encode(&mut self, item: Reply, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        if let Reply::Events(e) = &item {
+            if let Some(at) = e.live_since() {
+                crate::metrics::delivered(crate::metrics::Wire::Grpc, at);
+            }
+        }
         encode(&item, dst).map_err(|e| crate::error::Error::Marshal(e).into())
     }
 

@@ -30,7 +30,7 @@ use tonic::Status;
 use super::reply::Reply;
 use super::shape::{Shape, ShapeKey, SHAPES};
 use super::watcher::{self, CachedWatch, Step};
-use super::{relay, Out, WatchSpec, INVALID_WATCH_ID};
+use super::{relay, ConnectionEnding, Out, WatchSpec, INVALID_WATCH_ID};
 use crate::error::{go_status_text, Error, WATCH_DUPLICATE_ID, WATCH_RANGE_EMPTY};
 use crate::keys::KeyRange;
 use crate::metrics;
@@ -43,6 +43,20 @@ use crate::source::feed::Feed;
 use crate::source::hub::Hub;
 use crate::source::index::{Inbox, Note};
 use crate::source::upstream::requires_leader;
+
+/// Completes when the connection asks its streams to end; never without a connection signal
+/// (or when the connection's signal is gone, i.e. the connection itself ended).
+async fn connection_ending(ending: &mut Option<ConnectionEnding>) {
+    match ending {
+        Some(ConnectionEnding(rx)) => {
+            if rx.wait_for(|e| *e).await.is_err() {
+                // The connection is gone; the stream ends with it.
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
 
 /// A catch-up task's result: (watch id, generation, and the revision to resume at with the
 /// highest header sent so far, or `None` if the watch ended).
@@ -133,6 +147,8 @@ pub(super) struct Session {
     /// Progress ticker, created with the first watch that asks for progress notifications
     /// (etcd has one per stream too).
     progress: Option<Pin<Box<tokio::time::Interval>>>,
+    /// The connection's request to end its streams (max connection age), if it can make one.
+    ending: Option<ConnectionEnding>,
 }
 
 impl Session {
@@ -142,6 +158,7 @@ impl Session {
         access: Arc<Access>,
         metadata: MetadataMap,
         out: Out,
+        ending: Option<ConnectionEnding>,
     ) -> Session {
         Session {
             hub,
@@ -159,6 +176,7 @@ impl Session {
             handoffs: None,
             generation: 0,
             progress: None,
+            ending,
         }
     }
 
@@ -194,6 +212,13 @@ impl Session {
                     // End the stream so the client reconnects (to another replica).
                     let status = Status::from(Error::Stopped);
                     let _ = self.out.send(Reply::Error(Box::new(status))).await;
+                    break;
+                }
+                _ = connection_ending(&mut self.ending) => {
+                    // The connection was asked to go away (max age): end the stream after its
+                    // last whole response, so the client resumes on a new connection.
+                    let e = if *shutdown.borrow() { Error::Stopped } else { Error::Draining };
+                    let _ = self.out.send(Reply::Error(Box::new(Status::from(e)))).await;
                     break;
                 }
                 _ = std::future::ready(()), if !queued.is_empty() => {
@@ -761,7 +786,7 @@ mod tests {
         let access = Access::start(&config, upstream.clone(), &tasks);
         let hub = Hub::start(config, upstream, tasks);
         let (tx, _rx, _) = Out::channel(1);
-        let session = Session::new(hub, access, MetadataMap::new(), tx);
+        let session = Session::new(hub, access, MetadataMap::new(), tx, None);
         let requests = futures::stream::empty::<Result<WatchRequest, Status>>();
         let fut = session.run(requests);
         let size = std::mem::size_of_val(&fut);

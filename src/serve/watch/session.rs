@@ -331,6 +331,10 @@ impl Session {
             c.key = bytes::Bytes::from_static(b"\0");
         }
         let range = KeyRange::new(&c.key, &c.range_end);
+        if let Some(feed) = self.hub.feed_for(&range).filter(|_| !range.is_empty()) {
+            // A prefix still loading (this replica just started): wait for it, briefly.
+            feed.wait_ready(self.hub.config.sync_timeout).await;
+        }
         let cacheable = (!range.is_empty())
             .then(|| self.hub.feed_for(&range).filter(|f| f.is_ready()).cloned())
             .flatten();

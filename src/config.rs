@@ -89,6 +89,20 @@ pub struct Config {
     #[arg(long, env = "ETCD_FANOUT_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
 
+    /// A client connection older than this (plus or minus 10 % jitter, as grpc-go's
+    /// `MaxConnectionAge`) is asked to go away so that long-lived clients spread over the
+    /// replicas after a scale-out: HTTP/2 gets a graceful GOAWAY and its watch streams end
+    /// with `Unavailable` (clients resume elsewhere from their next revision), HTTP/1.x closes
+    /// after its current answer (a watch stream ends at a revision boundary). `0`: never.
+    #[arg(long, env = "ETCD_FANOUT_MAX_CONNECTION_AGE", default_value = "0", value_parser = parse_duration)]
+    pub max_connection_age: Duration,
+
+    /// After `--max-connection-age`, how long the connection's other calls (unary calls in
+    /// flight, lease keep-alive streams) get to finish before it is closed (grpc-go's
+    /// `MaxConnectionAgeGrace`).
+    #[arg(long, env = "ETCD_FANOUT_MAX_CONNECTION_AGE_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub max_connection_age_grace: Duration,
+
     /// A prefix whose cache has neither advanced nor been confirmed current by etcd for this
     /// long is stale: `/health` reports it unhealthy and it is served as an etcd member that
     /// lost its leader serves (see ARCHITECTURE.md, "Health"). Idle prefixes are confirmed

@@ -53,6 +53,11 @@ pub enum Error {
     /// `ErrGRPCStopped`).
     #[error("etcdserver: server stopped")]
     Stopped,
+    /// The stream's connection reached `--max-connection-age` and was sent a GOAWAY: its
+    /// watch streams end so the client resumes on a new connection (grpc-go's wording for a
+    /// stream on a draining connection, `errStreamDrain`).
+    #[error("the connection is draining")]
+    Draining,
     /// A request larger than the server accepts (grpc-go's wording).
     #[error("grpc: received message larger than max ({len} vs. {max})")]
     MessageTooLarge {
@@ -92,7 +97,7 @@ impl From<Error> for Status {
             | Error::LeaseProvided
             | Error::KeyNotFound => Code::InvalidArgument,
             Error::FutureRevision | Error::Compacted => Code::OutOfRange,
-            Error::Stopped | Error::NoLeader => Code::Unavailable,
+            Error::Stopped | Error::NoLeader | Error::Draining => Code::Unavailable,
             Error::MessageTooLarge { .. } => Code::ResourceExhausted,
             Error::UnknownService(_) | Error::UnknownMethod { .. } => Code::Unimplemented,
             Error::Marshal(_) => Code::Internal,

@@ -251,6 +251,15 @@ pub static CONNECTIONS_ACCEPTED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// Downstream connections asked to go away at `--max-connection-age`, by protocol.
+pub static CONNECTIONS_AGED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "etcd_fanout_connections_aged_total",
+        "Downstream connections asked to go away at --max-connection-age (HTTP/2 GOAWAY, HTTP/1.x close after the current answer), by protocol.",
+        &["protocol"],
+    )
+});
+
 /// Downstream connections open, by protocol.
 pub static CONNECTIONS_OPEN: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     gauge_vec(
@@ -688,6 +697,7 @@ pub fn init() {
     for protocol in ["http1", "http2"] {
         CONNECTIONS_ACCEPTED.with_label_values(&[protocol]);
         CONNECTIONS_OPEN.with_label_values(&[protocol]);
+        CONNECTIONS_AGED.with_label_values(&[protocol]);
     }
     let _ = (
         &*UPSTREAM_WATCHES,

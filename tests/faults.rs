@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use etcd_fanout::proto::etcdserverpb::{
     kv_client::KvClient, watch_client::WatchClient, watch_request::RequestUnion, CompactionRequest,
-    PutRequest, WatchCreateRequest, WatchRequest, WatchResponse,
+    PutRequest, RangeRequest, WatchCreateRequest, WatchRequest, WatchResponse,
 };
 use testkit::checker::{check, check_all, etcd_revision, wait_done, History, Outcome, Recorder};
 use testkit::cluster::Cluster;
@@ -1302,5 +1302,170 @@ fn sigterm_drains_within_bound() {
             "a new connection during the drain hung for 3 s: the proxy still accepts \
              connections it never serves (listener kept open while draining)"
         );
+    });
+}
+
+/// etcd's watchers (`etcd_debugging_mvcc_watcher_total`), the proxy's downstream watch
+/// streams and its cached downstream watches.
+fn watcher_counts(etcd: &Etcd, proxy: &Proxy) -> (f64, f64, f64) {
+    let m = proxy.metrics();
+    (
+        testkit::etcd_metric(etcd.port, "etcd_debugging_mvcc_watcher_total"),
+        metric_value(&m, "etcd_fanout_watch_streams"),
+        metric_value(&m, "etcd_fanout_watchers"),
+    )
+}
+
+/// Two tiers (issue 13 item 2): etcd <- replica A <- replica B (`--endpoints` is A), 24
+/// watches on B, a writer on etcd. A is SIGKILLed and restarted mid-stream, then etcd is
+/// compacted. B's streams never break and every watch sees every revision exactly once; a new
+/// watch on B from a compacted revision gets etcd's cancel; B holds exactly one watch on A for
+/// its prefix and etcd one watcher (A's) once backfills are done; a linearizable range through
+/// B reports etcd's revision and etcd's keys.
+#[test]
+fn two_tiers_upper_sigkill_and_compaction() {
+    serial_test("two_tiers_upper_sigkill_and_compaction", async {
+        let prefix = "/tt/";
+        let end = testkit::range_end(prefix);
+        let etcd = start_etcd().await;
+        let recorder = Recorder::spawn(vec![etcd.url.clone()]);
+        seed(&etcd.url, prefix, 20).await;
+        let mut a = start_proxy(&etcd.url, &[prefix], &[]).await;
+        let b = start_proxy(&a.url, &[prefix], &[]).await;
+        let streams = open_streams(&b.url, watch_mix(prefix, 2, 8), false).await;
+        let writer = Writer::spawn(
+            vec![etcd.url.clone()],
+            WriterOpts::new(prefix, 30, Duration::from_millis(5)),
+        );
+        wait_acked(&writer, 100, Duration::from_secs(10)).await;
+
+        a = blocking(move || {
+            a.kill();
+            a
+        })
+        .await;
+        let acked = writer.acked();
+        wait_acked(&writer, acked + 50, Duration::from_secs(10)).await;
+        a = blocking(move || {
+            a.restart();
+            a
+        })
+        .await;
+        eprintln!("two tiers: upper replica restarted");
+        let acked = writer.acked();
+        wait_acked(&writer, acked + 100, Duration::from_secs(15)).await;
+
+        // Compaction on etcd at a revision every watcher has passed.
+        let c = etcd_revision(&etcd.url).await.expect("etcd revision");
+        recorder.wait_for(c, Duration::from_secs(10)).await.unwrap();
+        wait_done(
+            &logs_of(&streams),
+            &recorder.history(),
+            c,
+            Duration::from_secs(15),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("before compaction: {e}\n{}", tail(&b.log(), 30)));
+        let mut kv = KvClient::new(lazy_channel(&etcd.url));
+        kv.compact(CompactionRequest {
+            revision: c,
+            physical: true,
+        })
+        .await
+        .expect("compact");
+        recorder.compacted(c);
+        let acked = writer.acked();
+        wait_acked(&writer, acked + 100, Duration::from_secs(10)).await;
+        writer.stop().await;
+
+        let last = etcd_revision(&etcd.url).await.expect("etcd revision");
+        recorder
+            .wait_for(last, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let logs = logs_of(&streams);
+        verify(
+            "two tiers",
+            &etcd.url,
+            &logs,
+            Some(recorder.history()),
+            Duration::from_secs(20),
+            true,
+            || format!("--- A ---\n{}\n--- B ---\n{}", tail(&a.log(), 20), b.log()),
+        )
+        .await;
+
+        // A new watch on B from a compacted revision: etcd's cancel, within the compaction
+        // poll (B learns it through A).
+        let want = first_responses(&etcd.url, prefix, &end, 2).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = first_responses(&b.url, prefix, &end, 2).await;
+            let shape = |r: &[WatchResponse]| {
+                r.iter()
+                    .map(|r| {
+                        (
+                            r.created,
+                            r.canceled,
+                            r.compact_revision,
+                            r.cancel_reason.clone(),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            };
+            if shape(&got) == shape(&want) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "watch from a compacted revision through two tiers: {got:?}, etcd: {want:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+
+        // A linearizable range through B: etcd's revision and keys.
+        let range = |url: String| {
+            let end = end.clone();
+            async move {
+                let mut kv = KvClient::new(lazy_channel(&url));
+                let r = kv
+                    .range(RangeRequest {
+                        key: Bytes::from(prefix),
+                        range_end: end,
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("range")
+                    .into_inner();
+                let kvs: Vec<_> = r
+                    .kvs
+                    .iter()
+                    .map(|kv| (kv.key.clone(), kv.mod_revision))
+                    .collect();
+                (r.header.map_or(0, |h| h.revision), kvs)
+            }
+        };
+        let (b_rev, b_kvs) = range(b.url.clone()).await;
+        let (e_rev, e_kvs) = range(etcd.url.clone()).await;
+        assert_eq!(
+            (b_rev, &b_kvs),
+            (e_rev, &e_kvs),
+            "linearizable range through two tiers"
+        );
+
+        // One watch of B on A, one watcher on etcd (A's), once backfills and probes are over
+        // (and the test's own history recorder, a direct etcd watcher, has stopped).
+        drop(recorder);
+        let settled = |etcd: &Etcd, a: &Proxy| watcher_counts(etcd, a) == (1.0, 1.0, 1.0);
+        let deadline = Instant::now() + Duration::from_secs(40);
+        while !settled(&etcd, &a) {
+            assert!(
+                Instant::now() < deadline,
+                "watchers (etcd, A's streams, A's cached watches) = {:?}: expected (1, 1, 1)\n--- A ---\n{}",
+                watcher_counts(&etcd, &a),
+                tail(&a.log(), 30)
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     });
 }

@@ -566,3 +566,200 @@ fn sigterm_rollout_moves_watchers_without_loss() {
         }
     });
 }
+
+/// Watchers of each kind the max-age test runs.
+const AGED_GRPC: usize = 12;
+const AGED_HTTP: usize = 4;
+
+/// A watcher that moves between replicas as a Service would send it: starts on `urls[0]`,
+/// and each time its stream ends resumes from its last revision + 1 on the next URL in turn.
+/// Returns how each stream ended and how long it had lived.
+async fn grpc_moving_watcher(
+    urls: Vec<String>,
+    prefix: String,
+    base: i64,
+    seen: Seen,
+    until: Instant,
+) -> Vec<(Option<tonic::Status>, Duration)> {
+    let mut ends = Vec::new();
+    for url in urls.iter().cycle() {
+        if Instant::now() > until || seen.lock().unwrap().len() >= WRITES {
+            break;
+        }
+        let last = seen.lock().unwrap().last().copied().unwrap_or(base);
+        let t = Instant::now();
+        let end = grpc_watch(url.clone(), prefix.clone(), last + 1, seen.clone(), until).await;
+        ends.push((end, t.elapsed()));
+    }
+    ends
+}
+
+/// `etcdctl watch` (etcd's Go client) on `endpoints` from `start`: the revision of every event
+/// it prints, until [`WRITES`] of them or `until` (then it is killed).
+fn etcdctl_watch(endpoints: &str, prefix: &str, start: i64, seen: Seen, until: Instant) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", endpoints, "watch", "--prefix", prefix])
+        .args(["--rev", &start.to_string(), "-w", "json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run etcdctl watch");
+    let stdout = child.stdout.take().expect("etcdctl stdout");
+    let pid = child.id();
+    // The reader ends when etcdctl is killed (its stdout closes).
+    let killer = std::thread::spawn({
+        let seen = seen.clone();
+        move || {
+            while Instant::now() < until && seen.lock().unwrap().len() < WRITES {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            signal(pid, "KILL");
+        }
+    });
+    for line in std::io::BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        let events = v["Events"].as_array().cloned().unwrap_or_default();
+        seen.lock().unwrap().extend(
+            events
+                .iter()
+                .map(|e| e["kv"]["mod_revision"].as_i64().unwrap_or(-1)),
+        );
+    }
+    let _ = killer.join();
+    let _ = child.wait();
+}
+
+/// `--max-connection-age` rebalances long-lived connections: gRPC and HTTP watchers connected
+/// to replica A (age 3 s, grace 2 s) have their connections ended after the age (gRPC: GOAWAY
+/// then `Unavailable` "the connection is draining"; HTTP: the watch stream ends cleanly at a
+/// revision boundary and the connection closes), and each resumes from its last revision + 1
+/// on the next replica in turn, with every revision exactly once. etcd's Go client
+/// (`etcdctl watch` on A) reconnects by itself and prints every revision once. Streams on A
+/// live at least the age minus its jitter.
+#[test]
+fn max_connection_age_moves_watchers_without_loss() {
+    let _s = serial();
+    rt().block_on(async {
+        let prefix = "/ma/";
+        let etcd = Etcd::start();
+        let base = put(&etcd.url, "/ma/seed", "0").await;
+        let a = Proxy::start_with(
+            &etcd.url,
+            &[prefix],
+            &["--max-connection-age", "3s", "--max-connection-age-grace", "2s"],
+        );
+        let b = Proxy::start(&etcd.url, &[prefix]);
+        let until = Instant::now() + Duration::from_secs(60);
+
+        let mut grpc = Vec::new();
+        for i in 0..AGED_GRPC {
+            // Half come back to A (and are aged again), half go on to B.
+            let urls = if i % 2 == 0 {
+                vec![a.url.clone(), a.url.clone()]
+            } else {
+                vec![a.url.clone(), b.url.clone()]
+            };
+            let seen: Seen = Arc::default();
+            let task = tokio::spawn(grpc_moving_watcher(
+                urls,
+                prefix.to_string(),
+                base,
+                seen.clone(),
+                until,
+            ));
+            grpc.push((seen, task));
+        }
+        let mut http = Vec::new();
+        for i in 0..AGED_HTTP {
+            let ports = if i % 2 == 0 { [a.port, a.port] } else { [a.port, b.port] };
+            let seen: Seen = Arc::default();
+            let s = seen.clone();
+            let task = tokio::task::spawn_blocking(move || {
+                let mut ends = Vec::new();
+                for port in ports.iter().cycle() {
+                    if Instant::now() > until || s.lock().unwrap().len() >= WRITES {
+                        break;
+                    }
+                    let last = s.lock().unwrap().last().copied().unwrap_or(base);
+                    let t = Instant::now();
+                    let end = http_watch(*port, "/ma/", last + 1, s.clone(), until);
+                    ends.push((end, t.elapsed()));
+                }
+                ends
+            });
+            http.push((seen, task));
+        }
+        let go_seen: Seen = Arc::default();
+        let go = {
+            let (endpoints, seen) = (a.url.clone(), go_seen.clone());
+            tokio::task::spawn_blocking(move || {
+                etcdctl_watch(&endpoints, "/ma/", base + 1, seen, until)
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        // Writer: WRITES puts on etcd, one every 25 ms (over several ages).
+        let mut kv = KvClient::new(testkit::channel(&etcd.url).await);
+        let mut written = Vec::new();
+        for i in 0..WRITES {
+            let r = kv
+                .put(PutRequest {
+                    key: Bytes::from(format!("/ma/k{}", i % 13)),
+                    value: Bytes::from(format!("v{i}")),
+                    ..Default::default()
+                })
+                .await
+                .expect("writer put");
+            written.push(r.into_inner().header.map_or(0, |h| h.revision));
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+
+        let mut grpc_moves = 0;
+        for (i, (seen, task)) in grpc.into_iter().enumerate() {
+            let ends = task.await.expect("grpc watcher");
+            let seen = seen.lock().unwrap().clone();
+            assert_eq!(seen, written, "gRPC watcher {i}: every revision once, in order ({ends:?})");
+            let aged: Vec<_> = ends.iter().filter(|(e, _)| e.is_some()).collect();
+            assert!(!aged.is_empty(), "gRPC watcher {i} never moved: {ends:?}");
+            for (end, lived) in aged {
+                let end = end.as_ref().expect("ended");
+                assert_eq!(
+                    (end.code(), end.message()),
+                    (Code::Unavailable, "the connection is draining"),
+                    "gRPC watcher {i}"
+                );
+                assert!(
+                    *lived >= Duration::from_millis(2600),
+                    "gRPC watcher {i}: a stream ended after {lived:?}, before the max age less its jitter"
+                );
+                grpc_moves += 1;
+            }
+        }
+        let mut http_moves = 0;
+        for (i, (seen, task)) in http.into_iter().enumerate() {
+            let ends = task.await.expect("http watcher");
+            let seen = seen.lock().unwrap().clone();
+            assert_eq!(seen, written, "HTTP watcher {i}: every revision once, in order ({ends:?})");
+            let moved = ends.iter().filter(|(e, _)| *e == Ok(true)).count();
+            assert!(moved > 0, "HTTP watcher {i} never moved: {ends:?}");
+            assert!(
+                ends.iter().all(|(e, _)| e.is_ok()),
+                "HTTP watcher {i}: a stream failed: {ends:?}"
+            );
+            http_moves += moved;
+        }
+        go.await.expect("etcdctl watcher");
+        let go_seen = go_seen.lock().unwrap().clone();
+        assert_eq!(go_seen, written, "etcdctl watch: every revision once, in order");
+        let aged_h2 = testkit::metric_value(&a.metrics(), "etcd_fanout_connections_aged_total");
+        eprintln!(
+            "max age: {grpc_moves} gRPC and {http_moves} HTTP stream moves, {aged_h2} connections aged on A"
+        );
+        assert!(aged_h2 >= (AGED_GRPC + AGED_HTTP) as f64, "aged connections: {aged_h2}");
+    });
+}

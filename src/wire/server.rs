@@ -31,8 +31,8 @@ use tower::ServiceExt;
 use crate::serve::Services;
 use crate::tls::identity::{self, CnPolicy, Peer};
 use crate::tls::server::ServerTls;
-use crate::wire::http1;
 use crate::wire::transport::Transport;
+use crate::wire::{age, http1};
 use crate::wire::{gateway, grpc};
 
 fn is_grpc<B>(req: &http::Request<B>) -> bool {
@@ -292,6 +292,7 @@ pub async fn serve(
         header: services.hub.config.request_header_timeout,
         idle: services.hub.config.idle_timeout,
     };
+    let max_age = age::MaxAge::from_config(&services.hub.config);
     loop {
         let (mut stream, _peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -318,6 +319,7 @@ pub async fn serve(
             h2: h2.clone(),
             shutdown: conn_shutdown_tx.subscribe(),
             timeouts,
+            max_age,
         };
         let tls = tls.clone();
         conns.spawn(async move {
@@ -372,6 +374,8 @@ struct Connection {
     shutdown: watch::Receiver<bool>,
     /// The HTTP/1.x deadlines.
     timeouts: http1::Timeouts,
+    /// The connection's maximum age, if any.
+    max_age: Option<age::MaxAge>,
 }
 
 impl Connection {
@@ -388,8 +392,9 @@ impl Connection {
             routes,
             services,
             h2,
-            mut shutdown,
+            shutdown,
             timeouts,
+            max_age,
         } = self;
         let label = match protocol {
             Protocol::Http1 => "http1",
@@ -401,34 +406,57 @@ impl Connection {
         let open = crate::metrics::CONNECTIONS_OPEN.with_label_values(&[label]);
         open.inc();
         let _open = OpenGuard(open);
+        let mut life = age::Life::new(shutdown, max_age, accepted, label);
         match protocol {
             Protocol::Http1 => {
+                let signal = life.ending.signal();
                 let handle = move |mut req| -> Answer {
                     if let Some(refusal) = info.admit_http(&mut req) {
                         return Box::pin(async move { refusal });
                     }
+                    req.extensions_mut().insert(signal.clone());
                     let services = services.clone();
                     Box::pin(async move { gateway::handle(req, &services).await })
                 };
-                http1::serve(stream, read, handle, shutdown, timeouts, accepted).await;
+                // The connection's own flag: it stops taking requests (and closes after the
+                // current answer) when asked to end.
+                let flag = life.ending.flag();
+                let mut conn =
+                    std::pin::pin!(http1::serve(stream, read, handle, flag, timeouts, accepted));
+                loop {
+                    tokio::select! {
+                        _ = conn.as_mut() => break,
+                        // The flag makes the server stop; only a closing turn matters here.
+                        turn = life.next() => if turn == age::Turn::Close { break },
+                    }
+                }
             }
             Protocol::Http2 => {
                 let io = Rewind {
                     prefix: read.freeze(),
                     inner: stream,
                 };
-                let svc = hyper::service::service_fn(move |req| {
+                let signal = life.ending.signal();
+                let svc = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+                    req.extensions_mut().insert(signal.clone());
                     let answer = h2_request(req, routes.clone(), services.clone(), &info);
                     async move { Ok::<_, Infallible>(answer.await) }
                 });
                 let mut conn = std::pin::pin!(h2.serve_connection(TokioIo::new(io), svc));
-                tokio::select! {
-                    r = conn.as_mut() => if let Err(e) = r {
-                        tracing::debug!(error = %e, "connection ended");
-                    },
-                    _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = conn.await;
+                loop {
+                    tokio::select! {
+                        r = conn.as_mut() => {
+                            if let Err(e) = r {
+                                tracing::debug!(error = %e, "connection ended");
+                            }
+                            break;
+                        }
+                        turn = life.next() => match turn {
+                            // GOAWAY, so that the streams the sessions end now are reopened
+                            // on a new connection.
+                            age::Turn::AskToEnd => conn.as_mut().graceful_shutdown(),
+                            age::Turn::Close => break,
+                        },
                     }
                 }
             }

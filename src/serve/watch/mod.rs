@@ -203,6 +203,15 @@ impl Drop for Blocked {
     }
 }
 
+/// A connection's request that its watch streams end (its `--max-connection-age` passed and
+/// it was sent a GOAWAY, or it is closing after its current HTTP/1.x answer): the listener
+/// attaches it to every request as an extension. A session ends its stream with `Unavailable`
+/// "the connection is draining" after its last whole response once it turns true (an HTTP
+/// watch stream then ends cleanly), and the client resumes on a new connection from its next
+/// revision.
+#[derive(Debug, Clone)]
+pub struct ConnectionEnding(pub tokio::sync::watch::Receiver<bool>);
+
 /// What one downstream watch asked for.
 #[derive(Debug, Clone)]
 pub struct WatchSpec {
@@ -235,12 +244,18 @@ impl WatchService {
 
     /// Like [`WatchService::session`], with events responses left as shared [`Reply`]s for
     /// encoders that write them once per shape.
-    pub fn session<S>(&self, metadata: MetadataMap, requests: S) -> BoxStream<Reply>
+    /// The stream ends when `ending` (its connection's) turns true.
+    pub fn session<S>(
+        &self,
+        metadata: MetadataMap,
+        ending: Option<ConnectionEnding>,
+        requests: S,
+    ) -> BoxStream<Reply>
     where
         S: Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
     {
         let (tx, rx, queued) = Out::channel(SESSION_BUFFER);
-        let session = Session::new(self.hub.clone(), self.access.clone(), metadata, tx);
+        let session = Session::new(self.hub.clone(), self.access.clone(), metadata, tx, ending);
         self.hub.tasks.spawn(session.run(requests));
         Box::pin(Replies {
             rx,

@@ -32,7 +32,7 @@ use tonic::Status;
 use super::reply::Reply;
 use super::shape::{Shape, ShapeKey, SHAPES};
 use super::watcher::{self, CachedWatch, Step};
-use super::{relay, Out, WatchSpec, INVALID_WATCH_ID};
+use super::{relay, ConnectionEnding, Out, WatchSpec, INVALID_WATCH_ID};
 use crate::error::{go_status_text, Error, WATCH_DUPLICATE_ID, WATCH_RANGE_EMPTY};
 use crate::keys::KeyRange;
 use crate::metrics;
@@ -45,6 +45,20 @@ use crate::source::feed::Feed;
 use crate::source::hub::Hub;
 use crate::source::index::{Inbox, Note};
 use crate::source::upstream::requires_leader;
+
+/// Completes when the connection asks its streams to end; never without a connection signal
+/// (or when the connection's signal is gone, i.e. the connection itself ended).
+async fn connection_ending(ending: &mut Option<ConnectionEnding>) {
+    match ending {
+        Some(ConnectionEnding(rx)) => {
+            if rx.wait_for(|e| *e).await.is_err() {
+                // The connection is gone; the stream ends with it.
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
 
 /// A catch-up task's result: (watch id, generation, and the revision to resume at with the
 /// highest header sent so far, or `None` if the watch ended).
@@ -147,6 +161,8 @@ pub(super) struct Session {
     /// Plain responses (created, canceled, progress) not queued yet: queued together as one
     /// parcel, so a burst of creates is written in a few large DATA frames, not one each.
     staged: Vec<Reply>,
+    /// The connection's request to end its streams (max connection age), if it can make one.
+    ending: Option<ConnectionEnding>,
 }
 
 /// What the request reader hands the session.
@@ -167,6 +183,7 @@ impl Session {
         access: Arc<Access>,
         metadata: MetadataMap,
         out: Out,
+        ending: Option<ConnectionEnding>,
     ) -> Session {
         Session {
             hub,
@@ -186,6 +203,7 @@ impl Session {
             progress: None,
             held: HashMap::new(),
             staged: Vec::new(),
+            ending,
         }
     }
 
@@ -214,6 +232,13 @@ impl Session {
                     // End the stream so the client reconnects (to another replica).
                     let status = Status::from(Error::Stopped);
                     let _ = self.end(status).await;
+                    break;
+                }
+                _ = connection_ending(&mut self.ending) => {
+                    // The connection was asked to go away (max age): end the stream after its
+                    // last whole response, so the client resumes on a new connection.
+                    let e = if *shutdown.borrow() { Error::Stopped } else { Error::Draining };
+                    let _ = self.end(Status::from(e)).await;
                     break;
                 }
                 item = incoming.recv(), if requests_open => {
@@ -359,6 +384,10 @@ impl Session {
             c.key = bytes::Bytes::from_static(b"\0");
         }
         let range = KeyRange::new(&c.key, &c.range_end);
+        if let Some(feed) = self.hub.feed_for(&range).filter(|_| !range.is_empty()) {
+            // A prefix still loading (this replica just started): wait for it, briefly.
+            feed.wait_ready(self.hub.config.sync_timeout).await;
+        }
         let cacheable = (!range.is_empty())
             .then(|| self.hub.feed_for(&range).filter(|f| f.is_ready()).cloned())
             .flatten();
@@ -923,7 +952,7 @@ mod tests {
         let access = Access::start(&config, upstream.clone(), &tasks);
         let hub = Hub::start(config, upstream, tasks);
         let (tx, _rx, _) = Out::channel(1);
-        let session = Session::new(hub, access, MetadataMap::new(), tx);
+        let session = Session::new(hub, access, MetadataMap::new(), tx, None);
         let requests = futures::stream::empty::<Result<WatchRequest, Status>>();
         let fut = session.run(requests);
         let size = std::mem::size_of_val(&fut);

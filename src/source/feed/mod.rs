@@ -41,6 +41,11 @@ use crate::tasks::Tasks;
 pub use health::{Health, UpstreamState};
 pub use sync::SyncPoint;
 
+/// How long after a feed's start watch creates wait for its first load (see
+/// [`Feed::wait_ready`]); later, an unready feed is one etcd refuses to the proxy, and creates
+/// go to etcd at once.
+const LOAD_WAIT_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A configured prefix, its cache and its upstream watch.
 #[derive(Debug)]
 pub struct Feed {
@@ -57,6 +62,10 @@ pub struct Feed {
     /// True once the prefix is loaded and watched (it stays true: see [`Health`] for what
     /// holds now).
     ready: AtomicBool,
+    /// Woken when the feed turns ready.
+    ready_notify: tokio::sync::Notify,
+    /// When the feed was started: a watch create waits for its first load only shortly after.
+    started: tokio::time::Instant,
     /// Upstream watch state and currency of the cache.
     pub health: Health,
     /// The etcd cluster.
@@ -107,6 +116,8 @@ impl Feed {
             head_tx,
             index: Index::default(),
             ready: AtomicBool::new(false),
+            ready_notify: tokio::sync::Notify::new(),
+            started: tokio::time::Instant::now(),
             health: Health::new(config.stale_after),
             upstream,
             compaction,
@@ -151,6 +162,30 @@ impl Feed {
     /// still current is [`Feed::health`]'s).
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// Waits (at most `timeout`) for the feed's first load if the feed is still in its first
+    /// moments ([`LOAD_WAIT_WINDOW`] after its start); true if it is ready. A watch created
+    /// while its prefix loads (clients reconnecting to a restarted replica, a lower tier
+    /// resuming on a restarted upper one) then joins the cache instead of holding an etcd watch
+    /// of its own for its whole life.
+    pub async fn wait_ready(&self, timeout: std::time::Duration) -> bool {
+        let deadline = (tokio::time::Instant::now() + timeout).min(self.started + LOAD_WAIT_WINDOW);
+        loop {
+            let woken = self.ready_notify.notified();
+            if self.is_ready() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                return self.is_ready();
+            }
+        }
+    }
+
+    /// Marks the feed ready (loaded and watched) and wakes creates waiting for it.
+    fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+        self.ready_notify.notify_waiters();
     }
 
     /// etcd's compaction revision as known.

@@ -138,7 +138,7 @@ impl Feed {
                 *backoff = Duration::from_millis(100);
                 *failures = 0;
                 warn.reset();
-                self.ready.store(true, Ordering::Release);
+                self.set_ready();
                 self.health.set_state(UpstreamState::Watching);
                 if resp.header.as_ref().is_some_and(|h| h.revision < start) {
                     // etcd is at the cached head: the cache is current.

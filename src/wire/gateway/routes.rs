@@ -27,6 +27,7 @@ use crate::proto::etcdserverpb::lease_server::Lease;
 use crate::proto::etcdserverpb::maintenance_server::Maintenance;
 use crate::proto::etcdserverpb::*;
 use crate::serve::kv::RangeAnswer;
+use crate::serve::watch::ConnectionEnding;
 use crate::serve::Services;
 use crate::wire::body::ReqBody;
 use crate::wire::grpc::MAX_DECODING_MESSAGE;
@@ -251,7 +252,10 @@ pub(super) async fn v3(req: Request<ReqBody>, path: &str, services: &Services) -
         Err(e) => return body_error(&*e),
     };
     let unary = match call {
-        Call::Watch => return streaming::watch(services, md, body).await,
+        Call::Watch => {
+            let ending = parts.extensions.get::<ConnectionEnding>().cloned();
+            return streaming::watch(services, md, ending, body).await;
+        }
         Call::KeepAlive => return streaming::keep_alive(services, md, body).await,
         Call::Snapshot => return streaming::snapshot(services, md, body).await,
         Call::Range => None,

@@ -16,6 +16,7 @@ use crate::proto::etcdserverpb::{
     LeaseKeepAliveRequest, LeaseKeepAliveResponse, SnapshotRequest, SnapshotResponse, WatchRequest,
 };
 use crate::serve::passthrough::BoxStream;
+use crate::serve::watch::ConnectionEnding;
 use crate::serve::Services;
 
 /// Decodes every request message of a streaming call's body. `Err` when the first one is
@@ -100,7 +101,12 @@ where
 
 /// `POST /v3/watch`: a watch session fed with the body's requests, answered from the cache.
 /// The session lives as long as the response body (the client's connection).
-pub(super) async fn watch(services: &Services, md: MetadataMap, body: Bytes) -> Response<Body> {
+pub(super) async fn watch(
+    services: &Services,
+    md: MetadataMap,
+    ending: Option<ConnectionEnding>,
+    body: Bytes,
+) -> Response<Body> {
     let reqs: Vec<WatchRequest> = match stream_requests("etcdserverpb.WatchRequest", &body) {
         Ok(r) => r,
         Err(e) => return error_response(Code::Unknown, &e, false),
@@ -109,16 +115,21 @@ pub(super) async fn watch(services: &Services, md: MetadataMap, body: Bytes) -> 
         // etcd opens the stream, sends nothing and never answers.
         return futures::future::pending::<Response<Body>>().await;
     }
-    let session = services
-        .watch
-        .session(md, futures::stream::iter(reqs.into_iter().map(Ok)));
-    // A proxy shutdown ends the stream cleanly after the last whole response (a revision
-    // boundary), so an HTTP client resumes elsewhere from the next revision without an error.
-    let stopped = crate::error::Error::Stopped.to_string();
+    let session =
+        services
+            .watch
+            .session(md, ending, futures::stream::iter(reqs.into_iter().map(Ok)));
+    // A proxy shutdown, or the connection's max age, ends the stream cleanly after the last
+    // whole response (a revision boundary), so an HTTP client resumes elsewhere from the next
+    // revision without an error.
+    let ends = [
+        crate::error::Error::Stopped.to_string(),
+        crate::error::Error::Draining.to_string(),
+    ];
     let session = session
         .take_while(move |item| {
             futures::future::ready(!matches!(item, Err(s)
-                if s.code() == Code::Unavailable && s.message() == stopped))
+                if s.code() == Code::Unavailable && ends.iter().any(|m| m == s.message())))
         })
         .boxed();
     streaming(session, stream::reply_chunk, true).await

@@ -17,7 +17,7 @@ use tonic::{Status, Streaming};
 use crate::proto::etcdserverpb::{WatchRequest, WatchResponse};
 use crate::serve::passthrough::BoxStream;
 use crate::serve::watch::reply::Reply;
-use crate::serve::watch::WatchService;
+use crate::serve::watch::{ConnectionEnding, WatchService};
 
 /// Writes `reply` as an encoded WatchResponse: the header and watch id, then the shared
 /// event bytes.
@@ -122,8 +122,11 @@ impl StreamingService<WatchRequest> for Handler {
     type Future = std::future::Ready<Result<tonic::Response<BoxStream<Reply>>, Status>>;
 
     fn call(&mut self, request: tonic::Request<Streaming<WatchRequest>>) -> Self::Future {
-        let (metadata, _, stream) = request.into_parts();
-        std::future::ready(Ok(tonic::Response::new(self.0.session(metadata, stream))))
+        let (metadata, extensions, stream) = request.into_parts();
+        let ending = extensions.get::<ConnectionEnding>().cloned();
+        std::future::ready(Ok(tonic::Response::new(
+            self.0.session(metadata, ending, stream),
+        )))
     }
 }
 

@@ -138,6 +138,12 @@ pub async fn serve<S, F, Fut>(
                 }
             }
         };
+        // Asked to end meanwhile (max connection age, shutdown): this answer is the last one
+        // (`Connection: close`).
+        let asked = Asked {
+            keep_alive: asked.keep_alive && !*shutdown.borrow(),
+            ..asked
+        };
         match write_response(s, &mut buf, response, asked).await {
             Ok(true) => {}
             _ => return,

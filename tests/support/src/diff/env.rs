@@ -141,30 +141,46 @@ pub async fn start_proxy(etcd_url: &str, prefixes: &[String], extra: &[String]) 
     panic!("proxy did not start: {last}");
 }
 
-/// Two fresh etcds and, unless in self-check mode, a proxy in front of the second.
+/// Two-tier mode (`ETCD_FANOUT_TEST_TIERS=2`): the target proxy's upstream is another
+/// etcd-fanout replica (the upper tier) in front of the second etcd, so every differential
+/// suite runs through two tiers.
+pub fn two_tiers() -> bool {
+    std::env::var("ETCD_FANOUT_TEST_TIERS").is_ok_and(|v| v.trim() == "2")
+}
+
+/// Two fresh etcds and, unless in self-check mode, a proxy in front of the second (in
+/// two-tier mode, a proxy in front of a proxy in front of the second).
 pub struct Env {
     pub a: Etcd,
     pub b: Etcd,
+    /// The upper replica in two-tier mode.
+    pub upper: Option<Proxy>,
     pub proxy: Option<Proxy>,
 }
 
 impl Env {
     pub async fn start(opts: Opts) -> Env {
         let (a, b) = tokio::join!(start_etcd(&opts.etcd_args), start_etcd(&opts.etcd_args));
+        let upper = if !selfcheck() && two_tiers() {
+            Some(start_proxy(&b.url, &opts.prefixes, &opts.proxy_args).await)
+        } else {
+            None
+        };
+        let upstream = upper.as_ref().map_or(b.url.clone(), |u| u.url.clone());
         let proxy = if selfcheck() {
             None
         } else {
-            Some(start_proxy(&b.url, &opts.prefixes, &opts.proxy_args).await)
+            Some(start_proxy(&upstream, &opts.prefixes, &opts.proxy_args).await)
         };
         eprintln!(
             "differential env: reference etcd {} | target {}",
             a.url,
             match &proxy {
-                Some(p) => format!("etcd-fanout {} -> etcd {}", p.url, b.url),
+                Some(p) => format!("etcd-fanout {} -> {upstream} -> etcd {}", p.url, b.url),
                 None => format!("plain etcd {} (self-check)", b.url),
             }
         );
-        Env { a, b, proxy }
+        Env { a, b, upper, proxy }
     }
 
     pub fn reference(&self) -> Side {
@@ -190,7 +206,12 @@ impl Env {
     }
 
     pub fn target_log(&self) -> String {
-        self.proxy.as_ref().map(|p| p.log()).unwrap_or_default()
+        let upper = self
+            .upper
+            .as_ref()
+            .map(|u| format!("--- upper tier ---\n{}\n--- lower tier ---\n", u.log()))
+            .unwrap_or_default();
+        upper + &self.proxy.as_ref().map(|p| p.log()).unwrap_or_default()
     }
 }
 

@@ -1679,4 +1679,52 @@ mod tests {
         t.on_event(3, 13);
         assert_eq!(t.out_of_order, 3);
     }
+
+    #[test]
+    fn filtered_tracks_skip_what_they_do_not_see() {
+        use crate::layout::{Filter, Shape};
+        let writes = Writes {
+            delete_every: 3,
+            keys: 10,
+        };
+        // NODELETE: writes 0, 1, 3, 4 (2 and 5 are deletes).
+        let mut t = Track::shaped(
+            0,
+            0,
+            Shape {
+                filter: Filter::NoDelete,
+                prev_kv: false,
+            },
+            writes,
+        );
+        assert!(t.on_event(0, 10));
+        assert!(t.on_event(1, 11));
+        assert!(t.on_event(3, 13));
+        assert_eq!((t.out_of_order, t.bad), (0, 0));
+        assert!(!t.on_event(5, 15)); // a delete it filtered out
+        assert_eq!(t.bad, 1);
+        assert_eq!(t.expected(6), 4);
+        assert_eq!(t.missing(6), 1); // write 4
+                                     // NOPUT: only the deletes, claimed in order and checked against the revisions.
+        let mut d = Track::shaped(
+            0,
+            0,
+            Shape {
+                filter: Filter::NoPut,
+                prev_kv: true,
+            },
+            writes,
+        );
+        assert_eq!(d.claim_delete(12), Some(2));
+        assert!(d.on_event(2, 12));
+        assert_eq!(d.claim_delete(15), Some(5));
+        assert!(d.on_event(5, 15));
+        assert_eq!(d.missing(6), 0);
+        let revs = [10, 11, 12, 13, 14, 16];
+        assert_eq!(d.verify_claims(&revs), 1); // write 5 was at revision 16
+        assert_eq!(d.out_of_order, 1);
+        // A put-only track never claims a delete.
+        let mut p = Track::shaped(0, 0, Shape::PLAIN, writes);
+        assert_eq!(p.claim_delete(10), None);
+    }
 }

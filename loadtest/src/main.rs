@@ -9,7 +9,9 @@
 //! See loadtest/README.md for every knob. Exits non-zero when any target had a correctness
 //! error (missing, duplicated or out-of-order event, stream error) or could not run.
 
+mod goclient;
 mod http1;
+mod layout;
 mod procs;
 mod report;
 mod stats;
@@ -30,6 +32,7 @@ use tokio::sync::{watch, Semaphore};
 use tonic::transport::Channel;
 
 use http1::BoxError;
+use layout::{Layout, LayoutArgs};
 use procs::{PhaseUsage, Proc, Sampler};
 use stats::{CounterDelta, EtcdCounters, LatencySummary};
 use work::{Plan, Resume, Shared, Track};
@@ -99,6 +102,35 @@ struct Args {
     /// Watched prefixes; watcher i watches prefix i % N.
     #[arg(long, default_value_t = 1)]
     prefixes: usize,
+    /// etcd-fanout is configured with one prefix covering every watched one (`--prefix
+    /// <base>`) instead of one `--prefix` per watched prefix.
+    #[arg(long)]
+    covering_prefix: bool,
+    /// APISIX 2.x-style workers: each holds one stream with one watch per resource directory
+    /// (`<base>routes/`, `upstreams/`, ... ten in all); sets --watchers to 10 per worker,
+    /// --streams to one per worker and --prefixes to the ten directories.
+    #[arg(long)]
+    apisix_workers: Option<usize>,
+    /// Single-key watchers: watcher i watches the one key `<base>key/kNNNNNN` and the writes
+    /// rotate over the keys, so each put concerns one watcher (etcd-fanout gets the covering
+    /// prefix `<base>`).
+    #[arg(long)]
+    single_key: bool,
+    /// Mixed watch shapes: watchers rotate over plain, prev_kv, NODELETE and NOPUT+prev_kv,
+    /// and every --delete-every-th write of a prefix is a delete of the key put just before.
+    #[arg(long)]
+    mixed: bool,
+    /// With --mixed: every Nth write of a prefix is a delete (at least 2).
+    #[arg(long, default_value_t = 5)]
+    delete_every: u64,
+    /// The gRPC watchers are run by the Go watcher in loadtest/go/ (etcd's clientv3: one
+    /// client per connection, watcher i on client i % connections), built with the Go
+    /// toolchain into a temporary directory, instead of by loadgen's own client.
+    #[arg(long)]
+    go_client: bool,
+    /// A gowatch binary built before (`bash loadtest/go/build.sh OUT`) for --go-client.
+    #[arg(long)]
+    go_bin: Option<PathBuf>,
     /// Prefixes are `<base>pNN/`; the cold-start prefix is `<base>cold/`.
     #[arg(long, default_value = "/loadgen/")]
     prefix_base: String,
@@ -262,7 +294,15 @@ struct TargetResult {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(w) = args.apisix_workers {
+        args.watchers = w * layout::APISIX_DIRS.len();
+        args.streams.get_or_insert(w);
+        args.prefixes = layout::APISIX_DIRS.len();
+    }
+    if args.single_key {
+        args.prefixes = args.watchers.max(1);
+    }
     if let Err(e) = validate(&args) {
         eprintln!("loadgen: {e}");
         return ExitCode::from(2);
@@ -273,11 +313,22 @@ async fn main() -> ExitCode {
     if (nofile as usize) < needed {
         eprintln!("loadgen: warning: the file-descriptor limit {nofile} is below the ~{needed} this run needs");
     }
+    let go = if args.go_client {
+        match goclient::build(args.go_bin.as_deref()) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                eprintln!("loadgen: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        None
+    };
     let started = std::time::SystemTime::now();
     let mut results = Vec::new();
     for t in &args.targets {
         eprintln!("loadgen: ===== target {} =====", t.name());
-        let r = match run_target(&args, *t).await {
+        let r = match run_target(&args, *t, go.as_ref().map(|g| g.path.as_path())).await {
             Ok(r) => r,
             Err(e) => TargetResult {
                 target: t.name().into(),
@@ -319,6 +370,21 @@ fn validate(a: &Args) -> Result<(), String> {
     if a.watchers == 0 && a.http_watchers == 0 && a.cold == 0 {
         return Err("nothing to do: no watchers and no cold-start ranges".into());
     }
+    if (a.single_key || a.mixed) && a.http_watchers > 0 {
+        return Err("--single-key and --mixed are gRPC workloads: no --http-watchers".into());
+    }
+    if a.single_key && a.history > 0 {
+        return Err("--single-key does not take --history".into());
+    }
+    if a.mixed && a.delete_every < 2 {
+        return Err("--delete-every must be at least 2".into());
+    }
+    if a.go_client && (a.mixed || a.single_key || a.storm || a.history > 0 || a.http_watchers > 0) {
+        return Err(
+            "--go-client runs plain prefix watchers only (no --mixed, --single-key, --storm, --history, --http-watchers)"
+                .into(),
+        );
+    }
     if !(0.05..=0.95).contains(&a.storm_at) {
         return Err("--storm-at must be between 0.05 and 0.95".into());
     }
@@ -331,10 +397,18 @@ fn validate(a: &Args) -> Result<(), String> {
     Ok(())
 }
 
-fn prefixes(a: &Args) -> Vec<String> {
-    (0..a.prefixes)
-        .map(|i| format!("{}p{i:02}/", a.prefix_base))
-        .collect()
+fn layout(a: &Args) -> Layout {
+    Layout::new(&LayoutArgs {
+        base: &a.prefix_base,
+        prefixes: a.prefixes,
+        watchers: a.watchers,
+        keys: a.keys,
+        apisix: a.apisix_workers.is_some(),
+        single_key: a.single_key,
+        covering: a.covering_prefix,
+        mixed: a.mixed,
+        delete_every: a.delete_every,
+    })
 }
 
 fn cold_prefix(a: &Args) -> String {
@@ -427,10 +501,12 @@ async fn start_proxy(
         Target::Fanout => {
             let mut cmd = Command::new(&a.fanout_bin);
             cmd.args(["--endpoints", &ep, "--listen", &listen.to_string()]);
-            for p in prefixes(a) {
-                cmd.args(["--prefix", &p]);
+            let lay = layout(a);
+            for p in &lay.proxy_prefixes {
+                cmd.args(["--prefix", p]);
             }
-            if a.cold > 0 {
+            // Under a covering prefix the cold-start prefix is cached already.
+            if a.cold > 0 && !lay.proxy_prefixes.contains(&a.prefix_base) {
                 cmd.args(["--prefix", &cold_prefix(a)]);
             }
             cmd.args(&a.fanout_arg);
@@ -508,7 +584,11 @@ async fn load_cold(etcd_url: &str, prefix: &str, n: usize, size: usize) -> Resul
     Ok(())
 }
 
-async fn run_target(a: &Args, t: Target) -> Result<TargetResult, BoxError> {
+async fn run_target(
+    a: &Args,
+    t: Target,
+    go: Option<&std::path::Path>,
+) -> Result<TargetResult, BoxError> {
     let root = a.data_root.clone().unwrap_or_else(|| {
         let shm = PathBuf::from("/dev/shm");
         if shm.is_dir() {
@@ -520,7 +600,7 @@ async fn run_target(a: &Args, t: Target) -> Result<TargetResult, BoxError> {
     let dir = tempfile::Builder::new()
         .prefix(&format!("loadgen-{}-", t.name()))
         .tempdir_in(&root)?;
-    let res = run_target_in(a, t, dir.path()).await;
+    let res = run_target_in(a, t, dir.path(), go).await;
     if a.keep {
         let kept = dir.keep();
         eprintln!("loadgen: kept {}", kept.display());
@@ -532,6 +612,7 @@ async fn run_target_in(
     a: &Args,
     t: Target,
     dir: &std::path::Path,
+    go: Option<&std::path::Path>,
 ) -> Result<TargetResult, BoxError> {
     let http_watchers = if t == Target::GrpcProxy {
         0
@@ -568,18 +649,31 @@ async fn run_target_in(
             .map(|p| format!(", proxy pid {}", p.pid()))
             .unwrap_or_default()
     );
+    let lay = layout(a);
+    let groups = lay.writer_groups();
+    let sh = Arc::new(Shared::new(lay, a.history));
+    // The Go watcher runs the gRPC watchers instead of loadgen's own client.
+    let mut goc = match go {
+        Some(bin) if a.watchers > 0 => Some(goclient::GoClient::spawn(
+            bin,
+            &url,
+            a.connections,
+            a.watchers,
+            sh.clone(),
+            &dir.join("gowatch.log"),
+        )?),
+        _ => None,
+    };
+
     let mut watched = vec![("etcd".to_string(), etcd.pid())];
     if let Some(p) = &proxy {
         watched.push(("proxy".to_string(), p.pid()));
     }
     watched.push(("loadgen".to_string(), std::process::id() as i32));
+    if let Some(g) = &goc {
+        watched.push(("client".to_string(), g.pid()));
+    }
     let sampler = Sampler::start(watched);
-
-    let prefix_bytes: Vec<Bytes> = prefixes(a)
-        .into_iter()
-        .map(|p| Bytes::from(p.into_bytes()))
-        .collect();
-    let sh = Arc::new(Shared::new(prefix_bytes, a.history));
     let writer_ch = work::connect(&etcd_url).await?;
 
     // ---- history: writes the watchers will replay ----------------------------------------
@@ -588,13 +682,12 @@ async fn run_target_in(
         for p in 0..a.prefixes {
             ws.push(tokio::spawn(work::writer(
                 writer_ch.clone(),
-                p,
+                vec![p],
                 sh.clone(),
                 0.0,
                 a.history,
                 Instant::now() + Duration::from_secs(120),
                 a.value_size,
-                a.keys,
             )));
         }
         for w in ws {
@@ -619,26 +712,33 @@ async fn run_target_in(
     let t_create = Instant::now();
     // Connections are opened in parallel, like independent clients; their setup counts in
     // the creation time.
-    let chans: Vec<Channel> = if a.watchers > 0 {
+    if let Some(g) = goc.as_mut() {
+        g.start().await?;
+    }
+    let chans: Vec<Channel> = if a.watchers > 0 && goc.is_none() {
         connect_all(&url, a.connections).await?
     } else {
         Vec::new()
     };
     let mut plans: Vec<Vec<Plan>> = vec![Vec::new(); grpc_streams];
     for i in 0..a.watchers {
-        let prefix = i % a.prefixes;
+        let prefix = sh.layout.channel_of(i);
         let (start_rev, first) = if a.history > 0 {
             (sh.revs[prefix].lock().unwrap()[0], 0)
         } else {
             (0, 0)
         };
-        plans[i % grpc_streams].push(Plan {
+        plans[sh.layout.stream_of(i, grpc_streams)].push(Plan {
             prefix,
             start_rev,
             first,
+            shape: sh.layout.shape_of(i),
         });
     }
     let mut grpc_tasks = Vec::with_capacity(grpc_streams);
+    if goc.is_some() {
+        plans.clear();
+    }
     for (s, pl) in plans.into_iter().enumerate() {
         grpc_tasks.push(tokio::spawn(work::grpc_stream(
             chans[s % chans.len()].clone(),
@@ -663,7 +763,7 @@ async fn run_target_in(
             .mul_f64((i as f64 + 0.5) / http_watchers as f64);
         http_tasks.push(tokio::spawn(work::http_watcher(
             addr,
-            i % a.prefixes,
+            sh.layout.channel_of(i),
             sh.clone(),
             stop_rx.clone(),
             opts,
@@ -713,19 +813,18 @@ async fn run_target_in(
         sh.phase.store(work::LIVE, Ordering::Relaxed);
         let t_live = Instant::now();
         let duration = Duration::from_secs_f64(a.duration);
-        let per_prefix_rate = a.rate / a.prefixes as f64;
-        let per_prefix_count = (a.rate * a.duration / a.prefixes as f64).round().max(1.0) as u64;
+        let per_writer_rate = a.rate / groups.len() as f64;
+        let per_writer_count = (a.rate * a.duration / groups.len() as f64).round().max(1.0) as u64;
         let mut ws = Vec::new();
-        for p in 0..a.prefixes {
+        for g in &groups {
             ws.push(tokio::spawn(work::writer(
                 writer_ch.clone(),
-                p,
+                g.clone(),
                 sh.clone(),
-                per_prefix_rate,
-                per_prefix_count,
+                per_writer_rate,
+                per_writer_count,
                 t_live + duration + Duration::from_secs(1),
                 a.value_size,
-                a.keys,
             )));
         }
         let mut storm_state = None;
@@ -818,6 +917,31 @@ async fn run_target_in(
             Err(_) => sh.error("http watch task did not stop within 30s"),
         }
     }
+    let go_final = match goc.take() {
+        Some(g) => {
+            let written: Vec<u64> = sh
+                .written
+                .iter()
+                .map(|w| w.load(Ordering::Relaxed))
+                .collect();
+            let f = g.stop(&written, Duration::from_secs(60)).await;
+            if f.is_none() {
+                sh.error("the Go watcher gave no final results");
+            }
+            f
+        }
+        None => None,
+    };
+    if let Some(f) = &go_final {
+        sh.hists[work::LIVE]
+            .lock()
+            .unwrap()
+            .add_counts(&f.hist, f.max, f.sum);
+        sh.errors.fetch_max(f.errors, Ordering::Relaxed);
+        for m in f.samples.iter().flatten() {
+            sh.note(format!("gowatch: {m}"));
+        }
+    }
     r.http_reconnects = sh.http_reconnects.load(Ordering::Relaxed);
     r.live.latency = sh.hists[work::LIVE].lock().unwrap().summary();
     if let Some(s) = r.storm.as_mut() {
@@ -825,10 +949,26 @@ async fn run_target_in(
     }
     let c = &mut r.correctness;
     c.watchers_checked = tracks.len();
-    c.not_created = total_watchers - tracks.iter().filter(|t| t.created).count();
-    for tr in &tracks {
+    let go_created = go_final
+        .iter()
+        .flat_map(|f| &f.watchers)
+        .filter(|w| w.created)
+        .count();
+    c.not_created =
+        total_watchers.saturating_sub(tracks.iter().filter(|t| t.created).count() + go_created);
+    for w in go_final.iter().flat_map(|f| &f.watchers) {
+        c.watchers_checked += 1;
+        c.expected += w.expected;
+        c.missing += w.missing;
+        c.duplicated += w.dup;
+        c.out_of_order += w.ooo;
+        c.bad += w.bad;
+        c.header_regressions += w.head_down;
+    }
+    for tr in tracks.iter_mut() {
         let written = sh.written[tr.prefix].load(Ordering::Relaxed);
-        c.expected += written.saturating_sub(tr.first);
+        tr.verify_claims(&sh.revs[tr.prefix].lock().unwrap());
+        c.expected += tr.expected(written);
         c.missing += tr.missing(written);
         c.duplicated += tr.duplicated;
         c.out_of_order += tr.out_of_order;
@@ -916,7 +1056,13 @@ fn expected_deliveries(a: &Args, sh: &Shared, http_watchers: usize) -> u64 {
         .iter()
         .map(|w| w.load(Ordering::Relaxed))
         .collect();
-    let grpc: u64 = (0..a.watchers).map(|i| written[i % a.prefixes]).sum();
+    let lay = &sh.layout;
+    let grpc: u64 = (0..a.watchers)
+        .map(|i| {
+            let f = lay.shape_of(i).filter;
+            lay.writes.count_seen(f, 0, written[lay.channel_of(i)])
+        })
+        .sum();
     let http: u64 = (0..http_watchers)
         .map(|i| written[i % a.prefixes].saturating_sub(a.history))
         .sum();

@@ -137,6 +137,36 @@ pub fn render(a: &Args, rs: &[TargetResult], started: SystemTime) -> String {
             String::new()
         }
     );
+    let mut shape = Vec::new();
+    if let Some(w) = a.apisix_workers {
+        shape.push(format!(
+            "APISIX 2.x-style: {w} workers, one stream each with one watch per resource directory"
+        ));
+    }
+    if a.single_key {
+        shape.push("single-key watchers, each put concerns one watcher".to_string());
+    }
+    if a.mixed {
+        shape.push(format!(
+            "mixed shapes (plain, prev_kv, NODELETE, NOPUT+prev_kv), every {}th write a delete",
+            a.delete_every
+        ));
+    }
+    shape.push(if a.covering_prefix || a.single_key {
+        format!(
+            "etcd-fanout configured with the covering prefix {}",
+            a.prefix_base
+        )
+    } else {
+        "etcd-fanout configured with each watched prefix".to_string()
+    });
+    if a.go_client {
+        shape.push(
+            "gRPC watchers run by the Go watcher (etcd clientv3, one client per connection)"
+                .to_string(),
+        );
+    }
+    let _ = writeln!(o, "Layout: {}.", shape.join("; "));
     if !a.note.is_empty() {
         let _ = writeln!(o, "Note: {}", a.note);
     }
@@ -205,6 +235,11 @@ pub fn render(a: &Args, rs: &[TargetResult], started: SystemTime) -> String {
             }),
             ("watchers created in (s)", |r| r.create_s),
             ("proxy CPU µs per event", |r| per_event(&r.live, "proxy")),
+            ("proxy CPU µs per put", |r| {
+                let c = cpu(&r.live, "proxy")?;
+                (r.writes > 0).then(|| c * 1e6 / r.writes as f64)
+            }),
+            ("client CPU s (Go watcher)", |r| cpu(&r.live, "client")),
             ("etcd CPU µs per event", |r| per_event(&r.live, "etcd")),
             ("etcd + proxy CPU µs per event", |r| {
                 server_per_event(&r.live)

@@ -53,6 +53,16 @@ impl Hist {
         self.sum += v as u128;
     }
 
+    /// Adds bucket counts made elsewhere with the same buckets (the Go watcher's).
+    pub fn add_counts(&mut self, counts: &[(usize, u64)], max: u64, sum: u64) {
+        for &(i, c) in counts {
+            self.counts[i.min(BUCKETS - 1)] += c;
+            self.total += c;
+        }
+        self.max = self.max.max(max);
+        self.sum += sum as u128;
+    }
+
     /// Adds every value of `other`.
     pub fn merge(&mut self, other: &Hist) {
         for (a, b) in self.counts.iter_mut().zip(&other.counts) {

@@ -17,8 +17,9 @@ use bytes::Buf;
 use bytes::{Bytes, BytesMut};
 use etcd_fanout::codec::{EtcdCodec, EtcdEncoder};
 use etcd_fanout::proto::etcdserverpb::{
-    kv_client::KvClient, watch_client::WatchClient, watch_request::RequestUnion, PutRequest,
-    RangeRequest, RangeResponse, WatchCreateRequest, WatchRequest, WatchResponse,
+    kv_client::KvClient, watch_client::WatchClient, watch_request::RequestUnion,
+    DeleteRangeRequest, PutRequest, RangeRequest, RangeResponse, WatchCreateRequest, WatchRequest,
+    WatchResponse,
 };
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -32,6 +33,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
 
 use crate::http1::{self, BoxError};
+use crate::layout::{Layout, Shape, Writes};
 use crate::stats::Hist;
 
 /// Phases of one target's run; latencies are kept per phase.
@@ -63,7 +65,10 @@ pub struct Shared {
     pub http_reconnects: AtomicU64,
     pub errors: AtomicU64,
     pub error_samples: Mutex<Vec<String>>,
+    /// The channels (prefixes or single keys) of [`Layout`], indexed by channel.
     pub prefixes: Vec<Bytes>,
+    /// Who watches and writes what.
+    pub layout: Layout,
     /// Writes per prefix before the watchers are created (replayed as history).
     pub history: u64,
     /// Revision of every write, per prefix, indexed by seq.
@@ -73,7 +78,8 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(prefixes: Vec<Bytes>, history: u64) -> Shared {
+    pub fn new(layout: Layout, history: u64) -> Shared {
+        let prefixes = layout.channels.clone();
         let n = prefixes.len();
         Shared {
             t0: Instant::now(),
@@ -88,10 +94,19 @@ impl Shared {
             errors: AtomicU64::new(0),
             error_samples: Mutex::new(Vec::new()),
             prefixes,
+            layout,
             history,
             revs: (0..n).map(|_| Mutex::new(Vec::new())).collect(),
             written: (0..n).map(|_| AtomicU64::new(0)).collect(),
         }
+    }
+
+    /// The Unix time (ns) of this run's time origin, for clients with a clock of their own.
+    pub fn t0_unix_ns(&self) -> i64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        now.saturating_sub(self.t0.elapsed()).as_nanos() as i64
     }
 
     pub fn now_ns(&self) -> u64 {
@@ -112,7 +127,7 @@ impl Shared {
         }
     }
 
-    fn rev_of(&self, prefix: usize, seq: u64) -> Option<i64> {
+    pub fn rev_of(&self, prefix: usize, seq: u64) -> Option<i64> {
         self.revs[prefix].lock().unwrap().get(seq as usize).copied()
     }
 }
@@ -145,6 +160,13 @@ pub fn decode_value(v: &[u8]) -> Option<(u64, u64)> {
 /// What one watcher saw, checked as it arrives.
 pub struct Track {
     pub prefix: usize,
+    /// Filter and `prev_kv` of this watcher's watch.
+    pub shape: Shape,
+    /// Which writes of the channel are deletes.
+    writes: Writes,
+    /// Deletes received, as (seq claimed at receipt, revision); checked against the
+    /// writer's revisions once every write is known ([`Track::verify_claims`]).
+    claims: Vec<(u64, i64)>,
     /// First seq this watcher must receive (0 with history replay, else the first live write).
     pub first: u64,
     bits: Vec<u64>,
@@ -164,8 +186,24 @@ pub struct Track {
 
 impl Track {
     pub fn new(prefix: usize, first: u64) -> Track {
+        Track::shaped(
+            prefix,
+            first,
+            Shape::PLAIN,
+            Writes {
+                delete_every: 0,
+                keys: 1,
+            },
+        )
+    }
+
+    /// A watcher of `shape` on a channel whose writes are `writes`.
+    pub fn shaped(prefix: usize, first: u64, shape: Shape, writes: Writes) -> Track {
         Track {
             prefix,
+            shape,
+            writes,
+            claims: Vec::new(),
             first,
             bits: Vec::new(),
             seg_first: first,
@@ -201,7 +239,12 @@ impl Track {
             self.out_of_order += 1;
         }
         self.seg_last_rev = self.seg_last_rev.max(rev);
-        if seq > self.seg_next || seq < self.seg_first {
+        if !self.writes.sees(self.shape.filter, seq) {
+            // A write this watch's filter leaves out.
+            self.bad += 1;
+            return false;
+        }
+        if seq > self.writes.next_seen(self.shape.filter, self.seg_next) || seq < self.seg_first {
             self.out_of_order += 1;
         } else if seq < self.seg_next {
             self.duplicated += 1;
@@ -236,9 +279,42 @@ impl Track {
         None
     }
 
+    /// Writes of the channel (`[first, written)`) meant for this watcher.
+    pub fn expected(&self, written: u64) -> u64 {
+        self.writes
+            .count_seen(self.shape.filter, self.first, written)
+    }
+
     /// Writes of the prefix (`[first, written)`) this watcher never received.
     pub fn missing(&self, written: u64) -> u64 {
-        (self.first..written).filter(|s| !self.seen(*s)).count() as u64
+        (self.first..written)
+            .filter(|s| self.writes.sees(self.shape.filter, *s) && !self.seen(*s))
+            .count() as u64
+    }
+
+    /// The seq a delete event received now stands for: the next write this watcher expects,
+    /// which must be a delete (a delete carries no value to read it from). Checked later by
+    /// [`Track::verify_claims`].
+    pub fn claim_delete(&mut self, rev: i64) -> Option<u64> {
+        let seq = self.writes.next_seen(self.shape.filter, self.seg_next);
+        if !self.writes.is_delete(seq) {
+            return None;
+        }
+        self.claims.push((seq, rev));
+        Some(seq)
+    }
+
+    /// Deletes whose claimed seq was not written at the revision they came with (each is
+    /// a delete out of place: counted as out of order).
+    pub fn verify_claims(&mut self, revs: &[i64]) -> u64 {
+        let wrong = self
+            .claims
+            .iter()
+            .filter(|(seq, rev)| revs.get(*seq as usize) != Some(rev))
+            .count() as u64;
+        self.out_of_order += wrong;
+        self.claims.clear();
+        wrong
     }
 }
 
@@ -271,6 +347,16 @@ impl Local {
             for v in self.lat.drain(..) {
                 h.record(v as u64);
             }
+        }
+    }
+
+    /// Accounts one event without a send time (a delete), already checked.
+    fn untimed(&mut self, fresh: bool) {
+        if fresh {
+            self.fresh += 1;
+            self.fresh_live += 1;
+        } else {
+            self.replayed += 1;
         }
     }
 
@@ -313,14 +399,24 @@ pub struct Plan {
     pub prefix: usize,
     pub start_rev: i64,
     pub first: u64,
+    pub shape: Shape,
 }
 
-fn create_request(prefix: &Bytes, start_rev: i64) -> WatchRequest {
+/// The create request of `t`'s watch: its channel (a prefix, or one key), shape and start.
+fn create_request(sh: &Shared, t: &Track, start_rev: i64) -> WatchRequest {
+    let key = sh.prefixes[t.prefix].clone();
+    let range_end = if sh.layout.single_key {
+        Bytes::new()
+    } else {
+        prefix_end(&key)
+    };
     WatchRequest {
         request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
-            key: prefix.clone(),
-            range_end: prefix_end(prefix),
+            key,
+            range_end,
             start_revision: start_rev,
+            filters: t.shape.filters(),
+            prev_kv: t.shape.prev_kv,
             ..Default::default()
         })),
     }
@@ -342,7 +438,7 @@ pub async fn grpc_stream(
 ) -> Vec<Track> {
     let mut tracks: Vec<Track> = plans
         .iter()
-        .map(|p| Track::new(p.prefix, p.first))
+        .map(|p| Track::shaped(p.prefix, p.first, p.shape, sh.layout.writes))
         .collect();
     let mut starts: Vec<i64> = plans.iter().map(|p| p.start_rev).collect();
     let mut local = Local::default();
@@ -354,7 +450,7 @@ pub async fn grpc_stream(
         let (tx, rx) = mpsc::channel::<WatchRequest>(4);
         let mut next = 0usize;
         if tx
-            .send(create_request(&sh.prefixes[tracks[0].prefix], starts[0]))
+            .send(create_request(&sh, &tracks[0], starts[0]))
             .await
             .is_err()
         {
@@ -404,7 +500,7 @@ pub async fn grpc_stream(
                 m = stream.message() => match m {
                     Ok(Some(resp)) => {
                         if let Some(i) = handle_response(resp, &mut tracks, &mut ids, &mut next, &sh, &mut local, storm_round) {
-                            if tx.send(create_request(&sh.prefixes[tracks[i].prefix], starts[i])).await.is_err() {
+                            if tx.send(create_request(&sh, &tracks[i], starts[i])).await.is_err() {
                                 sh.error("watch request channel closed");
                                 break 'outer;
                             }
@@ -487,38 +583,73 @@ fn handle_response(
         return create_next;
     }
     let now = sh.now_ns();
-    let prefix = &sh.prefixes[t.prefix];
+    let layout = &sh.layout;
     for ev in resp.events {
         let Some(kv) = ev.kv else {
             t.bad += 1;
             continue;
         };
-        if ev.r#type != 0 || !kv.key.starts_with(prefix) {
+        if !layout.holds(t.prefix, &kv.key) {
             t.bad += 1;
             continue;
         }
-        let Some((seq, sent)) = decode_value(&kv.value) else {
-            t.bad += 1;
-            continue;
+        let (seq, sent) = match ev.r#type {
+            0 => match decode_value(&kv.value) {
+                Some((seq, sent)) => (seq, Some(sent)),
+                None => {
+                    t.bad += 1;
+                    continue;
+                }
+            },
+            1 if layout.writes.delete_every > 0 => match t.claim_delete(kv.mod_revision) {
+                Some(seq) => (seq, None),
+                None => {
+                    // A delete where this watcher expects a put.
+                    t.out_of_order += 1;
+                    continue;
+                }
+            },
+            _ => {
+                t.bad += 1;
+                continue;
+            }
         };
+        if kv.key != layout.key_of(t.prefix, seq) || !prev_kv_ok(t, seq, ev.prev_kv.as_ref()) {
+            t.bad += 1;
+        }
         let fresh = t.on_event(seq, kv.mod_revision);
-        local.event(sh, fresh, seq, sent, now);
+        match sent {
+            Some(sent) => local.event(sh, fresh, seq, sent, now),
+            None => local.untimed(fresh),
+        }
     }
     create_next
 }
 
-/// Writes `count` values to prefix `p` at `rate` puts/s (unpaced when rate is 0), stopping
-/// at `deadline`. Values are stamped with their seq and send time.
+/// True when an event's `prev_kv` is what the watch asked for: absent without `prev_kv`,
+/// else the value of the write this one replaced (absent when the key did not exist).
+fn prev_kv_ok(t: &Track, seq: u64, prev: Option<&etcd_fanout::proto::mvccpb::KeyValue>) -> bool {
+    if !t.shape.prev_kv {
+        return prev.is_none();
+    }
+    let want = t.writes.prev_put(seq);
+    let got = prev.and_then(|kv| decode_value(&kv.value)).map(|(s, _)| s);
+    want == got
+}
+
+/// Makes `count` writes, rotating over the channels `chans`, at `rate` writes/s (unpaced
+/// when rate is 0), stopping at `deadline`. Put values are stamped with their seq and send
+/// time; with deletes in the layout, every `delete_every`-th write of a channel deletes the
+/// key put just before it (and must delete exactly one key).
 #[allow(clippy::too_many_arguments)]
 pub async fn writer(
     ch: Channel,
-    p: usize,
+    chans: Vec<usize>,
     sh: Arc<Shared>,
     rate: f64,
     count: u64,
     deadline: Instant,
     value_size: usize,
-    keys: u64,
 ) {
     let mut kv = KvClient::new(ch);
     let mut tick = (rate > 0.0).then(|| {
@@ -526,33 +657,56 @@ pub async fn writer(
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         t
     });
-    let prefix = String::from_utf8_lossy(&sh.prefixes[p]).into_owned();
-    for _ in 0..count {
+    for i in 0..count {
         if let Some(t) = tick.as_mut() {
             t.tick().await;
         }
-        if Instant::now() >= deadline {
+        if Instant::now() >= deadline || chans.is_empty() {
             break;
         }
+        let p = chans[i as usize % chans.len()];
         let seq = sh.written[p].load(Ordering::Relaxed);
-        let key = format!("{prefix}k{:05}", seq % keys.max(1));
-        let req = PutRequest {
-            key: Bytes::from(key),
-            value: encode_value(seq, sh.now_ns(), value_size),
-            ..Default::default()
+        let key = sh.layout.key_of(p, seq);
+        let done = if sh.layout.writes.is_delete(seq) {
+            let req = DeleteRangeRequest {
+                key,
+                ..Default::default()
+            };
+            tokio::time::timeout(Duration::from_secs(10), kv.delete_range(req))
+                .await
+                .map(|r| {
+                    r.and_then(|resp| {
+                        let resp = resp.into_inner();
+                        if resp.deleted != 1 {
+                            return Err(Status::internal(format!(
+                                "delete of write {seq} removed {} keys, not 1",
+                                resp.deleted
+                            )));
+                        }
+                        Ok(resp.header.map_or(0, |h| h.revision))
+                    })
+                })
+        } else {
+            let req = PutRequest {
+                key,
+                value: encode_value(seq, sh.now_ns(), value_size),
+                ..Default::default()
+            };
+            tokio::time::timeout(Duration::from_secs(10), kv.put(req))
+                .await
+                .map(|r| r.map(|resp| resp.into_inner().header.map_or(0, |h| h.revision)))
         };
-        match tokio::time::timeout(Duration::from_secs(10), kv.put(req)).await {
-            Ok(Ok(resp)) => {
-                let rev = resp.into_inner().header.map_or(0, |h| h.revision);
+        match done {
+            Ok(Ok(rev)) => {
                 sh.revs[p].lock().unwrap().push(rev);
                 sh.written[p].store(seq + 1, Ordering::Relaxed);
             }
             Ok(Err(s)) => {
-                sh.error(format!("put: {s}"));
+                sh.error(format!("write: {s}"));
                 break;
             }
             Err(_) => {
-                sh.error("put timed out after 10s");
+                sh.error("write timed out after 10s");
                 break;
             }
         }
@@ -1524,5 +1678,53 @@ mod tests {
         t.begin_segment(4);
         t.on_event(3, 13);
         assert_eq!(t.out_of_order, 3);
+    }
+
+    #[test]
+    fn filtered_tracks_skip_what_they_do_not_see() {
+        use crate::layout::{Filter, Shape};
+        let writes = Writes {
+            delete_every: 3,
+            keys: 10,
+        };
+        // NODELETE: writes 0, 1, 3, 4 (2 and 5 are deletes).
+        let mut t = Track::shaped(
+            0,
+            0,
+            Shape {
+                filter: Filter::NoDelete,
+                prev_kv: false,
+            },
+            writes,
+        );
+        assert!(t.on_event(0, 10));
+        assert!(t.on_event(1, 11));
+        assert!(t.on_event(3, 13));
+        assert_eq!((t.out_of_order, t.bad), (0, 0));
+        assert!(!t.on_event(5, 15)); // a delete it filtered out
+        assert_eq!(t.bad, 1);
+        assert_eq!(t.expected(6), 4);
+        assert_eq!(t.missing(6), 1); // write 4
+                                     // NOPUT: only the deletes, claimed in order and checked against the revisions.
+        let mut d = Track::shaped(
+            0,
+            0,
+            Shape {
+                filter: Filter::NoPut,
+                prev_kv: true,
+            },
+            writes,
+        );
+        assert_eq!(d.claim_delete(12), Some(2));
+        assert!(d.on_event(2, 12));
+        assert_eq!(d.claim_delete(15), Some(5));
+        assert!(d.on_event(5, 15));
+        assert_eq!(d.missing(6), 0);
+        let revs = [10, 11, 12, 13, 14, 16];
+        assert_eq!(d.verify_claims(&revs), 1); // write 5 was at revision 16
+        assert_eq!(d.out_of_order, 1);
+        // A put-only track never claims a delete.
+        let mut p = Track::shaped(0, 0, Shape::PLAIN, writes);
+        assert_eq!(p.claim_delete(10), None);
     }
 }

@@ -1,0 +1,376 @@
+// gowatch: etcd watchers made with etcd's own Go client (clientv3), driven by loadgen.
+//
+// It behaves as etcd's Go clients do on the wire (grpc-go's HTTP/2 flow control, pings,
+// read sizes; clientv3's one stream per client and one create at a time), so loadgen can
+// measure what a proxy costs for such clients. loadgen builds it (GOPATH mode, Debian's
+// golang-etcd-server-dev) into a temporary directory and talks to it over stdin/stdout:
+//
+//	stdin  "start"               connect -conns clients, create -watchers watches
+//	stdout {"created":C,"fresh":F,"errors":E}   every 100 ms (F: first deliveries so far)
+//	stdin  "stop W0 W1 ..."      writes made per prefix; the watchers stop
+//	stdout {"final":true,...}    per-watcher results and the latency histogram
+//
+// Watcher i is on client i % conns and watches prefix i % len(prefixes) with WithPrefix.
+// Every value starts with <seq:016x><send ns:016x> (loadgen's writer): each watcher checks
+// that it receives every write of its prefix exactly once and in order (seq and revision
+// strictly increasing), and records the fan-out latency against loadgen's clock (-t0: the
+// Unix time in ns of loadgen's time origin).
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"math/bits"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.etcd.io/etcd/clientv3"
+)
+
+// Buckets of the latency histogram: the same as loadgen's stats::Hist (exact below 128 µs,
+// then 64 sub-buckets per power of two), so loadgen merges the counts.
+const buckets = 128 + 57*64
+
+func bucket(v uint64) int {
+	if v < 128 {
+		return int(v)
+	}
+	e := 63 - bits.LeadingZeros64(v)
+	sub := int((v >> uint(e-6)) & 63)
+	i := 128 + (e-7)*64 + sub
+	if i > buckets-1 {
+		i = buckets - 1
+	}
+	return i
+}
+
+// hist is one shard of the latency histogram.
+type hist struct {
+	mu     sync.Mutex
+	counts [buckets]uint64
+	max    uint64
+	sum    uint64
+	total  uint64
+}
+
+const shards = 64
+
+// watcher is what one watch saw, checked as it arrives.
+type watcher struct {
+	prefix    int
+	created   bool
+	seen      []uint64
+	next      uint64
+	lastRev   int64
+	lastHead  int64
+	dup       uint64
+	ooo       uint64
+	bad       uint64
+	headDown  uint64
+	canceled  bool
+	lastError string
+}
+
+func (w *watcher) isSeen(seq uint64) bool {
+	i := int(seq / 64)
+	return i < len(w.seen) && w.seen[i]&(1<<(seq%64)) != 0
+}
+
+// event records one event; true when the watcher sees seq for the first time.
+func (w *watcher) event(seq uint64, rev int64) bool {
+	if rev <= w.lastRev {
+		w.ooo++
+	}
+	if rev > w.lastRev {
+		w.lastRev = rev
+	}
+	if seq > w.next {
+		w.ooo++
+	} else if seq < w.next {
+		w.dup++
+	}
+	if seq+1 > w.next {
+		w.next = seq + 1
+	}
+	if w.isSeen(seq) {
+		return false
+	}
+	i := int(seq / 64)
+	for len(w.seen) <= i {
+		w.seen = append(w.seen, 0)
+	}
+	w.seen[i] |= 1 << (seq % 64)
+	return true
+}
+
+type result struct {
+	Prefix   int    `json:"p"`
+	Created  bool   `json:"created"`
+	Expected uint64 `json:"expected"`
+	Missing  uint64 `json:"missing"`
+	Dup      uint64 `json:"dup"`
+	Ooo      uint64 `json:"ooo"`
+	Bad      uint64 `json:"bad"`
+	HeadDown uint64 `json:"head_down"`
+}
+
+type final struct {
+	Final    bool        `json:"final"`
+	Watchers []result    `json:"watchers"`
+	Hist     [][2]uint64 `json:"hist"`
+	Max      uint64      `json:"max"`
+	Sum      uint64      `json:"sum"`
+	Errors   uint64      `json:"errors"`
+	Samples  []string    `json:"samples"`
+}
+
+var (
+	out       = bufio.NewWriter(os.Stdout)
+	outMu     sync.Mutex
+	created   int64
+	fresh     int64
+	errorsN   int64
+	samplesMu sync.Mutex
+	samples   []string
+)
+
+func emit(v interface{}) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "gowatch: json:", err)
+		return
+	}
+	outMu.Lock()
+	out.Write(b)
+	out.WriteByte('\n')
+	out.Flush()
+	outMu.Unlock()
+}
+
+func fail(msg string) {
+	atomic.AddInt64(&errorsN, 1)
+	samplesMu.Lock()
+	if len(samples) < 20 {
+		samples = append(samples, msg)
+	}
+	samplesMu.Unlock()
+}
+
+func decode(v []byte) (uint64, uint64, bool) {
+	if len(v) < 32 {
+		return 0, 0, false
+	}
+	seq, err1 := strconv.ParseUint(string(v[:16]), 16, 64)
+	sent, err2 := strconv.ParseUint(string(v[16:32]), 16, 64)
+	return seq, sent, err1 == nil && err2 == nil
+}
+
+func main() {
+	endpoint := flag.String("endpoint", "", "etcd (or proxy) client URL")
+	conns := flag.Int("conns", 10, "clients (one gRPC connection each)")
+	nwatchers := flag.Int("watchers", 100, "watchers in total")
+	prefixList := flag.String("prefixes", "", "comma-separated prefixes")
+	t0 := flag.Int64("t0", 0, "Unix time (ns) of loadgen's time origin")
+	flag.Parse()
+	prefixes := strings.Split(*prefixList, ",")
+	if *endpoint == "" || *prefixList == "" || *conns < 1 || *nwatchers < 1 {
+		fmt.Fprintln(os.Stderr, "gowatch: -endpoint, -prefixes, -conns and -watchers are required")
+		os.Exit(2)
+	}
+	in := bufio.NewScanner(os.Stdin)
+	in.Buffer(make([]byte, 1<<20), 1<<20)
+	if !in.Scan() || in.Text() != "start" {
+		fmt.Fprintln(os.Stderr, "gowatch: expected \"start\" on stdin")
+		os.Exit(2)
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	clients := make([]*clientv3.Client, *conns)
+	var cw sync.WaitGroup
+	for c := range clients {
+		cw.Add(1)
+		go func(c int) {
+			defer cw.Done()
+			cli, err := clientv3.New(clientv3.Config{
+				Endpoints:   []string{*endpoint},
+				DialTimeout: 10 * time.Second,
+			})
+			if err != nil {
+				fail("connect: " + err.Error())
+				return
+			}
+			clients[c] = cli
+		}(c)
+	}
+	cw.Wait()
+
+	var hists [shards]hist
+	watchers := make([]*watcher, *nwatchers)
+	var wg sync.WaitGroup
+	for i := range watchers {
+		w := &watcher{prefix: i % len(prefixes)}
+		watchers[i] = w
+		cli := clients[i%*conns]
+		if cli == nil {
+			continue
+		}
+		prefix := prefixes[w.prefix]
+		h := &hists[i%shards]
+		ch := cli.Watch(ctx, prefix, clientv3.WithPrefix(), clientv3.WithCreatedNotify())
+		wg.Add(1)
+		go func(w *watcher, ch clientv3.WatchChan, h *hist) {
+			defer wg.Done()
+			lat := make([]uint64, 0, 16)
+			for resp := range ch {
+				if resp.Created {
+					if !w.created {
+						w.created = true
+						atomic.AddInt64(&created, 1)
+					}
+				}
+				if resp.Header.Revision < w.lastHead {
+					w.headDown++
+				}
+				if resp.Header.Revision > w.lastHead {
+					w.lastHead = resp.Header.Revision
+				}
+				if err := resp.Err(); err != nil {
+					if ctx.Err() == nil {
+						fail(fmt.Sprintf("watch on %s: %v", prefix, err))
+						w.canceled = true
+					}
+					continue
+				}
+				now := uint64(time.Now().UnixNano() - *t0)
+				lat = lat[:0]
+				n := int64(0)
+				for _, ev := range resp.Events {
+					if ev.Type != clientv3.EventTypePut || !strings.HasPrefix(string(ev.Kv.Key), prefix) {
+						w.bad++
+						continue
+					}
+					seq, sent, ok := decode(ev.Kv.Value)
+					if !ok {
+						w.bad++
+						continue
+					}
+					if w.event(seq, ev.Kv.ModRevision) {
+						n++
+						us := uint64(0)
+						if now > sent {
+							us = (now - sent) / 1000
+						}
+						lat = append(lat, us)
+					}
+				}
+				if len(lat) > 0 {
+					h.mu.Lock()
+					for _, us := range lat {
+						h.counts[bucket(us)]++
+						h.total++
+						h.sum += us
+						if us > h.max {
+							h.max = us
+						}
+					}
+					h.mu.Unlock()
+					atomic.AddInt64(&fresh, n)
+				}
+			}
+		}(w, ch, h)
+	}
+
+	// Progress every 100 ms until "stop".
+	done := make(chan struct{})
+	go func() {
+		t := time.NewTicker(100 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				emit(map[string]int64{
+					"created": atomic.LoadInt64(&created),
+					"fresh":   atomic.LoadInt64(&fresh),
+					"errors":  atomic.LoadInt64(&errorsN),
+				})
+			}
+		}
+	}()
+
+	var written []uint64
+	for in.Scan() {
+		f := strings.Fields(in.Text())
+		if len(f) > 0 && f[0] == "stop" {
+			for _, s := range f[1:] {
+				n, err := strconv.ParseUint(s, 10, 64)
+				if err != nil {
+					fmt.Fprintln(os.Stderr, "gowatch: bad stop line:", in.Text())
+					os.Exit(2)
+				}
+				written = append(written, n)
+			}
+			break
+		}
+	}
+	close(done)
+	cancel()
+	// Bounded: the watch channels close once the context is cancelled.
+	stopped := make(chan struct{})
+	go func() { wg.Wait(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(20 * time.Second):
+		fail("watchers did not stop within 20 s")
+	}
+	for _, cli := range clients {
+		if cli != nil {
+			cli.Close()
+		}
+	}
+
+	res := final{Final: true}
+	for _, w := range watchers {
+		r := result{Prefix: w.prefix, Created: w.created, Dup: w.dup, Ooo: w.ooo, Bad: w.bad, HeadDown: w.headDown}
+		if w.prefix < len(written) {
+			r.Expected = written[w.prefix]
+			for s := uint64(0); s < written[w.prefix]; s++ {
+				if !w.isSeen(s) {
+					r.Missing++
+				}
+			}
+		}
+		res.Watchers = append(res.Watchers, r)
+	}
+	var counts [buckets]uint64
+	for i := range hists {
+		h := &hists[i]
+		h.mu.Lock()
+		for b, c := range h.counts {
+			counts[b] += c
+		}
+		res.Sum += h.sum
+		if h.max > res.Max {
+			res.Max = h.max
+		}
+		h.mu.Unlock()
+	}
+	for b, c := range counts {
+		if c > 0 {
+			res.Hist = append(res.Hist, [2]uint64{uint64(b), c})
+		}
+	}
+	res.Errors = uint64(atomic.LoadInt64(&errorsN))
+	samplesMu.Lock()
+	res.Samples = samples
+	samplesMu.Unlock()
+	emit(res)
+}

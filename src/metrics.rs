@@ -41,6 +41,13 @@ pub static UPSTREAM_WATCHES: LazyLock<IntGauge> = LazyLock::new(|| {
         "Watches the proxy holds open on etcd.",
     )
 });
+/// Upstream watch streams shared by relayed watches and catch-ups (per caller identity).
+pub static RELAY_STREAMS: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "etcd_fanout_relay_streams",
+        "Upstream watch streams open for relayed watches and catch-ups (shared per identity).",
+    )
+});
 /// Upstream watch restarts after failures.
 pub static UPSTREAM_WATCH_RESTARTS: LazyLock<IntCounter> = LazyLock::new(|| {
     counter(
@@ -701,6 +708,7 @@ pub fn init() {
     }
     let _ = (
         &*UPSTREAM_WATCHES,
+        &*RELAY_STREAMS,
         &*UPSTREAM_WATCH_RESTARTS,
         &*UPSTREAM_EVENTS,
         &*WATCHERS,

@@ -623,26 +623,6 @@ async fn put_tokenless(url: &str, key: &str) -> i64 {
     .map_or(0, |h| h.revision)
 }
 
-/// An RSA key pair for etcd's `--auth-token jwt`, made with `openssl` in `dir`.
-fn jwt_keys(dir: &std::path::Path) -> (String, String) {
-    let private = dir.join("jwt.key");
-    let public = dir.join("jwt.pub");
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .output()
-            .expect("run openssl");
-        assert!(out.status.success(), "openssl {args:?}: {out:?}");
-    };
-    let (private, public) = (
-        private.to_str().expect("path").to_string(),
-        public.to_str().expect("path").to_string(),
-    );
-    run(&["genrsa", "-out", &private, "2048"]);
-    run(&["rsa", "-in", &private, "-pubout", "-out", &public]);
-    (private, public)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn jwt_renewed_before_exp_and_after_an_auth_revision_bump() {
     // JWTs live 6 s, fixed (not extended by use), and die with any auth revision bump.

@@ -10,6 +10,7 @@ use crate::config::Config;
 use crate::keys::KeyRange;
 use crate::source::compaction::Compaction;
 use crate::source::feed::Feed;
+use crate::source::relay_streams::RelayStreams;
 use crate::source::upstream::Upstream;
 use crate::tasks::Tasks;
 
@@ -22,6 +23,8 @@ pub struct Hub {
     pub upstream: Arc<Upstream>,
     /// etcd's compaction revision as known.
     pub compaction: Arc<Compaction>,
+    /// The upstream watch streams relayed watches and catch-ups share, per identity.
+    pub relays: Arc<RelayStreams>,
     /// Configuration the hub was built from.
     pub config: Arc<Config>,
     /// The owner of every background task (made and stopped by `main`): the feeds' and the
@@ -59,6 +62,7 @@ impl Hub {
             feeds,
             upstream: upstream.clone(),
             compaction: compaction.clone(),
+            relays: RelayStreams::new(upstream.clone(), tasks.clone()),
             config: Arc::new(config.clone()),
             tasks: tasks.clone(),
             shutdown: watch::channel(false).0,

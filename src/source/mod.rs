@@ -1,6 +1,7 @@
 //! The source layer: the upstream etcd channel, one feed per configured prefix (load, watch,
 //! backfill, sync check), the revision-indexed cache it fills, etcd's compaction revision as
-//! known, the dispatch index that tells sessions which revisions concern their watches, and the
+//! known, the dispatch index that tells sessions which revisions concern their watches, the upstream
+//! watch streams relayed watches share per identity, and the
 //! hub that routes a key range to its feed.
 
 pub mod cache;
@@ -9,4 +10,5 @@ pub mod credentials;
 pub mod feed;
 pub mod hub;
 pub mod index;
+pub mod relay_streams;
 pub mod upstream;

@@ -1,4 +1,4 @@
-//! Watches etcd has to answer: dedicated upstream watches relayed to one downstream watch.
+//! Watches etcd has to answer: upstream watches relayed to one downstream watch each.
 //!
 //! Two cases use them:
 //! - [`catch_up`]: a cached watch needs revisions older than its cache window. etcd replays
@@ -8,10 +8,15 @@
 //! - [`run_uncached`]: a watch on keys outside every configured prefix; the upstream watch
 //!   lives as long as the downstream one.
 //!
-//! Either way, if the upstream watch breaks it is re-created from the first revision not yet
-//! delivered, and its new `created` is swallowed: the client never sees a second one. If etcd
-//! refuses the re-create (a token that died with an etcd restart), the client's watch ends
-//! with etcd's `cancel_reason` under its own id.
+//! The upstream watches are not streams of their own: they share the upstream streams of
+//! their caller's identity ([`crate::source::relay_streams`]), so 10,000 relayed watches with
+//! one token cost etcd ten streams, not 10,000.
+//!
+//! Either way, if the upstream watch breaks (its stream failed, or it was detached because its
+//! client stopped reading) it is re-created from the first revision not yet delivered, and its
+//! new `created` is swallowed: the client never sees a second one. If etcd refuses the
+//! re-create (a token that died with an etcd restart), the client's watch ends with etcd's
+//! `cancel_reason` under its own id.
 
 use std::sync::Arc;
 
@@ -26,15 +31,19 @@ use crate::metrics;
 use crate::proto::etcdserverpb::{WatchCreateRequest, WatchResponse};
 use crate::source::feed::Feed;
 use crate::source::hub::Hub;
+use crate::source::relay_streams::RelayStreams;
 
-/// Tries to open an upstream watch before a relay gives up and cancels the downstream one.
+/// Upstream attempts that end without a response from etcd before a relay gives up on a
+/// watch etcd never answered and cancels the downstream one.
 const CREATE_ATTEMPTS: u32 = 10;
 
 /// Relays etcd's replay of `spec` from revision `from` until it reaches the cache window.
 /// Returns the revision to continue from in the cache, or `None` when the watch is over
 /// (canceled by etcd, or the client left). `highest_header` is the highest header revision the watch
 /// has sent; it is raised by etcd's headers and never undercut.
+#[allow(clippy::too_many_arguments)]
 pub async fn catch_up(
+    relays: &Arc<RelayStreams>,
     feed: &Feed,
     spec: &WatchSpec,
     mut from: i64,
@@ -53,28 +62,20 @@ pub async fn catch_up(
             prev_kv: true,
             ..Default::default()
         };
-        let mut up = match feed
-            .upstream()
-            .open_watch(metrics::Upstream::CatchUp, metadata, create)
-            .await
-        {
-            Ok(up) => up,
-            Err(e) => {
-                tracing::debug!(error = %e, "catch-up watch failed to open");
-                tokio::select! {
-                    _ = tokio::time::sleep(RETRY_DELAY) => continue,
-                    _ = out.closed() => return None,
-                }
-            }
-        };
+        metrics::Upstream::CatchUp.inc();
+        let mut up = relays.watch(metadata, create);
         loop {
             let msg = tokio::select! {
-                m = up.responses.message() => m,
+                m = up.message() => m,
                 _ = out.closed() => return None,
             };
             let resp = match msg {
                 Ok(Some(r)) => r,
-                Ok(None) | Err(_) => break,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "catch-up watch failed");
+                    break;
+                }
             };
             if resp.canceled {
                 // Compacted (or refused): exactly what etcd tells a direct client.
@@ -126,8 +127,9 @@ pub async fn catch_up(
     }
 }
 
-/// Serves a watch outside every configured prefix through its own upstream watch.
-/// `created` fires once the downstream `created` response has been queued (or the watch failed).
+/// Serves a watch outside every configured prefix through an upstream watch on its identity's
+/// shared stream. `created` fires once the downstream `created` response has been queued (or
+/// the watch failed).
 pub async fn run_uncached(
     hub: Arc<Hub>,
     metadata: Arc<MetadataMap>,
@@ -143,48 +145,30 @@ pub async fn run_uncached(
     };
     // First revision not yet delivered, once known.
     let mut next: Option<i64> = None;
+    // Upstream attempts in a row that ended without any response from etcd.
     let mut failures = 0;
     loop {
         if let Some(n) = next {
             request.start_revision = n;
         }
-        let mut up = match hub
-            .upstream
-            .open_watch(metrics::Upstream::Forwarded, &metadata, request.clone())
-            .await
-        {
-            Ok(up) => up,
-            Err(e) => {
-                tracing::debug!(error = %e, "relayed watch failed to open");
-                failures += 1;
-                if created.is_some() && failures >= CREATE_ATTEMPTS {
-                    let resp = WatchResponse {
-                        header: Some(hub.upstream.header(hub.revision())),
-                        watch_id: super::INVALID_WATCH_ID,
-                        created: true,
-                        canceled: true,
-                        cancel_reason: e.message().to_string(),
-                        ..Default::default()
-                    };
-                    let _ = out.send(Reply::msg(resp)).await;
-                    return;
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(RETRY_DELAY * failures.min(10)) => continue,
-                    _ = out.closed() => return,
-                }
-            }
-        };
+        metrics::Upstream::Forwarded.inc();
+        let mut up = hub.relays.watch(&metadata, request.clone());
+        let mut answered = false;
+        let mut error = None;
         loop {
             let msg = tokio::select! {
-                m = up.responses.message() => m,
+                m = up.message() => m,
                 _ = out.closed() => return,
             };
             let resp = match msg {
                 Ok(Some(r)) => r,
-                Ok(None) | Err(_) => break,
+                Ok(None) => break,
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
             };
-            hub.upstream.observe_header(resp.header.as_ref());
+            answered = true;
             tracing::trace!(?resp, "relayed watch response");
             if resp.created {
                 if resp.canceled {
@@ -250,9 +234,34 @@ pub async fn run_uncached(
                 return;
             }
         }
-        failures = 0;
+        drop(up);
+        if answered {
+            failures = 0;
+        } else {
+            failures += 1;
+        }
+        if let Some(e) = &error {
+            tracing::debug!(error = %e, "relayed watch failed");
+        }
+        if created.is_some() && failures >= CREATE_ATTEMPTS {
+            // etcd never answered the create: the client gets the failure as a refusal.
+            let reason = error.map_or_else(
+                || "upstream watch stream ended".to_string(),
+                |e| e.message().to_string(),
+            );
+            let resp = WatchResponse {
+                header: Some(hub.upstream.header(hub.revision())),
+                watch_id: super::INVALID_WATCH_ID,
+                created: true,
+                canceled: true,
+                cancel_reason: reason,
+                ..Default::default()
+            };
+            let _ = out.send(Reply::msg(resp)).await;
+            return;
+        }
         tokio::select! {
-            _ = tokio::time::sleep(RETRY_DELAY) => {},
+            _ = tokio::time::sleep(RETRY_DELAY * failures.clamp(1, 10)) => {},
             _ = out.closed() => return,
         }
     }

@@ -762,7 +762,7 @@ impl Session {
         let (feed, spec, from) = (watch.feed.clone(), watch.spec.clone(), watch.next);
         let mut highest_header = watch.highest_header;
         let (out, metadata) = (self.out.clone(), self.metadata.clone());
-        let config = self.hub.config.clone();
+        let (config, relays) = (self.hub.config.clone(), self.hub.relays.clone());
         let handoff = self
             .handoffs
             .get_or_insert_with(mpsc::unbounded_channel)
@@ -770,6 +770,7 @@ impl Session {
             .clone();
         let task = self.hub.tasks.spawn(async move {
             let resume = relay::catch_up(
+                &relays,
                 &feed,
                 &spec,
                 from,

@@ -72,6 +72,26 @@ pub fn add_reader(
     etcdctl(etcd, as_user, &["user", "grant-role", name, name]);
 }
 
+/// An RSA key pair for etcd's `--auth-token jwt`, made with `openssl` in `dir`.
+pub fn jwt_keys(dir: &std::path::Path) -> (String, String) {
+    let private = dir.join("jwt.key");
+    let public = dir.join("jwt.pub");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("run openssl");
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    let (private, public) = (
+        private.to_str().expect("path").to_string(),
+        public.to_str().expect("path").to_string(),
+    );
+    run(&["genrsa", "-out", &private, "2048"]);
+    run(&["rsa", "-in", &private, "-pubout", "-out", &public]);
+    (private, public)
+}
+
 /// Creates `root` (with the root role) and enables auth.
 pub fn enable_auth(etcd: &Etcd) {
     etcdctl(etcd, None, &["user", "add", &root()]);

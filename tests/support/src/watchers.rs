@@ -112,12 +112,25 @@ impl Stream {
         logs: Vec<Log>,
         reconnect: bool,
     ) -> Stream {
+        Self::spawn_as(channel, None, specs, logs, reconnect)
+    }
+
+    /// Like [`Stream::spawn_logs`] with `token` in the stream's `token` metadata (each
+    /// reconnection sends it again), as a client of an etcd with auth on.
+    pub fn spawn_as(
+        channel: Channel,
+        token: Option<String>,
+        specs: Vec<Spec>,
+        logs: Vec<Log>,
+        reconnect: bool,
+    ) -> Stream {
         assert_eq!(specs.len(), logs.len());
         let (stop, stop_rx) = watch::channel(false);
         let opened = Arc::new(AtomicU64::new(0));
         let established = Arc::new(AtomicU64::new(0));
         let task = tokio::spawn(run_stream(
             channel,
+            token,
             specs,
             logs.clone(),
             reconnect,
@@ -150,8 +163,10 @@ impl Stream {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_stream(
     channel: Channel,
+    token: Option<String>,
     specs: Vec<Spec>,
     logs: Vec<Log>,
     reconnect: bool,
@@ -186,7 +201,7 @@ async fn run_stream(
         }
         opened.fetch_add(1, Ordering::Relaxed);
         let call = tokio::select! {
-            r = tokio::time::timeout(Duration::from_secs(5), client.watch(UnboundedReceiverStream::new(rx))) => r,
+            r = tokio::time::timeout(Duration::from_secs(5), client.watch(crate::auth::with_token(token.as_deref(), UnboundedReceiverStream::new(rx)))) => r,
             _ = stop.changed() => return,
         };
         let err = match call {

@@ -363,6 +363,7 @@ fn responses_after_created_wait_for_the_cache() {
             revs.push(put(i).await);
         }
         let start = revs[5];
+        static FINAL: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(-1);
         let open = |url: String, name: String| async move {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             let _ = tx.send(WatchRequest {
@@ -374,11 +375,19 @@ fn responses_after_created_wait_for_the_cache() {
                 })),
             });
             let mut w = WatchClient::new(testkit::channel(&url).await);
-            let mut stream = w
+            let stream = w
                 .watch(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
                 .await
                 .expect("watch")
                 .into_inner();
+            (name, tx, stream)
+        };
+        // Reads a watch until it has FINAL (once set), for 30 s at most.
+        let collect = |(name, tx, mut stream): (
+            String,
+            tokio::sync::mpsc::UnboundedSender<WatchRequest>,
+            tonic::Streaming<WatchResponse>,
+        )| {
             tokio::spawn(async move {
                 let _tx = tx;
                 let mut got: Vec<WatchResponse> = Vec::new();
@@ -405,13 +414,16 @@ fn responses_after_created_wait_for_the_cache() {
                 (name, got)
             })
         };
-        static FINAL: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(-1);
-        let mut watchers = vec![open(etcd.url.clone(), "etcd watch".to_string()).await];
+        let mut watchers = vec![collect(
+            open(etcd.url.clone(), "etcd watch".to_string()).await,
+        )];
         // Creates spread over the stall, with writes between them: the proxy learns etcd's
         // revision through the other endpoint meanwhile (sync checks, its one-second
         // compaction poll) while its cache stays behind.
         for i in 0..8 {
-            watchers.push(open(proxy.url.clone(), format!("proxy watch {i}")).await);
+            watchers.push(collect(
+                open(proxy.url.clone(), format!("proxy watch {i}")).await,
+            ));
             revs.push(put(31 + i).await);
             tokio::time::sleep(Duration::from_millis(250)).await;
         }

@@ -215,6 +215,89 @@ fn create_burst_on_one_stream() {
     });
 }
 
+/// A client that writes 100,000 creates on one stream and reads nothing for a while is held
+/// back by HTTP/2 flow control (the session stops reading its requests once 4 MiB of them
+/// wait), not cut off by h2's small-frame budget (GOAWAY ENHANCE_YOUR_CALM): when it starts
+/// reading, every create is answered.
+#[test]
+fn unread_create_burst_is_held_back_not_cut_off() {
+    let n = env_or("ETCD_FANOUT_BURST_CREATES", 100_000) as usize;
+    runtime().block_on(async {
+        let etcd = tokio::task::spawn_blocking(Etcd::start).await.unwrap();
+        let url = etcd.url.clone();
+        let proxy = tokio::task::spawn_blocking(move || Proxy::start(&url, &["/held/"]))
+            .await
+            .unwrap();
+        // HTTP/2's default windows (64 KiB): the client stops taking answers at once.
+        let channel = Endpoint::from_shared(proxy.url.clone())
+            .unwrap()
+            .initial_stream_window_size(Some(65_535))
+            .initial_connection_window_size(Some(65_535))
+            .connect()
+            .await
+            .expect("connect");
+        let mut watch = WatchClient::new(channel);
+        let sent = Arc::new(AtomicU64::new(0));
+        let counter = sent.clone();
+        let requests = futures::stream::iter(0..n).then(move |i| {
+            let counter = counter.clone();
+            async move {
+                tokio::task::yield_now().await;
+                counter.fetch_add(1, Ordering::Relaxed);
+                create(key("/held/", i))
+            }
+        });
+        let mut responses = tokio::time::timeout(Duration::from_secs(30), watch.watch(requests))
+            .await
+            .expect("stream opened in time")
+            .expect("stream opened")
+            .into_inner();
+        // Not reading: the writer is held back once the windows and the session's queue are
+        // full.
+        let mut before = sent.load(Ordering::Relaxed);
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = sent.load(Ordering::Relaxed);
+            if now == before {
+                break;
+            }
+            before = now;
+        }
+        let held_at = sent.load(Ordering::Relaxed);
+        eprintln!("unread burst: the client was held back after {held_at} of {n} creates");
+        let t0 = Instant::now();
+        let mut ids = std::collections::HashSet::new();
+        while ids.len() < n {
+            let resp =
+                match tokio::time::timeout(Duration::from_secs(60), responses.message()).await {
+                    Ok(Ok(Some(r))) => r,
+                    Ok(Ok(None)) => panic!("stream ended after {} of {n} creates", ids.len()),
+                    Ok(Err(e)) => panic!(
+                        "stream failed after {} of {n} creates: {e}\n{}",
+                        ids.len(),
+                        tail(&proxy.log(), 30)
+                    ),
+                    Err(_) => panic!("only {} of {n} creates answered", ids.len()),
+                };
+            assert!(resp.created && !resp.canceled, "unexpected {resp:?}");
+            assert!(
+                ids.insert(resp.watch_id),
+                "watch id {} twice",
+                resp.watch_id
+            );
+        }
+        eprintln!(
+            "unread burst: all {n} created {:.2?} after the client started reading",
+            t0.elapsed()
+        );
+        assert!(
+            (held_at as usize) < n,
+            "the client was never held back: {held_at} of {n} sent without reading"
+        );
+        drop(proxy);
+    });
+}
+
 /// Clients that stop reading while 100 KB values are written: non-reading HTTP/1.1 watchers
 /// (`POST /v3/watch`, never read) and non-reading gRPC streams (small flow-control windows).
 /// Their sessions park at the byte budget (metric), a well-behaved gRPC watcher on the same

@@ -357,14 +357,13 @@ fn responses_after_created_wait_for_the_cache() {
         );
         let watch_relay = if g1 > g2 { &r1 } else { &r2 };
 
+        let stalled_at = *revs.last().unwrap_or(&0);
         watch_relay.stall();
         for i in 21..=30 {
             revs.push(put(i).await);
         }
-        // The proxy learns etcd's revision through the other endpoint (its compaction poll
-        // runs every second).
-        tokio::time::sleep(Duration::from_millis(1200)).await;
         let start = revs[5];
+        static FINAL: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(-1);
         let open = |url: String, name: String| async move {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             let _ = tx.send(WatchRequest {
@@ -376,11 +375,19 @@ fn responses_after_created_wait_for_the_cache() {
                 })),
             });
             let mut w = WatchClient::new(testkit::channel(&url).await);
-            let mut stream = w
+            let stream = w
                 .watch(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
                 .await
                 .expect("watch")
                 .into_inner();
+            (name, tx, stream)
+        };
+        // Reads a watch until it has FINAL (once set), for 30 s at most.
+        let collect = |(name, tx, mut stream): (
+            String,
+            tokio::sync::mpsc::UnboundedSender<WatchRequest>,
+            tonic::Streaming<WatchResponse>,
+        )| {
             tokio::spawn(async move {
                 let _tx = tx;
                 let mut got: Vec<WatchResponse> = Vec::new();
@@ -407,26 +414,37 @@ fn responses_after_created_wait_for_the_cache() {
                 (name, got)
             })
         };
-        static FINAL: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(-1);
-        let mut watchers = Vec::new();
-        for i in 0..6 {
-            watchers.push(open(proxy.url.clone(), format!("proxy watch {i}")).await);
+        let mut watchers = vec![collect(
+            open(etcd.url.clone(), "etcd watch".to_string()).await,
+        )];
+        // Creates spread over the stall, with writes between them: the proxy learns etcd's
+        // revision through the other endpoint meanwhile (sync checks, its one-second
+        // compaction poll) while its cache stays behind.
+        for i in 0..8 {
+            watchers.push(collect(
+                open(proxy.url.clone(), format!("proxy watch {i}")).await,
+            ));
+            revs.push(put(31 + i).await);
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        watchers.push(open(etcd.url.clone(), "etcd watch".to_string()).await);
-        for i in 31..=40 {
-            revs.push(put(i).await);
-        }
-        tokio::time::sleep(Duration::from_millis(1500)).await;
         watch_relay.pass();
         for i in 41..=50 {
             revs.push(put(i).await);
         }
         FINAL.store(*revs.last().unwrap_or(&0), Ordering::Release);
         let mut bad = Vec::new();
+        // The scenario happened: some proxy watch was created at a revision its cache (stalled
+        // after `stalled_at`) did not have yet.
+        let mut ahead = 0;
         for w in watchers {
             let (name, got) = w.await.expect("watcher");
+            let created = got.first().and_then(|r| r.header).map_or(0, |h| h.revision);
+            if name.starts_with("proxy") && created > stalled_at {
+                ahead += 1;
+            }
             bad.extend(check_watch(&name, &got, start, &revs));
         }
+        assert!(ahead > 0, "no proxy watch was created ahead of its cache");
         assert!(
             bad.is_empty(),
             "watch responses after created:\n{}",

@@ -2,7 +2,8 @@
 //! while a feed retries every few hundred milliseconds, accepts failing at the descriptor
 //! limit) is logged when it starts, then at most once per interval with the number of
 //! repeats not logged in between, and the log stays readable and bounded however long it
-//! lasts. One [`Throttle`] per repeating condition, owned by the loop that retries (no lock).
+//! lasts. One [`Throttle`] per repeating condition, owned by the loop that retries (no lock):
+//! the feeds' retry warnings, the listener's failed accepts.
 
 use std::time::{Duration, Instant};
 

@@ -3,8 +3,9 @@
 //! - `kubectl kustomize` renders the base and every overlay; `kubernetes-validate --strict`
 //!   validates the output against Kubernetes 1.32's schemas (it has no schema for the
 //!   Prometheus Operator's ServiceMonitor and PrometheusRule: their fields are checked here);
-//! - the Pods meet the "restricted" Pod Security Standard (the fields checked one by one:
-//!   checkov is too heavy to install on this project's machines and CI, see deploy/README.md);
+//! - the Pods meet the "restricted" Pod Security Standard (the fields checked one by one), and
+//!   PyPI's `checkov` (its Kubernetes checks) passes on every rendered kustomization, with only
+//!   the checks the manifests skip by annotation, each with its reason;
 //! - `promtool check rules` on the alerts, and the PrometheusRule carries the same groups;
 //! - the APISIX examples parse and their etcd section points at the proxy Service;
 //! - the Dockerfile: runtime base pinned by digest, non-root user, stripped binary;
@@ -331,6 +332,147 @@ fn kustomize_renders_validates_and_is_restricted() {
             "{name}: PrometheusRule differs from deploy/prometheus/alerts.yaml"
         );
     }
+}
+
+/// Checks that do not apply to these manifests: each is skipped by a `checkov.io/skipN`
+/// annotation whose comment (in the manifest) says why.
+const CHECKOV_SKIPS: [&str; 4] = [
+    "CKV_K8S_11", // no CPU limit on purpose (throttling stalls the fan-out)
+    "CKV_K8S_15", // imagePullPolicy IfNotPresent for a pinned image
+    "CKV_K8S_21", // namespace chosen by the operator
+    "CKV_K8S_43", // digest of the operator's own image build
+];
+
+/// The checkov executable: on `PATH`, or in the virtualenv `.ci/install --test` makes
+/// (`$ETCD_FANOUT_CHECKOV_VENV`, default `~/.local/share/etcd-fanout/checkov`), which is
+/// made here when missing. `None` (a loud skip, also under CI) only when pip cannot install
+/// it (e.g. no package index reachable).
+fn checkov() -> Option<PathBuf> {
+    let works = |p: &Path| {
+        Command::new(p)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if works(Path::new("checkov")) {
+        return Some(PathBuf::from("checkov"));
+    }
+    let venv = std::env::var_os("ETCD_FANOUT_CHECKOV_VENV")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".local/share/etcd-fanout/checkov"))
+        })?;
+    let bin = venv.join("bin/checkov");
+    if works(&bin) {
+        return Some(bin);
+    }
+    eprintln!("checkov not found: installing it into {}", venv.display());
+    let installed = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .is_ok_and(|s| s.success())
+        && Command::new("timeout")
+            .arg("900")
+            .arg(venv.join("bin/pip"))
+            .args([
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "checkov",
+            ])
+            .status()
+            .is_ok_and(|s| s.success());
+    if installed && works(&bin) {
+        return Some(bin);
+    }
+    eprintln!("\n!!!!!!!! SKIPPED: pip could not install checkov (see above) !!!!!!!!\n");
+    None
+}
+
+#[test]
+fn checkov_passes_on_every_rendered_kustomization() {
+    if !have("kubectl", &["version", "--client"]) {
+        return;
+    }
+    let Some(checkov) = checkov() else { return };
+    // Not tempfile's default `.tmp...`: checkov skips hidden directories.
+    let dir = tempfile::Builder::new()
+        .prefix("checkov-")
+        .tempdir()
+        .expect("tmp");
+    for k in kustomizations() {
+        let name = k
+            .strip_prefix(root())
+            .unwrap_or(&k)
+            .display()
+            .to_string()
+            .replace('/', "-");
+        std::fs::write(dir.path().join(format!("{name}.yaml")), render(&k)).expect("write");
+    }
+    let out = Command::new(&checkov)
+        .arg("-d")
+        .arg(dir.path())
+        .args(["--framework", "kubernetes", "--skip-download", "-o", "json"])
+        // checkov looks for its configuration in the working directory.
+        .current_dir(dir.path())
+        .output()
+        .expect("checkov");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "checkov output is not JSON ({e}, {}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    // One report, or one per check type when checkov found more than one.
+    let report = match report {
+        Value::Array(all) => all
+            .into_iter()
+            .find(|r| r["check_type"] == "kubernetes")
+            .expect("a kubernetes report"),
+        r => r,
+    };
+    let summary = &report["summary"];
+    let failed: Vec<String> = report["results"]["failed_checks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| format!("{} {} ({})", c["check_id"], c["check_name"], c["resource"]))
+        .collect();
+    assert!(failed.is_empty(), "checkov failed:\n{}", failed.join("\n"));
+    assert_eq!(summary["parsing_errors"], 0, "{summary}");
+    assert!(
+        summary["resource_count"].as_u64().is_some_and(|n| n >= 20),
+        "{summary}"
+    );
+    assert!(
+        summary["passed"].as_u64().is_some_and(|n| n > 100),
+        "{summary}"
+    );
+    for c in report["results"]["skipped_checks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let id = c["check_id"].as_str().unwrap_or("");
+        assert!(
+            CHECKOV_SKIPS.contains(&id),
+            "{id} ({}) skipped without being known here",
+            c["resource"]
+        );
+        assert!(
+            c["check_result"]["suppress_comment"]
+                .as_str()
+                .is_some_and(|s| s.len() > 10),
+            "{id} skipped without a reason: {c}"
+        );
+    }
+    assert!(out.status.success(), "checkov exit {}", out.status);
 }
 
 #[test]
@@ -857,13 +999,7 @@ fn dashboard_and_alert_metrics_exist_on_a_live_proxy() {
         "etcd_fanout_delivery_latency_seconds_count{wire=\"grpc\"}",
         50.0,
     );
-    for kind in [
-        "watch",
-        "catchup_watch",
-        "load",
-        "forwarded",
-        "compaction_probe",
-    ] {
+    for kind in ["watch", "catchup_watch", "load", "sync_check", "forwarded"] {
         at_least(
             &format!("etcd_fanout_upstream_requests_total{{kind=\"{kind}\"}}"),
             1.0,

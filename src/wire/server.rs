@@ -29,6 +29,7 @@ use tonic::service::Routes;
 use tower::ServiceExt;
 
 use crate::serve::Services;
+use crate::throttle::Throttle;
 use crate::tls::identity::{self, CnPolicy, Peer};
 use crate::tls::server::ServerTls;
 use crate::wire::transport::Transport;
@@ -471,18 +472,15 @@ impl Connection {
 struct AcceptErrors {
     /// Current pause after a failure (zero after a success).
     pause: Duration,
-    /// Failures not reported yet.
-    unreported: u64,
-    /// When the last report was logged.
-    last_report: Option<tokio::time::Instant>,
+    /// The warning's rate limit (one per [`AcceptErrors::REPORT_EVERY`], with a count).
+    report: Throttle,
 }
 
 impl Default for AcceptErrors {
     fn default() -> Self {
         AcceptErrors {
             pause: Duration::ZERO,
-            unreported: 0,
-            last_report: None,
+            report: Throttle::new(Self::REPORT_EVERY),
         }
     }
 }
@@ -497,15 +495,8 @@ impl AcceptErrors {
     /// Records a failure; returns how long to pause before the next accept.
     fn failed(&mut self, e: &std::io::Error) -> Duration {
         crate::metrics::ACCEPT_ERRORS.inc();
-        self.unreported += 1;
-        let now = tokio::time::Instant::now();
-        if self
-            .last_report
-            .is_none_or(|t| now.duration_since(t) >= Self::REPORT_EVERY)
-        {
-            tracing::warn!(error = %e, failures = self.unreported, "accept failed");
-            self.unreported = 0;
-            self.last_report = Some(now);
+        if let Some(not_logged) = self.report.allow() {
+            tracing::warn!(error = %e, failures = not_logged + 1, "accept failed");
         }
         self.pause = (self.pause * 2).clamp(Self::MIN_PAUSE, Self::MAX_PAUSE);
         self.pause

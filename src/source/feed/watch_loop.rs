@@ -13,7 +13,7 @@ use crate::throttle::Throttle;
 
 /// While a feed keeps failing, its warning is repeated at most this often (with the count of
 /// failures not logged in between).
-const RETRY_WARN_EVERY: Duration = Duration::from_secs(30);
+const RETRY_WARN_EVERY: Duration = Duration::from_secs(60);
 
 impl Feed {
     /// Keeps the cache loaded and watched, forever.
@@ -39,7 +39,7 @@ impl Feed {
                             let error = self.upstream.describe(&e);
                             match warn.allow() {
                                 Some(repeats) => {
-                                    tracing::warn!(prefix = %self.name, failures, repeats_not_logged = repeats, "loading prefix failed, retrying: {error}")
+                                    tracing::warn!(prefix = %self.name, failures, repeats_not_logged = repeats, "loading prefix failed; retrying: {error}")
                                 }
                                 None => {
                                     tracing::debug!(prefix = %self.name, failures, "loading prefix failed: {error}")
@@ -69,7 +69,7 @@ impl Feed {
                         let error = self.upstream.describe(&e);
                         match warn.allow() {
                             Some(repeats) => {
-                                tracing::warn!(prefix = %self.name, failures, repeats_not_logged = repeats, "upstream watch failed, resuming: {error}")
+                                tracing::warn!(prefix = %self.name, failures, repeats_not_logged = repeats, "upstream watch failed; resuming: {error}")
                             }
                             None => {
                                 tracing::debug!(prefix = %self.name, failures, "upstream watch failed again: {error}")

@@ -9,4 +9,5 @@ pub mod credentials;
 pub mod feed;
 pub mod hub;
 pub mod index;
+pub mod registry;
 pub mod upstream;

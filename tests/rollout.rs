@@ -992,3 +992,119 @@ fn sigterm_with_1000_watchers_moves_every_one_without_loss() {
         );
     });
 }
+
+/// Watchers (one connection each) of the scale-out test.
+const SPREAD_CLIENTS: usize = 40;
+const SPREAD_WRITES: usize = 300;
+
+/// After a scale-out, `--max-connection-age` spreads long-lived connections over the new
+/// replicas within one age: 40 watchers, each on its own connection, reach the replicas as a
+/// Service would send them (the next live replica in turn at every connect); two replicas,
+/// then four. One age (4 s, +-10 %) plus the grace after the scale-out, each of the four holds
+/// 25 % +- 10 % of the watch streams, and every watcher received every revision exactly once.
+#[test]
+fn scale_out_spreads_connections_within_one_age() {
+    let _s = serial();
+    rt().block_on(async {
+        let prefix = "/so/";
+        let etcd = Etcd::start();
+        let base = put(&etcd.url, "/so/seed", "0").await;
+        let flags = ["--max-connection-age", "4s", "--max-connection-age-grace", "2s"];
+        let start = |etcd: String| {
+            tokio::task::spawn_blocking(move || Proxy::start_with(&etcd, &["/so/"], &flags))
+        };
+        let mut replicas = vec![
+            start(etcd.url.clone()).await.expect("replica"),
+            start(etcd.url.clone()).await.expect("replica"),
+        ];
+        // The Service: the live replicas, and a round-robin cursor over them.
+        let service: Arc<Mutex<(Vec<String>, usize)>> = Arc::new(Mutex::new((
+            replicas.iter().map(|p| p.url.clone()).collect(),
+            0,
+        )));
+        let until = Instant::now() + Duration::from_secs(90);
+        let mut clients = Vec::new();
+        for _ in 0..SPREAD_CLIENTS {
+            let (seen, service): (Seen, _) = (Arc::default(), service.clone());
+            let s = seen.clone();
+            let task = tokio::spawn(async move {
+                let mut ends = Vec::new();
+                while Instant::now() < until && s.lock().unwrap().len() < SPREAD_WRITES {
+                    let url = {
+                        let mut svc = service.lock().unwrap();
+                        svc.1 += 1;
+                        svc.0[svc.1 % svc.0.len()].clone()
+                    };
+                    let last = s.lock().unwrap().last().copied().unwrap_or(base);
+                    let ch = testkit::channel(&url).await;
+                    let p = prefix.to_string();
+                    let end = grpc_watch_on(ch, p, last + 1, s.clone(), until, SPREAD_WRITES).await;
+                    ends.push(end);
+                }
+                ends
+            });
+            clients.push((seen, task));
+        }
+        let writer = {
+            let url = etcd.url.clone();
+            tokio::spawn(async move {
+                let mut kv = KvClient::new(testkit::channel(&url).await);
+                let mut written = Vec::new();
+                for i in 0..SPREAD_WRITES {
+                    let r = kv
+                        .put(PutRequest {
+                            key: Bytes::from(format!("/so/k{}", i % 11)),
+                            value: Bytes::from(format!("v{i}")),
+                            ..Default::default()
+                        })
+                        .await
+                        .expect("writer put");
+                    written.push(r.into_inner().header.map_or(0, |h| h.revision));
+                    tokio::time::sleep(Duration::from_millis(40)).await;
+                }
+                written
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(2)).await;
+
+        // Scale out to four replicas.
+        for _ in 0..2 {
+            let p = start(etcd.url.clone()).await.expect("replica");
+            service.lock().unwrap().0.push(p.url.clone());
+            replicas.push(p);
+        }
+        let scaled = Instant::now();
+        // One age with its jitter, the grace, and a loaded machine's reconnects.
+        tokio::time::sleep(Duration::from_millis(4400 + 2000 + 1000)).await;
+        let streams: Vec<f64> = replicas
+            .iter()
+            .map(|p| testkit::metric_value(&p.metrics(), "etcd_fanout_watch_streams"))
+            .collect();
+        let total: f64 = streams.iter().sum();
+        eprintln!(
+            "scale-out: watch streams per replica {streams:?} ({total} in all) {:?} after the scale-out",
+            scaled.elapsed()
+        );
+        for (i, n) in streams.iter().enumerate() {
+            let share = n / total;
+            assert!(
+                (0.15..=0.35).contains(&share),
+                "replica {i} holds {n} of {total} streams ({:.0} %): {streams:?}",
+                share * 100.0
+            );
+        }
+        let written = writer.await.expect("writer");
+        for (i, (seen, task)) in clients.into_iter().enumerate() {
+            let ends = task.await.expect("client");
+            let seen = seen.lock().unwrap().clone();
+            assert_eq!(seen, written, "client {i}: every revision once, in order ({ends:?})");
+            for end in ends.iter().flatten() {
+                assert_eq!(
+                    (end.code(), end.message()),
+                    (Code::Unavailable, "the connection is draining"),
+                    "client {i}"
+                );
+            }
+        }
+    });
+}

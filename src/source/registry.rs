@@ -175,9 +175,14 @@ impl Registry {
         if lease == 0 {
             return;
         }
-        let ticket = upstream.credentials().ticket(upstream).await;
-        let mut client = upstream.lease();
-        let revoke = client.lease_revoke(ticket.request(LeaseRevokeRequest { id: lease }));
+        let revoke = async {
+            let ticket = upstream.credentials().ticket(upstream).await;
+            upstream
+                .lease()
+                .lease_revoke(ticket.request(LeaseRevokeRequest { id: lease }))
+                .await
+        };
+        // Bounded: the shutdown delay runs meanwhile, and the lease expires anyway.
         match tokio::time::timeout(Duration::from_secs(2), revoke).await {
             Ok(Ok(_)) => tracing::info!(url = %self.url, "deregistered from the resolver prefix"),
             Ok(Err(e)) => {

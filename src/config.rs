@@ -103,6 +103,27 @@ pub struct Config {
     #[arg(long, env = "ETCD_FANOUT_MAX_CONNECTION_AGE_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub max_connection_age_grace: Duration,
 
+    /// The client URL this replica is reached at (`etcd grpc-proxy start`'s flag). With
+    /// `--resolver-prefix`, registered in etcd; `MemberList` then answers the live replicas'
+    /// URLs instead of etcd's members, so clients that sync their endpoints stay on the proxy
+    /// tier (without `--resolver-prefix`: this URL alone).
+    #[arg(long, env = "ETCD_FANOUT_ADVERTISE_CLIENT_URL")]
+    pub advertise_client_url: Option<String>,
+
+    /// Key prefix under which replicas register `--advertise-client-url` in etcd (as
+    /// `etcd grpc-proxy`: key `PREFIX/URL`, under a lease kept alive, revoked at shutdown).
+    #[arg(
+        long,
+        env = "ETCD_FANOUT_RESOLVER_PREFIX",
+        requires = "advertise_client_url"
+    )]
+    pub resolver_prefix: Option<String>,
+
+    /// TTL in seconds of the registration's lease: a replica that dies without deregistering
+    /// drops out of `MemberList` after this long.
+    #[arg(long, env = "ETCD_FANOUT_RESOLVER_TTL", default_value_t = 60, value_parser = clap::value_parser!(i64).range(1..))]
+    pub resolver_ttl: i64,
+
     /// A prefix whose cache has neither advanced nor been confirmed current by etcd for this
     /// long is stale: `/health` reports it unhealthy and it is served as an etcd member that
     /// lost its leader serves (see ARCHITECTURE.md, "Health"). Idle prefixes are confirmed

@@ -96,9 +96,10 @@ where
             delay_ms = delay.as_millis() as u64,
             "shutdown signal: readiness fails, still serving during the shutdown delay"
         );
-        signal_hub.begin_drain();
+        let drain_start = tokio::time::Instant::now();
+        signal_hub.begin_drain().await;
         tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
+            _ = tokio::time::sleep_until(drain_start + delay) => {}
             _ = signal() => tracing::info!("second signal: shutdown delay cut short"),
         }
         tracing::info!("shutting down: ending watch streams, draining connections");

@@ -334,11 +334,14 @@ pub enum Upstream {
     Forwarded,
     /// Requests relayed to etcd's HTTP server (`/version`, `/health`, lock, election).
     Http,
+    /// Discovery (`--resolver-prefix`): the registration's lease grant, put, keep-alive
+    /// stream and revoke, and the range and watch of every replica's registration.
+    Registry,
 }
 
 impl Upstream {
     /// Every kind, in label order.
-    const ALL: [Upstream; 10] = [
+    const ALL: [Upstream; 11] = [
         Upstream::Watch,
         Upstream::CatchUp,
         Upstream::Load,
@@ -349,6 +352,7 @@ impl Upstream {
         Upstream::Login,
         Upstream::Forwarded,
         Upstream::Http,
+        Upstream::Registry,
     ];
 
     /// The `kind` label.
@@ -364,6 +368,7 @@ impl Upstream {
             Upstream::Login => "login",
             Upstream::Forwarded => "forwarded",
             Upstream::Http => "http",
+            Upstream::Registry => "registry",
         }
     }
 
@@ -374,13 +379,13 @@ impl Upstream {
 }
 
 /// `etcd_fanout_upstream_requests_total{kind}`, one handle per [`Upstream`] kind.
-static UPSTREAM_REQUESTS: LazyLock<[IntCounter; 10]> = LazyLock::new(|| {
+static UPSTREAM_REQUESTS: LazyLock<[IntCounter; 11]> = LazyLock::new(|| {
     let v = counter_vec(
         "etcd_fanout_upstream_requests_total",
         "Requests the proxy sent to etcd, by kind: watch (upstream watch streams of the \
          prefixes, resumes, backfill), catchup_watch, load (range pages), sync_check, \
          compaction_probe, auth_poll, permission_probe, login, forwarded (client requests \
-         passed through), http (etcd's HTTP endpoints).",
+         passed through), http (etcd's HTTP endpoints), registry (discovery registrations).",
         &["kind"],
     );
     Upstream::ALL.map(|k| v.with_label_values(&[k.label()]))

@@ -453,3 +453,162 @@ fn responses_after_created_wait_for_the_cache() {
         drop(proxy);
     });
 }
+
+/// `etcdctl` (etcd's Go client) with `args` against `endpoints`; its standard output.
+fn etcdctl(endpoints: &str, args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", endpoints, "--command-timeout", "5s"])
+        .args(args)
+        .output()
+        .map_err(|e| format!("run etcdctl: {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The client URLs `etcdctl member list` shows through `endpoint`, sorted, and whether the
+/// answer carried a header.
+fn member_urls(endpoint: &str) -> Result<(Vec<String>, bool), String> {
+    let out = etcdctl(endpoint, &["member", "list", "-w", "json"])?;
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
+    let mut urls: Vec<String> = v["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|m| m["clientURLs"].as_array().cloned().unwrap_or_default())
+        .filter_map(|u| u.as_str().map(str::to_string))
+        .collect();
+    urls.sort();
+    Ok((urls, v.get("header").is_some()))
+}
+
+/// An `etcd grpc-proxy start` process, killed on drop.
+struct GrpcProxy(std::process::Child);
+
+impl Drop for GrpcProxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits (at most `within`) until `member list` through `endpoint` shows exactly `want`.
+fn wait_members(endpoint: &str, want: &[&str], within: Duration) -> Result<Duration, String> {
+    let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    let t0 = Instant::now();
+    loop {
+        let got = member_urls(endpoint);
+        if got.as_ref().is_ok_and(|(urls, _)| *urls == want) {
+            return Ok(t0.elapsed());
+        }
+        if t0.elapsed() > within {
+            return Err(format!(
+                "member list through {endpoint}: {got:?}, want {want:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Discovery as `etcd grpc-proxy` does it (issue 13 item 3): two replicas and a real
+/// `etcd grpc-proxy` register under one `--resolver-prefix`; `etcdctl member list` through
+/// either replica lists the three proxies (not etcd), and the grpc-proxy lists the replicas
+/// too (same registration format). A replica killed with SIGKILL drops out after its lease
+/// TTL; one sent SIGTERM drops out at once (its lease is revoked when it starts draining).
+#[test]
+fn discovery_lists_the_replicas() {
+    let etcd = Etcd::start();
+    let (pa, pb, pg) = (
+        testkit::free_port(),
+        testkit::free_port(),
+        testkit::free_port(),
+    );
+    let (ua, ub, ug) = (
+        format!("http://127.0.0.1:{pa}"),
+        format!("http://127.0.0.1:{pb}"),
+        format!("http://127.0.0.1:{pg}"),
+    );
+    let flags = |url: &str, ttl: &'static str| {
+        vec![
+            "--advertise-client-url".to_string(),
+            url.to_string(),
+            "--resolver-prefix".to_string(),
+            "/fanout-replicas".to_string(),
+            "--resolver-ttl".to_string(),
+            ttl.to_string(),
+            "--shutdown-delay".to_string(),
+            "2s".to_string(),
+        ]
+    };
+    let fa = flags(&ua, "30");
+    let fb = flags(&ub, "3");
+    let a = Proxy::start_on(
+        pa,
+        &etcd.url,
+        &["/d/"],
+        &fa.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let mut b = Proxy::start_on(
+        pb,
+        &etcd.url,
+        &["/d/"],
+        &fb.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let _g = GrpcProxy(
+        std::process::Command::new("etcd")
+            .args(["grpc-proxy", "start", "--endpoints", &etcd.url])
+            .args(["--listen-addr", &format!("127.0.0.1:{pg}")])
+            .args(["--advertise-client-url", &ug])
+            .args([
+                "--resolver-prefix",
+                "/fanout-replicas",
+                "--resolver-ttl",
+                "30",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start etcd grpc-proxy"),
+    );
+    let all = [ua.as_str(), ub.as_str(), ug.as_str()];
+    for through in [&a.url, &b.url] {
+        wait_members(through, &all, Duration::from_secs(15)).unwrap();
+    }
+    // grpc-proxy reads the replicas' registrations as its own kind.
+    wait_members(&ug, &all, Duration::from_secs(15)).unwrap();
+    let (_, header) = member_urls(&a.url).unwrap();
+    assert!(
+        header,
+        "the replica's MemberList answer must carry a header, as etcd's"
+    );
+    // etcd itself still lists its own member only.
+    let (etcd_urls, _) = member_urls(&etcd.url).unwrap();
+    assert_eq!(etcd_urls, vec![etcd.url.clone()]);
+
+    // SIGKILL: B drops out after its lease TTL (3 s).
+    b.kill();
+    let took = wait_members(&a.url, &[&ua, &ug], Duration::from_secs(15)).unwrap();
+    eprintln!("discovery: a killed replica left the member list after {took:?} (TTL 3 s)");
+
+    // SIGTERM: A deregisters at once (its TTL is 30 s), while it still serves during the delay.
+    let pid = testkit::fault::proxy_pid(a.port).expect("proxy pid");
+    testkit::fault::signal(pid, "TERM");
+    let t0 = Instant::now();
+    let left = testkit::wait_until(Duration::from_secs(5), || {
+        etcdctl(
+            &etcd.url,
+            &["get", "--prefix", "/fanout-replicas/", "--keys-only"],
+        )
+        .is_ok_and(|out| !out.contains(&ua))
+    });
+    assert!(left, "a draining replica must deregister at once");
+    eprintln!(
+        "discovery: a terminating replica deregistered after {:?}",
+        t0.elapsed()
+    );
+    // (etcd 3.4's grpc-proxy itself keeps listing replicas whose registrations are gone: it
+    // misses deletes. Not checked through it.)
+}

@@ -307,7 +307,21 @@ async fn grpc_watch(
     seen: Seen,
     until: Instant,
 ) -> Option<tonic::Status> {
-    let mut w = WatchClient::new(testkit::channel(&url).await);
+    let ch = testkit::channel(&url).await;
+    grpc_watch_on(ch, prefix, start, seen, until, WRITES).await
+}
+
+/// [`grpc_watch`] on a stream of `ch` (a connection shared with other watchers), done once
+/// `want` events were seen.
+async fn grpc_watch_on(
+    ch: tonic::transport::Channel,
+    prefix: String,
+    start: i64,
+    seen: Seen,
+    until: Instant,
+    want: usize,
+) -> Option<tonic::Status> {
+    let mut w = WatchClient::new(ch);
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(WatchRequest {
         request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
@@ -339,7 +353,7 @@ async fn grpc_watch(
                         .iter()
                         .filter_map(|e| e.kv.as_ref().map(|kv| kv.mod_revision)),
                 );
-                if v.len() >= WRITES {
+                if v.len() >= want {
                     return None;
                 }
             }
@@ -357,19 +371,33 @@ fn http_watch(
     seen: Seen,
     until: Instant,
 ) -> Result<bool, String> {
+    http_watch_n(port, prefix, start, seen, until, WRITES)
+}
+
+/// [`http_watch`], done once `want` events were seen.
+fn http_watch_n(
+    port: u16,
+    prefix: &str,
+    start: i64,
+    seen: Seen,
+    until: Instant,
+    want: usize,
+) -> Result<bool, String> {
     let body = format!(
         r#"{{"create_request":{{"key":"{}","range_end":"{}","start_revision":"{start}"}}}}"#,
         b64(prefix),
         b64(&String::from_utf8_lossy(&range_end(prefix)))
     );
     let mut c = Conn::send(port, "POST", "/v3/watch", &[], body.as_bytes())?;
-    c.set_timeout(Duration::from_millis(500));
+    // The head comes with the first message (`created`): generous on a loaded machine.
+    c.set_timeout(Duration::from_secs(20));
     c.read_head()?;
+    c.set_timeout(Duration::from_millis(500));
     if c.status != 200 {
         return Err(format!("status {}", c.status));
     }
     loop {
-        if Instant::now() > until || seen.lock().unwrap().len() >= WRITES {
+        if Instant::now() > until || seen.lock().unwrap().len() >= want {
             return Ok(false);
         }
         match c.next_chunk() {
@@ -761,5 +789,322 @@ fn max_connection_age_moves_watchers_without_loss() {
             "max age: {grpc_moves} gRPC and {http_moves} HTTP stream moves, {aged_h2} connections aged on A"
         );
         assert!(aged_h2 >= (AGED_GRPC + AGED_HTTP) as f64, "aged connections: {aged_h2}");
+    });
+}
+
+/// The 1,000-watcher rollout: gRPC watch streams (over a few shared connections, as clientv3
+/// multiplexes them), HTTP watch connections, and writes.
+const FLEET_GRPC: usize = 900;
+const FLEET_GRPC_CONNS: usize = 30;
+const FLEET_HTTP: usize = 100;
+const FLEET_WRITES: usize = 150;
+
+/// SIGTERM under 1,000 watchers (900 gRPC streams on 30 connections, 100 HTTP watches) on
+/// replica A: `/readyz` fails at once, every new connection is accepted and answered during
+/// `--shutdown-delay`, then every stream ends (gRPC: `Unavailable` "etcdserver: server
+/// stopped"; HTTP: cleanly at a revision boundary), every watcher resumes on replica B from
+/// its last revision + 1 and receives every revision exactly once, and A exits within
+/// delay + timeout.
+#[test]
+fn sigterm_with_1000_watchers_moves_every_one_without_loss() {
+    const DELAY: Duration = Duration::from_secs(3);
+    let _s = serial();
+    rt().block_on(async {
+        let prefix = "/rf/";
+        let etcd = Etcd::start();
+        let base = put(&etcd.url, "/rf/seed", "0").await;
+        let a = Proxy::start_with(
+            &etcd.url,
+            &[prefix],
+            &["--shutdown-delay", "3s", "--shutdown-timeout", "10s"],
+        );
+        let b = Proxy::start(&etcd.url, &[prefix]);
+        let pid = testkit::fault::proxy_pid(a.port).expect("proxy pid");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut on_a = Vec::new();
+        let mut on_b = Vec::new();
+        for _ in 0..FLEET_GRPC_CONNS {
+            on_a.push(testkit::channel(&a.url).await);
+            on_b.push(testkit::channel(&b.url).await);
+        }
+
+        let mut grpc = Vec::new();
+        for i in 0..FLEET_GRPC {
+            let seen: Seen = Arc::default();
+            let (ca, cb) = (
+                on_a[i % FLEET_GRPC_CONNS].clone(),
+                on_b[i % FLEET_GRPC_CONNS].clone(),
+            );
+            let s = seen.clone();
+            let task = tokio::spawn(async move {
+                let p = "/rf/".to_string();
+                let end =
+                    grpc_watch_on(ca, p.clone(), base + 1, s.clone(), deadline, FLEET_WRITES).await;
+                let ended_at = Instant::now();
+                let last = s.lock().unwrap().last().copied().unwrap_or(base);
+                let again = grpc_watch_on(cb, p, last + 1, s, deadline, FLEET_WRITES).await;
+                (end, ended_at, again)
+            });
+            grpc.push((seen, task));
+        }
+        let mut http = Vec::new();
+        for _ in 0..FLEET_HTTP {
+            let seen: Seen = Arc::default();
+            let (pa, pb, s) = (a.port, b.port, seen.clone());
+            let task = tokio::task::spawn_blocking(move || {
+                let end = http_watch_n(pa, "/rf/", base + 1, s.clone(), deadline, FLEET_WRITES);
+                let ended_at = Instant::now();
+                let last = s.lock().unwrap().last().copied().unwrap_or(base);
+                let again = http_watch_n(pb, "/rf/", last + 1, s, deadline, FLEET_WRITES);
+                (end, ended_at, again)
+            });
+            http.push((seen, task));
+        }
+        // Every watch created on A before anything else happens.
+        let all = (FLEET_GRPC + FLEET_HTTP) as f64;
+        let created = tokio::task::spawn_blocking({
+            let port = a.port;
+            move || {
+                wait_until(Duration::from_secs(60), || {
+                    let m = http_get(port, "/metrics")
+                        .map(|(_, b)| b)
+                        .unwrap_or_default();
+                    testkit::metric_value(&m, "etcd_fanout_watchers") >= all
+                })
+            }
+        })
+        .await
+        .expect("wait for watchers");
+        assert!(created, "{all} watchers not created on A within 60 s");
+
+        // Writer: one put every 40 ms; the SIGTERM lands about a second in.
+        let writer = {
+            let url = etcd.url.clone();
+            tokio::spawn(async move {
+                let mut kv = KvClient::new(testkit::channel(&url).await);
+                let mut written = Vec::new();
+                for i in 0..FLEET_WRITES {
+                    let r = kv
+                        .put(PutRequest {
+                            key: Bytes::from(format!("/rf/k{}", i % 23)),
+                            value: Bytes::from(format!("v{i}")),
+                            ..Default::default()
+                        })
+                        .await
+                        .expect("writer put");
+                    written.push(r.into_inner().header.map_or(0, |h| h.revision));
+                    tokio::time::sleep(Duration::from_millis(40)).await;
+                }
+                written
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+
+        signal(pid, "TERM");
+        let t0 = Instant::now();
+        let exit = tokio::task::spawn_blocking(move || {
+            let exited = wait_until(Duration::from_secs(30), || !is_alive(pid));
+            (exited, t0.elapsed())
+        });
+        let unready = wait_until(Duration::from_millis(500), || {
+            status(a.port, "/readyz").0 == 503
+        });
+        assert!(unready, "/readyz still 200 0.5 s after SIGTERM");
+        // During the delay every new connection is accepted and answered.
+        let mut probes = 0;
+        let mut failures = Vec::new();
+        while t0.elapsed() < DELAY - Duration::from_millis(500) {
+            let body = format!(r#"{{"key":"{}","serializable":true}}"#, b64("/rf/seed"));
+            let port = a.port;
+            let r = tokio::task::spawn_blocking(move || {
+                testkit::http::request(port, "POST", "/v3/kv/range", &[], body.as_bytes())
+            })
+            .await
+            .expect("probe");
+            match r {
+                Ok(r) if r.status == 200 => {}
+                Ok(r) => failures.push(format!("{:?}: status {}", t0.elapsed(), r.status)),
+                Err(e) => failures.push(format!("{:?}: {e}", t0.elapsed())),
+            }
+            probes += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            failures.is_empty(),
+            "requests failed during the shutdown delay: {failures:?}"
+        );
+
+        let written = writer.await.expect("writer");
+        let (exited, exit_took) = exit.await.expect("exit watcher");
+        let mut first_end = Duration::MAX;
+        let mut last_end = Duration::ZERO;
+        for (i, (seen, task)) in grpc.into_iter().enumerate() {
+            let (end, ended_at, again) = task.await.expect("grpc watcher");
+            let end =
+                end.unwrap_or_else(|| panic!("gRPC watcher {i}: its stream on A never ended"));
+            assert_eq!(
+                (end.code(), end.message()),
+                (Code::Unavailable, "etcdserver: server stopped"),
+                "gRPC watcher {i}"
+            );
+            assert!(
+                again.is_none(),
+                "gRPC watcher {i}: resumed watch failed: {again:?}"
+            );
+            let seen = seen.lock().unwrap().clone();
+            assert_eq!(
+                seen, written,
+                "gRPC watcher {i}: every revision once, in order"
+            );
+            let after = ended_at.saturating_duration_since(t0);
+            first_end = first_end.min(after);
+            last_end = last_end.max(after);
+        }
+        for (i, (seen, task)) in http.into_iter().enumerate() {
+            let (end, ended_at, again) = task.await.expect("http watcher");
+            assert_eq!(
+                end,
+                Ok(true),
+                "HTTP watcher {i}: must end cleanly at shutdown"
+            );
+            assert_eq!(again, Ok(false), "HTTP watcher {i}: resumed watch failed");
+            let seen = seen.lock().unwrap().clone();
+            assert_eq!(
+                seen, written,
+                "HTTP watcher {i}: every revision once, in order"
+            );
+            let after = ended_at.saturating_duration_since(t0);
+            first_end = first_end.min(after);
+            last_end = last_end.max(after);
+        }
+        eprintln!(
+            "sigterm under {all} watchers: {probes} requests answered during the delay; streams \
+             ended {first_end:?} to {last_end:?} after SIGTERM; exit after {exit_took:?}"
+        );
+        assert!(
+            first_end >= DELAY - Duration::from_millis(300),
+            "a stream ended {first_end:?} after SIGTERM, before the shutdown delay"
+        );
+        assert!(exited, "proxy still running {exit_took:?} after SIGTERM");
+        assert!(
+            exit_took < DELAY + Duration::from_secs(12),
+            "exit took {exit_took:?}"
+        );
+    });
+}
+
+/// Watchers (one connection each) of the scale-out test.
+const SPREAD_CLIENTS: usize = 40;
+const SPREAD_WRITES: usize = 300;
+
+/// After a scale-out, `--max-connection-age` spreads long-lived connections over the new
+/// replicas within one age: 40 watchers, each on its own connection, reach the replicas as a
+/// Service would send them (the next live replica in turn at every connect); two replicas,
+/// then four. One age (4 s, +-10 %) plus the grace after the scale-out, each of the four holds
+/// 25 % +- 10 % of the watch streams, and every watcher received every revision exactly once.
+#[test]
+fn scale_out_spreads_connections_within_one_age() {
+    let _s = serial();
+    rt().block_on(async {
+        let prefix = "/so/";
+        let etcd = Etcd::start();
+        let base = put(&etcd.url, "/so/seed", "0").await;
+        let flags = ["--max-connection-age", "4s", "--max-connection-age-grace", "2s"];
+        let start = |etcd: String| {
+            tokio::task::spawn_blocking(move || Proxy::start_with(&etcd, &["/so/"], &flags))
+        };
+        let mut replicas = vec![
+            start(etcd.url.clone()).await.expect("replica"),
+            start(etcd.url.clone()).await.expect("replica"),
+        ];
+        // The Service: the live replicas, and a round-robin cursor over them.
+        let service: Arc<Mutex<(Vec<String>, usize)>> = Arc::new(Mutex::new((
+            replicas.iter().map(|p| p.url.clone()).collect(),
+            0,
+        )));
+        let until = Instant::now() + Duration::from_secs(90);
+        let mut clients = Vec::new();
+        for _ in 0..SPREAD_CLIENTS {
+            let (seen, service): (Seen, _) = (Arc::default(), service.clone());
+            let s = seen.clone();
+            let task = tokio::spawn(async move {
+                let mut ends = Vec::new();
+                while Instant::now() < until && s.lock().unwrap().len() < SPREAD_WRITES {
+                    let url = {
+                        let mut svc = service.lock().unwrap();
+                        svc.1 += 1;
+                        svc.0[svc.1 % svc.0.len()].clone()
+                    };
+                    let last = s.lock().unwrap().last().copied().unwrap_or(base);
+                    let ch = testkit::channel(&url).await;
+                    let p = prefix.to_string();
+                    let end = grpc_watch_on(ch, p, last + 1, s.clone(), until, SPREAD_WRITES).await;
+                    ends.push(end);
+                }
+                ends
+            });
+            clients.push((seen, task));
+        }
+        let writer = {
+            let url = etcd.url.clone();
+            tokio::spawn(async move {
+                let mut kv = KvClient::new(testkit::channel(&url).await);
+                let mut written = Vec::new();
+                for i in 0..SPREAD_WRITES {
+                    let r = kv
+                        .put(PutRequest {
+                            key: Bytes::from(format!("/so/k{}", i % 11)),
+                            value: Bytes::from(format!("v{i}")),
+                            ..Default::default()
+                        })
+                        .await
+                        .expect("writer put");
+                    written.push(r.into_inner().header.map_or(0, |h| h.revision));
+                    tokio::time::sleep(Duration::from_millis(40)).await;
+                }
+                written
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(2)).await;
+
+        // Scale out to four replicas.
+        for _ in 0..2 {
+            let p = start(etcd.url.clone()).await.expect("replica");
+            service.lock().unwrap().0.push(p.url.clone());
+            replicas.push(p);
+        }
+        let scaled = Instant::now();
+        // One age with its jitter, the grace, and a loaded machine's reconnects.
+        tokio::time::sleep(Duration::from_millis(4400 + 2000 + 1000)).await;
+        let streams: Vec<f64> = replicas
+            .iter()
+            .map(|p| testkit::metric_value(&p.metrics(), "etcd_fanout_watch_streams"))
+            .collect();
+        let total: f64 = streams.iter().sum();
+        eprintln!(
+            "scale-out: watch streams per replica {streams:?} ({total} in all) {:?} after the scale-out",
+            scaled.elapsed()
+        );
+        for (i, n) in streams.iter().enumerate() {
+            let share = n / total;
+            assert!(
+                (0.15..=0.35).contains(&share),
+                "replica {i} holds {n} of {total} streams ({:.0} %): {streams:?}",
+                share * 100.0
+            );
+        }
+        let written = writer.await.expect("writer");
+        for (i, (seen, task)) in clients.into_iter().enumerate() {
+            let ends = task.await.expect("client");
+            let seen = seen.lock().unwrap().clone();
+            assert_eq!(seen, written, "client {i}: every revision once, in order ({ends:?})");
+            for end in ends.iter().flatten() {
+                assert_eq!(
+                    (end.code(), end.message()),
+                    (Code::Unavailable, "the connection is draining"),
+                    "client {i}"
+                );
+            }
+        }
     });
 }

@@ -15,6 +15,7 @@ mod layout;
 mod procs;
 mod report;
 mod stats;
+mod tiers;
 mod work;
 
 use std::net::SocketAddr;
@@ -46,6 +47,12 @@ enum Target {
     GrpcProxy,
     /// etcd-fanout in front of etcd.
     Fanout,
+    /// Three etcd-fanout replicas in front of etcd, behind a round-robin TCP balancer
+    /// (`tiers.rs`).
+    FanoutX3,
+    /// Three etcd-fanout replicas in front of one etcd-fanout replica in front of etcd,
+    /// behind a round-robin TCP balancer (`tiers.rs`).
+    FanoutTwoTier,
 }
 
 impl Target {
@@ -54,6 +61,8 @@ impl Target {
             Target::Etcd => "etcd",
             Target::GrpcProxy => "grpc-proxy",
             Target::Fanout => "etcd-fanout",
+            Target::FanoutX3 => "etcd-fanout-x3",
+            Target::FanoutTwoTier => "etcd-fanout-2tier",
         }
     }
 }
@@ -388,7 +397,8 @@ fn validate(a: &Args) -> Result<(), String> {
     if !(0.05..=0.95).contains(&a.storm_at) {
         return Err("--storm-at must be between 0.05 and 0.95".into());
     }
-    if a.targets.contains(&Target::Fanout) && !a.fanout_bin.exists() {
+    let fanouts = [Target::Fanout, Target::FanoutX3, Target::FanoutTwoTier];
+    if a.targets.iter().any(|t| fanouts.contains(t)) && !a.fanout_bin.exists() {
         return Err(format!(
             "{} not found: run `cargo build --release` first or pass --fanout-bin",
             a.fanout_bin.display()
@@ -409,6 +419,22 @@ fn layout(a: &Args) -> Layout {
         mixed: a.mixed,
         delete_every: a.delete_every,
     })
+}
+
+/// etcd-fanout's arguments besides its endpoints and listen address: the prefixes and
+/// `--fanout-arg`s.
+fn fanout_args(a: &Args) -> Vec<String> {
+    let mut args = Vec::new();
+    let lay = layout(a);
+    for p in &lay.proxy_prefixes {
+        args.extend(["--prefix".to_string(), p.clone()]);
+    }
+    // Under a covering prefix the cold-start prefix is cached already.
+    if a.cold > 0 && !lay.proxy_prefixes.contains(&a.prefix_base) {
+        args.extend(["--prefix".to_string(), cold_prefix(a)]);
+    }
+    args.extend(a.fanout_arg.iter().cloned());
+    args
 }
 
 fn cold_prefix(a: &Args) -> String {
@@ -498,18 +524,13 @@ async fn start_proxy(
             }
             Err(format!("grpc-proxy not ready within 30s: {last}").into())
         }
+        Target::FanoutX3 | Target::FanoutTwoTier => {
+            Err("multi-replica targets are started by tiers::start".into())
+        }
         Target::Fanout => {
             let mut cmd = Command::new(&a.fanout_bin);
             cmd.args(["--endpoints", &ep, "--listen", &listen.to_string()]);
-            let lay = layout(a);
-            for p in &lay.proxy_prefixes {
-                cmd.args(["--prefix", p]);
-            }
-            // Under a covering prefix the cold-start prefix is cached already.
-            if a.cold > 0 && !lay.proxy_prefixes.contains(&a.prefix_base) {
-                cmd.args(["--prefix", &cold_prefix(a)]);
-            }
-            cmd.args(&a.fanout_arg);
+            cmd.args(fanout_args(a));
             cmd.env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -638,7 +659,19 @@ async fn run_target_in(
     if a.cold > 0 {
         load_cold(&etcd_url, &cold_prefix(a), a.cold_keys, a.cold_value_size).await?;
     }
-    let (mut proxy, addr) = start_proxy(a, t, etcd_addr, dir).await?;
+    // Multi-replica targets (tiers.rs): `proxy` is the replica sampled, `tier` the others.
+    let (mut proxy, addr, tier) = match t {
+        Target::FanoutX3 | Target::FanoutTwoTier => {
+            let two_tier = t == Target::FanoutTwoTier;
+            let (p, tier, addr) =
+                tiers::start(&a.fanout_bin, &fanout_args(a), etcd_addr, two_tier, dir).await?;
+            (Some(p), addr, Some(tier))
+        }
+        _ => {
+            let (p, addr) = start_proxy(a, t, etcd_addr, dir).await?;
+            (p, addr, None)
+        }
+    };
     let url = format!("http://{addr}");
     eprintln!(
         "loadgen: {} ready at {url} (etcd {etcd_url}, pid {}{})",
@@ -1035,6 +1068,7 @@ async fn run_target_in(
     if let Some(mut p) = proxy.take() {
         p.stop();
     }
+    drop(tier);
     etcd.stop();
     let cold_ok = r.cold.as_ref().is_none_or(|c| c.errors.is_empty());
     r.ok = r.failure.is_none() && r.correctness.ok() && cold_ok;

@@ -36,7 +36,7 @@ impl Services {
         Services {
             kv: KvService::new(hub.clone(), access.clone()),
             watch: WatchService::new(hub.clone(), access.clone()),
-            passthrough: PassThrough::new(hub.upstream.clone(), access),
+            passthrough: PassThrough::new(hub.upstream.clone(), access, hub.registry.clone()),
             hub,
         }
     }

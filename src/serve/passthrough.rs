@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::proto::etcdserverpb::*;
 use crate::serve::access::Access;
+use crate::source::registry::Registry;
 use crate::source::upstream::{forward, Upstream};
 
 /// A boxed response stream, as the streaming methods return.
@@ -25,12 +26,23 @@ pub struct PassThrough {
     upstream: Arc<Upstream>,
     /// Told about auth changes made through the proxy.
     access: Arc<Access>,
+    /// Discovery: when set, `MemberList` lists the proxy replicas instead of etcd's members.
+    registry: Option<Arc<Registry>>,
 }
 
 impl PassThrough {
-    /// A forwarder on `upstream`, reporting auth changes to `access`.
-    pub fn new(upstream: Arc<Upstream>, access: Arc<Access>) -> Self {
-        PassThrough { upstream, access }
+    /// A forwarder on `upstream`, reporting auth changes to `access`; `MemberList` answered
+    /// from `registry` when there is one.
+    pub fn new(
+        upstream: Arc<Upstream>,
+        access: Arc<Access>,
+        registry: Option<Arc<Registry>>,
+    ) -> Self {
+        PassThrough {
+            upstream,
+            access,
+            registry,
+        }
     }
 
     /// Pipes a stream of keepalive requests to etcd and etcd's answers back.
@@ -125,7 +137,29 @@ impl cluster_server::Cluster for PassThrough {
         MemberUpdateRequest,
         MemberUpdateResponse
     );
-    forward_unary!(cluster, member_list, MemberListRequest, MemberListResponse);
+    async fn member_list(
+        &self,
+        request: Request<MemberListRequest>,
+    ) -> Result<Response<MemberListResponse>, Status> {
+        match &self.registry {
+            // The replicas, as `etcd grpc-proxy` lists them (source/registry.rs).
+            Some(r) => {
+                let header = self.upstream.header(self.upstream.observed_revision());
+                Ok(Response::new(r.member_list(header)))
+            }
+            None => {
+                let (metadata, _, msg) = request.into_parts();
+                let resp = self
+                    .upstream
+                    .cluster()
+                    .member_list(forward(&metadata, msg))
+                    .await
+                    .inspect_err(|s| self.access.observe_status(s))?;
+                self.upstream.observe_header(resp.get_ref().header.as_ref());
+                Ok(Response::new(resp.into_inner()))
+            }
+        }
+    }
     forward_unary!(
         cluster,
         member_promote,

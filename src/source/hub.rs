@@ -10,6 +10,7 @@ use crate::config::Config;
 use crate::keys::KeyRange;
 use crate::source::compaction::Compaction;
 use crate::source::feed::Feed;
+use crate::source::registry::Registry;
 use crate::source::relay_streams::RelayStreams;
 use crate::source::upstream::Upstream;
 use crate::tasks::Tasks;
@@ -36,6 +37,8 @@ pub struct Hub {
     /// True from SIGTERM on: `/readyz` fails while everything is still served, so load
     /// balancers stop sending new clients before the streams end.
     draining: AtomicBool,
+    /// Discovery (`--advertise-client-url`): this replica's registration and everyone's.
+    pub registry: Option<Arc<Registry>>,
 }
 
 impl Hub {
@@ -67,7 +70,11 @@ impl Hub {
             tasks: tasks.clone(),
             shutdown: watch::channel(false).0,
             draining: AtomicBool::new(false),
+            registry: Registry::from_config(&config),
         });
+        if let Some(r) = &hub.registry {
+            r.spawn(upstream.clone(), &tasks);
+        }
         let weak = Arc::downgrade(&hub);
         tasks.spawn(compaction.poll(upstream, config.compaction_poll, move || {
             let hub = weak.upgrade()?;
@@ -117,9 +124,13 @@ impl Hub {
         self.draining.load(Ordering::Acquire)
     }
 
-    /// Starts a drain: readiness fails at once, everything else is still served.
-    pub fn begin_drain(&self) {
+    /// Starts a drain: readiness fails at once, everything else is still served, and the
+    /// replica's discovery registration is revoked (it leaves `MemberList` at once).
+    pub async fn begin_drain(&self) {
         self.draining.store(true, Ordering::Release);
+        if let Some(r) = &self.registry {
+            r.deregister(&self.upstream).await;
+        }
     }
 
     /// Sets the gauges read at scrape time: readiness, each prefix's cache and window, and

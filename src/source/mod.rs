@@ -10,5 +10,6 @@ pub mod credentials;
 pub mod feed;
 pub mod hub;
 pub mod index;
+pub mod registry;
 pub mod relay_streams;
 pub mod upstream;

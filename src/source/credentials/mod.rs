@@ -89,13 +89,13 @@ pub struct Ticket {
 
 impl Ticket {
     /// `msg` as a request carrying this ticket's token.
-    fn request<T>(&self, msg: T) -> Request<T> {
+    pub(crate) fn request<T>(&self, msg: T) -> Request<T> {
         let mut req = Request::new(msg);
         self.insert(req.metadata_mut());
         req
     }
 
-    fn insert(&self, md: &mut MetadataMap) {
+    pub(crate) fn insert(&self, md: &mut MetadataMap) {
         if let Some(t) = &self.token {
             md.insert("token", t.clone());
         }

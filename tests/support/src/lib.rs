@@ -218,7 +218,12 @@ impl Proxy {
 
     /// Like [`Proxy::start`] with extra flags.
     pub fn start_with(endpoints: &str, prefixes: &[&str], extra: &[&str]) -> Proxy {
-        let port = free_port();
+        Self::start_on(free_port(), endpoints, prefixes, extra)
+    }
+
+    /// Like [`Proxy::start_with`] on a given port (for flags that name the proxy's own URL,
+    /// such as `--advertise-client-url`).
+    pub fn start_on(port: u16, endpoints: &str, prefixes: &[&str], extra: &[&str]) -> Proxy {
         let mut args = vec![
             "--endpoints".to_string(),
             endpoints.to_string(),

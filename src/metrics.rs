@@ -48,6 +48,13 @@ pub static RELAY_STREAMS: LazyLock<IntGauge> = LazyLock::new(|| {
         "Upstream watch streams open for relayed watches and catch-ups (shared per identity).",
     )
 });
+/// Relayed watches detached from their shared stream because their client stopped reading.
+pub static RELAY_DETACHED: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "etcd_fanout_relay_detached_total",
+        "Relayed watches detached from their shared upstream stream (client not reading) and re-created later.",
+    )
+});
 /// Upstream watch restarts after failures.
 pub static UPSTREAM_WATCH_RESTARTS: LazyLock<IntCounter> = LazyLock::new(|| {
     counter(
@@ -714,6 +721,7 @@ pub fn init() {
     let _ = (
         &*UPSTREAM_WATCHES,
         &*RELAY_STREAMS,
+        &*RELAY_DETACHED,
         &*UPSTREAM_WATCH_RESTARTS,
         &*UPSTREAM_EVENTS,
         &*WATCHERS,

@@ -1,307 +1,44 @@
-//! An APISIX fleet on the HTTP gateway: 50 simulated APISIX 3.x workers, each reading the
-//! whole `/apisix` prefix once (range `/apisix`..`/apisiy`), then watching `/apisix/` over
-//! HTTP/1.1 from `header.revision + 1`, closing and re-opening the watch every ~2 s with the
-//! revision it resumes from, while a writer changes routes (puts, deletes, transactions, and
-//! writes outside the prefix). Every worker must see every revision of the prefix exactly once
-//! and in order, never a header revision below its resume point, and end with etcd's state.
+//! An APISIX fleet on the HTTP gateway (`testkit::apisix`): simulated APISIX 3.x workers, each
+//! reading the whole `/apisix` prefix once (range `/apisix`..`/apisiy`), then watching
+//! `/apisix/` over HTTP/1.1 from `header.revision + 1`, closing and re-opening the watch every
+//! ~2 s with the revision it resumes from, while a writer changes routes (puts, deletes,
+//! transactions, and writes outside the prefix). Every worker must see every revision of the
+//! prefix exactly once and in order, never a header revision below its resume point, and end
+//! with etcd's state.
+//!
+//! The second test is the same fleet against an etcd with auth on, as APISIX runs with
+//! `deployment.etcd.user`/`password`: each worker authenticates through the proxy
+//! (`/v3/auth/authenticate`), sends its token as the raw `Authorization` header on every range
+//! and watch, and authenticates again every 4 to 5.3 s (etcd's simple tokens live 10 s here). The
+//! refusals APISIX matches on (`etcdserver: user name is empty`, `etcdserver: permission
+//! denied`) are diffed byte for byte against etcd's first.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
-use testkit::gateway::{b64, unb64};
-use testkit::http::{post, Conn};
-use testkit::{Etcd, Proxy};
+use testkit::apisix::{run_fleet, seed, Client, Login, Pace};
+use testkit::auth::{add_reader, enable_auth, ROOT_PASSWORD};
+use testkit::gateway::{b64, first_difference, same_with, IDENTITY};
+use testkit::http::Conn;
+use testkit::{etcd_metric, Etcd, Proxy};
 
 const WORKERS: usize = 50;
 const WRITE_FOR: Duration = Duration::from_secs(8);
-const RECONNECT_EVERY: Duration = Duration::from_secs(2);
-const DEADLINE: Duration = Duration::from_secs(90);
-
-type State = BTreeMap<String, (String, i64)>;
-
-fn rev(v: &serde_json::Value) -> i64 {
-    v.as_str().and_then(|s| s.parse().ok()).unwrap_or(0)
-}
-
-fn text(v: &serde_json::Value) -> String {
-    String::from_utf8_lossy(&unb64(v.as_str().unwrap_or(""))).into_owned()
-}
-
-/// `/apisix`..`/apisiy` as APISIX reads it at start: (state, header revision).
-fn full_range(port: u16) -> (State, i64) {
-    let r = post(
-        port,
-        "/v3/kv/range",
-        &format!(
-            r#"{{"key":"{}","range_end":"{}"}}"#,
-            b64("/apisix"),
-            b64("/apisiy")
-        ),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
-    let v = r.json();
-    let mut state = State::new();
-    for kv in v["kvs"].as_array().into_iter().flatten() {
-        state.insert(
-            text(&kv["key"]),
-            (text(&kv["value"]), rev(&kv["mod_revision"])),
-        );
-    }
-    (state, rev(&v["header"]["revision"]))
-}
-
-/// What one worker observed.
-struct Seen {
-    state: State,
-    revisions: Vec<i64>,
-    start: i64,
-    reconnects: usize,
-    /// `created` answers whose header was below the resume point.
-    low_created: usize,
-}
-
-fn worker(port: u16, stop: Arc<AtomicBool>, final_rev: Arc<AtomicI64>) -> Result<Seen, String> {
-    let (mut state, start) = full_range(port);
-    let mut last = start;
-    let mut revisions = Vec::new();
-    let mut reconnects = 0;
-    let begin = Instant::now();
-    let mut header_floor = 0;
-    let mut low_created = 0usize;
-    loop {
-        if stop.load(Ordering::SeqCst) && last >= final_rev.load(Ordering::SeqCst) {
-            break;
-        }
-        if begin.elapsed() > DEADLINE {
-            return Err(format!(
-                "deadline: at revision {last}, final {}",
-                final_rev.load(Ordering::SeqCst)
-            ));
-        }
-        let body = format!(
-            r#"{{"create_request":{{"key":"{}","range_end":"{}","start_revision":{}}}}}"#,
-            b64("/apisix/"),
-            b64("/apisix0"),
-            last + 1
-        );
-        let mut conn = Conn::send(port, "POST", "/v3/watch", &[], body.as_bytes())?;
-        conn.set_timeout(Duration::from_secs(10));
-        conn.read_head()?;
-        if conn.status != 200 {
-            return Err(format!("watch answered {}", conn.status));
-        }
-        reconnects += 1;
-        let opened = Instant::now();
-        let resume = last + 1;
-        conn.set_timeout(Duration::from_millis(200));
-        while opened.elapsed() < RECONNECT_EVERY {
-            if stop.load(Ordering::SeqCst) && last >= final_rev.load(Ordering::SeqCst) {
-                break;
-            }
-            let chunk = match conn.next_chunk() {
-                Ok(Some(c)) => c,
-                Ok(None) => return Err("watch stream ended".into()),
-                Err(e) if e.contains("timed out") || e.contains("temporarily") => continue,
-                Err(e) => return Err(e),
-            };
-            if chunk.iter().filter(|&&c| c == b'\n').count() != 1 || !chunk.ends_with(b"\n") {
-                return Err(format!(
-                    "not one message per chunk: {:?}",
-                    String::from_utf8_lossy(&chunk)
-                ));
-            }
-            let v: serde_json::Value =
-                serde_json::from_slice(&chunk).map_err(|e| format!("bad JSON chunk: {e}"))?;
-            let r = &v["result"];
-            if r.is_null() {
-                return Err(format!("error chunk: {v}"));
-            }
-            let header = rev(&r["header"]["revision"]);
-            if r["created"] == true {
-                // APISIX skips `created` (its header is checked by the watch differential
-                // tests, see `created_header_is_store_revision`).
-                if header < resume - 1 {
-                    low_created += 1;
-                }
-                continue;
-            }
-            // APISIX takes a header revision below its resume point for an etcd restart.
-            if header < resume - 1 || header < header_floor {
-                return Err(format!(
-                    "header revision {header} below resume point {resume} / previous {header_floor}"
-                ));
-            }
-            header_floor = header;
-            if r["canceled"] == true {
-                return Err(format!("watch canceled: {v}"));
-            }
-            let events = r["events"]
-                .as_array()
-                .ok_or_else(|| format!("a non-created answer without events: {v}"))?;
-            for ev in events {
-                let kv = &ev["kv"];
-                let mod_rev = rev(&kv["mod_revision"]);
-                if mod_rev > header {
-                    return Err(format!("event {mod_rev} beyond header {header}"));
-                }
-                if mod_rev < last || (mod_rev == last && revisions.last() != Some(&mod_rev)) {
-                    return Err(format!(
-                        "revision {mod_rev} again or out of order (at {last})"
-                    ));
-                }
-                if revisions.last() != Some(&mod_rev) {
-                    revisions.push(mod_rev);
-                }
-                last = mod_rev;
-                let key = text(&kv["key"]);
-                if ev["type"] == "DELETE" {
-                    state.remove(&key);
-                } else {
-                    state.insert(key, (text(&kv["value"]), mod_rev));
-                }
-            }
-            // APISIX resumes from `header.revision + 1`: a header beyond what was delivered
-            // would make it skip revisions (caught by the exact revision list below).
-            last = last.max(header);
-        }
-        conn.close();
-    }
-    Ok(Seen {
-        state,
-        revisions,
-        start,
-        reconnects,
-        low_created,
-    })
-}
+const PACE: Pace = Pace {
+    reconnect_every: Duration::from_secs(2),
+    deadline: Duration::from_secs(90),
+};
 
 #[test]
 fn apisix_fleet_over_http_watch() {
     let etcd = Etcd::start();
     let proxy = Proxy::start(&etcd.url, &["/apisix/"]);
-    let (e, p) = (etcd.port, proxy.port);
-    let put = |k: &str, v: &str| -> i64 {
-        let r = post(
-            e,
-            "/v3/kv/put",
-            &format!(r#"{{"key":"{}","value":"{}"}}"#, b64(k), b64(v)),
-        );
-        assert_eq!(r.status, 200, "{}", r.text());
-        rev(&r.json()["header"]["revision"])
-    };
-    for i in 0..20 {
-        put(
-            &format!("/apisix/routes/{i}"),
-            &format!(r#"{{"uri":"/r{i}","v":0}}"#),
-        );
-    }
-    put("/apisix/upstreams/1", r#"{"nodes":{"127.0.0.1:80":1}}"#);
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let final_rev = Arc::new(AtomicI64::new(i64::MAX));
-    let handles: Vec<_> = (0..WORKERS)
-        .map(|_| {
-            let (stop, final_rev) = (stop.clone(), final_rev.clone());
-            std::thread::spawn(move || worker(p, stop, final_rev))
-        })
-        .collect();
-
-    // The admin side: what APISIX's Admin API and control planes write, plus unrelated keys.
-    let written: Arc<Mutex<Vec<i64>>> = Arc::new(Mutex::new(Vec::new()));
-    let mut live: Vec<bool> = vec![true; 40];
-    for flag in live.iter_mut().skip(20) {
-        *flag = false;
-    }
-    let begin = Instant::now();
-    let mut n = 0u64;
-    while begin.elapsed() < WRITE_FOR {
-        n += 1;
-        let i = (n * 7919 % 40) as usize;
-        let key = format!("/apisix/routes/{i}");
-        let r = match n % 6 {
-            0 if live[i] => {
-                let r = post(
-                    e,
-                    "/v3/kv/deleterange",
-                    &format!(r#"{{"key":"{}"}}"#, b64(&key)),
-                );
-                live[i] = false;
-                Some(r)
-            }
-            1 => {
-                // Outside the prefix: a revision no worker sees.
-                post(
-                    e,
-                    "/v3/kv/put",
-                    &format!(r#"{{"key":"{}","value":"{}"}}"#, b64("/other/k"), b64("x")),
-                );
-                None
-            }
-            2 => {
-                let j = (i + 1) % 40;
-                let txn = format!(
-                    r#"{{"success":[{{"requestPut":{{"key":"{}","value":"{}"}}}},{{"requestPut":{{"key":"{}","value":"{}"}}}}]}}"#,
-                    b64(&key),
-                    b64(&format!(r#"{{"uri":"/t{n}"}}"#)),
-                    b64(&format!("/apisix/routes/{j}")),
-                    b64(&format!(r#"{{"uri":"/u{n}"}}"#))
-                );
-                live[i] = true;
-                live[j] = true;
-                Some(post(e, "/v3/kv/txn", &txn))
-            }
-            _ => {
-                live[i] = true;
-                Some(post(
-                    e,
-                    "/v3/kv/put",
-                    &format!(
-                        r#"{{"key":"{}","value":"{}"}}"#,
-                        b64(&key),
-                        b64(&format!(r#"{{"uri":"/r{i}","v":{n}}}"#))
-                    ),
-                ))
-            }
-        };
-        if let Some(r) = r {
-            assert_eq!(r.status, 200, "{}", r.text());
-            if let Ok(mut w) = written.lock() {
-                w.push(rev(&r.json()["header"]["revision"]));
-            }
-        }
-        std::thread::sleep(Duration::from_millis(15));
-    }
-    let written = written.lock().map(|w| w.clone()).unwrap_or_default();
-    let last = *written.last().expect("writes happened");
-    final_rev.store(last, Ordering::SeqCst);
-    stop.store(true, Ordering::SeqCst);
-
-    let (expected, _) = full_range(e);
-    let mut reconnects = 0;
-    let mut low_created = 0;
-    for (i, h) in handles.into_iter().enumerate() {
-        let seen = h
-            .join()
-            .expect("worker thread")
-            .unwrap_or_else(|err| panic!("worker {i}: {err}"));
-        let want: Vec<i64> = written
-            .iter()
-            .copied()
-            .filter(|r| *r > seen.start)
-            .collect();
-        assert_eq!(
-            seen.revisions, want,
-            "worker {i}: every revision exactly once"
-        );
-        assert!(
-            seen.state == expected,
-            "worker {i}: final state equals etcd's"
-        );
-        reconnects += seen.reconnects;
-        low_created += seen.low_created;
-    }
+    let mut admin = Client::new(etcd.port, None);
+    seed(&mut admin);
+    let seen = run_fleet(proxy.port, WORKERS, None, PACE, &mut admin, WRITE_FOR);
+    let reconnects: usize = seen.iter().map(|s| s.reconnects).sum();
+    let low_created: usize = seen.iter().map(|s| s.low_created).sum();
     eprintln!(
         "{reconnects} watches opened; {low_created} `created` headers below the resume point"
     );
@@ -310,4 +47,197 @@ fn apisix_fleet_over_http_watch() {
         "the fleet reconnected ({reconnects} watches)"
     );
     drop(proxy);
+}
+
+/// Workers of the authenticated fleet (fewer than above: every login costs etcd a bcrypt
+/// check, about 250 ms of a loaded 2-core machine, and this fleet logs in every few seconds).
+const AUTH_WORKERS: usize = 10;
+/// etcd's `--auth-token-ttl` in the authenticated fleet (seconds).
+const TOKEN_TTL: &str = "10";
+/// How often an authenticated worker logs in again, plus up to a third (lua-resty-etcd: every
+/// 180 to 240 s).
+const REFRESH: Duration = Duration::from_secs(4);
+
+/// The first chunk of a `POST /v3/watch` of `/apisix/` with `headers` (the stream stays open,
+/// as etcd keeps it after refusing a create).
+fn first_watch_chunk(port: u16, headers: &[(&str, &str)]) -> String {
+    let body = format!(
+        r#"{{"create_request":{{"key":"{}","range_end":"{}"}}}}"#,
+        b64("/apisix/"),
+        b64("/apisix0")
+    );
+    let mut conn = Conn::send(port, "POST", "/v3/watch", headers, body.as_bytes())
+        .unwrap_or_else(|e| panic!("watch on {port}: {e}"));
+    conn.read_head()
+        .unwrap_or_else(|e| panic!("watch on {port}: {e}"));
+    let chunk = conn
+        .next_chunk()
+        .unwrap_or_else(|e| panic!("watch on {port}: {e}"))
+        .unwrap_or_default();
+    let text = format!("{} {}", conn.status, String::from_utf8_lossy(&chunk));
+    conn.close();
+    text
+}
+
+#[test]
+fn authenticated_apisix_fleet_over_http_watch() {
+    let etcd = Etcd::start_with(&["--auth-token-ttl", TOKEN_TTL]);
+    add_reader(&etcd, None, "fanout", "fanout-pw", &["/apisix/"]);
+    // APISIX reads `/apisix`..`/apisiy` at start: its role covers the prefix `/apisix`.
+    add_reader(&etcd, None, "apisix", "apisix-pw", &["/apisix"]);
+    add_reader(&etcd, None, "other", "other-pw", &["/other/"]);
+    enable_auth(&etcd);
+    let proxy = Proxy::start_unready(
+        &etcd.url,
+        &["/apisix/"],
+        &[
+            "--user",
+            "fanout:fanout-pw",
+            "--auth-token-ttl",
+            "10s",
+            // Below etcd's token TTL: requests answered from the cache do not renew a token.
+            "--auth-decision-ttl",
+            "1s",
+        ],
+        &[],
+    );
+    assert!(
+        testkit::wait_until(Duration::from_secs(30), || proxy.readyz() == 200),
+        "proxy never ready:\n{}",
+        proxy.plain_log()
+    );
+    let root_login = |port| {
+        Client::new(
+            port,
+            Some(Login {
+                user: "root".into(),
+                password: ROOT_PASSWORD.into(),
+                refresh: REFRESH,
+            }),
+        )
+    };
+    let mut admin = root_login(etcd.port);
+    seed(&mut admin);
+
+    // The refusals APISIX matches on, as etcd words them (status, headers, JSON).
+    let range = format!(
+        r#"{{"key":"{}","range_end":"{}"}}"#,
+        b64("/apisix"),
+        b64("/apisiy")
+    );
+    let (r, _) = same_with(
+        etcd.port,
+        proxy.port,
+        "POST",
+        "/v3/kv/range",
+        &[],
+        &range,
+        IDENTITY,
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(
+        r.json()["error"],
+        "etcdserver: user name is empty",
+        "{}",
+        r.text()
+    );
+    let mut other = Client::new(
+        etcd.port,
+        Some(Login {
+            user: "other".into(),
+            password: "other-pw".into(),
+            refresh: Duration::from_secs(60),
+        }),
+    );
+    let other_headers = other.auth_headers().expect("authenticate other");
+    let other_token = other_headers[0].1.as_str();
+    let (r, _) = same_with(
+        etcd.port,
+        proxy.port,
+        "POST",
+        "/v3/kv/range",
+        &[("Authorization", other_token)],
+        &range,
+        IDENTITY,
+    );
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(
+        r.json()["error"],
+        "etcdserver: permission denied",
+        "{}",
+        r.text()
+    );
+    for (what, headers) in [
+        ("tokenless", vec![]),
+        ("forbidden", vec![("Authorization", other_token)]),
+    ] {
+        let (a, b) = (
+            first_watch_chunk(etcd.port, &headers),
+            first_watch_chunk(proxy.port, &headers),
+        );
+        assert_eq!(a, b, "{what} watch:\n{}", first_difference(&a, &b));
+        assert!(a.contains(r#""canceled":true"#), "{what} watch: {a}");
+    }
+
+    // The fleet, while etcd's watchers are sampled.
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (sampling, port) = (sampling.clone(), etcd.port);
+        std::thread::spawn(move || {
+            let mut max = 0f64;
+            while sampling.load(Ordering::SeqCst) {
+                max = max.max(etcd_metric(port, "etcd_debugging_mvcc_watcher_total"));
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            max
+        })
+    };
+    let probes_before = proxy.metric("etcd_fanout_auth_probes_total");
+    let login = Login {
+        user: "apisix".into(),
+        password: "apisix-pw".into(),
+        refresh: REFRESH,
+    };
+    let seen = run_fleet(
+        proxy.port,
+        AUTH_WORKERS,
+        Some(login),
+        Pace {
+            reconnect_every: Duration::from_secs(2),
+            deadline: Duration::from_secs(120),
+        },
+        &mut admin,
+        Duration::from_secs(15),
+    );
+    sampling.store(false, Ordering::SeqCst);
+    let max_watchers = sampler.join().expect("sampler");
+    let probes = proxy.metric("etcd_fanout_auth_probes_total") - probes_before;
+    let reconnects: usize = seen.iter().map(|s| s.reconnects).sum();
+    let logins: usize = seen.iter().map(|s| s.logins).sum();
+    eprintln!(
+        "{AUTH_WORKERS} authenticated workers: {reconnects} watches opened, {logins} logins, \
+         {probes} permission probes, at most {max_watchers} watchers on etcd"
+    );
+    assert!(
+        seen.iter().all(|s| s.logins >= 2),
+        "every worker re-authenticated: {:?}",
+        seen.iter().map(|s| s.logins).collect::<Vec<_>>()
+    );
+    assert!(
+        reconnects >= AUTH_WORKERS * 3,
+        "the fleet reconnected ({reconnects} watches)"
+    );
+    // The fleet's watches share the proxy's one upstream watch (a compaction probe may add
+    // a short-lived one).
+    assert!(
+        max_watchers <= 2.0,
+        "etcd served {max_watchers} watchers for the fleet"
+    );
+    // A probe per token and key range, remembered for the decision TTL (1 s here, shorter
+    // than the 2 s between a worker's watches): at most one per watch opened (the initial
+    // ranges of `/apisix`..`/apisiy` lie outside the cached prefix and are forwarded).
+    assert!(
+        probes <= reconnects as f64,
+        "{probes} probes for {reconnects} watches"
+    );
 }

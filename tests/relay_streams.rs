@@ -239,3 +239,87 @@ async fn token_watches_end_with_etcds_cancel_when_the_restart_kills_simple_token
     );
     assert_eq!(proxy.metric("etcd_fanout_relay_streams"), 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relayed_watch_whose_client_stops_reading_is_detached_and_resumed() {
+    use etcd_fanout::proto::etcdserverpb::{
+        kv_client::KvClient, watch_client::WatchClient, watch_request::RequestUnion, PutRequest,
+        WatchCreateRequest, WatchRequest,
+    };
+    let (etcd, proxy) = setup(&[]);
+    let user_token = token(&etcd.url, "u0", "pw").await;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tx.send(WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+            key: OTHER.into(),
+            range_end: testkit::range_end(OTHER),
+            ..Default::default()
+        })),
+    })
+    .expect("send create");
+    // Small HTTP/2 windows (hyper's client defaults are 2 and 5 MiB): a stalled reader
+    // holds the proxy back after 64 KiB.
+    let channel = tonic::transport::Endpoint::from_shared(proxy.url.clone())
+        .expect("url")
+        .initial_stream_window_size(Some(65_535))
+        .initial_connection_window_size(Some(65_535))
+        .connect_lazy();
+    let mut stream = WatchClient::new(channel)
+        .max_decoding_message_size(usize::MAX)
+        .watch(with_token(
+            Some(&user_token),
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+        ))
+        .await
+        .expect("watch")
+        .into_inner();
+    let created = stream.message().await.expect("created").expect("created");
+    assert!(created.created && !created.canceled, "{created:?}");
+
+    // The client stops reading while 1,000 revisions of 2 KiB arrive: more than the HTTP/2
+    // windows, the session's queue (256 responses) and the relay's buffer (32) hold.
+    let root_token = token(&etcd.url, "root", ROOT_PASSWORD).await;
+    let mut kv = KvClient::new(etcd.channel().await);
+    let value = "x".repeat(2048);
+    let mut want = Vec::new();
+    for i in 0..1000 {
+        let r = kv
+            .put(with_token(
+                Some(&root_token),
+                PutRequest {
+                    key: format!("{OTHER}slow{}", i % 10).into(),
+                    value: value.clone().into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect("put")
+            .into_inner();
+        want.push(r.header.map_or(0, |h| h.revision));
+    }
+    assert!(
+        testkit::wait_until(Duration::from_secs(60), || proxy
+            .metric("etcd_fanout_relay_detached_total")
+            >= 1.0),
+        "the stalled watch was never detached"
+    );
+
+    // Reading again: every revision exactly once, in order, and no second `created`.
+    let mut got = Vec::new();
+    let last = *want.last().expect("writes");
+    while got.last() != Some(&last) {
+        let resp = tokio::time::timeout(Duration::from_secs(60), stream.message())
+            .await
+            .expect("events keep coming")
+            .expect("stream")
+            .expect("open");
+        assert!(!resp.created && !resp.canceled, "{resp:?}");
+        assert_eq!(resp.watch_id, created.watch_id);
+        got.extend(
+            resp.events
+                .iter()
+                .filter_map(|e| e.kv.as_ref().map(|kv| kv.mod_revision)),
+        );
+    }
+    assert_eq!(got, want, "every revision exactly once after the detach");
+}

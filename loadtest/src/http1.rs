@@ -31,6 +31,7 @@ pub fn request_bytes(
     if close {
         out.push_str("Connection: close\r\n");
     }
+    out.push_str(&crate::auth::http_header());
     out.push_str("\r\n");
     let mut v = out.into_bytes();
     v.extend_from_slice(body);

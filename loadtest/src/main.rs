@@ -9,6 +9,7 @@
 //! See loadtest/README.md for every knob. Exits non-zero when any target had a correctness
 //! error (missing, duplicated or out-of-order event, stream error) or could not run.
 
+mod auth;
 mod goclient;
 mod http1;
 mod layout;
@@ -215,6 +216,11 @@ struct Args {
     /// Also write every figure as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Run against an etcd with auth on: writes as root, every watch and range with the
+    /// token of a user that may read `--prefix-base` only, etcd-fanout with its own `--user`
+    /// (see `auth.rs`).
+    #[arg(long)]
+    auth: bool,
     /// Free-text note printed with the results (e.g. machine load).
     #[arg(long, default_value = "")]
     note: String,
@@ -433,6 +439,7 @@ fn fanout_args(a: &Args) -> Vec<String> {
     if a.cold > 0 && !lay.proxy_prefixes.contains(&a.prefix_base) {
         args.extend(["--prefix".to_string(), cold_prefix(a)]);
     }
+    args.extend(auth::fanout_args());
     args.extend(a.fanout_arg.iter().cloned());
     args
 }
@@ -567,10 +574,10 @@ async fn probe_range(url: &str) -> Result<(), BoxError> {
     let mut kv = KvClient::new(ch);
     tokio::time::timeout(
         Duration::from_secs(3),
-        kv.range(RangeRequest {
+        kv.range(auth::as_writer(RangeRequest {
             key: Bytes::from_static(b"/loadgen-probe"),
             ..Default::default()
-        }),
+        })),
     )
     .await
     .map_err(|_| "range timed out")??;
@@ -588,11 +595,11 @@ async fn load_cold(etcd_url: &str, prefix: &str, n: usize, size: usize) -> Resul
             for i in (w..n).step_by(8) {
                 let mut value = format!("{{\"id\":\"{i}\",\"uri\":\"/cold/{i}\"}}").into_bytes();
                 value.resize(size, b' ');
-                kv.put(PutRequest {
+                kv.put(auth::as_writer(PutRequest {
                     key: Bytes::from(format!("{prefix}route-{i:05}")),
                     value: Bytes::from(value),
                     ..Default::default()
-                })
+                }))
                 .await
                 .map_err(|s| format!("cold load put: {s}"))?;
             }
@@ -656,6 +663,10 @@ async fn run_target_in(
     // ---- etcd, the cold-start prefix, the proxy -------------------------------------------
     let (mut etcd, etcd_addr) = start_etcd(a, dir).await?;
     let etcd_url = format!("http://{etcd_addr}");
+    auth::disable();
+    if a.auth {
+        auth::enable(&etcd_url, &a.prefix_base).await?;
+    }
     if a.cold > 0 {
         load_cold(&etcd_url, &cold_prefix(a), a.cold_keys, a.cold_value_size).await?;
     }

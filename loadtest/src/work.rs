@@ -459,7 +459,7 @@ pub async fn grpc_stream(
         }
         let mut client = WatchClient::new(ch.clone()).max_decoding_message_size(64 << 20);
         let mut stream = tokio::select! {
-            r = client.watch(ReceiverStream::new(rx)) => match r {
+            r = client.watch(crate::auth::as_reader(ReceiverStream::new(rx))) => match r {
                 Ok(resp) => resp.into_inner(),
                 Err(status) => {
                     sh.error(format!("watch: {status}"));
@@ -672,27 +672,30 @@ pub async fn writer(
                 key,
                 ..Default::default()
             };
-            tokio::time::timeout(Duration::from_secs(10), kv.delete_range(req))
-                .await
-                .map(|r| {
-                    r.and_then(|resp| {
-                        let resp = resp.into_inner();
-                        if resp.deleted != 1 {
-                            return Err(Status::internal(format!(
-                                "delete of write {seq} removed {} keys, not 1",
-                                resp.deleted
-                            )));
-                        }
-                        Ok(resp.header.map_or(0, |h| h.revision))
-                    })
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                kv.delete_range(crate::auth::as_writer(req)),
+            )
+            .await
+            .map(|r| {
+                r.and_then(|resp| {
+                    let resp = resp.into_inner();
+                    if resp.deleted != 1 {
+                        return Err(Status::internal(format!(
+                            "delete of write {seq} removed {} keys, not 1",
+                            resp.deleted
+                        )));
+                    }
+                    Ok(resp.header.map_or(0, |h| h.revision))
                 })
+            })
         } else {
             let req = PutRequest {
                 key,
                 value: encode_value(seq, sh.now_ns(), value_size),
                 ..Default::default()
             };
-            tokio::time::timeout(Duration::from_secs(10), kv.put(req))
+            tokio::time::timeout(Duration::from_secs(10), kv.put(crate::auth::as_writer(req)))
                 .await
                 .map(|r| r.map(|resp| resp.into_inner().header.map_or(0, |h| h.revision)))
         };
@@ -1223,7 +1226,7 @@ async fn grpc_range_raw(grpc: &mut Grpc<Channel>, req: RangeRequest) -> Result<B
         .await
         .map_err(|e| Status::unknown(format!("service was not ready: {e}")))?;
     grpc.unary(
-        tonic::Request::new(req),
+        crate::auth::as_reader(req),
         PathAndQuery::from_static(RANGE_PATH),
         RawRangeCodec,
     )
@@ -1438,7 +1441,7 @@ pub async fn cold_ranges(
                                 .map_err(|e| format!("malformed RangeResponse: {e}").into())
                         }),
                     (None, true) => kv
-                        .range(req.clone())
+                        .range(crate::auth::as_reader(req.clone()))
                         .await
                         .map(|r| summarize(&r.into_inner()))
                         .map_err(|s| s.to_string().into()),

@@ -325,7 +325,15 @@ impl SharedStream {
         let Some(m) = st.members.get(&member) else {
             return false;
         };
-        let keep = m.tx.try_send(Ok(resp)).is_ok() && !ends;
+        let sent = match m.tx.try_send(Ok(resp)) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::RELAY_DETACHED.inc();
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        };
+        let keep = sent && !ends;
         if !keep {
             // Ended by etcd (refused, compacted), or its owner is not reading (detached: it
             // re-creates the watch once it reads again) or gone.

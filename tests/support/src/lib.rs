@@ -394,6 +394,7 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     f()
 }
 
+pub mod apisix;
 pub mod auth;
 pub mod checker;
 pub mod cluster;

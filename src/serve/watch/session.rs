@@ -1,7 +1,11 @@
 //! One downstream watch stream and every watch on it.
 //!
-//! The session is one task. It reads create / cancel / progress requests in order and answers
-//! them as etcd does (each `created` before the next request is read). It also serves all of
+//! The session is one task, with a request reader of its own ([`read_requests`]) that takes
+//! requests off the stream as they arrive, whatever the session is doing, up to
+//! [`MAX_QUEUED_REQUEST_BYTES`] waiting (then it stops reading and HTTP/2 flow control holds the
+//! client back). The session handles create / cancel / progress requests in order and answers
+//! them as etcd does; the plain answers of a run of requests are staged and queued together, so
+//! a burst of creates goes out in a few large writes. It also serves all of
 //! its cached watches itself: it registers each watch *shape* it uses in its feed's dispatch
 //! index ([`crate::source::index`]) and sleeps on its [`Inbox`]. The feed leaves a note per
 //! (shape, revision) that holds a key of the shape's range; the session then sends that
@@ -11,7 +15,9 @@
 //! note for revision r proves the watch's shape had nothing between its cursor and r).
 //!
 //! A new watch, or one handed back by a catch-up, first reads its backlog from the cache
-//! (registered beforehand, so revisions applied meanwhile are read or noted, never lost).
+//! (registered beforehand, so revisions applied meanwhile are read or noted, never lost). One
+//! whose `created` showed a revision the cache is not complete up to yet is held until it is
+//! (see [`Session::serve_backlog`]).
 //!
 //! Watches etcd has to answer run as their own tasks and write to the same channel: relays for
 //! watches outside every prefix (for their whole life), and catch-ups for cached watches that

@@ -252,12 +252,15 @@ impl Feed {
             if self.complete() >= until {
                 return true;
             }
-            let w = waiters
-                .entry(Arc::as_ptr(inbox) as usize)
-                .or_insert_with(|| (until, Arc::downgrade(inbox)));
-            w.0 = w.0.min(until);
+            let key = Arc::as_ptr(inbox) as usize;
+            if waiters.get(&key).is_some_and(|(w, _)| *w <= until) {
+                // Already waiting for as much: its check was started then.
+                return false;
+            }
+            waiters.insert(key, (until, Arc::downgrade(inbox)));
         }
-        // A round of its own, not waited for: its answer arrives through `advance_complete`.
+        // A round of its own, not waited for: its answer arrives through `advance_complete`
+        // (a failed round is followed by the health loop's periodic checks).
         let (tx, _rx) = oneshot::channel();
         let _ = self.sync_tx.send(tx);
         false

@@ -565,6 +565,12 @@ async fn certificate_rotation_keeps_watchers() {
     std::os::unix::fs::symlink("..v3", &tmp).expect("symlink");
     std::fs::rename(&tmp, dir.path().join("..data")).expect("swap");
     assert_eq!(presented_cert(proxy.port), pem_der(&c.server2.cert));
+    // The log is written by a background writer: give it a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !proxy.log().contains("keeping the previous ones") && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
         proxy.log().contains("keeping the previous ones"),
         "{}",

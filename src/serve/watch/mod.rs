@@ -40,8 +40,9 @@ use shape::Shape;
 const SESSION_BUFFER: usize = 256;
 
 /// Bytes of responses a session may have queued for its client; beyond it the session is
-/// parked: it queues nothing more (but `created`/cancel answers) until the queue drains to
-/// [`SESSION_RESUME_BYTES`], then its watches catch up from the shared history.
+/// parked: it queues nothing more (answers to its requests wait for the drain) until the
+/// queue drains to [`SESSION_RESUME_BYTES`], then its watches catch up from the shared
+/// history.
 pub const SESSION_BUDGET_BYTES: usize = 256 << 10;
 
 /// Queued bytes under which a parked session resumes.

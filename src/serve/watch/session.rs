@@ -26,11 +26,13 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tonic::metadata::MetadataMap;
 use tonic::Status;
+use tracing::Instrument;
 
 use super::reply::Reply;
 use super::shape::{Shape, ShapeKey, SHAPES};
 use super::watcher::{self, CachedWatch, Step};
 use super::{relay, Out, WatchSpec, INVALID_WATCH_ID};
+
 use crate::error::{go_status_text, Error, WATCH_DUPLICATE_ID, WATCH_RANGE_EMPTY};
 use crate::keys::KeyRange;
 use crate::metrics;
@@ -614,23 +616,27 @@ impl Session {
             .get_or_insert_with(mpsc::unbounded_channel)
             .0
             .clone();
-        let task = self.hub.tasks.spawn(async move {
-            let resume = relay::catch_up(
-                &feed,
-                &spec,
-                from,
-                &mut highest_header,
-                &out,
-                &metadata,
-                &config,
-            )
-            .await;
-            let _ = handoff.send((
-                spec.id,
-                generation,
-                resume.map(|next| (next, highest_header)),
-            ));
-        });
+        let span = tracing::info_span!("catch_up", prefix = %feed.name, watch_id = spec.id, from);
+        let task = self.hub.tasks.spawn(
+            async move {
+                let resume = relay::catch_up(
+                    &feed,
+                    &spec,
+                    from,
+                    &mut highest_header,
+                    &out,
+                    &metadata,
+                    &config,
+                )
+                .await;
+                let _ = handoff.send((
+                    spec.id,
+                    generation,
+                    resume.map(|next| (next, highest_header)),
+                ));
+            }
+            .instrument(span),
+        );
         self.watches.insert(
             id,
             Entry::CatchingUp {

@@ -12,6 +12,7 @@ use prost::Message;
 
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::error::Error;
 use crate::keys::KeyRange;
@@ -107,6 +108,7 @@ impl KvService {
             .upstream
             .kv()
             .range(forward(metadata, req))
+            .instrument(tracing::debug_span!("forward", method = "Range"))
             .await
             .inspect_err(|s| self.access.observe_status(s))?;
         self.hub
@@ -415,7 +417,13 @@ impl kv_server::Kv for KvService {
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let (metadata, _, req) = request.into_parts();
-        let resp = self.hub.upstream.kv().put(forward(&metadata, req)).await?;
+        let resp = self
+            .hub
+            .upstream
+            .kv()
+            .put(forward(&metadata, req))
+            .instrument(tracing::debug_span!("forward", method = "Put"))
+            .await?;
         self.hub
             .upstream
             .observe_header(resp.get_ref().header.as_ref());
@@ -432,6 +440,7 @@ impl kv_server::Kv for KvService {
             .upstream
             .kv()
             .delete_range(forward(&metadata, req))
+            .instrument(tracing::debug_span!("forward", method = "DeleteRange"))
             .await?;
         self.hub
             .upstream
@@ -442,7 +451,13 @@ impl kv_server::Kv for KvService {
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let (metadata, _, req) = request.into_parts();
         shield::check_txn(&req)?;
-        let resp = self.hub.upstream.kv().txn(forward(&metadata, req)).await?;
+        let resp = self
+            .hub
+            .upstream
+            .kv()
+            .txn(forward(&metadata, req))
+            .instrument(tracing::debug_span!("forward", method = "Txn"))
+            .await?;
         self.hub
             .upstream
             .observe_header(resp.get_ref().header.as_ref());
@@ -460,6 +475,7 @@ impl kv_server::Kv for KvService {
             .upstream
             .kv()
             .compact(forward(&metadata, req))
+            .instrument(tracing::debug_span!("forward", method = "Compact"))
             .await?;
         self.hub
             .upstream

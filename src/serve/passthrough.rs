@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::proto::etcdserverpb::*;
 use crate::serve::access::Access;
@@ -87,6 +88,10 @@ macro_rules! forward_unary {
                     .upstream
                     .$client()
                     .$method(forward(&metadata, msg))
+                    .instrument(tracing::debug_span!(
+                        "forward",
+                        method = stringify!($method)
+                    ))
                     .await
                     .inspect_err(|s| self.access.observe_status(s))?;
                 self.upstream.observe_header(resp.get_ref().header.as_ref());

@@ -34,6 +34,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 use tonic::metadata::MetadataMap;
 use tonic::Status;
+use tracing::Instrument;
 
 use super::reply::Reply;
 use super::shape::{Shape, ShapeKey, SHAPES};
@@ -774,24 +775,28 @@ impl Session {
             .get_or_insert_with(mpsc::unbounded_channel)
             .0
             .clone();
-        let task = self.hub.tasks.spawn(async move {
-            let resume = relay::catch_up(
-                &relays,
-                &feed,
-                &spec,
-                from,
-                &mut highest_header,
-                &out,
-                &metadata,
-                &config,
-            )
-            .await;
-            let _ = handoff.send((
-                spec.id,
-                generation,
-                resume.map(|next| (next, highest_header)),
-            ));
-        });
+        let span = tracing::info_span!("catch_up", prefix = %feed.name, watch_id = spec.id, from);
+        let task = self.hub.tasks.spawn(
+            async move {
+                let resume = relay::catch_up(
+                    &relays,
+                    &feed,
+                    &spec,
+                    from,
+                    &mut highest_header,
+                    &out,
+                    &metadata,
+                    &config,
+                )
+                .await;
+                let _ = handoff.send((
+                    spec.id,
+                    generation,
+                    resume.map(|next| (next, highest_header)),
+                ));
+            }
+            .instrument(span),
+        );
         self.watches.insert(
             id,
             Entry::CatchingUp {

@@ -5,6 +5,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tracing::Instrument;
+
 use super::{group_by_revision, Feed, UpstreamState};
 use crate::metrics;
 use crate::proto::etcdserverpb::WatchCreateRequest;
@@ -27,11 +29,15 @@ impl Feed {
         loop {
             if need_load {
                 self.health.set_state(UpstreamState::Loading);
-                match self.load().await {
+                let span = tracing::info_span!("load", prefix = %self.name);
+                match self.load().instrument(span).await {
                     Ok(revision) => {
                         need_load = false;
                         self.health.mark_current();
-                        self.tasks.spawn(self.clone().backfill(revision));
+                        let span =
+                            tracing::info_span!("backfill", prefix = %self.name, upto = revision);
+                        self.tasks
+                            .spawn(self.clone().backfill(revision).instrument(span));
                     }
                     Err(e) => {
                         failures += 1;

@@ -351,12 +351,19 @@ impl Local {
     }
 
     /// Accounts one event without a send time (a delete), already checked.
-    fn untimed(&mut self, fresh: bool) {
-        if fresh {
-            self.fresh += 1;
-            self.fresh_live += 1;
-        } else {
+    fn untimed(&mut self, sh: &Shared, fresh: bool, seq: u64) {
+        if !fresh {
             self.replayed += 1;
+            return;
+        }
+        self.fresh += 1;
+        if seq >= sh.history {
+            let phase = sh.phase.load(Ordering::Relaxed);
+            if phase != self.lat_phase {
+                self.flush(sh, true);
+                self.lat_phase = phase;
+            }
+            self.fresh_live += 1;
         }
     }
 
@@ -620,7 +627,7 @@ fn handle_response(
         let fresh = t.on_event(seq, kv.mod_revision);
         match sent {
             Some(sent) => local.event(sh, fresh, seq, sent, now),
-            None => local.untimed(fresh),
+            None => local.untimed(sh, fresh, seq),
         }
     }
     create_next

@@ -543,8 +543,18 @@ pub fn check(log: &WatchLog, hist: &History, until: i64) -> Result<Outcome, Stri
             &log.errors[..log.errors.len().min(3)]
         ));
     }
-    let all = hist.expected(&log.key, &log.range_end, log.start, i64::MAX);
+    let mut all = hist.expected(&log.key, &log.range_end, log.start, i64::MAX);
     let got = &log.events;
+    if hist.compactions.contains(&log.start) {
+        // A compaction at C removes the tombstones of deletes made at C, so etcd 3.4.23's watch
+        // from C has C's puts but not its deletes (checked with etcdctl: put, del at 4, compact
+        // 4, `watch --rev 4` shows only the put). The proxy gives that when etcd replays C, and
+        // the delete when its cache window still holds C: either is accepted.
+        let served_delete = got.iter().any(|e| e.rev == log.start && !e.put);
+        if !served_delete {
+            all.retain(|e| e.rev != log.start || e.put);
+        }
+    }
     if let Some(i) = (0..got.len()).find(|&i| all.get(i) != Some(&got[i])) {
         problems.push(describe_mismatch(&all, got, i));
     }

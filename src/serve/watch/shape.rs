@@ -114,41 +114,44 @@ pub static SHAPES: std::sync::LazyLock<Shapes> = std::sync::LazyLock::new(Shapes
 /// Interns shapes so identical watches share one [`Shape`] (and so one encoding per batch).
 #[derive(Debug, Default)]
 pub struct Shapes {
-    /// Live shapes by key; dead entries are swept when the table has doubled since the last
-    /// sweep (amortized O(1) per intern, whatever the number of live shapes).
     table: Mutex<Table>,
 }
 
 /// The interning table and when to sweep it next.
 #[derive(Debug, Default)]
 struct Table {
-    /// Shapes by key (dead ones until the next sweep).
+    /// Live shapes by key; dead entries are swept when the table has grown enough.
     shapes: HashMap<ShapeKey, Weak<Shape>>,
-    /// Size at which the next sweep runs.
+    /// Size at which the next sweep runs: twice the size left by the last sweep (at least
+    /// [`MIN_SWEEP`]), so sweeping costs O(1) per intern amortized even when every watch
+    /// has a shape of its own (single-key watchers); sweeping at a fixed size made each
+    /// create O(shapes) past it.
     sweep_at: usize,
+    /// Sweeps made (for the tests).
+    sweeps: u64,
 }
 
-/// Entries below which the table is never swept.
+/// Smallest table size that triggers a sweep of dead shapes.
 const MIN_SWEEP: usize = 1024;
 
 impl Shapes {
     /// The shared shape for `key`.
     pub fn intern(&self, key: ShapeKey) -> Arc<Shape> {
-        let mut guard = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        let t = &mut *guard;
-        if let Some(s) = t.shapes.get(&key).and_then(Weak::upgrade) {
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = table.shapes.get(&key).and_then(Weak::upgrade) {
             return s;
         }
-        if t.shapes.len() >= t.sweep_at.max(MIN_SWEEP) {
-            t.shapes.retain(|_, w| w.strong_count() > 0);
-            t.sweep_at = 2 * t.shapes.len();
+        if table.shapes.len() >= table.sweep_at.max(MIN_SWEEP) {
+            table.shapes.retain(|_, w| w.strong_count() > 0);
+            table.sweep_at = (2 * table.shapes.len()).max(MIN_SWEEP);
+            table.sweeps += 1;
         }
         let table = &mut t.shapes;
         let shape = Arc::new(Shape {
             id: NEXT_SHAPE_ID.fetch_add(1, Ordering::Relaxed),
             key: key.clone(),
         });
-        table.insert(key, Arc::downgrade(&shape));
+        table.shapes.insert(key, Arc::downgrade(&shape));
         shape
     }
 }
@@ -217,5 +220,39 @@ mod tests {
         got.extend_from_slice(&enc.proto);
         assert_eq!(got, want.encode_to_vec());
         assert_eq!(encoded_events_len(&want.events), enc.proto.len());
+    }
+
+    fn single_key(i: usize) -> ShapeKey {
+        ShapeKey {
+            range: KeyRange::new(&Bytes::from(format!("/k/{i}")), &Bytes::new()),
+            no_put: false,
+            no_delete: false,
+            prev_kv: false,
+        }
+    }
+
+    #[test]
+    fn interning_many_distinct_shapes_sweeps_rarely_and_drops_dead_ones() {
+        let shapes = Shapes::default();
+        // 20,000 single-key watches alive at once: a shape each.
+        let live: Vec<Arc<Shape>> = (0..20_000).map(|i| shapes.intern(single_key(i))).collect();
+        let sweeps = shapes.table.lock().unwrap().sweeps;
+        // Sweeps at 1024, 2048, 4096, ... entries, not at every create past 1024.
+        assert!(sweeps <= 6, "{sweeps} sweeps for 20,000 live shapes");
+        // Identical watches still share their shape.
+        assert_eq!(shapes.intern(single_key(7)).id, live[7].id);
+        // Once they are gone, their entries are swept as new shapes come.
+        drop(live);
+        let again: Vec<Arc<Shape>> = (0..50_000)
+            .map(|i| shapes.intern(single_key(100_000 + i)))
+            .collect();
+        let t = shapes.table.lock().unwrap();
+        assert!(
+            t.shapes.len() <= 2 * again.len() + MIN_SWEEP,
+            "{} entries for {} live shapes",
+            t.shapes.len(),
+            again.len()
+        );
+        assert!(t.sweeps <= 12, "{} sweeps", t.sweeps);
     }
 }

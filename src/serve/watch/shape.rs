@@ -146,7 +146,6 @@ impl Shapes {
             table.sweep_at = (2 * table.shapes.len()).max(MIN_SWEEP);
             table.sweeps += 1;
         }
-        let table = &mut t.shapes;
         let shape = Arc::new(Shape {
             id: NEXT_SHAPE_ID.fetch_add(1, Ordering::Relaxed),
             key: key.clone(),

@@ -75,6 +75,38 @@ async fn put(url: &str, key: &str, value: &str) -> i64 {
     .map_or(0, |h| h.revision)
 }
 
+/// Writes `n` puts to etcd at `url`, one every `every`, on keys `{prefix}k{i % keys}`; each
+/// put's revision is pushed on `written` as it is acknowledged.
+fn spawn_paced_writer(
+    url: String,
+    prefix: &'static str,
+    keys: usize,
+    n: usize,
+    every: Duration,
+    written: Seen,
+) -> tokio::task::JoinHandle<Vec<i64>> {
+    tokio::spawn(async move {
+        let mut kv = KvClient::new(testkit::channel(&url).await);
+        for i in 0..n {
+            let r = kv
+                .put(PutRequest {
+                    key: Bytes::from(format!("{prefix}k{}", i % keys)),
+                    value: Bytes::from(format!("v{i}")),
+                    ..Default::default()
+                })
+                .await
+                .expect("writer put");
+            written
+                .lock()
+                .unwrap()
+                .push(r.into_inner().header.map_or(0, |h| h.revision));
+            tokio::time::sleep(every).await;
+        }
+        let revs = written.lock().unwrap().clone();
+        revs
+    })
+}
+
 /// A serializable range through `url`, with clientv3's require-leader metadata if asked.
 async fn serializable_range(url: &str, key: &str, hasleader: bool) -> Result<usize, tonic::Status> {
     let mut kv = KvClient::new(testkit::channel(url).await);
@@ -458,27 +490,14 @@ fn sigterm_rollout_moves_watchers_without_loss() {
 
         // Writer: one put every 25 ms, WRITES in all, recording etcd's revisions.
         let written: Seen = Arc::default();
-        let writer = {
-            let (url, written) = (etcd.url.clone(), written.clone());
-            tokio::spawn(async move {
-                let mut kv = KvClient::new(testkit::channel(&url).await);
-                for i in 0..WRITES {
-                    let r = kv
-                        .put(PutRequest {
-                            key: Bytes::from(format!("/ro/k{}", i % 17)),
-                            value: Bytes::from(format!("v{i}")),
-                            ..Default::default()
-                        })
-                        .await
-                        .expect("writer put");
-                    written
-                        .lock()
-                        .unwrap()
-                        .push(r.into_inner().header.map_or(0, |h| h.revision));
-                    tokio::time::sleep(Duration::from_millis(25)).await;
-                }
-            })
-        };
+        let writer = spawn_paced_writer(
+            etcd.url.clone(),
+            "/ro/",
+            17,
+            WRITES,
+            Duration::from_millis(25),
+            written.clone(),
+        );
 
         // Watchers on replica A, each resuming on B from its last revision + 1.
         let grpc_seen: Seen = Arc::default();
@@ -878,26 +897,14 @@ fn sigterm_with_1000_watchers_moves_every_one_without_loss() {
         assert!(created, "{all} watchers not created on A within 60 s");
 
         // Writer: one put every 40 ms; the SIGTERM lands about a second in.
-        let writer = {
-            let url = etcd.url.clone();
-            tokio::spawn(async move {
-                let mut kv = KvClient::new(testkit::channel(&url).await);
-                let mut written = Vec::new();
-                for i in 0..FLEET_WRITES {
-                    let r = kv
-                        .put(PutRequest {
-                            key: Bytes::from(format!("/rf/k{}", i % 23)),
-                            value: Bytes::from(format!("v{i}")),
-                            ..Default::default()
-                        })
-                        .await
-                        .expect("writer put");
-                    written.push(r.into_inner().header.map_or(0, |h| h.revision));
-                    tokio::time::sleep(Duration::from_millis(40)).await;
-                }
-                written
-            })
-        };
+        let writer = spawn_paced_writer(
+            etcd.url.clone(),
+            "/rf/",
+            23,
+            FLEET_WRITES,
+            Duration::from_millis(40),
+            Seen::default(),
+        );
         tokio::time::sleep(Duration::from_secs(1)).await;
 
         signal(pid, "TERM");
@@ -1045,26 +1052,14 @@ fn scale_out_spreads_connections_within_one_age() {
             });
             clients.push((seen, task));
         }
-        let writer = {
-            let url = etcd.url.clone();
-            tokio::spawn(async move {
-                let mut kv = KvClient::new(testkit::channel(&url).await);
-                let mut written = Vec::new();
-                for i in 0..SPREAD_WRITES {
-                    let r = kv
-                        .put(PutRequest {
-                            key: Bytes::from(format!("/so/k{}", i % 11)),
-                            value: Bytes::from(format!("v{i}")),
-                            ..Default::default()
-                        })
-                        .await
-                        .expect("writer put");
-                    written.push(r.into_inner().header.map_or(0, |h| h.revision));
-                    tokio::time::sleep(Duration::from_millis(40)).await;
-                }
-                written
-            })
-        };
+        let writer = spawn_paced_writer(
+            etcd.url.clone(),
+            "/so/",
+            11,
+            SPREAD_WRITES,
+            Duration::from_millis(40),
+            Seen::default(),
+        );
         tokio::time::sleep(Duration::from_secs(2)).await;
 
         // Scale out to four replicas.

@@ -55,15 +55,13 @@ impl Hub {
             .iter()
             .map(|p| Feed::spawn(p, upstream.clone(), compaction.clone(), &config, &tasks))
             .collect();
-        let hub = Arc::new(Hub {
+        let hub = Hub::with_feeds(
+            config.clone(),
+            upstream.clone(),
+            compaction.clone(),
             feeds,
-            upstream: upstream.clone(),
-            compaction: compaction.clone(),
-            config: Arc::new(config.clone()),
-            tasks: tasks.clone(),
-            shutdown: watch::channel(false).0,
-            draining: AtomicBool::new(false),
-        });
+            tasks.clone(),
+        );
         let weak = Arc::downgrade(&hub);
         tasks.spawn(compaction.poll(upstream, config.compaction_poll, move || {
             let hub = weak.upgrade()?;
@@ -74,6 +72,26 @@ impl Hub {
                 .min()
         }));
         hub
+    }
+
+    /// A hub over `feeds` (most specific prefix first) with no task of its own (no compaction
+    /// poll): [`Hub::start`]'s, and `crate::fuzzing`'s over in-memory feeds.
+    pub(crate) fn with_feeds(
+        config: Config,
+        upstream: Arc<Upstream>,
+        compaction: Arc<Compaction>,
+        feeds: Vec<Arc<Feed>>,
+        tasks: Tasks,
+    ) -> Arc<Hub> {
+        Arc::new(Hub {
+            feeds,
+            upstream,
+            compaction,
+            config: Arc::new(config),
+            tasks,
+            shutdown: watch::channel(false).0,
+            draining: AtomicBool::new(false),
+        })
     }
 
     /// The feed whose prefix contains all of `range`, if any.

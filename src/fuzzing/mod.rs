@@ -8,6 +8,16 @@
 //! | [`gateway_json`] | the gateway's JSON reader and its decoding into etcd's request types |
 //! | [`go_base64`] | the Go-compatible base64 decoder, against the `base64` crate |
 //! | [`grpc_requests`] | the gRPC request decoders, the Txn depth walk and the shield checks |
+//! | [`http1_body`] | the HTTP/1.x connection loop with request bodies (`Content-Length`, chunked) over an in-memory transport, read whole and in pieces ([`body`]) |
+//! | [`watch_session`] | a real watch session over an in-memory feed, driven by arbitrary create / cancel / progress / write / compact sequences and checked against a model of etcd's rules ([`watch`]) |
+
+mod body;
+#[cfg(any(test, feature = "fuzzing"))]
+mod watch;
+
+pub use body::http1_body;
+#[cfg(any(test, feature = "fuzzing"))]
+pub use watch::watch_session;
 
 use base64::Engine;
 use prost::Message;
@@ -89,8 +99,10 @@ mod tests {
     /// Every input kept in `fuzz/corpus/<target>/` replays through its entry point.
     #[test]
     fn corpus_replays() {
-        let targets: [(&str, Entry); 4] = [
+        let targets: [(&str, Entry); 6] = [
             ("http1_head", http1_head),
+            ("http1_body", http1_body),
+            ("watch_session", watch_session),
             ("gateway_json", gateway_json),
             ("go_base64", go_base64),
             ("grpc_requests", grpc_requests),
@@ -103,6 +115,8 @@ mod tests {
             let mut n = 0;
             for entry in entries.flatten() {
                 if let Ok(data) = std::fs::read(entry.path()) {
+                    // Names the input of a failure (the last line printed).
+                    eprintln!("replaying {}", entry.path().display());
                     run(&data);
                     n += 1;
                 }

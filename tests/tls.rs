@@ -171,6 +171,14 @@ async fn real_clients_over_mtls() {
         )
         .await
         .expect("watch");
+    // etcd-client does not wait for `created`: a put racing the create could land before the
+    // watch's start (the proxy's `created` costs a sync check with etcd).
+    let created = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("created in time")
+        .expect("watch stream")
+        .expect("open");
+    assert!(created.created(), "{created:?}");
     client
         .put("/apisix/routes/3", "r3", None)
         .await

@@ -51,7 +51,8 @@ pub fn gateway_json(data: &[u8]) {
 }
 
 /// Go's `base64.StdEncoding` as the gateway decodes bytes fields: whatever it accepts, the
-/// `base64` crate decodes to the same bytes once Go's ignored `\r` and `\n` are removed.
+/// `base64` crate (allowing trailing bits, as Go's non-strict mode) decodes to the same bytes
+/// once Go's ignored `\r` and `\n` are removed.
 pub fn go_base64(data: &[u8]) {
     let ours = gobase64::decode(data);
     let stripped: Vec<u8> = data
@@ -60,7 +61,13 @@ pub fn go_base64(data: &[u8]) {
         .filter(|b| *b != b'\r' && *b != b'\n')
         .collect();
     if let Ok(bytes) = ours {
-        let theirs = base64::engine::general_purpose::STANDARD.decode(&stripped);
+        // Go's default (non-strict) decoder ignores non-zero bits after the last byte, which
+        // the crate's STANDARD engine refuses (found by this target: `Zm2/FFy=`).
+        let go_like = base64::engine::GeneralPurpose::new(
+            &base64::alphabet::STANDARD,
+            base64::engine::GeneralPurposeConfig::new().with_decode_allow_trailing_bits(true),
+        );
+        let theirs = go_like.decode(&stripped);
         assert_eq!(theirs.ok(), Some(bytes), "Go-compatible base64 disagrees");
     }
 }

@@ -333,6 +333,19 @@ mod tests {
             .filter_map(|end| scan.check(&text[..end]))
             .collect();
         assert_eq!(parses, [23, text.len()]);
+        // Found by `http1_head`: after an empty first line, the next line is the request line
+        // (httparse skips empty lines before it), not a header line.
+        let text = b"\nvio:n: x\n";
+        let mut scan = parse::HeadScan::default();
+        let judged: Vec<bool> = (1..=text.len())
+            .filter_map(|end| scan.check(&text[..end]))
+            .map(|lines| matches!(parse_head(&text[..lines]), Err(ReadError::Io)))
+            .collect();
+        assert_eq!(
+            judged,
+            [false, true],
+            "a bad request line after an empty line"
+        );
     }
 
     #[test]

@@ -126,6 +126,9 @@ pub(super) struct HeadScan {
     line_start: usize,
     /// Complete lines so far.
     lines: usize,
+    /// A non-empty line (the request line) is complete: until then every new line is parsed
+    /// with the whole head (`httparse` skips empty lines before the request line).
+    request_line: bool,
 }
 
 impl HeadScan {
@@ -136,10 +139,15 @@ impl HeadScan {
         self.scanned = buf.len();
         let end = from + buf[from..].iter().rposition(|b| *b == b'\n')? + 1;
         let new_lines = &buf[self.line_start..end];
-        let first = self.lines == 0;
         self.line_start = end;
         self.lines += new_lines.iter().filter(|b| **b == b'\n').count();
-        if first || self.lines > MAX_HEADERS + 1 {
+        if !self.request_line {
+            self.request_line = new_lines
+                .split(|b| *b == b'\n')
+                .any(|l| !l.is_empty() && l != b"\r");
+            return Some(end);
+        }
+        if self.lines > MAX_HEADERS + 1 {
             return Some(end);
         }
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];

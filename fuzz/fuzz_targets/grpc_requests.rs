@@ -1,4 +1,4 @@
-//! Fuzz target: `etcd_fanout::fuzzing::grpc_requests` (see `src/fuzzing.rs`).
+//! Fuzz target: `etcd_fanout::fuzzing::grpc_requests` (see `src/fuzzing/`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

@@ -1,4 +1,4 @@
-//! Fuzz target: `etcd_fanout::fuzzing::http1_head` (see `src/fuzzing.rs`).
+//! Fuzz target: `etcd_fanout::fuzzing::http1_head` (see `src/fuzzing/`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

@@ -27,6 +27,9 @@ pub struct Services {
     pub watch: WatchService,
     /// Lease, Cluster, Maintenance, Auth (forwarded).
     pub passthrough: PassThrough,
+    /// etcd's auth state and decisions (the listener's client-certificate policy reads the
+    /// state too).
+    pub access: Arc<Access>,
 }
 
 impl Services {
@@ -36,7 +39,12 @@ impl Services {
         Services {
             kv: KvService::new(hub.clone(), access.clone()),
             watch: WatchService::new(hub.clone(), access.clone()),
-            passthrough: PassThrough::new(hub.upstream.clone(), access, hub.registry.clone()),
+            passthrough: PassThrough::new(
+                hub.upstream.clone(),
+                access.clone(),
+                hub.registry.clone(),
+            ),
+            access,
             hub,
         }
     }

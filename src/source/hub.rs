@@ -61,17 +61,13 @@ impl Hub {
             .iter()
             .map(|p| Feed::spawn(p, upstream.clone(), compaction.clone(), &config, &tasks))
             .collect();
-        let hub = Arc::new(Hub {
+        let hub = Hub::with_feeds(
+            config.clone(),
+            upstream.clone(),
+            compaction.clone(),
             feeds,
-            upstream: upstream.clone(),
-            compaction: compaction.clone(),
-            relays: RelayStreams::new(upstream.clone(), tasks.clone()),
-            config: Arc::new(config.clone()),
-            tasks: tasks.clone(),
-            shutdown: watch::channel(false).0,
-            draining: AtomicBool::new(false),
-            registry: Registry::from_config(&config),
-        });
+            tasks.clone(),
+        );
         if let Some(r) = &hub.registry {
             r.spawn(upstream.clone(), &tasks);
         }
@@ -85,6 +81,28 @@ impl Hub {
                 .min()
         }));
         hub
+    }
+
+    /// A hub over `feeds` (most specific prefix first) with no task of its own (no compaction
+    /// poll): [`Hub::start`]'s, and `crate::fuzzing`'s over in-memory feeds.
+    pub(crate) fn with_feeds(
+        config: Config,
+        upstream: Arc<Upstream>,
+        compaction: Arc<Compaction>,
+        feeds: Vec<Arc<Feed>>,
+        tasks: Tasks,
+    ) -> Arc<Hub> {
+        Arc::new(Hub {
+            feeds,
+            relays: RelayStreams::new(upstream.clone(), tasks.clone()),
+            upstream,
+            compaction,
+            registry: Registry::from_config(&config),
+            config: Arc::new(config),
+            tasks,
+            shutdown: watch::channel(false).0,
+            draining: AtomicBool::new(false),
+        })
     }
 
     /// The feed whose prefix contains all of `range`, if any.

@@ -1,17 +1,23 @@
 //! What a client certificate's CommonName means, decided in one place.
 //!
-//! etcd with `--client-cert-auth` takes the CN of a verified client certificate as the user of
-//! a gRPC request that carries no token (and ignores it when auth is disabled). The proxy
-//! terminates TLS: etcd sees the proxy's own certificate (whose CN is empty, see
-//! [`super::client`]), never the client's, and no header can carry it. So until per-identity
-//! decisions exist, [`grpc_refusal`] refuses a tokenless gRPC request from a certificate with a
-//! CN: serving it from the cache or forwarding it would run it as anonymous, not as the CN's
-//! user. It is the hook the identity work replaces (by deciding as that user).
+//! etcd with `--client-cert-auth` *and auth enabled* takes the CN of a verified client
+//! certificate as the user of a gRPC request that carries no token; with auth disabled it
+//! ignores the certificate's identity altogether. The proxy terminates TLS: etcd sees the
+//! proxy's own certificate (whose CN is empty, see [`super::client`]), never the client's,
+//! and no header can carry it. So [`grpc_refusal`] refuses a tokenless gRPC request from a
+//! certificate with a CN while etcd's auth is on: serving it from the cache or forwarding it
+//! would run it as anonymous, not as the CN's user, and deciding as that user would need its
+//! roles, which only etcd's root may read (the proxy's recommended user reads its prefixes
+//! only). While auth is off such a client is served like any other, as etcd serves it.
 //!
 //! The gateway: etcd answers a `/v3/` request whose client certificate has a CN with HTTP 400
 //! and a fixed text ([`GATEWAY_CN_REFUSAL`], which APISIX's CLI looks for) when
-//! `--client-cert-auth` is set *and auth is enabled*. The proxy does not know etcd's auth
-//! state, so [`gateway_refusal`] answers it whenever `--client-cert-auth` is set.
+//! `--client-cert-auth` is set and auth is enabled, token or not (measured on etcd 3.4.23;
+//! with `--trusted-ca-file` alone, or auth off, the CN is ignored): [`gateway_refusal`].
+//!
+//! etcd's auth state is the proxy's `serve::access` state, passed in by the listener: while it
+//! is unknown the proxy answers as with auth off, and forwards (tokenless) whatever the caches
+//! could answer, so etcd refuses what the anonymous caller may not do.
 //!
 //! Without `--client-cert-auth` (only `--trusted-ca-file`), client certificates are required
 //! and verified but their CN means nothing, exactly as in etcd.
@@ -44,10 +50,15 @@ pub const GATEWAY_CN_REFUSAL: &str =
     "CommonName of client sending a request against gateway will be ignored and not used as expected\n";
 
 /// The refusal of a gRPC request that etcd would run as the user named by the client
-/// certificate's CN, or `None` to serve it (no CN identity in play, or a token that wins over
-/// the certificate, as in etcd).
-pub fn grpc_refusal(policy: CnPolicy, peer: &Peer, headers: &HeaderMap) -> Option<tonic::Status> {
-    if !policy.client_cert_auth {
+/// certificate's CN (`auth_on`: etcd's auth is known to be enabled), or `None` to serve it (no
+/// CN identity in play, or a token that wins over the certificate, as in etcd).
+pub fn grpc_refusal(
+    policy: CnPolicy,
+    peer: &Peer,
+    headers: &HeaderMap,
+    auth_on: bool,
+) -> Option<tonic::Status> {
+    if !policy.client_cert_auth || !auth_on {
         return None;
     }
     let cn = peer.common_name.as_deref()?;
@@ -61,14 +72,19 @@ pub fn grpc_refusal(policy: CnPolicy, peer: &Peer, headers: &HeaderMap) -> Optio
     )))
 }
 
-/// etcd's HTTP 400 to a gateway (`/v3/...`) request whose client certificate has a CN, or
-/// `None` to serve it.
+/// etcd's HTTP 400 to a gateway (`/v3/...`) request whose client certificate has a CN while
+/// auth is on (`auth_on`), or `None` to serve it.
 pub fn gateway_refusal(
     policy: CnPolicy,
     peer: &Peer,
     path: &str,
+    auth_on: bool,
 ) -> Option<Response<tonic::body::Body>> {
-    if !policy.client_cert_auth || peer.common_name.is_none() || !path.starts_with("/v3/") {
+    if !policy.client_cert_auth
+        || !auth_on
+        || peer.common_name.is_none()
+        || !path.starts_with("/v3/")
+    {
         return None;
     }
     let mut resp = Response::new(tonic::body::Body::new(Full::new(Bytes::from_static(
@@ -104,13 +120,18 @@ mod tests {
         let mut token = HeaderMap::new();
         token.insert("token", http::HeaderValue::from_static("t"));
         let none = HeaderMap::new();
-        assert!(grpc_refusal(on, &alice, &none).is_some());
-        assert!(grpc_refusal(on, &alice, &token).is_none());
-        assert!(grpc_refusal(on, &anon, &none).is_none());
-        assert!(grpc_refusal(off, &alice, &none).is_none());
-        assert!(gateway_refusal(on, &alice, "/v3/kv/range").is_some());
-        assert!(gateway_refusal(on, &alice, "/version").is_none());
-        assert!(gateway_refusal(on, &anon, "/v3/kv/range").is_none());
-        assert!(gateway_refusal(off, &alice, "/v3/kv/range").is_none());
+        for auth in [true, false] {
+            assert_eq!(grpc_refusal(on, &alice, &none, auth).is_some(), auth);
+            assert!(grpc_refusal(on, &alice, &token, auth).is_none());
+            assert!(grpc_refusal(on, &anon, &none, auth).is_none());
+            assert!(grpc_refusal(off, &alice, &none, auth).is_none());
+            assert_eq!(
+                gateway_refusal(on, &alice, "/v3/kv/range", auth).is_some(),
+                auth
+            );
+            assert!(gateway_refusal(on, &alice, "/version", auth).is_none());
+            assert!(gateway_refusal(on, &anon, "/v3/kv/range", auth).is_none());
+            assert!(gateway_refusal(off, &alice, "/v3/kv/range", auth).is_none());
+        }
     }
 }

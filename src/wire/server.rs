@@ -28,6 +28,7 @@ use tokio::sync::watch;
 use tonic::service::Routes;
 use tower::ServiceExt;
 
+use crate::serve::access::AuthState;
 use crate::serve::Services;
 use crate::throttle::Throttle;
 use crate::tls::identity::{self, CnPolicy, Peer};
@@ -164,16 +165,27 @@ struct ConnInfo {
 
 impl ConnInfo {
     /// etcd's answer to a gateway request this client may not make (see
-    /// [`identity::gateway_refusal`]); otherwise the peer is attached to the request.
+    /// [`identity::gateway_refusal`]; `services` tell etcd's auth state); otherwise the peer
+    /// is attached to the request.
     fn admit_http<B>(
         &self,
         req: &mut http::Request<B>,
+        services: &Services,
     ) -> Option<http::Response<tonic::body::Body>> {
         self.peer.common_name.as_ref()?;
-        let refusal = identity::gateway_refusal(self.policy, &self.peer, req.uri().path());
+        let refusal =
+            identity::gateway_refusal(self.policy, &self.peer, req.uri().path(), auth_on(services));
         req.extensions_mut().insert(self.peer.clone());
         refusal
     }
+}
+
+/// Whether etcd is known to have auth enabled: what a client certificate's CommonName means
+/// depends on it (`tls::identity`). Unknown counts as off there, safely: while the state is
+/// unknown every request the caches could answer is forwarded, tokenless, so etcd judges it
+/// as anonymous (never more than the CommonName's user could do).
+fn auth_on(services: &Services) -> bool {
+    services.access.auth_state() == AuthState::On
 }
 
 /// gRPC methods etcd answers without looking at the caller's identity, so a client
@@ -194,14 +206,14 @@ fn h2_request(
 ) -> Answer {
     let start = std::time::Instant::now();
     let route = if !is_grpc(&req) {
-        if let Some(refusal) = conn.admit_http(&mut req) {
+        if let Some(refusal) = conn.admit_http(&mut req, &services) {
             return Box::pin(async move { refusal });
         }
         H2Route::Http
     } else if let Some(status) = grpc::unknown_method(req.uri().path()) {
         H2Route::Unknown(status)
     } else if let Some(status) = (!IDENTITY_FREE_METHODS.contains(&req.uri().path()))
-        .then(|| identity::grpc_refusal(conn.policy, &conn.peer, req.headers()))
+        .then(|| identity::grpc_refusal(conn.policy, &conn.peer, req.headers(), auth_on(&services)))
         .flatten()
     {
         H2Route::Unknown(status)
@@ -412,7 +424,7 @@ impl Connection {
             Protocol::Http1 => {
                 let signal = life.ending.signal();
                 let handle = move |mut req| -> Answer {
-                    if let Some(refusal) = info.admit_http(&mut req) {
+                    if let Some(refusal) = info.admit_http(&mut req, &services) {
                         return Box::pin(async move { refusal });
                     }
                     req.extensions_mut().insert(signal.clone());

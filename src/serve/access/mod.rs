@@ -74,6 +74,23 @@ impl Access {
         access
     }
 
+    /// Access control with a fixed auth state and no poll (`crate::fuzzing`'s watch session
+    /// target, which has no etcd: only tokenless callers, decided by the state alone).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn fixed(config: &Config, upstream: Arc<Upstream>, state: AuthState) -> Arc<Access> {
+        let access = Access {
+            state: State::default(),
+            decisions: Decisions::new(
+                config.auth_decision_entries,
+                config.auth_decision_ttl,
+                config.auth_denial_ttl.min(config.auth_decision_ttl),
+            ),
+            upstream,
+        };
+        access.state.set(state);
+        Arc::new(access)
+    }
+
     /// The verdict for a Range or Watch create of `[key, range_end)` by the caller of
     /// `metadata`. `cacheable`: the cache could answer it (otherwise a caller with a token is
     /// left to etcd; a tokenless one is still refused, as etcd checks identity first).
@@ -123,6 +140,11 @@ impl Access {
                 }
             }
         }
+    }
+
+    /// etcd's auth state as currently known.
+    pub fn auth_state(&self) -> AuthState {
+        self.state.get()
     }
 
     /// Learns from an error etcd returned to a forwarded request (`user name is empty` means

@@ -2,7 +2,9 @@
 //! that knowledge fresh.
 //!
 //! etcd 3.4 has no `AuthStatus` RPC, but a Range without a token fails with InvalidArgument
-//! `etcdserver: user name is empty` exactly when auth is on (any other answer means off). So
+//! `etcdserver: user name is empty` exactly when auth is on (or, from an etcd with
+//! `--client-cert-auth` that takes the proxy's CN-less certificate as user "", with
+//! PermissionDenied `etcdserver: permission denied`); a successful answer means off. So
 //! the proxy sends one tokenless, serializable, `count_only` Range of a key no one writes every
 //! `--auth-poll` (1 s). A poll that fails, or gets no answer within three intervals, makes the
 //! state *unknown*, and nothing is then served from the cache until a poll answers again: the
@@ -29,6 +31,9 @@ const POLL_KEY: &[u8] = b"\0etcd-fanout/auth-probe";
 
 /// etcd's message for a request without identity when auth is on (`rpctypes.ErrUserEmpty`).
 pub const USER_EMPTY: &str = "etcdserver: user name is empty";
+
+/// etcd's message for a caller without the permission (`rpctypes.ErrPermissionDenied`).
+const PERMISSION_DENIED: &str = "etcdserver: permission denied";
 
 /// Authentication on etcd, as last seen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,6 +141,15 @@ impl State {
             // header floor, of backlog responses that do not hold its events yet.
             Ok(Ok(_)) => AuthState::Off,
             Ok(Err(s)) if s.code() == Code::InvalidArgument && s.message() == USER_EMPTY => {
+                AuthState::On
+            }
+            // An etcd with `--client-cert-auth` takes the CommonName of the proxy's client
+            // certificate as the poll's user: empty, a user that does not exist, so with
+            // auth on the poll is denied instead (etcd 3.4.23); with auth off no read is
+            // ever denied.
+            Ok(Err(s))
+                if s.code() == Code::PermissionDenied && s.message() == PERMISSION_DENIED =>
+            {
                 AuthState::On
             }
             Ok(Err(s)) => {

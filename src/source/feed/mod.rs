@@ -137,6 +137,47 @@ impl Feed {
         feed
     }
 
+    /// A ready feed over an in-memory cache at revision 1 (etcd's first, no keys), with no
+    /// task of its own: no upstream watch, no sync check (each answers "cannot tell" at once),
+    /// no health loop. What happens upstream is told to it with [`Feed::apply_events`] and
+    /// [`Feed::advance`]. Only for `crate::fuzzing`'s watch session target, which drives real
+    /// sessions over it without any etcd.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn in_memory(
+        prefix: &str,
+        upstream: Arc<Upstream>,
+        compaction: Arc<Compaction>,
+        config: &Config,
+        tasks: &Tasks,
+    ) -> Arc<Feed> {
+        let (head_tx, _) = watch::channel(1);
+        let (sync_tx, _) = mpsc::unbounded_channel();
+        let mut cache = Cache::new(config.history_revisions, config.history_bytes);
+        // State known from revision 0 on: a watch from revision 1 reads the window.
+        cache.reset(0, Vec::new());
+        cache.advance(1);
+        let feed = Feed {
+            name: prefix.to_string(),
+            cache: RwLock::new(cache),
+            range: KeyRange::prefix(prefix.as_bytes()),
+            head_tx,
+            index: Index::default(),
+            ready: AtomicBool::new(true),
+            health: Health::new(config.stale_after),
+            upstream,
+            compaction,
+            page_size: config.load_page_size.max(1),
+            backfill_revisions: 0,
+            verified: std::sync::Mutex::new((0, 0)),
+            tasks: tasks.clone(),
+            events_received: crate::metrics::PREFIX_EVENTS_RECEIVED.with_label_values(&[prefix]),
+            sync_tx,
+        };
+        feed.health.set_state(UpstreamState::Watching);
+        feed.health.mark_current();
+        Arc::new(feed)
+    }
+
     /// Read access to the cache (hold it briefly; never across an `.await`).
     pub fn cache(&self) -> RwLockReadGuard<'_, Cache> {
         self.cache.read().unwrap_or_else(|e| e.into_inner())

@@ -156,14 +156,7 @@ impl Feed {
             self.health.mark_current();
             if resp.events.is_empty() {
                 // A progress notification: every event up to this revision was delivered.
-                let rev = resp.header.as_ref().map_or(0, |h| h.revision);
-                let head = {
-                    let mut c = self.cache.write().unwrap_or_else(|e| e.into_inner());
-                    c.advance(rev);
-                    c.head()
-                };
-                self.index.dispatch(&[], head);
-                self.publish(head);
+                self.advance(resp.header.as_ref().map_or(0, |h| h.revision));
                 continue;
             }
             self.apply_events(resp.events, received);
@@ -171,8 +164,20 @@ impl Feed {
         Err(tonic::Status::unavailable("upstream watch stream ended"))
     }
 
+    /// Records that etcd reached `rev` with nothing more in the prefix (a progress
+    /// notification): the head moves, watchers are told.
+    pub(crate) fn advance(&self, rev: i64) {
+        let head = {
+            let mut c = self.cache.write().unwrap_or_else(|e| e.into_inner());
+            c.advance(rev);
+            c.head()
+        };
+        self.index.dispatch(&[], head);
+        self.publish(head);
+    }
+
     /// Groups events by revision and applies each group as one batch.
-    fn apply_events(&self, events: Vec<Event>, received: std::time::Instant) {
+    pub(crate) fn apply_events(&self, events: Vec<Event>, received: std::time::Instant) {
         let batches = group_by_revision(events, received);
         let n: usize = batches.iter().map(|b| b.events.len()).sum();
         let mut applied = Vec::with_capacity(batches.len());

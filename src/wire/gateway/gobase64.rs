@@ -114,6 +114,9 @@ mod tests {
         assert_eq!(decode(b"Y\nQ==").unwrap(), b"a");
         assert_eq!(decode(b"YQ==\r\n").unwrap(), b"a");
         assert_eq!(decode(b"Zm9vYmFy").unwrap(), b"foobar");
+        // Non-zero bits after the last byte are ignored, as by Go's non-strict decoder (the
+        // `go_base64` fuzz target's input; its oracle, the `base64` crate, refused it).
+        assert_eq!(decode(b"Zm2\r\n/FFy=").unwrap(), [102, 109, 191, 20, 92]);
     }
 
     #[test]

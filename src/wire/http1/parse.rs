@@ -32,17 +32,15 @@ pub(super) async fn read_request<S: Transport>(
     buf: &mut BytesMut,
     head_deadline: Instant,
 ) -> Result<Option<Received>, ReadError> {
-    // Bytes already looked at for the end of the head: a head arriving in small pieces is
-    // parsed when its request line and when its end may have arrived, not on every read.
-    let mut scanned = 0;
-    let mut line_seen = false;
+    // A head arriving in small pieces is parsed only when a new complete line may change the
+    // verdict (see `HeadScan`), not on every read.
+    let mut scan = HeadScan::default();
     let head = loop {
-        if head_may_be_complete(buf, scanned, &mut line_seen) {
-            if let Some(head) = parse_head(buf)? {
+        if let Some(lines) = scan.check(buf) {
+            if let Some(head) = parse_head(&buf[..lines])? {
                 break head;
             }
         }
-        scanned = buf.len();
         if buf.len() >= MAX_HEAD {
             return Err(ReadError::Refuse(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -113,20 +111,53 @@ pub(super) async fn read_request<S: Transport>(
     }))
 }
 
-/// Whether parsing `buf` may now give an answer, its first `scanned` bytes having been seen
-/// before: the first line break (the request line is judged then, as Go does) or a blank
-/// line (`\n\n` or `\n\r\n`, Go also accepts bare LF) among the new bytes.
-pub(super) fn head_may_be_complete(buf: &[u8], scanned: usize, line_seen: &mut bool) -> bool {
-    if buf.is_empty() {
-        return false;
+/// What has been looked at of a request head arriving in pieces. Like Go's reader, a head is
+/// judged line by line as its lines complete, and never on a line still arriving: the head
+/// (up to its last complete line) is parsed when the request line arrives, when a new header
+/// line is one `httparse` refuses (so a malformed line is answered at once, as Go answers it,
+/// not when the head ends), when there are more lines than [`MAX_HEADERS`], and when the blank
+/// line ending the head arrives. Each byte is scanned once, and each new line parsed once on
+/// its own: a head trickled in small pieces costs no re-parse per read.
+#[derive(Debug, Default)]
+pub(super) struct HeadScan {
+    /// Bytes of the buffer scanned so far.
+    scanned: usize,
+    /// Start of the first line not complete yet.
+    line_start: usize,
+    /// Complete lines so far.
+    lines: usize,
+    /// A non-empty line (the request line) is complete: until then every new line is parsed
+    /// with the whole head (`httparse` skips empty lines before the request line).
+    request_line: bool,
+}
+
+impl HeadScan {
+    /// With the bytes of `buf` after those seen before: the end of its last complete line
+    /// when the head should be parsed up to there now.
+    pub(super) fn check(&mut self, buf: &[u8]) -> Option<usize> {
+        let from = self.scanned.min(buf.len());
+        self.scanned = buf.len();
+        let end = from + buf[from..].iter().rposition(|b| *b == b'\n')? + 1;
+        let new_lines = &buf[self.line_start..end];
+        self.line_start = end;
+        self.lines += new_lines.iter().filter(|b| **b == b'\n').count();
+        if !self.request_line {
+            self.request_line = new_lines
+                .split(|b| *b == b'\n')
+                .any(|l| !l.is_empty() && l != b"\r");
+            return Some(end);
+        }
+        if self.lines > MAX_HEADERS + 1 {
+            return Some(end);
+        }
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        match httparse::parse_headers(new_lines, &mut headers) {
+            // Valid header lines, and the head goes on.
+            Ok(httparse::Status::Partial) => None,
+            // The blank line (the head is complete) or a refused line.
+            _ => Some(end),
+        }
     }
-    let from = scanned.saturating_sub(2);
-    let new = &buf[from..];
-    if !*line_seen && new.contains(&b'\n') {
-        *line_seen = true;
-        return true;
-    }
-    new.windows(2).any(|w| w == b"\n\n") || new.windows(3).any(|w| w == b"\n\r\n")
 }
 
 /// A parsed request head.
@@ -157,7 +188,13 @@ pub(super) fn parse_head(buf: &[u8]) -> Result<Option<Head>, ReadError> {
                 None,
             ))
         }
-        Err(httparse::Error::HeaderName) => return Err(bad_because("invalid header name")),
+        Err(httparse::Error::HeaderName) => {
+            return Err(match missing_colon(buf) {
+                // Go's textproto: "malformed MIME header line", a plain 400.
+                true => bad(),
+                false => bad_because("invalid header name"),
+            });
+        }
         Err(httparse::Error::HeaderValue) => return Err(bad_because("invalid header value")),
         // Not an HTTP/1.x request line.
         Err(httparse::Error::Token | httparse::Error::Version) => return Err(ReadError::Io),
@@ -236,6 +273,26 @@ pub(super) fn parse_head(buf: &[u8]) -> Result<Option<Head>, ReadError> {
         keep_alive,
         expect_continue,
     }))
+}
+
+/// Whether the first refused header line of `buf` is one without a colon (Go's textproto
+/// refuses it as a malformed line, before looking at any name): the lines before it are
+/// valid, so it is the first line after the request line with no colon, unless a line with a
+/// colon and an invalid name comes first.
+fn missing_colon(buf: &[u8]) -> bool {
+    let token = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+    for line in buf.split(|b| *b == b'\n').skip(1) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            break;
+        }
+        match line.iter().position(|b| *b == b':') {
+            None => return true,
+            Some(i) if i == 0 || !line[..i].iter().all(token) => return false,
+            Some(_) => {}
+        }
+    }
+    false
 }
 
 /// Go's `400 Bad Request: <detail>`.

@@ -345,7 +345,7 @@ impl Rig {
         );
         let (requests, rx) = tokio::sync::mpsc::unbounded_channel();
         let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx);
-        let replies = WatchService::new(hub, access).session(MetadataMap::new(), stream);
+        let replies = WatchService::new(hub, access).session(MetadataMap::new(), None, stream);
         Rig {
             feed,
             compaction,
@@ -632,5 +632,5 @@ fn write(rig: &Rig, store: &mut Store, input: &mut Input<'_>) {
     }
     store.rev = rev;
     store.log.extend(events.iter().cloned());
-    rig.feed.apply_events(events);
+    rig.feed.apply_events(events, std::time::Instant::now());
 }

@@ -97,6 +97,9 @@ pub struct Feed {
     complete_waiters: Mutex<HashMap<usize, (i64, Weak<Inbox>)>>,
 }
 
+/// The receiving end of a feed's queue of reads waiting for a sync check.
+type SyncQueue = mpsc::UnboundedReceiver<oneshot::Sender<Option<SyncPoint>>>;
+
 impl Feed {
     /// Creates the feed and starts its upstream watch and sync tasks.
     pub fn spawn(
@@ -106,13 +109,32 @@ impl Feed {
         config: &Config,
         tasks: &Tasks,
     ) -> Arc<Feed> {
-        let range = KeyRange::prefix(prefix.as_bytes());
-        let (head_tx, _) = watch::channel(0);
+        let cache = Cache::new(config.history_revisions, config.history_bytes);
+        let (feed, sync_rx) = Feed::new(prefix, upstream, compaction, config, tasks, cache, 0);
+        let feed = Arc::new(feed);
+        tasks.spawn(feed.clone().run());
+        tasks.spawn(feed.clone().sync_loop(sync_rx, config.sync_timeout));
+        tasks.spawn(feed.clone().health_loop());
+        feed
+    }
+
+    /// A feed over `cache` whose head is `head`, not ready, with no task yet, and the
+    /// receiving end of its sync check queue.
+    fn new(
+        prefix: &str,
+        upstream: Arc<Upstream>,
+        compaction: Arc<Compaction>,
+        config: &Config,
+        tasks: &Tasks,
+        cache: Cache,
+        head: i64,
+    ) -> (Feed, SyncQueue) {
+        let (head_tx, _) = watch::channel(head);
         let (sync_tx, sync_rx) = mpsc::unbounded_channel();
-        let feed = Arc::new(Feed {
+        let feed = Feed {
             name: prefix.to_string(),
-            cache: RwLock::new(Cache::new(config.history_revisions, config.history_bytes)),
-            range,
+            cache: RwLock::new(cache),
+            range: KeyRange::prefix(prefix.as_bytes()),
             head_tx,
             index: Index::default(),
             ready: AtomicBool::new(false),
@@ -130,11 +152,8 @@ impl Feed {
             last_check: Mutex::new(None),
             complete: AtomicI64::new(0),
             complete_waiters: Mutex::new(HashMap::new()),
-        });
-        tasks.spawn(feed.clone().run());
-        tasks.spawn(feed.clone().sync_loop(sync_rx, config.sync_timeout));
-        tasks.spawn(feed.clone().health_loop());
-        feed
+        };
+        (feed, sync_rx)
     }
 
     /// A ready feed over an in-memory cache at revision 1 (etcd's first, no keys), with no
@@ -150,29 +169,13 @@ impl Feed {
         config: &Config,
         tasks: &Tasks,
     ) -> Arc<Feed> {
-        let (head_tx, _) = watch::channel(1);
-        let (sync_tx, _) = mpsc::unbounded_channel();
         let mut cache = Cache::new(config.history_revisions, config.history_bytes);
         // State known from revision 0 on: a watch from revision 1 reads the window.
         cache.reset(0, Vec::new());
         cache.advance(1);
-        let feed = Feed {
-            name: prefix.to_string(),
-            cache: RwLock::new(cache),
-            range: KeyRange::prefix(prefix.as_bytes()),
-            head_tx,
-            index: Index::default(),
-            ready: AtomicBool::new(true),
-            health: Health::new(config.stale_after),
-            upstream,
-            compaction,
-            page_size: config.load_page_size.max(1),
-            backfill_revisions: 0,
-            verified: std::sync::Mutex::new((0, 0)),
-            tasks: tasks.clone(),
-            events_received: crate::metrics::PREFIX_EVENTS_RECEIVED.with_label_values(&[prefix]),
-            sync_tx,
-        };
+        // The sync queue's receiver is dropped: every sync check answers "cannot tell".
+        let (feed, _) = Feed::new(prefix, upstream, compaction, config, tasks, cache, 1);
+        feed.ready.store(true, Ordering::Release);
         feed.health.set_state(UpstreamState::Watching);
         feed.health.mark_current();
         Arc::new(feed)

@@ -41,25 +41,7 @@ async fn watch_revisions(
     want: usize,
     timeout: Duration,
 ) -> Vec<i64> {
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(WatchRequest {
-        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
-            key: PREFIX.into(),
-            range_end: testkit::range_end(PREFIX),
-            start_revision: start,
-            ..Default::default()
-        })),
-    })
-    .await
-    .expect("send create");
-    let mut stream = WatchClient::new(testkit::channel(url).await)
-        .watch(with_token(
-            token,
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        ))
-        .await
-        .expect("watch stream")
-        .into_inner();
+    let (tx, mut stream) = open_prefix_watch(url, token, start).await;
     let mut revs = Vec::new();
     let deadline = Instant::now() + timeout;
     let mut grace: Option<Instant> = None;
@@ -91,22 +73,28 @@ async fn watch_revisions(
     revs
 }
 
-/// The first response to a watch of `PREFIX` at `url` (with `token`).
-async fn first_watch_response(
+/// Opens a watch stream at `url` (with `token`) and creates one watch of `PREFIX` from
+/// `start`; the request sender keeps the stream open.
+async fn open_prefix_watch(
     url: &str,
     token: Option<&str>,
-) -> etcd_fanout::proto::etcdserverpb::WatchResponse {
+    start: i64,
+) -> (
+    tokio::sync::mpsc::Sender<WatchRequest>,
+    tonic::Streaming<etcd_fanout::proto::etcdserverpb::WatchResponse>,
+) {
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tx.send(WatchRequest {
         request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
             key: PREFIX.into(),
             range_end: testkit::range_end(PREFIX),
+            start_revision: start,
             ..Default::default()
         })),
     })
     .await
     .expect("send create");
-    let mut stream = WatchClient::new(testkit::channel(url).await)
+    let stream = WatchClient::new(testkit::channel(url).await)
         .watch(with_token(
             token,
             tokio_stream::wrappers::ReceiverStream::new(rx),
@@ -114,6 +102,15 @@ async fn first_watch_response(
         .await
         .expect("watch stream")
         .into_inner();
+    (tx, stream)
+}
+
+/// The first response to a watch of `PREFIX` at `url` (with `token`).
+async fn first_watch_response(
+    url: &str,
+    token: Option<&str>,
+) -> etcd_fanout::proto::etcdserverpb::WatchResponse {
+    let (tx, mut stream) = open_prefix_watch(url, token, 0).await;
     let first = tokio::time::timeout(Duration::from_secs(10), stream.message())
         .await
         .expect("a watch response in time")

@@ -3,7 +3,7 @@
 //! time; the leader found through Maintenance Status.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use etcd_fanout::proto::etcdserverpb::{maintenance_client::MaintenanceClient, StatusRequest};
@@ -84,14 +84,9 @@ impl Cluster {
     fn spawn(&mut self, i: usize) {
         let m = &self.members[i];
         let data = m.dir.path().join("data");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(m.dir.path().join("etcd.log"))
-            .expect("etcd log");
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
-        let child = Command::new(etcd_bin())
-            .args(["--name", &m.name])
+        let mut cmd = Command::new(etcd_bin());
+        cmd.args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&data)
             .args(["--listen-client-urls", &m.url])
@@ -108,12 +103,12 @@ impl Cluster {
             } else {
                 Vec::new()
             })
-            .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start etcd (is etcd-server installed?)");
+            .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH);
+        let child = crate::spawn_logged(
+            &mut cmd,
+            &m.dir.path().join("etcd.log"),
+            "start etcd (is etcd-server installed?)",
+        );
         self.members[i].child = Some(child);
     }
 
@@ -157,10 +152,7 @@ impl Cluster {
 
     /// SIGKILLs member `i` (data kept).
     pub fn kill(&mut self, i: usize) {
-        if let Some(mut c) = self.members[i].child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        crate::kill_child(&mut self.members[i].child);
     }
 
     /// Starts member `i` again from its data directory and waits until it is healthy.

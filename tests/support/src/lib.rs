@@ -80,14 +80,9 @@ impl Etcd {
 
     fn spawn(&mut self) {
         let data = self.dir.path().join("data");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("etcd.log"))
-            .expect("etcd log");
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new(etcd_bin())
-            .arg("--name")
+        let mut cmd = Command::new(etcd_bin());
+        cmd.arg("--name")
             .arg("t")
             .arg("--data-dir")
             .arg(&data)
@@ -107,13 +102,12 @@ impl Etcd {
                 Vec::new()
             })
             .args(&self.extra)
-            .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start etcd (is etcd-server installed?)");
-        self.child = Some(child);
+            .env("ETCD_UNSUPPORTED_ARCH", std::env::consts::ARCH);
+        self.child = Some(spawn_logged(
+            &mut cmd,
+            &self.dir.path().join("etcd.log"),
+            "start etcd (is etcd-server installed?)",
+        ));
         wait_http_ok(self.port, "/health", Duration::from_secs(20))
             .unwrap_or_else(|e| panic!("etcd did not become healthy: {e}\n{}", self.log()));
     }
@@ -130,10 +124,7 @@ impl Etcd {
 
     /// SIGKILLs the server (data dir kept).
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill_child(&mut self.child);
     }
 
     /// Starts the server again on the same ports and data dir.
@@ -267,23 +258,16 @@ impl Proxy {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("proxy.log"))
-            .expect("proxy log");
-        let child = Command::new(proxy_bin())
-            .args(&self.args)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start etcd-fanout");
-        self.child = Some(child);
+        let mut cmd = Command::new(proxy_bin());
+        cmd.args(&self.args).env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        );
+        self.child = Some(spawn_logged(
+            &mut cmd,
+            &self.dir.path().join("proxy.log"),
+            "start etcd-fanout",
+        ));
         wait_http_ok(self.port, "/readyz", Duration::from_secs(30))
             .unwrap_or_else(|e| panic!("proxy did not become ready: {e}\n{}", self.log()));
     }
@@ -300,10 +284,7 @@ impl Proxy {
 
     /// SIGKILLs the proxy.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill_child(&mut self.child);
     }
 
     /// Restarts the proxy on the same port with the same flags.
@@ -420,4 +401,26 @@ pub fn etcd_data_dir() -> tempfile::TempDir {
         }
     }
     tempfile::tempdir().expect("tempdir")
+}
+
+/// Starts `cmd` with stdin closed and stdout and stderr appended to the log file at `log`.
+fn spawn_logged(cmd: &mut Command, log: &std::path::Path, what: &str) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("server log");
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect(what)
+}
+
+/// SIGKILLs and reaps a server process, if it runs.
+fn kill_child(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
 }

@@ -150,6 +150,28 @@ fn gateway_range(port: u16) -> (u16, bool, Vec<Vec<u8>>) {
     (r.status, r.chunked, r.chunks)
 }
 
+/// The `reader` user, logged in through the proxy, watches `PREFIX` from `first` and gets
+/// exactly `want`, and reads the prefix through the proxy as it reads it on etcd.
+async fn assert_reader_served(etcd: &Etcd, proxy: &Proxy, first: i64, want: &[i64]) {
+    let reader = token(&proxy.url, "reader", "reader-pw").await;
+    let revs = watch_revisions(
+        &proxy.url,
+        Some(&reader),
+        first,
+        want.len(),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(revs, want);
+    let direct = range_prefix(&etcd.url, Some(&reader), PREFIX, false)
+        .await
+        .expect("etcd");
+    let via = range_prefix(&proxy.url, Some(&reader), PREFIX, false)
+        .await
+        .expect("proxy");
+    assert_eq!(kvs(&via), kvs(&direct));
+}
+
 /// With a failed identity the proxy must not be ready and must forward every request for
 /// the prefix, so clients get exactly etcd's answers.
 async fn assert_forwarded_as_etcd(etcd: &Etcd, proxy: &Proxy) {
@@ -466,23 +488,7 @@ async fn token_expiry_and_etcd_restart_lose_nothing() {
             p.plain_log()
         );
         assert_eq!(p.readyz(), 200);
-        let reader = token(&p.url, "reader", "reader-pw").await;
-        let revs = watch_revisions(
-            &p.url,
-            Some(&reader),
-            first,
-            want.len(),
-            Duration::from_secs(30),
-        )
-        .await;
-        assert_eq!(revs, want);
-        let direct = range_prefix(&etcd.url, Some(&reader), PREFIX, false)
-            .await
-            .expect("etcd");
-        let via = range_prefix(&p.url, Some(&reader), PREFIX, false)
-            .await
-            .expect("proxy");
-        assert_eq!(kvs(&via), kvs(&direct));
+        assert_reader_served(&etcd, p, first, &want).await;
         let log = p.plain_log();
         assert!(!log.contains("cannot read the prefix"), "{log}");
         assert!(!log.contains(" ERROR "), "{log}");
@@ -539,23 +545,7 @@ async fn auth_enabled_after_the_proxy_started() {
     assert_eq!(proxy.metric("etcd_fanout_upstream_events_total"), writes);
     assert_eq!(proxy.metric("etcd_fanout_upstream_watches"), 1.0);
     assert_eq!(proxy.readyz(), 200);
-    let reader = token(&proxy.url, "reader", "reader-pw").await;
-    let revs = watch_revisions(
-        &proxy.url,
-        Some(&reader),
-        want[0],
-        want.len(),
-        Duration::from_secs(30),
-    )
-    .await;
-    assert_eq!(revs, want);
-    let direct = range_prefix(&etcd.url, Some(&reader), PREFIX, false)
-        .await
-        .expect("etcd");
-    let via = range_prefix(&proxy.url, Some(&reader), PREFIX, false)
-        .await
-        .expect("proxy");
-    assert_eq!(kvs(&via), kvs(&direct));
+    assert_reader_served(&etcd, &proxy, want[0], &want).await;
     let log = proxy.plain_log();
     assert!(log.contains("logged in to etcd"), "{log}");
 

@@ -159,7 +159,7 @@ pub struct Config {
     /// etcd user the proxy logs in as for its own reads and watches (etcdctl's
     /// `--user NAME[:PASSWORD]`). Needs read permission on the cached prefixes only.
     #[arg(long, env = "ETCD_FANOUT_USER", hide_env_values = true)]
-    pub user: Option<crate::source::credentials::Secret>,
+    pub user: Option<Secret>,
 
     /// Password of `--user` (then `--user` is the name as is, like etcdctl).
     #[arg(
@@ -168,7 +168,7 @@ pub struct Config {
         conflicts_with = "password_file",
         hide_env_values = true
     )]
-    pub password: Option<crate::source::credentials::Secret>,
+    pub password: Option<Secret>,
 
     /// File holding the password of `--user` (e.g. a mounted Kubernetes Secret); re-read at
     /// every login, trailing newlines trimmed.
@@ -367,6 +367,42 @@ pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
     match parse_duration(s)? {
         d if d.is_zero() => Err(format!("duration {s:?} must be more than zero")),
         d => Ok(d),
+    }
+}
+
+/// A secret string (a password, or `--user`, which may hold one): its `Debug` and `Display`
+/// never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps `secret`.
+    pub(crate) fn new(secret: String) -> Secret {
+        Secret(secret)
+    }
+
+    /// The secret itself, for the one place that sends it (the login to etcd).
+    pub(crate) fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Secret, Self::Err> {
+        Ok(Secret(s.to_string()))
     }
 }
 

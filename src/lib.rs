@@ -74,7 +74,7 @@ where
     // A TLS configuration that cannot work stops the proxy before anything starts.
     let upstream_tls = tls::client::UpstreamTls::from_args(&config.tls, &config.endpoints)?;
     let server_tls = tls::server::ServerTls::from_args(&config.tls)?;
-    let credentials = source::credentials::Credentials::from_config(&config)?;
+    let credentials = source::upstream::credentials::Credentials::from_config(&config)?;
     let user = credentials.user().unwrap_or("").to_string();
     let upstream = Arc::new(
         source::upstream::Upstream::with_tls(&config.endpoints, upstream_tls)?

@@ -1,4 +1,4 @@
-//! The source layer: the upstream etcd channel, one feed per configured prefix (load, watch,
+//! The source layer: the upstream etcd channel with the proxy's own identity on it, one feed per configured prefix (load, watch,
 //! backfill, sync check), the revision-indexed cache it fills, etcd's compaction revision as
 //! known, the dispatch index that tells sessions which revisions concern their watches, the upstream
 //! watch streams relayed watches share per identity, and the
@@ -6,7 +6,6 @@
 
 pub mod cache;
 pub mod compaction;
-pub mod credentials;
 pub mod feed;
 pub mod hub;
 pub mod index;

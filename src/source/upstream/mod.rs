@@ -4,6 +4,11 @@
 //!
 //! Failover: tonic's balanced channel keeps a connection per endpoint and routes around the
 //! ones that fail; HTTP/2 keepalives notice a stalled connection that never closes.
+//!
+//! The proxy's own identity on this channel (its user, token and the calls it makes for
+//! itself) lives in [`credentials`], a part of the connection rather than a layer above it.
+
+pub mod credentials;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -46,7 +51,7 @@ pub struct Upstream {
     /// Highest revision any etcd response header has shown (etcd's revision is at least this).
     revision: std::sync::atomic::AtomicI64,
     /// The proxy's own login and token, for the calls it makes for itself.
-    credentials: crate::source::credentials::Credentials,
+    credentials: crate::source::upstream::credentials::Credentials,
 }
 
 impl Upstream {
@@ -108,17 +113,17 @@ impl Upstream {
         self.tls.as_ref()
     }
 
-    /// Uses `credentials` for the proxy's own calls (see [`crate::source::credentials`]).
+    /// Uses `credentials` for the proxy's own calls (see [`crate::source::upstream::credentials`]).
     pub fn with_credentials(
         mut self,
-        credentials: crate::source::credentials::Credentials,
+        credentials: crate::source::upstream::credentials::Credentials,
     ) -> Self {
         self.credentials = credentials;
         self
     }
 
     /// The proxy's own credentials.
-    pub fn credentials(&self) -> &crate::source::credentials::Credentials {
+    pub fn credentials(&self) -> &crate::source::upstream::credentials::Credentials {
         &self.credentials
     }
 

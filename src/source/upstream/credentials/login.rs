@@ -1,41 +1,10 @@
 //! The proxy's etcd user as configured: `--user NAME[:PASSWORD]`, `--password`,
-//! `--password-file` (etcdctl's rules), and a [`Secret`] type that keeps the password out of
-//! every log and `Debug` output.
+//! `--password-file` (etcdctl's rules). The password is held as a [`Secret`], which keeps it
+//! out of every log and `Debug` output.
 
 use std::path::PathBuf;
 
-use crate::config::Config;
-
-/// A secret string (a password, or `--user`, which may hold one): its `Debug` and `Display`
-/// never show it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// The secret itself, for the one place that sends it.
-    pub(super) fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
-impl std::fmt::Display for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("***")
-    }
-}
-
-impl std::str::FromStr for Secret {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Secret, Self::Err> {
-        Ok(Secret(s.to_string()))
-    }
-}
+use crate::config::{Config, Secret};
 
 /// Where the password comes from.
 #[derive(Debug, Clone)]
@@ -74,7 +43,7 @@ impl Login {
             (Some(user), None, None) => match user.expose().split_once(':') {
                 Some((name, password)) => Login {
                     user: name.to_string(),
-                    password: Password::Inline(Secret(password.to_string())),
+                    password: Password::Inline(Secret::new(password.to_string())),
                 },
                 None => {
                     return Err(format!(
@@ -96,7 +65,7 @@ impl Login {
         match &self.password {
             Password::Inline(p) => Ok(p.clone()),
             Password::File(path) => std::fs::read_to_string(path)
-                .map(|s| Secret(s.trim_end_matches(['\n', '\r']).to_string()))
+                .map(|s| Secret::new(s.trim_end_matches(['\n', '\r']).to_string()))
                 .map_err(|e| format!("--password-file {}: {e}", path.display())),
         }
     }
@@ -105,7 +74,7 @@ impl Login {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::credentials::Credentials;
+    use crate::source::upstream::credentials::Credentials;
     use clap::Parser;
     use std::time::Duration;
 

@@ -47,7 +47,7 @@ use crate::metrics;
 use crate::proto::etcdserverpb::AuthenticateRequest;
 use crate::source::upstream::Upstream;
 
-pub use login::{Login, Secret};
+pub use login::Login;
 
 /// Longest a login may take before it counts as failed.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);

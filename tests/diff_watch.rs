@@ -1339,3 +1339,56 @@ async fn watch_after_direct_compaction_settled() {
         "see /tmp/etcd-fanout-diff/"
     );
 }
+
+/// A watch may start at the compaction revision itself. etcd replays it from its store, where
+/// the compaction dropped that revision's deletions and every value before it: the events of
+/// the compaction revision arrive without their deletions and without `prev_kv`, the later
+/// ones in full. The compaction goes through the target, so the proxy knows it at once, and
+/// is physical: etcd drops the deletions in the background, so right after a non-physical
+/// compaction etcd may still replay them for a moment (the proxy answers as etcd does once its
+/// compaction is done).
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_from_the_compaction_revision() {
+    let r = differential(
+        "watch_from_the_compaction_revision",
+        Opts::default(),
+        |side, rec| async move {
+            let mut kv = side.kv().await;
+            populate(&mut kv, &rec).await; // 16
+            let _ = kv
+                .txn(TxnRequest {
+                    success: vec![
+                        op_put("/apisix/routes/1", "r1-v4"),
+                        op_del("/apisix/routes/2", b""),
+                        op_put("/apisix/routes/9", "r9"),
+                    ],
+                    ..Default::default()
+                })
+                .await
+                .map(|r| rec.push("txn at 17", r.get_ref()));
+            put(&mut kv, &rec, "/apisix/routes/3", "r3-v2").await; // 18
+            del(&mut kv, &rec, "/apisix/routes/9", b"", false).await; // 19
+            compact(&mut kv, &rec, 17, true).await;
+            let mut w = side.watch().await;
+            for (start, prev_kv) in [(17, true), (17, false), (18, true), (16, true)] {
+                w.create(WatchCreateRequest {
+                    prev_kv,
+                    ..W::prefix("/apisix/").create(start)
+                });
+                w.expect(&rec, &format!("from {start}, prev_kv {prev_kv}"), 2)
+                    .await;
+                w.quiet(
+                    &rec,
+                    &format!("from {start}: nothing more"),
+                    Duration::from_millis(250),
+                )
+                .await;
+            }
+        },
+    )
+    .await;
+    assert!(
+        r.contains("compact_revision: 17") && r.contains("prev_kv: Some("),
+        "scenario sanity check failed; see the reference transcript in /tmp/etcd-fanout-diff/"
+    );
+}

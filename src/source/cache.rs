@@ -134,6 +134,23 @@ impl RevBatch {
         self.received = at;
         self
     }
+
+    /// The batch as etcd reads it back once its revision is the compaction revision: etcd's
+    /// compaction keeps, for each key, its newest revision up to the compaction revision
+    /// unless that is a deletion, so the deletions of that revision are gone; and an event's
+    /// `prev_kv` (etcd reads it at the revision before) is compacted too.
+    pub fn as_compacted(&self) -> RevBatch {
+        let events = self
+            .events
+            .iter()
+            .filter(|e| e.r#type != EventType::Delete as i32)
+            .map(|e| Event {
+                prev_kv: None,
+                ..e.clone()
+            })
+            .collect();
+        RevBatch::new(self.revision, events).received_at(self.received)
+    }
 }
 
 fn kv_bytes(kv: &KeyValue) -> usize {

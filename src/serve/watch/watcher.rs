@@ -196,6 +196,7 @@ impl CachedWatch {
                 }
             }
         } else {
+            let batches = as_etcd_reads_back(batches, self.feed.compaction().revision());
             let header = self.header(head);
             if send_batches(out, &self.spec, header, batches, config, counters, false).await? > 0 {
                 self.quiet = false;
@@ -256,6 +257,18 @@ impl Drop for WatcherGauge {
             g.dec();
         }
     }
+}
+
+/// A backlog as etcd replays it from its store when `compacted` is its compaction revision:
+/// a watch may start at that revision (not below), and etcd's compaction dropped the
+/// deletions made at it and the values before it, so the batch at that revision goes out
+/// without its deletions and without `prev_kv` ([`RevBatch::as_compacted`]). A live watch
+/// got the batch before the compaction, in full, as from etcd.
+fn as_etcd_reads_back(mut batches: Vec<Arc<RevBatch>>, compacted: i64) -> Vec<Arc<RevBatch>> {
+    for b in batches.iter_mut().take_while(|b| b.revision <= compacted) {
+        *b = Arc::new(b.as_compacted());
+    }
+    batches
 }
 
 /// etcd's answer to a watch that starts below the compaction revision: canceled, with the

@@ -548,8 +548,9 @@ pub fn check(log: &WatchLog, hist: &History, until: i64) -> Result<Outcome, Stri
     if hist.compactions.contains(&log.start) {
         // A compaction at C removes the tombstones of deletes made at C, so etcd 3.4.23's watch
         // from C has C's puts but not its deletes (checked with etcdctl: put, del at 4, compact
-        // 4, `watch --rev 4` shows only the put). The proxy gives that when etcd replays C, and
-        // the delete when its cache window still holds C: either is accepted.
+        // 4, `watch --rev 4` shows only the put). etcd removes them in the background, so right
+        // after a non-physical compaction (or before the proxy has learnt of a compaction made
+        // on etcd directly) the deletes are still replayed: either is accepted.
         let served_delete = got.iter().any(|e| e.rev == log.start && !e.put);
         if !served_delete {
             all.retain(|e| e.rev != log.start || e.put);

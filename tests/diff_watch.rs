@@ -332,14 +332,8 @@ async fn watch_compacted_revision() {
             for start in [1, 5, 9, 10, 11, 16, 17] {
                 w.create(W::prefix("/apisix/").create(start));
                 let n = if start <= 16 { 2 } else { 1 };
-                w.expect(&rec, &format!("from {start} after compact 10"), n)
+                w.expect_only(&rec, &format!("from {start} after compact 10"), n)
                     .await;
-                w.quiet(
-                    &rec,
-                    &format!("from {start}: nothing more"),
-                    Duration::from_millis(250),
-                )
-                .await;
             }
             // ids 0..2 were canceled by compaction: reuse id 1 explicitly, cancel id 0
             w.create(WatchCreateRequest {
@@ -377,14 +371,8 @@ async fn watch_compacted_revision() {
             let mut w2 = side.watch().await;
             for start in [12, 16, 17, 18] {
                 w2.create(W::prefix("/apisix/routes/").create(start));
-                w2.expect(&rec, &format!("from {start} after direct compact 17"), 2)
+                w2.expect_only(&rec, &format!("from {start} after direct compact 17"), 2)
                     .await;
-                w2.quiet(
-                    &rec,
-                    &format!("from {start}: nothing more"),
-                    Duration::from_millis(250),
-                )
-                .await;
             }
             // live events reach the surviving watches (ids 3,4,5,6 on w: from 10,11,16,17; w2's last two)
             put(&mut kv, &rec, "/apisix/routes/5", "z").await;
@@ -1318,16 +1306,10 @@ async fn watch_after_direct_compaction_settled() {
             let mut w = side.watch().await;
             for start in [5, 9, 10, 11] {
                 w.create(W::prefix("/apisix/").create(start));
-                w.expect(
+                w.expect_only(
                     &rec,
                     &format!("from {start} 3 s after direct compact 10"),
                     2,
-                )
-                .await;
-                w.quiet(
-                    &rec,
-                    &format!("from {start}: nothing more"),
-                    Duration::from_millis(250),
                 )
                 .await;
             }
@@ -1375,14 +1357,8 @@ async fn watch_from_the_compaction_revision() {
                     prev_kv,
                     ..W::prefix("/apisix/").create(start)
                 });
-                w.expect(&rec, &format!("from {start}, prev_kv {prev_kv}"), 2)
+                w.expect_only(&rec, &format!("from {start}, prev_kv {prev_kv}"), 2)
                     .await;
-                w.quiet(
-                    &rec,
-                    &format!("from {start}: nothing more"),
-                    Duration::from_millis(250),
-                )
-                .await;
             }
         },
     )

@@ -35,6 +35,8 @@ pub use watch::*;
 
 /// Default per-message timeout while waiting for an expected answer.
 pub const MSG_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a stream must stay quiet after an answer for the answer to count as whole.
+pub const SETTLE: Duration = Duration::from_millis(250);
 /// Default backstop for one scenario run.
 pub const SCENARIO_TIMEOUT: Duration = Duration::from_secs(45);
 

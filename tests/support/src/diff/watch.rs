@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
 use super::transcript::{status_str, Rec};
-use super::{b, range_end, MSG_TIMEOUT};
+use super::{b, range_end, MSG_TIMEOUT, SETTLE};
 
 /// One message-level outcome of reading a watch stream.
 #[derive(Debug)]
@@ -171,6 +171,15 @@ impl WatchConn {
             record_abnormal(rec, label, x, msgs.len(), n);
         }
         msgs
+    }
+
+    /// Expects `n` messages, then nothing more for a moment: an answer (a replay, a
+    /// cancel) must come whole.
+    pub async fn expect_only(&mut self, rec: &Rec, label: &str, n: usize) -> Vec<WatchResponse> {
+        let got = self.expect(rec, label, n).await;
+        self.quiet(rec, &format!("{label}: nothing more"), SETTLE)
+            .await;
+        got
     }
 
     /// Records whatever arrives within `d` (expected: nothing).

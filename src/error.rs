@@ -1,5 +1,5 @@
 //! The one place where the gRPC statuses the proxy makes itself are worded: etcd's codes and
-//! messages for answers made from the cache, and grpc-go's for what the proxy's own gRPC
+//! messages for answers made from the cache (auth refusals included), and grpc-go's for what the proxy's own gRPC
 //! routes refuse.
 //!
 //! Errors that come back from etcd are passed through untouched (`Error::Upstream`), so a
@@ -83,6 +83,11 @@ pub enum Error {
     /// A request without identity while etcd has auth enabled (`rpctypes.ErrGRPCUserEmpty`).
     #[error("etcdserver: user name is empty")]
     UserEmpty,
+    /// A caller without the permission (`rpctypes.ErrGRPCPermissionDenied`): what etcd with
+    /// `--client-cert-auth` answers a tokenless request while auth is on, since it takes the
+    /// client certificate's CommonName as the user, and an empty one is no user's.
+    #[error("etcdserver: permission denied")]
+    PermissionDenied,
 }
 
 impl From<Error> for Status {
@@ -97,6 +102,7 @@ impl From<Error> for Status {
             | Error::LeaseProvided
             | Error::KeyNotFound => Code::InvalidArgument,
             Error::FutureRevision | Error::Compacted => Code::OutOfRange,
+            Error::PermissionDenied => Code::PermissionDenied,
             Error::Stopped | Error::NoLeader | Error::Draining => Code::Unavailable,
             Error::MessageTooLarge { .. } => Code::ResourceExhausted,
             Error::UnknownService(_) | Error::UnknownMethod { .. } => Code::Unimplemented,
@@ -146,6 +152,10 @@ mod tests {
         assert_eq!(
             go_status_text(&Error::UserEmpty.into()),
             "rpc error: code = InvalidArgument desc = etcdserver: user name is empty"
+        );
+        assert_eq!(
+            go_status_text(&Error::PermissionDenied.into()),
+            "rpc error: code = PermissionDenied desc = etcdserver: permission denied"
         );
         assert_eq!(
             go_status_text(&Status::unauthenticated("etcdserver: invalid auth token")),

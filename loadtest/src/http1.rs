@@ -1,14 +1,14 @@
 //! A minimal HTTP/1.1 client over raw TCP: one-shot requests and a chunked-stream reader.
 //!
 //! Enough for etcd's grpc-gateway (`/v3/kv/range`, `/v3/watch`), `/metrics`, `/health` and
-//! `/readyz`. Every read is bounded in time by the caller.
+//! `/readyz`, over TLS with `--tls` (`crate::tls::connect`). Every read is bounded in time by
+//! the caller.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -166,7 +166,12 @@ pub async fn request(
         request_inner(addr, method, path, body, &mut buf, &mut out),
     )
     .await
-    .map_err(|_| format!("{method} http://{addr}{path}: timed out after {timeout:?}"))??;
+    .map_err(|_| {
+        format!(
+            "{method} {}{path}: timed out after {timeout:?}",
+            crate::tls::url(addr)
+        )
+    })??;
     Ok((status, out))
 }
 
@@ -196,7 +201,12 @@ pub async fn request_with(
         request_inner(addr, method, path, body, &mut bufs.read, &mut bufs.body),
     )
     .await
-    .map_err(|_| format!("{method} http://{addr}{path}: timed out after {timeout:?}"))?
+    .map_err(|_| {
+        format!(
+            "{method} {}{path}: timed out after {timeout:?}",
+            crate::tls::url(addr)
+        )
+    })?
 }
 
 /// Sends the request and reads the response through `buf`; the body goes to `out`.
@@ -208,8 +218,7 @@ async fn request_inner(
     buf: &mut BytesMut,
     out: &mut Vec<u8>,
 ) -> Result<u16, BoxError> {
-    let mut s = TcpStream::connect(addr).await?;
-    s.set_nodelay(true)?;
+    let mut s = crate::tls::connect(addr).await?;
     s.write_all(&request_bytes(method, addr, path, body, true))
         .await?;
     let head = loop {
@@ -266,7 +275,7 @@ async fn request_inner(
 pub async fn get_text(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String, BoxError> {
     let (status, body) = request(addr, "GET", path, b"", timeout).await?;
     if status != 200 {
-        return Err(format!("GET http://{addr}{path}: status {status}").into());
+        return Err(format!("GET {}{path}: status {status}", crate::tls::url(addr)).into());
     }
     Ok(String::from_utf8_lossy(&body).into_owned())
 }

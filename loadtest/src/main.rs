@@ -17,6 +17,7 @@ mod procs;
 mod report;
 mod stats;
 mod tiers;
+mod tls;
 mod work;
 
 use std::net::SocketAddr;
@@ -221,6 +222,11 @@ struct Args {
     /// (see `auth.rs`).
     #[arg(long)]
     auth: bool,
+    /// Every target over TLS with client certificates (see `tls.rs`): etcd on `https://`
+    /// with `--client-cert-auth`, grpc-proxy and etcd-fanout with TLS toward etcd and toward
+    /// their clients, every loadgen client presenting a certificate without CommonName.
+    #[arg(long)]
+    tls: bool,
     /// Free-text note printed with the results (e.g. machine load).
     #[arg(long, default_value = "")]
     note: String,
@@ -339,6 +345,27 @@ async fn main() -> ExitCode {
     } else {
         None
     };
+    // The certificates live as long as the run (`--keep` keeps them).
+    let _certs = if args.tls {
+        let made = tempfile::Builder::new()
+            .prefix("loadgen-tls-")
+            .tempdir()
+            .map_err(BoxError::from)
+            .and_then(|d| tls::setup(d.path()).map(|()| d));
+        match made {
+            Ok(d) if args.keep => {
+                eprintln!("loadgen: TLS certificates kept in {}", d.keep().display());
+                None
+            }
+            Ok(d) => Some(d),
+            Err(e) => {
+                eprintln!("loadgen: cannot generate the TLS certificates: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        None
+    };
     let started = std::time::SystemTime::now();
     let mut results = Vec::new();
     for t in &args.targets {
@@ -397,6 +424,17 @@ fn validate(a: &Args) -> Result<(), String> {
     if a.go_client && (a.mixed || a.single_key || a.storm || a.history > 0 || a.http_watchers > 0) {
         return Err(
             "--go-client runs plain prefix watchers only (no --mixed, --single-key, --storm, --history, --http-watchers)"
+                .into(),
+        );
+    }
+    if a.tls
+        && (a.go_client
+            || a.targets
+                .iter()
+                .any(|t| matches!(t, Target::FanoutX3 | Target::FanoutTwoTier)))
+    {
+        return Err(
+            "--tls runs the etcd, grpc-proxy and fanout targets with loadgen's own clients (no --go-client, no multi-replica targets)"
                 .into(),
         );
     }
@@ -473,7 +511,8 @@ async fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> Option<Dur
 /// etcd on free loopback ports with its data in `dir`.
 async fn start_etcd(a: &Args, dir: &std::path::Path) -> Result<(Proc, SocketAddr), BoxError> {
     let ports = procs::free_ports(2)?;
-    let client = format!("http://127.0.0.1:{}", ports[0]);
+    let addr: SocketAddr = format!("127.0.0.1:{}", ports[0]).parse()?;
+    let client = tls::url(addr);
     let peer = format!("http://127.0.0.1:{}", ports[1]);
     let mut cmd = Command::new(&a.etcd_bin);
     cmd.args(["--name", "loadgen", "--data-dir"])
@@ -492,9 +531,11 @@ async fn start_etcd(a: &Args, dir: &std::path::Path) -> Result<(Proc, SocketAddr
         ])
         .args(["--initial-cluster", &format!("loadgen={peer}")])
         .args(["--logger", "zap", "--log-level", "warn"]);
+    if let Some(t) = tls::get() {
+        cmd.args(t.etcd_flags());
+    }
     procs::etcd_env(&mut cmd);
     let mut p = Proc::spawn("etcd", cmd, &dir.join("etcd.log"))?;
-    let addr: SocketAddr = format!("127.0.0.1:{}", ports[0]).parse()?;
     procs::wait_http_ok(&mut p, addr, "/health", 30).await?;
     Ok((p, addr))
 }
@@ -508,7 +549,7 @@ async fn start_proxy(
 ) -> Result<(Option<Proc>, SocketAddr), BoxError> {
     let port = procs::free_ports(1)?[0];
     let listen: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let ep = format!("http://{etcd}");
+    let ep = tls::url(etcd);
     match t {
         Target::Etcd => Ok((None, etcd)),
         Target::GrpcProxy => {
@@ -516,6 +557,9 @@ async fn start_proxy(
             cmd.args(["grpc-proxy", "start"])
                 .arg(format!("--endpoints={ep}"))
                 .arg(format!("--listen-addr={listen}"));
+            if let Some(t) = tls::get() {
+                cmd.args(t.grpc_proxy_flags());
+            }
             procs::etcd_env(&mut cmd);
             let mut p = Proc::spawn("grpc-proxy", cmd, &dir.join("grpc-proxy.log"))?;
             // Ready when a Range through it succeeds.
@@ -523,7 +567,7 @@ async fn start_proxy(
             let mut last = String::new();
             while Instant::now() < deadline {
                 p.check_alive()?;
-                match probe_range(&format!("http://{listen}")).await {
+                match probe_range(&tls::url(listen)).await {
                     Ok(()) => return Ok((Some(p), listen)),
                     Err(e) => last = e.to_string(),
                 }
@@ -537,6 +581,9 @@ async fn start_proxy(
         Target::Fanout => {
             let mut cmd = Command::new(&a.fanout_bin);
             cmd.args(["--endpoints", &ep, "--listen", &listen.to_string()]);
+            if let Some(t) = tls::get() {
+                cmd.args(t.fanout_flags());
+            }
             cmd.args(fanout_args(a));
             cmd.env(
                 "RUST_LOG",
@@ -662,7 +709,7 @@ async fn run_target_in(
 
     // ---- etcd, the cold-start prefix, the proxy -------------------------------------------
     let (mut etcd, etcd_addr) = start_etcd(a, dir).await?;
-    let etcd_url = format!("http://{etcd_addr}");
+    let etcd_url = tls::url(etcd_addr);
     auth::disable();
     if a.auth {
         auth::enable(&etcd_url, &a.prefix_base).await?;
@@ -683,7 +730,7 @@ async fn run_target_in(
             (p, addr, None)
         }
     };
-    let url = format!("http://{addr}");
+    let url = tls::url(addr);
     eprintln!(
         "loadgen: {} ready at {url} (etcd {etcd_url}, pid {}{})",
         t.name(),

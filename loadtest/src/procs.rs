@@ -148,8 +148,9 @@ pub async fn wait_http_ok(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Err(format!(
-        "{}: GET http://{addr}{path} not 200 within {secs}s ({last}); last log lines:\n{}",
+        "{}: GET {}{path} not 200 within {secs}s ({last}); last log lines:\n{}",
         proc_.name,
+        crate::tls::url(addr),
         tail(&proc_.log, 15)
     )
     .into())

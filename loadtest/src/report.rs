@@ -160,6 +160,16 @@ pub fn render(a: &Args, rs: &[TargetResult], started: SystemTime) -> String {
     } else {
         "etcd-fanout configured with each watched prefix".to_string()
     });
+    if a.auth {
+        shape.push("etcd with auth on, watchers with a reader's token".to_string());
+    }
+    if a.tls {
+        shape.push(
+            "TLS everywhere: etcd https with --client-cert-auth, both proxies TLS toward etcd and \
+             toward clients, every client with a certificate without CN"
+                .to_string(),
+        );
+    }
     if a.go_client {
         shape.push(
             "gRPC watchers run by the Go watcher (etcd clientv3, one client per connection)"

@@ -23,7 +23,6 @@ use etcd_fanout::proto::etcdserverpb::{
 };
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::client::Grpc;
@@ -389,7 +388,11 @@ impl Local {
 
 /// A gRPC connection to `url` with generous HTTP/2 windows.
 pub async fn connect(url: &str) -> Result<Channel, BoxError> {
-    let ch = Endpoint::from_shared(url.to_string())?
+    let mut ep = Endpoint::from_shared(url.to_string())?;
+    if let Some(t) = crate::tls::get().filter(|_| url.starts_with("https://")) {
+        ep = ep.tls_config(t.grpc())?;
+    }
+    let ch = ep
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .initial_connection_window_size(16 << 20)
@@ -1035,10 +1038,9 @@ async fn http_session(
     );
     let mut s = {
         let _permit = gate.acquire().await;
-        let mut s = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+        let mut s = tokio::time::timeout(Duration::from_secs(10), crate::tls::connect(addr))
             .await
             .map_err(|_| "connect timed out")??;
-        s.set_nodelay(true)?;
         s.write_all(&http1::request_bytes(
             "POST",
             addr,

@@ -61,6 +61,18 @@ pub struct TlsArgs {
     /// identity, as etcd does (see the TLS section of the README). Needs `--trusted-ca-file`.
     #[arg(long, env = "ETCD_FANOUT_CLIENT_CERT_AUTH")]
     pub client_cert_auth: bool,
+
+    /// TLS 1.2 cipher suites offered to clients, comma-separated, by Go's names as etcd takes
+    /// them (e.g. `TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256`); TLS 1.3 suites are not
+    /// affected, as in etcd. Default: every suite rustls has (ECDHE with AES-GCM or
+    /// ChaCha20-Poly1305).
+    #[arg(
+        long,
+        env = "ETCD_FANOUT_CIPHER_SUITES",
+        value_delimiter = ',',
+        requires = "cert_file"
+    )]
+    pub cipher_suites: Vec<String>,
 }
 
 /// A TLS configuration that cannot be used; startup stops with it.
@@ -94,6 +106,76 @@ impl TlsError {
 /// The crypto provider of every TLS configuration (rustls' `ring`).
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Go's names of TLS 1.2 cipher suites that etcd 3.4 accepts in `--cipher-suites`
+/// (`pkg/tlsutil/cipher_suites.go`) and rustls does not implement (RSA key exchange, CBC, RC4,
+/// 3DES): named in the startup error as unsupported rather than unknown.
+const GO_ONLY_SUITES: [&str; 16] = [
+    "TLS_RSA_WITH_RC4_128_SHA",
+    "TLS_RSA_WITH_3DES_EDE_CBC_SHA",
+    "TLS_RSA_WITH_AES_128_CBC_SHA",
+    "TLS_RSA_WITH_AES_256_CBC_SHA",
+    "TLS_RSA_WITH_AES_128_CBC_SHA256",
+    "TLS_RSA_WITH_AES_128_GCM_SHA256",
+    "TLS_RSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_ECDSA_WITH_RC4_128_SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA",
+    "TLS_ECDHE_RSA_WITH_RC4_128_SHA",
+    "TLS_ECDHE_RSA_WITH_3DES_EDE_CBC_SHA",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA",
+    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256",
+];
+
+/// The listen address's crypto provider for `--cipher-suites` (Go's names; the empty list
+/// keeps every suite): TLS 1.3 suites kept, TLS 1.2 ones restricted to the list, in the
+/// provider's order of preference. As etcd 3.4.23, the list must hold an ECDHE
+/// `AES_128_GCM_SHA256` suite (HTTP/2's mandatory one; etcd exits otherwise). Go names ChaCha20 suites without the `_SHA256` rustls
+/// (and the IANA registry) adds; both spellings are taken.
+pub fn server_provider(names: &[String]) -> Result<Arc<CryptoProvider>, TlsError> {
+    let mut provider = rustls::crypto::ring::default_provider();
+    if names.is_empty() {
+        return Ok(Arc::new(provider));
+    }
+    let iana = |s: &rustls::SupportedCipherSuite| format!("{:?}", s.suite());
+    for name in names.iter().map(|n| n.trim()) {
+        let known = provider.cipher_suites.iter().any(|s| {
+            s.tls13().is_none() && (iana(s) == name || iana(s) == format!("{name}_SHA256"))
+        });
+        if known {
+            continue;
+        }
+        return Err(TlsError::Config(if GO_ONLY_SUITES.contains(&name) {
+            format!(
+                "--cipher-suites: {name} is not supported (TLS 1.2 suites available: ECDHE with \
+                 AES-GCM or ChaCha20-Poly1305)"
+            )
+        } else {
+            format!("--cipher-suites: unexpected TLS cipher suite {name:?}")
+        }));
+    }
+    // etcd (Go's HTTP/2 server) refuses to start without one: RFC 7540's mandatory suite.
+    let h2_required = [
+        "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+        "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+    ];
+    if !names.iter().any(|n| h2_required.contains(&n.trim())) {
+        return Err(TlsError::Config(format!(
+            "--cipher-suites: HTTP/2 requires an AES_128_GCM_SHA256 suite (at least one of {}), \
+             as etcd does",
+            h2_required.join(" or ")
+        )));
+    }
+    provider.cipher_suites.retain(|s| {
+        s.tls13().is_some()
+            || names
+                .iter()
+                .any(|n| iana(s) == n.trim() || iana(s) == format!("{}_SHA256", n.trim()))
+    });
+    Ok(Arc::new(provider))
 }
 
 /// Every certificate of a PEM file, in order (a chain: the leaf first).

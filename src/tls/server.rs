@@ -7,6 +7,8 @@
 //!   required and verified against that bundle, as etcd does. The bundle is re-read when it
 //!   changes too (etcd reads it once; a restart is not needed here). The acceptable-CA list of
 //!   the certificate request is left empty, so it cannot go stale across a CA rotation.
+//! - `--cipher-suites`: the TLS 1.2 suites offered, by Go's names (etcd's flag); TLS 1.3 is not
+//!   affected, as in Go ([`super::server_provider`]).
 //! - A handshake must finish within [`HANDSHAKE_TIMEOUT`]; a client that fails it (plaintext,
 //!   no or an untrusted certificate, a silent one) is dropped without touching anything else.
 //!   A connection whose first byte is not a TLS handshake record is closed without a word, as
@@ -82,9 +84,10 @@ impl ServerTls {
         let certified = Reloading::new("server certificate", paths, move || {
             super::load_certified_key("--cert-file", &cert, "--key-file", &key)
         })?;
-        let builder = ServerConfig::builder_with_provider(super::provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let builder =
+            ServerConfig::builder_with_provider(super::server_provider(&args.cipher_suites)?)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| TlsError::Config(e.to_string()))?;
         let builder = match &args.trusted_ca_file {
             Some(ca) => {
                 let ca = ca.clone();

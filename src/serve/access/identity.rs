@@ -2,8 +2,9 @@
 //! `auth/store.go`): the first value of the gRPC metadata `token`, else the first value of
 //! `authorization` (the gateway's `Authorization` header arrives as the latter, and a
 //! `Grpc-Metadata-Token` header as the former, so it wins). etcd 3.4 does not strip a
-//! `Bearer ` prefix, so neither does the proxy. Client-certificate names are not an identity
-//! here: the proxy serves plaintext only.
+//! `Bearer ` prefix, so neither does the proxy. A client certificate's CommonName is not a
+//! token: `tls::identity` refuses tokenless requests from CN certificates before they get
+//! here, and [`super::Access`] words the refusal of CN-less ones.
 
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 

@@ -334,6 +334,105 @@ fn kustomize_renders_validates_and_is_restricted() {
     }
 }
 
+/// Seconds of a Go duration as the manifests write them (`5s`, `10m`, `1m30s`).
+fn go_seconds(d: &str) -> u64 {
+    let (mut total, mut num) = (0u64, String::new());
+    for c in d.chars() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let n: u64 = num.parse().unwrap_or_else(|_| panic!("duration {d:?}"));
+        total += n * match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            _ => panic!("duration {d:?}: unit {c:?}"),
+        };
+        num.clear();
+    }
+    assert!(num.is_empty(), "duration {d:?} without a unit");
+    total
+}
+
+/// The replica tier's settings in every rendered kustomization (issue 13): a SIGTERM rollout
+/// (`--shutdown-delay` + `--shutdown-timeout` + the 5 s task stop inside
+/// `terminationGracePeriodSeconds`), `--max-connection-age` with its grace, `/livez` for
+/// liveness and `/readyz` for readiness (TCP probes only where client certificates are
+/// required: kubelet has none), and discovery in the `discovery` overlay: the pod IP from the
+/// downward API as `--advertise-client-url`, a resolver prefix and TTL.
+#[test]
+fn every_kustomization_sets_the_tier_flags() {
+    if !have("kubectl", &["version", "--client"]) || !have_yaml() {
+        return;
+    }
+    let mut discovery = 0;
+    for dir in kustomizations() {
+        let name = dir.display().to_string();
+        let docs = yaml_docs(&render(&dir));
+        let dep = kind(&docs, "Deployment");
+        let pod = &dep["spec"]["template"]["spec"];
+        let c = &pod["containers"][0];
+        let env: BTreeMap<&str, &Value> = c["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .filter_map(|e| Some((e["name"].as_str()?, e)))
+            .collect();
+        let value = |k: &str| env.get(k).and_then(|e| e["value"].as_str());
+        let args: Vec<&str> = c["args"]
+            .as_array()
+            .expect("args")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        let secs = |k: &str| go_seconds(value(k).unwrap_or_else(|| panic!("{name}: no {k}")));
+        let (delay, timeout) = (
+            secs("ETCD_FANOUT_SHUTDOWN_DELAY"),
+            secs("ETCD_FANOUT_SHUTDOWN_TIMEOUT"),
+        );
+        assert!(delay >= 2, "{name}: shutdown delay {delay} s");
+        let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
+        assert!(
+            grace >= delay + timeout + 5,
+            "{name}: terminationGracePeriodSeconds {grace} < delay {delay} + timeout {timeout} + 5"
+        );
+        assert!(secs("ETCD_FANOUT_MAX_CONNECTION_AGE") > 0, "{name}");
+        let age_grace = secs("ETCD_FANOUT_MAX_CONNECTION_AGE_GRACE");
+        assert!(
+            age_grace > 0 && age_grace <= grace,
+            "{name}: age grace {age_grace}"
+        );
+        let mtls = args.contains(&"--client-cert-auth");
+        for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/livez")] {
+            let p = &c[probe];
+            if mtls {
+                assert!(p["tcpSocket"].is_object(), "{name}: {probe} {p}");
+            } else {
+                assert_eq!(p["httpGet"]["path"], path, "{name}: {probe}");
+            }
+        }
+        if let Some(url) = value("ETCD_FANOUT_ADVERTISE_CLIENT_URL") {
+            discovery += 1;
+            let (var, _) = url
+                .strip_prefix("http://$(")
+                .and_then(|r| r.split_once(')'))
+                .unwrap_or_else(|| panic!("{name}: advertise URL {url}"));
+            assert_eq!(
+                env[var]["valueFrom"]["fieldRef"]["fieldPath"], "status.podIP",
+                "{name}: {var}"
+            );
+            assert!(url.ends_with(":23790"), "{name}: {url}");
+            assert!(value("ETCD_FANOUT_RESOLVER_PREFIX").is_some(), "{name}");
+            let ttl: u64 = value("ETCD_FANOUT_RESOLVER_TTL")
+                .and_then(|t| t.parse().ok())
+                .unwrap_or_else(|| panic!("{name}: resolver TTL"));
+            assert!((5..=300).contains(&ttl), "{name}: TTL {ttl}");
+        }
+    }
+    assert!(discovery >= 1, "no kustomization sets discovery");
+}
+
 /// Checks that do not apply to these manifests: each is skipped by a `checkov.io/skipN`
 /// annotation whose comment (in the manifest) says why.
 const CHECKOV_SKIPS: [&str; 4] = [

@@ -612,3 +612,182 @@ fn discovery_lists_the_replicas() {
     // (etcd 3.4's grpc-proxy itself keeps listing replicas whose registrations are gone: it
     // misses deletes. Not checked through it.)
 }
+
+/// etcd-fanout's `sync_check` requests to etcd so far.
+fn sync_checks(proxy: &Proxy) -> f64 {
+    proxy
+        .metrics()
+        .lines()
+        .filter(|l| {
+            l.starts_with("etcd_fanout_upstream_requests_total{") && l.contains("\"sync_check\"")
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// A reconnect storm as etcd's Go client makes it: streams that each create their watches one
+/// after another (the next create sent once the previous `created` arrived) on four prefixes,
+/// while a writer keeps moving etcd outside every prefix, so every cache head lags etcd's
+/// revision and every backlog has to be proven complete before it is sent. Each `created`
+/// header is at least the revision the writer last got from etcd before the create was sent
+/// (one the client could have been shown by another replica); every watch gets its prefix's
+/// events exactly once, in order, after its `created`; and the creates share the replica's
+/// clock rounds (one in flight for all prefixes): fewer sync-check requests to etcd than
+/// creates.
+#[test]
+fn sequential_creates_share_rounds_and_keep_the_header_rule() {
+    const STREAMS: usize = 16;
+    const PER_STREAM: usize = 20;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let prefixes = ["/st0/", "/st1/", "/st2/", "/st3/"];
+        let etcd = Etcd::start();
+        let mut kv = KvClient::new(testkit::channel(&etcd.url).await);
+        let mut revs: Vec<Vec<i64>> = vec![Vec::new(); prefixes.len()];
+        for i in 0..5 {
+            for (p, prefix) in prefixes.iter().enumerate() {
+                let r = kv
+                    .put(PutRequest {
+                        key: Bytes::from(format!("{prefix}k{i}")),
+                        value: Bytes::from_static(b"v"),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("put")
+                    .into_inner();
+                revs[p].push(r.header.map_or(0, |h| h.revision));
+            }
+        }
+        let proxy = Proxy::start(&etcd.url, &prefixes);
+        let checks_before = sync_checks(&proxy);
+        let seen = Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (seen, stop, mut kv) = (seen.clone(), stop.clone(), kv.clone());
+            tokio::spawn(async move {
+                for i in 0..5_000 {
+                    if stop.load(Ordering::Acquire) {
+                        break;
+                    }
+                    if let Ok(r) = kv
+                        .put(PutRequest {
+                            key: Bytes::from(format!("/outside/k{}", i % 10)),
+                            value: Bytes::from_static(b"v"),
+                            ..Default::default()
+                        })
+                        .await
+                    {
+                        let rev = r.into_inner().header.map_or(0, |h| h.revision);
+                        seen.fetch_max(rev, Ordering::AcqRel);
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+        };
+        while seen.load(Ordering::Acquire) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for s in 0..STREAMS {
+            let (seen, url) = (seen.clone(), proxy.url.clone());
+            let p = s % prefixes.len();
+            let (prefix, want) = (prefixes[p], revs[p].clone());
+            tasks.push(tokio::spawn(async move {
+                let mut bad = Vec::new();
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                let mut w = WatchClient::new(testkit::channel(&url).await);
+                let mut stream = w
+                    .watch(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+                    .await
+                    .expect("watch")
+                    .into_inner();
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+                let mut events: std::collections::BTreeMap<i64, Vec<i64>> = Default::default();
+                let mut created = 0;
+                let next = async |stream: &mut tonic::Streaming<WatchResponse>| {
+                    match tokio::time::timeout_at(deadline, stream.message()).await {
+                        Ok(Ok(Some(r))) => Some(r),
+                        _ => None,
+                    }
+                };
+                for _ in 0..PER_STREAM {
+                    let shown = seen.load(Ordering::Acquire);
+                    let _ = tx.send(WatchRequest {
+                        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                            key: Bytes::from(prefix),
+                            range_end: range_end(prefix),
+                            start_revision: want[0],
+                            ..Default::default()
+                        })),
+                    });
+                    loop {
+                        let Some(r) = next(&mut stream).await else {
+                            bad.push(format!("{prefix}: stream ended or timed out"));
+                            return bad;
+                        };
+                        let ev = r.events.iter().filter_map(|e| e.kv.as_ref());
+                        events
+                            .entry(r.watch_id)
+                            .or_default()
+                            .extend(ev.map(|kv| kv.mod_revision));
+                        if r.created {
+                            created += 1;
+                            let h = r.header.map_or(0, |h| h.revision);
+                            if h < shown {
+                                bad.push(format!(
+                                    "{prefix}: created header {h} below {shown}, shown before"
+                                ));
+                            }
+                            break;
+                        }
+                    }
+                }
+                while events.values().filter(|e| e.len() >= want.len()).count() < created {
+                    let Some(r) = next(&mut stream).await else {
+                        break;
+                    };
+                    let ev = r.events.iter().filter_map(|e| e.kv.as_ref());
+                    events
+                        .entry(r.watch_id)
+                        .or_default()
+                        .extend(ev.map(|kv| kv.mod_revision));
+                }
+                if events.len() != PER_STREAM {
+                    bad.push(format!(
+                        "{prefix}: {} watches, want {PER_STREAM}",
+                        events.len()
+                    ));
+                }
+                for (id, got) in events {
+                    if got != want {
+                        bad.push(format!(
+                            "{prefix} watch {id}: events {got:?}, want {want:?}"
+                        ));
+                    }
+                }
+                drop(tx);
+                bad
+            }));
+        }
+        let mut bad = Vec::new();
+        for t in tasks {
+            bad.extend(t.await.expect("stream task"));
+        }
+        let took = started.elapsed();
+        stop.store(true, Ordering::Release);
+        let _ = writer.await;
+        let checks = sync_checks(&proxy) - checks_before;
+        let creates = STREAMS * PER_STREAM;
+        eprintln!("{creates} sequential creates in {took:?}: {checks} sync-check requests");
+        assert!(bad.is_empty(), "{}", bad.join("\n"));
+        assert!(
+            checks < creates as f64,
+            "{checks} sync-check requests for {creates} creates"
+        );
+    });
+}

@@ -8,6 +8,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::keys::KeyRange;
+use crate::source::clock::Clock;
 use crate::source::compaction::Compaction;
 use crate::source::feed::Feed;
 use crate::source::registry::Registry;
@@ -57,9 +58,13 @@ impl Hub {
             .first()
             .map(|p| KeyRange::prefix(p.as_bytes()).start);
         let compaction = Arc::new(Compaction::with_probe_key(probe_key.unwrap_or_default()));
+        let clock = Clock::spawn(upstream.clone(), config.sync_timeout, &tasks);
         let feeds: Vec<Arc<Feed>> = prefixes
             .iter()
-            .map(|p| Feed::spawn(p, upstream.clone(), compaction.clone(), &config, &tasks))
+            .map(|p| {
+                let (u, c) = (upstream.clone(), compaction.clone());
+                Feed::spawn(p, u, c, clock.clone(), &config, &tasks)
+            })
             .collect();
         let hub = Hub::with_feeds(
             config.clone(),

@@ -460,7 +460,7 @@ impl Session {
             self.flush().await?;
             return self.create_relayed(spec).await;
         };
-        if !feed.checked_since(received) {
+        if !feed.clock().answered_since(received) {
             // Waits for a round: what is answered so far goes out first.
             self.flush().await?;
         }

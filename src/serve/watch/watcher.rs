@@ -52,14 +52,17 @@ fn known_revision(feed: &Feed) -> i64 {
 /// Called before a `created` is built: learns the revision it carries, etcd's current one as
 /// one etcd's would be, so that a client moving between replicas is never shown a `created`
 /// header lower than one another replica showed it (issue: a replica tier that behaves as
-/// one etcd). One shared sync check ([`Feed::linearize_since`]: a check that started after
-/// the request was received, or one round shared by every create and read waiting at that
-/// moment) proves the cache complete up to etcd's revision at that moment; the answer is the
-/// feed's complete revision then ([`Feed::complete`]), so what the watch sends next never has
-/// to wait for the cache. `None` when etcd could not be asked (or the prefix is stale): then
-/// [`created`] answers with the newest revision the proxy knows, as a member without a
-/// leader would, after waiting up to `wait` for the cache to reach the client's
-/// `start_revision` - 1 (a revision it has seen) when that is beyond what is known.
+/// one etcd). The revision comes from the replica's shared clock ([`Clock::revision_since`]:
+/// a linearizable round that started after the request was received, shared by every create
+/// of every prefix waiting at that moment), raised to the feed's complete revision. The cache
+/// may not be complete up to it yet: the session then holds the watch's backlog until it is
+/// ([`Feed::complete_or_wake`]), so the `created` itself waits for one round trip only.
+/// `None` when etcd could not be asked (or the prefix is stale): then [`created`] answers with
+/// the newest revision the proxy knows, as a member without a leader would, after waiting up
+/// to `wait` for the cache to reach the client's `start_revision` - 1 (a revision it has seen)
+/// when that is beyond what is known.
+///
+/// [`Clock::revision_since`]: crate::source::clock::Clock::revision_since
 pub async fn learn_revision(
     feed: &Feed,
     start_revision: i64,
@@ -69,8 +72,8 @@ pub async fn learn_revision(
     if feed.health.is_stale() {
         return None;
     }
-    if feed.linearize_since(received).await.is_some() {
-        return Some(feed.complete());
+    if let Some(rev) = feed.clock().revision_since(received, &feed.range).await {
+        return Some(rev.max(feed.complete()));
     }
     let seen = start_revision - 1;
     if known_revision(feed) < seen {

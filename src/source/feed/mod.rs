@@ -25,21 +25,21 @@ mod watch_loop;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, Weak};
-use std::time::Instant;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
 use crate::keys::KeyRange;
 use crate::proto::mvccpb::Event;
 use crate::source::cache::{Cache, RevBatch};
+use crate::source::clock::Clock;
 use crate::source::compaction::Compaction;
 use crate::source::index::{Inbox, Index};
 use crate::source::upstream::Upstream;
 use crate::tasks::Tasks;
 
 pub use health::{Health, UpstreamState};
-pub use sync::SyncPoint;
+use sync::SyncAsk;
 
 /// How long after a feed's start watch creates wait for its first load (see
 /// [`Feed::wait_ready`]); later, an unready feed is one etcd refuses to the proxy, and creates
@@ -84,11 +84,11 @@ pub struct Feed {
     /// The prefix's metric handles (events in and out, watchers, catch-ups), labelled once
     /// here so the hot paths only add.
     pub counters: crate::metrics::PrefixCounters,
-    /// Queue of linearizable reads waiting for a sync check.
-    sync_tx: mpsc::UnboundedSender<oneshot::Sender<Option<SyncPoint>>>,
-    /// When the last successful sync check started, and what it found: a request received
-    /// before that moment may use it instead of waiting for a round of its own.
-    last_check: Mutex<Option<(Instant, SyncPoint)>>,
+    /// Queue of linearizable reads and complete-revision waits for a sync check.
+    sync_tx: mpsc::UnboundedSender<SyncAsk>,
+    /// etcd's revision as a client may have seen it elsewhere (shared by every feed): the
+    /// `created` header of a watch.
+    clock: Arc<Clock>,
     /// The complete revision: every event of the prefix up to it is in the cache (the head, or
     /// a revision a sync check proved nothing in the prefix changed up to). Only grows.
     complete: AtomicI64,
@@ -98,7 +98,7 @@ pub struct Feed {
 }
 
 /// The receiving end of a feed's queue of reads waiting for a sync check.
-type SyncQueue = mpsc::UnboundedReceiver<oneshot::Sender<Option<SyncPoint>>>;
+type SyncQueue = mpsc::UnboundedReceiver<SyncAsk>;
 
 impl Feed {
     /// Creates the feed and starts its upstream watch and sync tasks.
@@ -106,11 +106,19 @@ impl Feed {
         prefix: &str,
         upstream: Arc<Upstream>,
         compaction: Arc<Compaction>,
+        clock: Arc<Clock>,
         config: &Config,
         tasks: &Tasks,
     ) -> Arc<Feed> {
         let cache = Cache::new(config.history_revisions, config.history_bytes);
-        let (feed, sync_rx) = Feed::new(prefix, upstream, compaction, config, tasks, cache, 0);
+        let (feed, sync_rx) = Feed::new(
+            prefix,
+            (upstream, compaction, clock),
+            config,
+            tasks,
+            cache,
+            0,
+        );
         let feed = Arc::new(feed);
         tasks.spawn(feed.clone().run());
         tasks.spawn(feed.clone().sync_loop(sync_rx, config.sync_timeout));
@@ -122,8 +130,7 @@ impl Feed {
     /// receiving end of its sync check queue.
     fn new(
         prefix: &str,
-        upstream: Arc<Upstream>,
-        compaction: Arc<Compaction>,
+        (upstream, compaction, clock): (Arc<Upstream>, Arc<Compaction>, Arc<Clock>),
         config: &Config,
         tasks: &Tasks,
         cache: Cache,
@@ -149,7 +156,7 @@ impl Feed {
             tasks: tasks.clone(),
             counters: crate::metrics::PrefixCounters::new(prefix),
             sync_tx,
-            last_check: Mutex::new(None),
+            clock,
             complete: AtomicI64::new(0),
             complete_waiters: Mutex::new(HashMap::new()),
         };
@@ -174,7 +181,15 @@ impl Feed {
         cache.reset(0, Vec::new());
         cache.advance(1);
         // The sync queue's receiver is dropped: every sync check answers "cannot tell".
-        let (feed, _) = Feed::new(prefix, upstream, compaction, config, tasks, cache, 1);
+        let clock = Clock::detached(upstream.clone());
+        let (feed, _) = Feed::new(
+            prefix,
+            (upstream, compaction, clock),
+            config,
+            tasks,
+            cache,
+            1,
+        );
         feed.ready.store(true, Ordering::Release);
         feed.health.set_state(UpstreamState::Watching);
         feed.health.mark_current();
@@ -242,6 +257,11 @@ impl Feed {
         &self.upstream
     }
 
+    /// etcd's revision as a client may have seen it elsewhere (shared by every feed).
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
     fn publish(&self, head: i64) {
         self.head_tx.send_modify(|h| *h = head);
         self.advance_complete(head);
@@ -303,10 +323,10 @@ impl Feed {
             }
             waiters.insert(key, (until, Arc::downgrade(inbox)));
         }
-        // A round of its own, not waited for: its answer arrives through `advance_complete`
-        // (a failed round is followed by the health loop's periodic checks).
-        let (tx, _rx) = oneshot::channel();
-        let _ = self.sync_tx.send(tx);
+        // A round proving the cache complete up to `until`, not waited for: its answer
+        // arrives through `advance_complete` (a failed round is followed by the health loop's
+        // periodic checks).
+        let _ = self.sync_tx.send(SyncAsk::Complete(until));
         false
     }
 

@@ -5,11 +5,21 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
-use super::Feed;
+use super::{Feed, SyncQueue};
 use crate::metrics;
 use crate::proto::etcdserverpb::RangeRequest;
+
+/// What waits for a feed's sync round.
+#[derive(Debug)]
+pub enum SyncAsk {
+    /// A linearizable read (and the health loop's confirmation): the whole check.
+    Linearize(oneshot::Sender<Option<SyncPoint>>),
+    /// A held watch: the cache complete up to this revision (answered through
+    /// [`Feed::complete_or_wake`]'s wake-up).
+    Complete(i64),
+}
 
 /// How a linearizable read may be answered from the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,58 +44,120 @@ impl Feed {
     /// revision to report, or `None` when it cannot tell in time (the caller forwards).
     pub async fn linearize(&self) -> Option<SyncPoint> {
         let (tx, rx) = oneshot::channel();
-        self.sync_tx.send(tx).ok()?;
+        self.sync_tx.send(SyncAsk::Linearize(tx)).ok()?;
         rx.await.ok().flatten()
     }
 
-    /// True when a successful sync check started after `received`: [`Feed::linearize_since`]
-    /// answers at once.
-    pub fn checked_since(&self, received: std::time::Instant) -> bool {
-        self.last_check
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some_and(|(started, _)| started >= received)
-    }
-
-    /// [`Feed::linearize`] for a request received at `received`: a successful check that
-    /// started after that answers it at once (etcd's revision at that start is at least any
-    /// revision the client could have seen before it sent the request), so requests received
-    /// together (a burst of watch creates on one stream) share one round.
-    pub async fn linearize_since(&self, received: std::time::Instant) -> Option<SyncPoint> {
-        let last = *self.last_check.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((started, point)) = last {
-            if started >= received {
-                return Some(point);
-            }
-        }
-        self.linearize().await
-    }
-
-    /// Serves [`Feed::linearize`]: each round answers every read queued before it started.
-    pub(super) async fn sync_loop(
-        self: Arc<Self>,
-        mut rx: mpsc::UnboundedReceiver<oneshot::Sender<Option<SyncPoint>>>,
-        timeout: Duration,
-    ) {
+    /// Serves [`Feed::linearize`] and the complete-revision waits of held watches (see
+    /// [`Feed::complete_or_wake`]): each round answers every ask queued before it started.
+    /// A round with a linearizable read runs the whole check (which also proves the cache
+    /// complete up to etcd's revision); a round of complete-revision waits only proves the
+    /// highest revision waited for ([`Feed::prove_complete`]: usually one probe, often none).
+    pub(super) async fn sync_loop(self: Arc<Self>, mut rx: SyncQueue, timeout: Duration) {
         while let Some(first) = rx.recv().await {
             let mut waiting = vec![first];
             while let Ok(w) = rx.try_recv() {
                 waiting.push(w);
             }
-            let started = std::time::Instant::now();
+            let until = waiting
+                .iter()
+                .map(|w| match w {
+                    SyncAsk::Complete(r) => *r,
+                    SyncAsk::Linearize(_) => 0,
+                })
+                .max()
+                .unwrap_or(0);
+            let reads: Vec<_> = waiting
+                .into_iter()
+                .filter_map(|w| match w {
+                    SyncAsk::Linearize(tx) => Some(tx),
+                    SyncAsk::Complete(_) => None,
+                })
+                .collect();
+            if reads.is_empty() {
+                let _ = tokio::time::timeout(timeout, self.prove_complete(until)).await;
+                continue;
+            }
             let point = tokio::time::timeout(timeout, self.sync_check())
                 .await
                 .ok()
                 .flatten();
             metrics::SYNC_CHECKS.inc();
-            if let Some(p) = point {
+            if point.is_some() {
                 self.health.mark_current();
-                *self.last_check.lock().unwrap_or_else(|e| e.into_inner()) = Some((started, p));
             }
-            for w in waiting {
+            for w in reads {
                 let _ = w.send(point);
             }
         }
+    }
+
+    /// Proves the cache complete up to `until` (a revision etcd has reached, e.g. a `created`
+    /// header): at once if the head is there or gets there within [`IN_FLIGHT_WAIT`] (events
+    /// in flight); otherwise one probe at `until` of the keys changed after the head H (none,
+    /// and the same key count, means the cached state at H is etcd's state at `until`),
+    /// waiting for the upstream watch and probing again while the prefix did change.
+    async fn prove_complete(&self, until: i64) {
+        if !self.is_ready() || self.complete() >= until {
+            return;
+        }
+        let mut head_rx = self.subscribe();
+        let in_flight = head_rx.wait_for(|h| *h >= until);
+        if tokio::time::timeout(IN_FLIGHT_WAIT, in_flight)
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        loop {
+            let (h, count) = {
+                let c = self.cache();
+                (c.head(), c.len() as i64)
+            };
+            if h >= until || self.complete() >= until {
+                return;
+            }
+            let Some(unchanged) = self.unchanged_after(h, count, until).await else {
+                return;
+            };
+            if unchanged {
+                if let Ok(mut v) = self.verified.lock() {
+                    if v.0 < h || (v.0 == h && v.1 < until) {
+                        *v = (h, until);
+                    }
+                }
+                self.advance_complete(until);
+                return;
+            }
+            let wait = head_rx.wait_for(|h| *h >= until);
+            match tokio::time::timeout(Duration::from_millis(200), wait).await {
+                Ok(_) => return,
+                Err(_) => continue,
+            }
+        }
+    }
+
+    /// Whether etcd's state of the prefix at revision `at` is the cached state at head `h`
+    /// (`count` keys): no key modified after `h` and the same key count (so no delete
+    /// either). `None` when etcd cannot tell (unreachable, `at` compacted).
+    async fn unchanged_after(&self, h: i64, count: i64, at: i64) -> Option<bool> {
+        let changed = self
+            .upstream
+            .own_range(
+                metrics::Upstream::SyncCheck,
+                RangeRequest {
+                    key: self.range.start.clone(),
+                    range_end: self.range.range_end(),
+                    revision: at,
+                    min_mod_revision: h + 1,
+                    keys_only: true,
+                    limit: 1,
+                    ..Default::default()
+                },
+            )
+            .await
+            .ok()?;
+        Some(changed.kvs.is_empty() && changed.count == count)
     }
 
     /// One shared check against etcd.
@@ -135,23 +207,7 @@ impl Feed {
             if h1 >= x {
                 return Some(at_head);
             }
-            let changed = self
-                .upstream
-                .own_range(
-                    metrics::Upstream::SyncCheck,
-                    RangeRequest {
-                        key: self.range.start.clone(),
-                        range_end: self.range.range_end(),
-                        revision: x,
-                        min_mod_revision: h1 + 1,
-                        keys_only: true,
-                        limit: 1,
-                        ..Default::default()
-                    },
-                )
-                .await
-                .ok()?;
-            if changed.kvs.is_empty() && changed.count == count1 {
+            if self.unchanged_after(h1, count1, x).await? {
                 if let Ok(mut v) = self.verified.lock() {
                     *v = (h1, x);
                 }

@@ -216,7 +216,7 @@ fn create_burst_on_one_stream() {
 }
 
 /// A client that writes 100,000 creates on one stream and reads nothing for a while is held
-/// back by HTTP/2 flow control (the session stops reading its requests once 4 MiB of them
+/// back by HTTP/2 flow control (the session stops reading its requests once 1 MiB of them
 /// wait), not cut off by h2's small-frame budget (GOAWAY ENHANCE_YOUR_CALM): when it starts
 /// reading, every create is answered.
 #[test]
@@ -457,5 +457,363 @@ fn slow_readers_park_and_cost_little() {
         );
         victim_task.abort();
         drop((http, idle, proxy));
+    });
+}
+
+// ---- HTTP/2: several streams flooding without reading, and real floods ---------------------
+
+/// `msg` as one gRPC message (no compression).
+fn grpc_message(msg: &impl prost::Message) -> bytes::Bytes {
+    let body = msg.encode_to_vec();
+    let mut out = Vec::with_capacity(body.len() + 5);
+    out.push(0);
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out.into()
+}
+
+/// Sends `msg` as one DATA frame once the peer's flow-control windows allow it.
+async fn send_when_allowed(
+    send: &mut h2::SendStream<bytes::Bytes>,
+    msg: bytes::Bytes,
+) -> Result<(), String> {
+    send.reserve_capacity(msg.len());
+    while send.capacity() < msg.len() {
+        match futures::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(format!("waiting for window: {e}")),
+            None => return Err("stream closed while waiting for window".into()),
+        }
+    }
+    send.send_data(msg, false).map_err(|e| format!("send: {e}"))
+}
+
+/// `streams` Watch streams on one HTTP/2 connection to `addr`, each writing `n` creates (one
+/// DATA frame each, within the server's flow-control windows) while the client reads nothing
+/// (64 KiB stream windows it never reopens); once every writer is held back or done, every
+/// stream is read: each must get `n` `created`. Returns how many creates each stream had sent
+/// when the client started reading, or what ended the connection.
+async fn unread_flood(
+    addr: &str,
+    streams: usize,
+    n: usize,
+    prefix: &str,
+) -> Result<Vec<u64>, String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (client, conn) = h2::client::Builder::new()
+        .initial_window_size(65_535)
+        // Large, so the client's own small-frame budget (half of it) never ends the test.
+        .initial_connection_window_size(1 << 30)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let conn_task = tokio::spawn(conn);
+    let sent: Arc<Vec<AtomicU64>> = Arc::new((0..streams).map(|_| AtomicU64::new(0)).collect());
+    let mut writers = Vec::new();
+    let mut responses = Vec::new();
+    for s in 0..streams {
+        let req = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://{addr}/etcdserverpb.Watch/Watch"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let mut c = client
+            .clone()
+            .ready()
+            .await
+            .map_err(|e| format!("ready: {e}"))?;
+        let (resp, mut send) = c
+            .send_request(req, false)
+            .map_err(|e| format!("request: {e}"))?;
+        responses.push(resp);
+        let (sent, prefix) = (sent.clone(), prefix.to_string());
+        writers.push(tokio::spawn(async move {
+            for i in 0..n {
+                let msg = grpc_message(&create(key(&prefix, s * n + i)));
+                send_when_allowed(&mut send, msg).await?;
+                sent[s].fetch_add(1, Ordering::Relaxed);
+            }
+            // Keep the request stream open: the watches stay.
+            Ok::<_, String>(send)
+        }));
+    }
+    // Not reading until every writer is done or has stopped moving for a second.
+    let total = |sent: &[AtomicU64]| sent.iter().map(|c| c.load(Ordering::Relaxed)).sum::<u64>();
+    let mut before = total(&sent);
+    for _ in 0..240 {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let now = total(&sent);
+        if now == before || now == (streams * n) as u64 {
+            break;
+        }
+        before = now;
+    }
+    let held: Vec<u64> = sent.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    let deadline = Instant::now() + Duration::from_secs(env_or("ETCD_FANOUT_BURST_SECS", 300));
+    let mut readers = Vec::new();
+    for (s, resp) in responses.into_iter().enumerate() {
+        readers.push(tokio::spawn(async move {
+            let mut body = tokio::time::timeout_at(deadline.into(), resp)
+                .await
+                .map_err(|_| format!("stream {s}: no response headers"))?
+                .map_err(|e| format!("stream {s}: {e}"))?
+                .into_body();
+            let mut buf = bytes::BytesMut::new();
+            let mut created = 0;
+            while created < n {
+                let chunk = match tokio::time::timeout_at(deadline.into(), body.data()).await {
+                    Ok(Some(Ok(c))) => c,
+                    Ok(Some(Err(e))) => return Err(format!("stream {s} after {created} created: {e}")),
+                    Ok(None) => return Err(format!("stream {s} ended after {created} created")),
+                    Err(_) => return Err(format!("stream {s}: only {created} of {n} created in time")),
+                };
+                let _ = body.flow_control().release_capacity(chunk.len());
+                buf.extend_from_slice(&chunk);
+                while buf.len() >= 5 {
+                    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+                    if buf.len() < 5 + len {
+                        break;
+                    }
+                    let msg = buf.split_to(5 + len);
+                    let resp = <etcd_fanout::proto::etcdserverpb::WatchResponse as prost::Message>::decode(&msg[5..])
+                        .map_err(|e| format!("stream {s}: {e}"))?;
+                    if !resp.created || resp.canceled {
+                        return Err(format!("stream {s}: unexpected {resp:?}"));
+                    }
+                    created += 1;
+                }
+            }
+            Ok::<_, String>(())
+        }));
+    }
+    let mut result = Ok(held);
+    for r in readers {
+        match r.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => result = result.and(Err(e)),
+            Err(e) => result = result.and(Err(e.to_string())),
+        }
+    }
+    for w in writers {
+        match tokio::time::timeout(Duration::from_secs(30), w).await {
+            Ok(Ok(Ok(_send))) => {}
+            Ok(Ok(Err(e))) => result = result.and(Err(format!("writer: {e}"))),
+            _ => result = result.and(Err("a writer did not finish".into())),
+        }
+    }
+    conn_task.abort();
+    result
+}
+
+/// Several streams of one connection flooding creates without reading their answers (what
+/// etcd's Go server takes: it holds each stream back by its flow-control window) are held
+/// back by flow control, not cut off by h2's budget for small DATA frames (GOAWAY
+/// ENHANCE_YOUR_CALM); once the client reads, every create of every stream is answered.
+/// etcd first, as the oracle.
+#[test]
+fn unread_creates_on_several_streams_are_held_back() {
+    // Short keys: 19-byte DATA frames, 237 bytes of h2's budget each while unread.
+    let streams = env_or("ETCD_FANOUT_FLOOD_STREAMS", 4) as usize;
+    let n = env_or("ETCD_FANOUT_FLOOD_CREATES", 30_000) as usize;
+    runtime().block_on(async {
+        let etcd = tokio::task::spawn_blocking(Etcd::start).await.unwrap();
+        let url = etcd.url.clone();
+        let proxy = tokio::task::spawn_blocking(move || Proxy::start(&url, &["/f/"]))
+            .await
+            .unwrap();
+        let etcd_addr = etcd.url.trim_start_matches("http://").to_string();
+        let t0 = Instant::now();
+        let held = unread_flood(&etcd_addr, streams, n, "/f/e").await;
+        eprintln!("unread flood, etcd: {streams} x {n} creates: held back at {held:?}, all answered in {:.2?}", t0.elapsed());
+        held.expect("etcd answers every create of every stream");
+        let proxy_addr = format!("127.0.0.1:{}", proxy.port);
+        let t0 = Instant::now();
+        let held = unread_flood(&proxy_addr, streams, n, "/f/p").await;
+        eprintln!("unread flood, proxy: {streams} x {n} creates: held back at {held:?}, all answered in {:.2?}", t0.elapsed());
+        let held = held.unwrap_or_else(|e| panic!("proxy: {e}\n{}", tail(&proxy.log(), 30)));
+        assert!(
+            held.iter().any(|&h| (h as usize) < n),
+            "no stream was held back ({held:?} of {n}): the flood did not fill the windows"
+        );
+        drop(proxy);
+    });
+}
+
+/// Raw HTTP/2 frames.
+fn h2_frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+    out.push(kind);
+    out.push(flags);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// The header block of a gRPC Range call (HPACK literals without indexing).
+fn range_headers() -> Vec<u8> {
+    let mut block = Vec::new();
+    for (k, v) in [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/etcdserverpb.KV/Range"),
+        (":authority", "localhost"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ] {
+        block.push(0);
+        block.push(k.len() as u8);
+        block.extend_from_slice(k.as_bytes());
+        block.push(v.len() as u8);
+        block.extend_from_slice(v.as_bytes());
+    }
+    block
+}
+
+/// Writes `flood` after the preface and an empty SETTINGS, then reads frames until a GOAWAY
+/// (its error code) or the end of the connection (`None`), at most `within`.
+async fn flood_until_goaway(
+    port: u16,
+    flood: &[u8],
+    within: Duration,
+) -> Result<Option<u32>, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    h2_frame(&mut out, 4, 0, 0, &[]);
+    out.extend_from_slice(flood);
+    let (mut rd, mut wr) = s.split();
+    let write = async {
+        // The server may close before everything is written.
+        let _ = wr.write_all(&out).await;
+        std::future::pending::<()>().await;
+    };
+    let read = async {
+        let mut buf = Vec::new();
+        let mut tmp = vec![0u8; 64 << 10];
+        loop {
+            let k = rd.read(&mut tmp).await.map_err(|e| e.to_string())?;
+            if k == 0 {
+                return Ok(None);
+            }
+            buf.extend_from_slice(&tmp[..k]);
+            while buf.len() >= 9 {
+                let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+                if buf.len() < 9 + len {
+                    break;
+                }
+                if buf[3] == 7 && len >= 8 {
+                    return Ok(Some(u32::from_be_bytes([
+                        buf[13], buf[14], buf[15], buf[16],
+                    ])));
+                }
+                buf.drain(..9 + len);
+            }
+        }
+    };
+    tokio::time::timeout(within, async {
+        tokio::select! {
+            r = read => r,
+            _ = write => unreachable!(),
+        }
+    })
+    .await
+    .map_err(|_| format!("neither GOAWAY nor close within {within:?}"))?
+}
+
+/// h2's flood protections still end a flooding connection with GOAWAY `ENHANCE_YOUR_CALM`
+/// (rapid reset: HEADERS + RST_STREAM pairs; empty DATA frames; a header block cut into
+/// CONTINUATION frames without end), while the process keeps serving its other clients: a
+/// watch opened before the floods gets its event after them, and new clients are served.
+/// etcd's answers to the same floods are printed for comparison (not asserted).
+#[test]
+fn h2_floods_trip_the_protections_and_spare_other_clients() {
+    const ENHANCE_YOUR_CALM: u32 = 11;
+    runtime().block_on(async {
+        let etcd = tokio::task::spawn_blocking(Etcd::start).await.unwrap();
+        let url = etcd.url.clone();
+        let proxy = tokio::task::spawn_blocking(move || Proxy::start(&url, &["/flood/"]))
+            .await
+            .unwrap();
+        // The bystander: a watch opened before the floods.
+        let mut bystander = WatchClient::new(proxy.channel().await);
+        let (btx, brx) = tokio::sync::mpsc::unbounded_channel();
+        let _ = btx.send(create("/flood/bystander".into()));
+        let mut bstream = bystander
+            .watch(tokio_stream::wrappers::UnboundedReceiverStream::new(brx))
+            .await
+            .expect("bystander watch")
+            .into_inner();
+        assert!(bstream.message().await.expect("created").expect("created").created);
+
+        let headers = range_headers();
+        let mut rapid_reset = Vec::new();
+        for i in 0..20_000u32 {
+            let id = 1 + 2 * i;
+            h2_frame(&mut rapid_reset, 1, 0x4, id, &headers);
+            h2_frame(&mut rapid_reset, 3, 0, id, &8u32.to_be_bytes());
+        }
+        let mut empty_data = Vec::new();
+        h2_frame(&mut empty_data, 1, 0x4, 1, &headers);
+        for _ in 0..1_000 {
+            h2_frame(&mut empty_data, 0, 0, 1, &[]);
+        }
+        let mut continuations = Vec::new();
+        h2_frame(&mut continuations, 1, 0, 1, &headers);
+        for _ in 0..10_000 {
+            h2_frame(&mut continuations, 9, 0, 1, &[]);
+        }
+        let etcd_port: u16 = etcd.url.rsplit(':').next().unwrap().parse().unwrap();
+        for (name, flood) in [
+            ("rapid reset (20,000 HEADERS + RST_STREAM)", &rapid_reset),
+            ("1,000 empty DATA frames", &empty_data),
+            ("10,000 empty CONTINUATION frames", &continuations),
+        ] {
+            let at_etcd = flood_until_goaway(etcd_port, flood, Duration::from_secs(5)).await;
+            let at_proxy = flood_until_goaway(proxy.port, flood, Duration::from_secs(30)).await;
+            eprintln!("flood {name}: etcd {at_etcd:?}, proxy {at_proxy:?} (Some(11) = GOAWAY ENHANCE_YOUR_CALM)");
+            assert_eq!(
+                at_proxy,
+                Ok(Some(ENHANCE_YOUR_CALM)),
+                "{name}: the proxy did not answer GOAWAY ENHANCE_YOUR_CALM\n{}",
+                tail(&proxy.log(), 20)
+            );
+        }
+        // The process still serves: the bystander gets its event, a new client its answer.
+        let mut kv = KvClient::new(testkit::channel(&proxy.url).await);
+        let put = kv
+            .put(PutRequest {
+                key: "/flood/bystander".into(),
+                value: "after".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("put through the proxy after the floods")
+            .into_inner();
+        let resp = tokio::time::timeout(Duration::from_secs(30), bstream.message())
+            .await
+            .expect("bystander event in time")
+            .expect("bystander stream alive")
+            .expect("bystander event");
+        assert_eq!(resp.events.len(), 1, "{resp:?}");
+        assert_eq!(
+            resp.events[0].kv.as_ref().map(|kv| kv.mod_revision),
+            put.header.map(|h| h.revision)
+        );
+        let range = kv
+            .range(etcd_fanout::proto::etcdserverpb::RangeRequest {
+                key: "/flood/bystander".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("range after the floods")
+            .into_inner();
+        assert_eq!(range.kvs.len(), 1);
+        drop(btx);
+        drop(proxy);
     });
 }

@@ -260,24 +260,28 @@ fn h2_request(
 }
 
 /// HTTP/2 receive window of each stream: how much a client may send that the proxy has not
-/// read yet, per stream.
+/// read yet, per stream. 64 KiB, grpc-go's (etcd's) initial stream window.
 ///
 /// h2 also keeps a budget for the framing overhead of small DATA frames received and not yet
 /// read (each frame of `p` < 256 bytes costs `256 - p`; half the connection window) and ends
-/// the connection with GOAWAY `ENHANCE_YOUR_CALM` ("too_many_data_frames") when it runs out.
-/// A watch session reads its requests as they arrive (`serve/watch/session.rs`) and stops
-/// reading only when 4 MiB of them wait to be handled: then flow control must stop the client
-/// before the budget does. One message per DATA frame (what grpc-go and tonic send) is at
-/// least 10 bytes for a create, so a stopped stream holds at most `STREAM_WINDOW / 10 * 246`
-/// bytes of overhead (12.6 MiB), within the budget of [`CONNECTION_WINDOW`] (16 MiB): one
-/// flooding stream is held back, not cut off. What still ends a connection: frames of a few
-/// bytes (a message cut into pieces), or several streams flooding at once without reading
-/// their answers, and h2's other limits (empty DATA frames, resets, header floods) as they are.
-const STREAM_WINDOW: u32 = 512 << 10;
+/// the connection with GOAWAY `ENHANCE_YOUR_CALM` ("too_many_data_frames") when it runs out;
+/// hyper does not let it be set. A watch session reads its requests as they arrive
+/// (`serve/watch/session.rs`) and stops reading only when 1 MiB of them wait to be handled (a
+/// client flooding creates without reading its answers): then the stream's window holds the
+/// client back, as etcd's Go server does. A stopped stream holds at most one window of
+/// frames, which for messages of at least 10 bytes (the smallest create, one per DATA frame
+/// as grpc-go and tonic send them) is `STREAM_WINDOW / 10 * 246` bytes of overhead (1.6 MiB):
+/// the budget of [`CONNECTION_WINDOW`] (32 MiB) holds 20 such streams stopped at once on one
+/// connection (49 with 25-byte creates), so flow control, not GOAWAY, holds back several
+/// streams flooding creates (`tests/bursts.rs`). What still ends a connection: frames of a
+/// few bytes (a message cut into pieces) left unread, more than 20 streams of one connection
+/// stopped at once, and h2's other limits (empty DATA frames, rapid resets, CONTINUATION
+/// floods) as they are.
+const STREAM_WINDOW: u32 = 64 << 10;
 
 /// HTTP/2 receive window of a connection (all its streams): see [`STREAM_WINDOW`]; h2's
 /// small-frame budget is half of it.
-const CONNECTION_WINDOW: u32 = 32 << 20;
+const CONNECTION_WINDOW: u32 = 64 << 20;
 
 /// Accepts connections (TLS ones when `tls` is given) until `shutdown` turns true, then stops
 /// accepting and lets open connections finish gracefully for at most `drain`.

@@ -876,7 +876,7 @@ impl Session {
 /// Bytes of received requests a session holds before its reader stops reading the stream
 /// (then the HTTP/2 flow-control window holds the client back; see `wire/server.rs` for why
 /// h2's budget for small DATA frames is not reached first).
-const MAX_QUEUED_REQUEST_BYTES: usize = 4 << 20;
+const MAX_QUEUED_REQUEST_BYTES: usize = 1 << 20;
 
 /// Requests handled in one turn of the session before it looks at its other work (notes,
 /// catch-ups, its client leaving).

@@ -3,6 +3,7 @@
 
 pub mod age;
 pub mod body;
+pub mod coalesce;
 pub mod gateway;
 pub mod grpc;
 pub mod http1;

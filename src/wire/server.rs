@@ -34,7 +34,7 @@ use crate::throttle::Throttle;
 use crate::tls::identity::{self, CnPolicy, Peer};
 use crate::tls::server::ServerTls;
 use crate::wire::transport::Transport;
-use crate::wire::{age, http1};
+use crate::wire::{age, coalesce, http1};
 use crate::wire::{gateway, grpc};
 
 fn is_grpc<B>(req: &http::Request<B>) -> bool {
@@ -449,10 +449,10 @@ impl Connection {
                 }
             }
             Protocol::Http2 => {
-                let io = Rewind {
+                let (io, drain) = coalesce::coalesce(Rewind {
                     prefix: read.freeze(),
                     inner: stream,
-                };
+                });
                 let signal = life.ending.signal();
                 let svc = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
                     req.extensions_mut().insert(signal.clone());
@@ -462,7 +462,7 @@ impl Connection {
                 let mut conn = std::pin::pin!(h2.serve_connection(TokioIo::new(io), svc));
                 loop {
                     tokio::select! {
-                        r = conn.as_mut() => {
+                        r = std::future::poll_fn(|cx| drive(conn.as_mut(), &drain, cx)) => {
                             if let Err(e) = r {
                                 tracing::debug!(error = %e, "connection ended");
                             }
@@ -478,6 +478,27 @@ impl Connection {
                 }
             }
         }
+    }
+}
+
+/// Polls hyper's HTTP/2 connection once (h2 writes everything it can into the coalescing
+/// buffer), then sends what it wrote in one write ([`coalesce`]). Ends with the connection, or
+/// with the socket's write error.
+fn drive<F, S>(
+    conn: Pin<&mut F>,
+    drain: &coalesce::Drain<S>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), Box<dyn std::error::Error + Send + Sync>>>
+where
+    F: Future<Output = Result<(), hyper::Error>>,
+    S: AsyncWrite + Unpin,
+{
+    let served = conn.poll(cx);
+    let sent = drain.poll_drain(cx);
+    match (served, sent) {
+        (Poll::Ready(r), _) => Poll::Ready(r.map_err(Into::into)),
+        (Poll::Pending, Poll::Ready(Err(e))) => Poll::Ready(Err(e.into())),
+        (Poll::Pending, _) => Poll::Pending,
     }
 }
 

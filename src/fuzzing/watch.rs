@@ -11,7 +11,8 @@
 //! - a refused create gets `created` + `canceled`, id -1, etcd's reason, checked in etcd's
 //!   order: identity (auth on, no token: `user name is empty`), empty range, duplicate id;
 //! - a start below the compaction revision: `created`, then `canceled` with
-//!   `compact_revision`, and the id stays taken until cancelled;
+//!   `compact_revision`, and the id stays taken until cancelled; a start at it replays that
+//!   revision as the compacted store holds it: no deletions, no `prev_kv`;
 //! - a cancel of a known id answers `canceled` under that id and frees it; of an unknown id,
 //!   nothing;
 //! - a progress request answers id -1 with the current revision;
@@ -116,6 +117,9 @@ struct ModelWatch {
     no_delete: bool,
     /// Events carry their previous value.
     prev_kv: bool,
+    /// Starts at the compaction revision: etcd replays that revision from its compacted
+    /// store, without its deletions and without `prev_kv`.
+    replays_compacted: bool,
     /// Asked for progress notifications.
     progress_notify: bool,
     /// Its `created` (and compaction cancel) arrived.
@@ -149,14 +153,17 @@ impl ModelWatch {
                 let kv = e.kv.as_ref();
                 let rev = kv.map_or(0, |kv| kv.mod_revision);
                 let put = e.r#type() == EventType::Put;
+                let compacted = self.replays_compacted && rev == self.start;
                 rev >= self.start
                     && kv.is_some_and(|kv| self.holds(&kv.key))
                     && !(put && self.no_put)
                     && (put || !self.no_delete)
+                    && (put || !compacted)
             })
             .map(move |e| {
                 let mut e = e.clone();
-                if !self.prev_kv {
+                let rev = e.kv.as_ref().map_or(0, |kv| kv.mod_revision);
+                if !self.prev_kv || (self.replays_compacted && rev == self.start) {
                     e.prev_kv = None;
                 }
                 e
@@ -550,6 +557,7 @@ fn create(rig: &mut Rig, model: &mut Model, input: &mut Input<'_>) {
             no_put: flags & 4 != 0,
             no_delete: flags & 8 != 0,
             prev_kv: flags & 1 != 0,
+            replays_compacted: start == model.store.compacted && start <= rev,
             progress_notify: flags & 2 != 0,
             created: false,
             ended: compacted,

@@ -132,8 +132,7 @@ pub struct Config {
     pub stale_after: Duration,
 
     /// How often the proxy checks whether etcd has authentication enabled (etcd 3.4 has no
-    /// status call: a tokenless read tells). Nothing is served from the cache while unknown; a
-    /// range or watch create then waits up to one interval for the state before it is forwarded.
+    /// status call: a tokenless read tells). Nothing is served from the cache while unknown.
     #[arg(long, env = "ETCD_FANOUT_AUTH_POLL", default_value = "1s", value_parser = parse_duration)]
     pub auth_poll: Duration,
 

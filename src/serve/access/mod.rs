@@ -55,9 +55,6 @@ pub struct Access {
     decisions: Decisions,
     /// Where probes and polls go.
     upstream: Arc<Upstream>,
-    /// How long a request waits for the next poll's answer while the state is unknown
-    /// before it is forwarded (`--auth-poll`; zero: forwarded at once).
-    unknown_wait: Duration,
 }
 
 impl Access {
@@ -72,7 +69,6 @@ impl Access {
                 config.auth_denial_ttl.min(config.auth_decision_ttl),
             ),
             upstream,
-            unknown_wait: config.auth_poll,
         });
         tasks.spawn(poll(Arc::downgrade(&access), config.auth_poll));
         access
@@ -90,7 +86,6 @@ impl Access {
                 config.auth_denial_ttl.min(config.auth_decision_ttl),
             ),
             upstream,
-            unknown_wait: Duration::ZERO,
         };
         access.state.set(state);
         Arc::new(access)
@@ -106,14 +101,7 @@ impl Access {
         range_end: &Bytes,
         cacheable: bool,
     ) -> Verdict {
-        let mut state = self.state.get();
-        if state == AuthState::Unknown && !self.unknown_wait.is_zero() {
-            // A late poll (etcd slow, or this replica busy with a burst of creates) would
-            // otherwise send every request of the burst to etcd, each watch as a watch of its
-            // own there: the request waits for the next poll's answer instead, still served
-            // only once the state is known.
-            state = self.state.known_within(self.unknown_wait).await;
-        }
+        let state = self.state.get();
         if state == AuthState::Unknown {
             metrics::AUTH_UNKNOWN_FORWARDS.inc();
             return Verdict::Forward;

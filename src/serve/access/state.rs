@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::Notify;
 use tonic::{Code, Status};
 
 use crate::metrics;
@@ -67,8 +66,6 @@ pub struct State {
     last_known: AtomicU8,
     /// Bumped whenever earlier permission decisions must no longer be used.
     epoch: AtomicU64,
-    /// Woken when the state becomes known (off or on).
-    known: Notify,
 }
 
 impl Default for State {
@@ -77,7 +74,6 @@ impl Default for State {
             current: AtomicU8::new(AuthState::Unknown as u8),
             last_known: AtomicU8::new(AuthState::Unknown as u8),
             epoch: AtomicU64::new(0),
-            known: Notify::new(),
         }
     }
 }
@@ -86,24 +82,6 @@ impl State {
     /// The state requests are decided by.
     pub fn get(&self) -> AuthState {
         AuthState::from_u8(self.current.load(Ordering::Acquire))
-    }
-
-    /// The state once it is known, waiting at most `wait` for a poll (or a forwarded answer)
-    /// to tell it; unknown if none did.
-    pub async fn known_within(&self, wait: Duration) -> AuthState {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let known = self.known.notified();
-            tokio::pin!(known);
-            known.as_mut().enable();
-            let state = self.get();
-            if state != AuthState::Unknown {
-                return state;
-            }
-            if tokio::time::timeout_at(deadline, known).await.is_err() {
-                return self.get();
-            }
-        }
     }
 
     /// The current decision epoch.
@@ -128,9 +106,6 @@ impl State {
             }
         }
         let before = self.current.swap(state as u8, Ordering::AcqRel);
-        if state != AuthState::Unknown {
-            self.known.notify_waiters();
-        }
         if before != state as u8 {
             metrics::AUTH_STATE.set(match state {
                 AuthState::Unknown => -1,
@@ -193,31 +168,6 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A request waiting while the state is unknown gets the state a poll sets meanwhile, and
-    /// unknown when no poll answers within its wait.
-    #[tokio::test(start_paused = true)]
-    async fn waits_for_a_known_state_within_its_bound() {
-        let s = std::sync::Arc::new(State::default());
-        assert_eq!(
-            s.known_within(Duration::from_secs(1)).await,
-            AuthState::Unknown
-        );
-        let setter = {
-            let s = s.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                s.set(AuthState::Off);
-            })
-        };
-        let t0 = tokio::time::Instant::now();
-        assert_eq!(s.known_within(Duration::from_secs(1)).await, AuthState::Off);
-        assert_eq!(t0.elapsed(), Duration::from_millis(300));
-        setter.await.unwrap();
-        // Known already: no wait.
-        assert_eq!(s.known_within(Duration::from_secs(1)).await, AuthState::Off);
-        assert_eq!(t0.elapsed(), Duration::from_millis(300));
-    }
 
     #[test]
     fn epochs_change_with_the_known_state_only() {

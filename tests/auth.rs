@@ -546,7 +546,10 @@ async fn decisions_match_etcd_and_nothing_leaks() {
         "rpc error: code = Unauthenticated desc = etcdserver: invalid auth token",
         "adj range ser [/apisix/a, /apisix/e): rev=",
         "pre watch from 0 events: id=",
-    ] {
+    ]
+    .into_iter()
+    .filter(|n| tokenless_refusal_shown(n))
+    {
         assert!(text.contains(needle), "no {needle:?} in the transcript");
     }
     let received = received.lock().unwrap().clone();
@@ -563,6 +566,14 @@ async fn decisions_match_etcd_and_nothing_leaks() {
             testkit::etcd_metric(env.b.port, "etcd_debugging_mvcc_watcher_total")
         );
     }
+}
+
+/// Whether a transcript can hold `needle`: in the harness's TLS mode
+/// (`ETCD_FANOUT_TEST_TLS=1`) etcd runs with `--client-cert-auth` and every client presents a
+/// certificate without CommonName, so etcd (and the proxy, diffed above) refuses a tokenless
+/// request `permission denied` (gateway: 403), never `user name is empty` (gateway: 400).
+fn tokenless_refusal_shown(needle: &str) -> bool {
+    !testkit::tls::enabled() || !(needle.contains("user name is empty") || needle == "status 400")
 }
 
 // ------------------------------------------------------------------------------------------
@@ -713,7 +724,10 @@ fn gateway_decisions_match_etcd() {
         r#""cancel_reason":"rpc error: code = PermissionDenied desc = etcdserver: permission denied""#,
         r#""cancel_reason":"rpc error: code = Unauthenticated desc = etcdserver: invalid auth token""#,
         r#""cancel_reason":"rpc error: code = InvalidArgument desc = etcdserver: user name is empty""#,
-    ] {
+    ]
+    .into_iter()
+    .filter(|n| tokenless_refusal_shown(n))
+    {
         assert!(
             seen.contains(needle),
             "no {needle} among the answers: {}",

@@ -24,7 +24,8 @@ pub fn etcdctl(etcd: &Etcd, user: Option<&str>, args: &[&str]) -> String {
         .arg("--endpoints")
         .arg(&etcd.url)
         .arg("--dial-timeout=3s")
-        .arg("--command-timeout=10s");
+        .arg("--command-timeout=10s")
+        .args(crate::tls::etcdctl_flags());
     if let Some(u) = user {
         cmd.arg("--user").arg(u);
     }
@@ -181,6 +182,14 @@ impl Proxy {
             args.push("--prefix".into());
             args.push(p.to_string());
         }
+        // TLS mode: the harness's certificates on both sides, as `Proxy::start_on` does.
+        if crate::tls::enabled() {
+            if endpoints.starts_with("https://") {
+                args.extend(crate::tls::proxy_upstream_flags());
+            }
+            args.extend(crate::tls::proxy_listen_flags());
+            crate::tls::mark_tls_port(port);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let dir = tempfile::tempdir().expect("tempdir");
         let log = std::fs::OpenOptions::new()
@@ -202,7 +211,7 @@ impl Proxy {
             .expect("start etcd-fanout");
         let p = Proxy {
             child: Some(child),
-            url: format!("http://127.0.0.1:{port}"),
+            url: crate::tls::url(port),
             port,
             dir,
             args,

@@ -17,14 +17,20 @@ impl Credentials {
     /// identity or permission (then returns true; other failures are the caller's to log).
     /// The same complaint is repeated at most once a minute.
     pub fn complain(&self, prefix: &str, range: &KeyRange, status: &Status) -> bool {
+        // etcd with `--client-cert-auth` answers a tokenless call `permission denied` (the
+        // proxy's CN-less certificate is user ""): then the token is what is missing.
+        let tokenless = self.state().token.is_none();
         let what = match (status.code(), status.message()) {
-            (Code::PermissionDenied, _) => format!(
+            (Code::PermissionDenied, _) if !tokenless => format!(
                 "etcd user {} lacks read permission on the prefix: grant it read on [{}, {}) (README: Running against etcd with auth)",
                 self.user().unwrap_or("(none)"),
                 show(&range.start),
                 show(&range.range_end()),
             ),
-            (_, m) if is_auth_message(m) => match (self.user(), &self.state().outcome) {
+            (c, m) if c == Code::PermissionDenied || is_auth_message(m) => match (
+                self.user(),
+                &self.state().outcome,
+            ) {
                 (None, _) => "etcd has auth enabled and the proxy has no credentials: set --user and --password (or --password-file)".to_string(),
                 (Some(user), Outcome::Failed(e)) => {
                     format!("the proxy cannot log in to etcd as user {user}: {e}")

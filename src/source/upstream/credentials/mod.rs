@@ -14,7 +14,8 @@
 //!   revision bump. The proxy renews a simple token every half TTL and a JWT at three quarters
 //!   of its lifetime (half of it when that would leave less than 2 s), at its first call after
 //!   that point, and logs in again (then retries the call once) whenever etcd answers
-//!   `invalid auth token`, `revision of auth store is old` or `user name is empty`.
+//!   `invalid auth token`, `revision of auth store is old` or `user name is empty` (or, to a
+//!   tokenless call, `permission denied`: an etcd with `--client-cert-auth`).
 //! * Logins are single flight: one `Authenticate` at a time; calls needing a first token wait
 //!   for it, calls holding a token that is merely due for renewal keep using it meanwhile.
 //! * When etcd answers `authentication is not enabled` the proxy runs without a token and logs
@@ -382,10 +383,16 @@ impl Credentials {
 }
 
 /// True when etcd refused a call for its token (or lack of one), so that a new login may
-/// help: `invalid auth token`, `revision of auth store is old`, `user name is empty`.
-pub fn needs_login(status: &Status) -> bool {
-    matches!(status.code(), Code::Unauthenticated | Code::InvalidArgument)
-        && is_auth_message(status.message())
+/// help: `invalid auth token`, `revision of auth store is old`, `user name is empty`; and,
+/// for a call made without a token (`tokenless`), `permission denied`: etcd with
+/// `--client-cert-auth` and auth on takes the proxy's CN-less certificate as user "" and
+/// answers that instead of `user name is empty`.
+pub fn needs_login(status: &Status, tokenless: bool) -> bool {
+    (matches!(status.code(), Code::Unauthenticated | Code::InvalidArgument)
+        && is_auth_message(status.message()))
+        || (tokenless
+            && status.code() == Code::PermissionDenied
+            && status.message() == "etcdserver: permission denied")
 }
 
 fn is_auth_message(m: &str) -> bool {

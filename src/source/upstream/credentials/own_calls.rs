@@ -25,7 +25,7 @@ impl Upstream {
         kind.inc();
         match self.kv().range(ticket.request(req.clone())).await {
             Ok(r) => Ok(r.into_inner()),
-            Err(s) if needs_login(&s) => {
+            Err(s) if needs_login(&s, ticket.token.is_none()) => {
                 tracing::debug!(error = %s.message(), "etcd refused the proxy's token; logging in again");
                 creds.drop_token(&ticket);
                 if !creds.renew_after(self, &ticket).await {
@@ -52,7 +52,7 @@ impl Upstream {
         let creds = self.credentials();
         let ticket = creds.ticket(self).await;
         match self.try_own_watch(kind, &ticket, create.clone()).await {
-            Err(s) if needs_login(&s) => {
+            Err(s) if needs_login(&s, ticket.token.is_none()) => {
                 tracing::debug!(error = %s.message(), "etcd refused the proxy's token; logging in again");
                 creds.drop_token(&ticket);
                 if !creds.renew_after(self, &ticket).await {
@@ -137,20 +137,24 @@ mod tests {
         );
         assert_eq!(s.code(), Code::PermissionDenied);
         assert_eq!(s.message(), "etcdserver: permission denied");
+        // A tokenless call refused so: an etcd with --client-cert-auth asking for a login.
+        assert!(needs_login(&s, true));
+        assert!(!needs_login(&s, false));
         let s = cancel_status(
             "rpc error: code = Unauthenticated desc = etcdserver: invalid auth token",
         );
-        assert!(needs_login(&s));
+        assert!(needs_login(&s, false));
         let s = cancel_status(
             "rpc error: code = InvalidArgument desc = etcdserver: user name is empty",
         );
-        assert!(needs_login(&s));
+        assert!(needs_login(&s, false));
         assert_eq!(
             cancel_status("etcdserver: permission denied").code(),
             Code::PermissionDenied
         );
-        assert!(!needs_login(&Status::invalid_argument(
-            "etcdserver: key is not provided"
-        )));
+        assert!(!needs_login(
+            &Status::invalid_argument("etcdserver: key is not provided"),
+            true
+        ));
     }
 }

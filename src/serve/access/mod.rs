@@ -63,7 +63,17 @@ pub struct Access {
     /// The listener's `--client-cert-auth`: etcd then takes a tokenless request's client
     /// certificate as its identity (see the module doc).
     client_cert_auth: bool,
+    /// Longest a request waits for the state while it is unknown only because the poll is
+    /// late (see [`State::settled`]); then it is forwarded.
+    late_wait: Duration,
 }
+
+/// A request waits up to this many poll intervals (at least [`MIN_LATE_WAIT`]) for a late
+/// poll before it is forwarded.
+const LATE_WAIT_POLLS: u32 = 10;
+
+/// The shortest wait for a late poll.
+const MIN_LATE_WAIT: Duration = Duration::from_secs(5);
 
 impl Access {
     /// Access control over `upstream`, with its auth poll running as one of `tasks` (it also
@@ -78,6 +88,7 @@ impl Access {
             ),
             upstream,
             client_cert_auth: config.tls.client_cert_auth,
+            late_wait: (config.auth_poll * LATE_WAIT_POLLS).max(MIN_LATE_WAIT),
         });
         tasks.spawn(poll(Arc::downgrade(&access), config.auth_poll));
         access
@@ -96,6 +107,7 @@ impl Access {
             ),
             upstream,
             client_cert_auth: config.tls.client_cert_auth,
+            late_wait: (config.auth_poll * LATE_WAIT_POLLS).max(MIN_LATE_WAIT),
         };
         access.state.set(state);
         Arc::new(access)
@@ -111,7 +123,10 @@ impl Access {
         range_end: &Bytes,
         cacheable: bool,
     ) -> Verdict {
-        let state = self.state.get();
+        let mut state = self.state.get();
+        if state == AuthState::Unknown {
+            state = self.state.settled(self.late_wait).await;
+        }
         if state == AuthState::Unknown {
             metrics::AUTH_UNKNOWN_FORWARDS.inc();
             return Verdict::Forward;

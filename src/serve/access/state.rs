@@ -9,15 +9,23 @@
 //! `--auth-poll` (1 s). A poll that fails, or gets no answer within three intervals, makes the
 //! state *unknown*, and nothing is then served from the cache until a poll answers again: the
 //! state the proxy acts on is never older than one poll interval plus the poll's round trip
-//! (at most three intervals). Forwarded
+//! (at most three intervals). While the state is unknown only because the poll is late (no
+//! answer, no error: etcd, or this proxy under a burst of creates, too busy to answer in
+//! time), a request waits for the next answer (up to a bound, then it is forwarded):
+//! forwarding every watch create of a reconnect storm would turn each into an etcd watch of
+//! its own and load etcd further, so the poll would come back later still. A poll that
+//! failed (etcd answered with an error, or could not be reached) forwards at once, and the
+//! client gets etcd's own answer. Forwarded
 //! answers that reveal the state (`user name is empty`, a successful `AuthEnable` or
 //! `AuthDisable` through the proxy) switch it at once.
 //!
 //! Every change of the known state (and every RBAC change the proxy sees) starts a new
 //! *epoch*; permission decisions are keyed by epoch, so none outlives the state it was made in.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::time::Duration;
+
+use tokio::sync::Notify;
 
 use bytes::Bytes;
 use tonic::{Code, Status};
@@ -66,6 +74,11 @@ pub struct State {
     last_known: AtomicU8,
     /// Bumped whenever earlier permission decisions must no longer be used.
     epoch: AtomicU64,
+    /// The last poll got no answer in time (no error either): unknown, but etcd is not
+    /// known to have failed.
+    late: AtomicBool,
+    /// Wakes the requests waiting on a late poll, at every answer.
+    answered: Notify,
 }
 
 impl Default for State {
@@ -74,6 +87,8 @@ impl Default for State {
             current: AtomicU8::new(AuthState::Unknown as u8),
             last_known: AtomicU8::new(AuthState::Unknown as u8),
             epoch: AtomicU64::new(0),
+            late: AtomicBool::new(false),
+            answered: Notify::new(),
         }
     }
 }
@@ -94,6 +109,29 @@ impl State {
         self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// The state, after waiting up to `wait` while it is unknown only because the poll is
+    /// late. Unknown when the poll failed, or stayed late for all of `wait`.
+    pub async fn settled(&self, wait: Duration) -> AuthState {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Made before the check, so an answer between the check and the wait is seen.
+            let answered = self.answered.notified();
+            let state = self.get();
+            if state != AuthState::Unknown || !self.late.load(Ordering::Acquire) {
+                return state;
+            }
+            if tokio::time::timeout_at(deadline, answered).await.is_err() {
+                return self.get();
+            }
+        }
+    }
+
+    /// Records that the poll got no answer in time.
+    fn set_late(&self) {
+        self.late.store(true, Ordering::Release);
+        self.set(AuthState::Unknown);
+    }
+
     /// Records what the poll or a forwarded answer showed.
     pub fn set(&self, state: AuthState) {
         // A change of the known state starts a new epoch *before* it is acted on, so no
@@ -112,10 +150,16 @@ impl State {
                 AuthState::Off => 0,
                 AuthState::On => 1,
             });
-            if state == AuthState::Unknown {
+            if state == AuthState::Unknown && self.late.load(Ordering::Acquire) {
+                tracing::warn!(
+                    "etcd authentication state unknown (the poll got no answer in time): \
+                     requests wait for the next answer, then are forwarded"
+                );
+            } else if state == AuthState::Unknown {
                 tracing::warn!("etcd authentication state unknown: forwarding every request");
             }
         }
+        self.answered.notify_waiters();
     }
 
     /// What a status etcd returned says about the auth state, if anything.
@@ -158,9 +202,11 @@ impl State {
             }
             Err(_) => {
                 tracing::debug!("auth poll timed out");
-                AuthState::Unknown
+                self.set_late();
+                return;
             }
         };
+        self.late.store(false, Ordering::Release);
         self.set(state);
     }
 }
@@ -184,5 +230,42 @@ mod tests {
         assert!(s.epoch() > e);
         s.observe(&Status::permission_denied("etcdserver: permission denied"));
         assert_eq!(s.get(), AuthState::On);
+    }
+
+    /// A late poll holds requests until it answers (bounded); a failed one does not.
+    #[tokio::test(start_paused = true)]
+    async fn a_late_poll_holds_requests_until_it_answers() {
+        let s = std::sync::Arc::new(State::default());
+        s.set(AuthState::Off);
+        s.set_late();
+        assert_eq!(s.get(), AuthState::Unknown);
+        let waiter = {
+            let s = s.clone();
+            tokio::spawn(async move { s.settled(Duration::from_secs(10)).await })
+        };
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!waiter.is_finished(), "answered while the poll is late");
+        s.late.store(false, Ordering::Release);
+        s.set(AuthState::On);
+        assert_eq!(waiter.await.ok(), Some(AuthState::On));
+
+        s.set_late();
+        let started = tokio::time::Instant::now();
+        assert_eq!(s.settled(Duration::from_secs(10)).await, AuthState::Unknown);
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(10),
+            "bounded by the wait"
+        );
+
+        s.late.store(false, Ordering::Release);
+        s.set(AuthState::Unknown);
+        let started = tokio::time::Instant::now();
+        assert_eq!(s.settled(Duration::from_secs(10)).await, AuthState::Unknown);
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "a failed poll forwards at once"
+        );
     }
 }

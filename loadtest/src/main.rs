@@ -10,11 +10,13 @@
 //! error (missing, duplicated or out-of-order event, stream error) or could not run.
 
 mod auth;
+mod burst;
 mod goclient;
 mod http1;
 mod layout;
 mod procs;
 mod report;
+mod slow;
 mod stats;
 mod tiers;
 mod tls;
@@ -227,6 +229,28 @@ struct Args {
     /// their clients, every loadgen client presenting a certificate without CommonName.
     #[arg(long)]
     tls: bool,
+
+    /// The slow-reader workload instead of the watch workload (`slow.rs`): per target, a
+    /// victim watcher and gets measured without, then with, watchers that never read.
+    #[arg(long)]
+    slow_readers: bool,
+    /// With --slow-readers: non-reading HTTP/JSON watchers (one connection each; skipped for
+    /// grpc-proxy).
+    #[arg(long, default_value_t = 2000)]
+    slow_http: usize,
+    /// With --slow-readers: non-reading gRPC watches in total.
+    #[arg(long, default_value_t = 1000)]
+    slow_grpc: usize,
+    /// With --slow-readers: Watch streams (one watch each) per non-reading HTTP/2 connection.
+    #[arg(long, default_value_t = 1)]
+    slow_grpc_streams: usize,
+    /// With --slow-readers: puts of `--value-size` bytes per round, at `--rate`.
+    #[arg(long, default_value_t = 300)]
+    slow_puts: u64,
+    /// Instead of the watch workload: this many watch creates written at once on one gRPC
+    /// stream (`burst.rs`), per target.
+    #[arg(long)]
+    create_burst: Option<usize>,
     /// Free-text note printed with the results (e.g. machine load).
     #[arg(long, default_value = "")]
     note: String,
@@ -366,6 +390,9 @@ async fn main() -> ExitCode {
     } else {
         None
     };
+    if special_run(&args) {
+        return run_special(&args).await;
+    }
     let started = std::time::SystemTime::now();
     let mut results = Vec::new();
     for t in &args.targets {
@@ -399,6 +426,47 @@ async fn main() -> ExitCode {
     }
 }
 
+/// True when `a` asks for one of the workloads of their own (`--slow-readers`,
+/// `--create-burst`).
+fn special_run(a: &Args) -> bool {
+    a.slow_readers || a.create_burst.is_some()
+}
+
+/// Runs `--slow-readers` or `--create-burst` and prints its table.
+async fn run_special(a: &Args) -> ExitCode {
+    let (text, doc, ok) = if let Some(n) = a.create_burst {
+        let rs = burst::run(a, n).await;
+        let ok = rs.iter().all(|r| r.error.is_none() && r.created == n);
+        (
+            burst::render(a, &rs),
+            serde_json::json!({ "args": a, "bursts": rs }),
+            ok,
+        )
+    } else {
+        let rs = slow::run(a).await;
+        let ok = rs
+            .iter()
+            .all(|r| r.failure.is_none() && r.rounds.len() == 2);
+        (
+            slow::render(a, &rs),
+            serde_json::json!({ "args": a, "slow_readers": rs }),
+            ok,
+        )
+    };
+    println!("{text}");
+    if let Some(path) = &a.json {
+        if let Err(e) = std::fs::write(path, serde_json::to_string_pretty(&doc).unwrap_or_default())
+        {
+            eprintln!("loadgen: cannot write {}: {e}", path.display());
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 fn validate(a: &Args) -> Result<(), String> {
     if a.prefixes == 0 || a.connections == 0 {
         return Err("--prefixes and --connections must be at least 1".into());
@@ -409,7 +477,10 @@ fn validate(a: &Args) -> Result<(), String> {
     if !(a.rate > 0.0 && a.duration > 0.0) {
         return Err("--rate and --duration must be positive".into());
     }
-    if a.watchers == 0 && a.http_watchers == 0 && a.cold == 0 {
+    if a.slow_readers && a.create_burst.is_some() {
+        return Err("--slow-readers and --create-burst are separate runs".into());
+    }
+    if a.watchers == 0 && a.http_watchers == 0 && a.cold == 0 && !special_run(a) {
         return Err("nothing to do: no watchers and no cold-start ranges".into());
     }
     if (a.single_key || a.mixed) && a.http_watchers > 0 {

@@ -51,16 +51,16 @@ pub(super) async fn streaming<T, F>(
 ) -> Response<Body>
 where
     T: Send + 'static,
-    F: Fn(&T) -> Bytes + Send + Sync + 'static,
+    F: Fn(&T) -> Vec<Bytes> + Send + Sync + 'static,
 {
     let first = responses.next().await;
-    let (status, first_chunk, done) = match first {
-        None => (StatusCode::OK, None, true),
-        Some(Ok(m)) => (StatusCode::OK, Some(encode(&m)), false),
+    let (status, first_chunks, done) = match first {
+        None => (StatusCode::OK, Vec::new(), true),
+        Some(Ok(m)) => (StatusCode::OK, encode(&m), false),
         Some(Err(s)) => (
             StatusCode::from_u16(errors::http_status(s.code()))
                 .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            Some(stream::error_chunk(&s)),
+            vec![stream::error_chunk(&s)],
             true,
         ),
     };
@@ -70,19 +70,20 @@ where
         responses
             .map(move |item| match item {
                 Ok(m) => (encode(&m), false),
-                Err(s) => (stream::error_chunk(&s), true),
+                Err(s) => (vec![stream::error_chunk(&s)], true),
             })
             // Nothing follows an error chunk.
-            .scan(false, |ended, (chunk, is_error)| {
+            .scan(false, |ended, (chunks, is_error)| {
                 if *ended {
                     return futures::future::ready(None);
                 }
                 *ended = is_error;
-                futures::future::ready(Some(chunk))
+                futures::future::ready(Some(chunks))
             })
+            .flat_map(futures::stream::iter)
             .boxed()
     };
-    let body = futures::stream::iter(first_chunk).chain(rest);
+    let body = futures::stream::iter(first_chunks).chain(rest);
     let mut resp = Response::new(stream::chunked(body));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
@@ -132,7 +133,7 @@ pub(super) async fn watch(
                 if s.code() == Code::Unavailable && ends.iter().any(|m| m == s.message())))
         })
         .boxed();
-    streaming(session, stream::reply_chunk, true).await
+    streaming(session, stream::reply_chunks, true).await
 }
 
 /// `POST /v3/lease/keepalive`: the body's keepalives piped to etcd, etcd's answers back.
@@ -156,7 +157,10 @@ pub(super) async fn keep_alive(
             streaming(
                 s,
                 |m: &LeaseKeepAliveResponse| {
-                    stream::result_chunk(&jsonpb::encode("etcdserverpb.LeaseKeepAliveResponse", m))
+                    vec![stream::result_chunk(&jsonpb::encode(
+                        "etcdserverpb.LeaseKeepAliveResponse",
+                        m,
+                    ))]
                 },
                 with_metadata,
             )
@@ -185,7 +189,10 @@ pub(super) async fn snapshot(services: &Services, md: MetadataMap, body: Bytes) 
             streaming(
                 resp.into_inner(),
                 |m: &SnapshotResponse| {
-                    stream::result_chunk(&jsonpb::encode("etcdserverpb.SnapshotResponse", m))
+                    vec![stream::result_chunk(&jsonpb::encode(
+                        "etcdserverpb.SnapshotResponse",
+                        m,
+                    ))]
                 },
                 true,
             )

@@ -2,10 +2,12 @@
 //!
 //! A session's [`Reply`]s are written as WatchResponses: the header and watch id, then the
 //! bytes the watch's shape encoded once per batch for every watcher of that shape: per-watcher
-//! work is a few bytes of framing and one copy into the connection's buffer.
+//! work is a few bytes of framing and one copy into the connection's buffer, or, for replies
+//! with 16 KiB or more of events, none (the shared bytes are frames of their own).
 //!
 //! The Watch gRPC method is served here ([`serve`], instead of tonic's generated
-//! `WatchServer`) only to use this encoder; it speaks exactly the same protocol.
+//! `WatchServer`) only to use this encoder and body ([`ReplyBody`]); it speaks exactly the
+//! same protocol.
 
 use bytes::BufMut;
 use prost::Message;
@@ -133,7 +135,9 @@ impl StreamingService<WatchRequest> for Handler {
 /// The gRPC path of the Watch method.
 pub const PATH: &str = "/etcdserverpb.Watch/Watch";
 
-/// Serves one `Watch` call (a whole stream) with the reply encoder.
+/// Serves one `Watch` call (a whole stream): requests decoded by tonic, replies written by
+/// [`ReplyBody`]. A compressed request stream (which the proxy does not take) goes through
+/// tonic's handler for its refusal.
 pub async fn serve<B>(
     svc: WatchService,
     req: http::Request<B>,
@@ -143,7 +147,186 @@ where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
-    let mut grpc =
-        Grpc::new(ReplyCodec).apply_max_message_size_config(Some(max_decoding), Some(usize::MAX));
-    grpc.streaming(Handler(svc), req).await
+    let compressed = req
+        .headers()
+        .get("grpc-encoding")
+        .is_some_and(|v| v.as_bytes() != b"identity");
+    if compressed {
+        let mut grpc = Grpc::new(ReplyCodec)
+            .apply_max_message_size_config(Some(max_decoding), Some(usize::MAX));
+        return grpc.streaming(Handler(svc), req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let requests = Streaming::new_request(RequestDecoder, body, None, Some(max_decoding));
+    let ending = parts.extensions.get::<ConnectionEnding>().cloned();
+    let metadata = tonic::metadata::MetadataMap::from_headers(parts.headers);
+    let replies = svc.session(metadata, ending, requests);
+    let mut resp = http::Response::new(Body::new(ReplyBody::new(replies)));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    resp
+}
+
+/// Events replies whose shared encodings reach this size are written as frames of their own
+/// (see [`ReplyBody`]).
+const SPLIT_AT: usize = 16 << 10;
+
+/// The response body of a Watch call: the session's replies as gRPC messages, then its
+/// status in the trailers (tonic's `EncodeBody` for this stream, without its copy of large
+/// replies).
+///
+/// Replies ready together are gathered into one DATA frame of up to [`YIELD_THRESHOLD`]
+/// bytes (a burst of `created` answers goes out in a few large frames). An events reply with
+/// [`SPLIT_AT`] or more of shared event bytes is written as its own frames: its length prefix
+/// and header, then the batches' shared protobuf encodings themselves, not a copy. A stream
+/// whose client does not read holds, in HTTP/2's send buffer, the shared bytes of the reply
+/// it is stuck on rather than a copy of them (1,000 such gRPC watchers and 100 KB values
+/// would otherwise hold 100 MB or more).
+struct ReplyBody {
+    /// The session's replies.
+    replies: BoxStream<Reply>,
+    /// Frames ready to be sent, in order.
+    ready: std::collections::VecDeque<bytes::Bytes>,
+    /// Small replies gathered for the next frame.
+    gathered: bytes::BytesMut,
+    /// The trailers, once the session ended; sent after every frame.
+    trailers: Option<http::HeaderMap>,
+    /// The trailers were sent.
+    done: bool,
+}
+
+impl ReplyBody {
+    fn new(replies: BoxStream<Reply>) -> ReplyBody {
+        ReplyBody {
+            replies,
+            ready: std::collections::VecDeque::new(),
+            gathered: bytes::BytesMut::new(),
+            trailers: None,
+            done: false,
+        }
+    }
+
+    /// Adds `reply` after everything taken so far.
+    fn push(&mut self, reply: Reply) -> Result<(), Status> {
+        let marshal = |e: prost::EncodeError| Status::from(crate::error::Error::Marshal(e));
+        match reply {
+            Reply::Error(_) => {}
+            Reply::Msg(m) => {
+                self.gathered.reserve(5 + m.encoded_len());
+                self.gathered.put_u8(0);
+                self.gathered.put_u32(m.encoded_len() as u32);
+                m.encode(&mut self.gathered).map_err(marshal)?;
+            }
+            Reply::Events(e) => {
+                if let Some(at) = e.live_since() {
+                    crate::metrics::delivered(crate::metrics::Wire::Grpc, at);
+                }
+                let head = WatchResponse {
+                    header: Some(e.header),
+                    watch_id: e.watch_id,
+                    ..Default::default()
+                };
+                let parts: Vec<bytes::Bytes> = e
+                    .batches
+                    .iter()
+                    .map(|b| e.shape.encode(b).proto)
+                    .filter(|p| !p.is_empty())
+                    .collect();
+                let shared: usize = parts.iter().map(|p| p.len()).sum();
+                let len = head.encoded_len() + shared;
+                if shared < SPLIT_AT {
+                    self.gathered.reserve(5 + len);
+                    self.gathered.put_u8(0);
+                    self.gathered.put_u32(len as u32);
+                    head.encode(&mut self.gathered).map_err(marshal)?;
+                    for p in &parts {
+                        self.gathered.put_slice(p);
+                    }
+                    return Ok(());
+                }
+                if !self.gathered.is_empty() {
+                    self.ready.push_back(self.gathered.split().freeze());
+                }
+                let mut first = bytes::BytesMut::with_capacity(5 + head.encoded_len());
+                first.put_u8(0);
+                first.put_u32(len as u32);
+                head.encode(&mut first).map_err(marshal)?;
+                self.ready.push_back(first.freeze());
+                self.ready.extend(parts);
+            }
+        }
+        Ok(())
+    }
+
+    /// The trailers of a stream ending with `status`.
+    fn trailers_of(status: &Status) -> http::HeaderMap {
+        let mut trailers = http::HeaderMap::new();
+        if status.add_header(&mut trailers).is_err() {
+            trailers.insert("grpc-status", http::HeaderValue::from_static("13"));
+        }
+        trailers
+    }
+}
+
+impl http_body::Body for ReplyBody {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Status>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        loop {
+            if let Some(frame) = this.ready.pop_front() {
+                return Poll::Ready(Some(Ok(http_body::Frame::data(frame))));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            if let Some(trailers) = this.trailers.take() {
+                this.done = true;
+                return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))));
+            }
+            // Every reply ready now, up to a frame's worth.
+            let mut pending = false;
+            while this.ready.is_empty() && this.gathered.len() < YIELD_THRESHOLD {
+                match this.replies.as_mut().poll_next(cx) {
+                    Poll::Ready(Some(Ok(reply))) => {
+                        if let Err(status) = this.push(reply) {
+                            this.trailers = Some(Self::trailers_of(&status));
+                            break;
+                        }
+                    }
+                    Poll::Ready(Some(Err(status))) => {
+                        this.trailers = Some(Self::trailers_of(&status));
+                        break;
+                    }
+                    Poll::Ready(None) => {
+                        this.trailers = Some(Self::trailers_of(&Status::ok("")));
+                        break;
+                    }
+                    Poll::Pending => {
+                        pending = true;
+                        break;
+                    }
+                }
+            }
+            if !this.gathered.is_empty() {
+                // `ready` is empty here: a large reply moves what was gathered before it.
+                let frame = this.gathered.split().freeze();
+                this.ready.push_back(frame);
+            }
+            if pending && this.ready.is_empty() && this.trailers.is_none() {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
 }

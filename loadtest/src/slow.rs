@@ -1,0 +1,771 @@
+//! The slow-reader workload (`--slow-readers`, issue 15 item 1): does a client that never
+//! reads cost the other clients anything?
+//!
+//! Per target, in one session (one etcd, one proxy), two rounds of the same measured work:
+//! first without, then with `--slow-http` HTTP/JSON watches and `--slow-grpc` gRPC watches
+//! whose sockets are never read (connection open, watch created, not one byte read back).
+//! The measured work: a writer putting `--slow-puts` values of `--value-size` bytes straight
+//! to etcd at `--rate`, a well-behaved gRPC watcher and (where there is a gateway) a
+//! well-behaved HTTP/JSON watcher on the written prefix, whose event latency (send time in
+//! the value to receipt) is recorded, and a linearizable get of a written key every 250 ms
+//! over gRPC and over HTTP/JSON. The rounds' CPU and RSS of etcd and the proxy are sampled;
+//! the proxy's RSS growth is its peak in the second round over its RSS when that round began.
+//!
+//! The gRPC non-readers speak HTTP/2 by hand over a raw socket (preface, an empty SETTINGS,
+//! so the default 64 KiB windows, then HEADERS and one DATA frame carrying the create) and
+//! then never read: no SETTINGS ack, no window update, no PING answer, as a peer whose
+//! process is stuck. The HTTP ones write `POST /v3/watch` and never read.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use bytes::{Bytes, BytesMut};
+use etcd_fanout::proto::etcdserverpb::{
+    kv_client::KvClient, watch_client::WatchClient, watch_request::RequestUnion, PutRequest,
+    RangeRequest, WatchCreateRequest, WatchRequest,
+};
+use prost::Message;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::http1::{self, BoxError};
+use crate::procs::{PhaseUsage, Sampler};
+use crate::stats::{metric, Hist, LatencySummary};
+use crate::work::{self, decode_value, encode_value, prefix_end};
+use crate::{auth, Args, Target};
+
+/// One round: the measured work, with or without the non-readers.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Round {
+    pub with_slow: bool,
+    /// Non-reading HTTP/JSON watch requests and gRPC watches open during the round.
+    pub slow_http: usize,
+    pub slow_grpc: usize,
+    /// Seconds to open the non-readers, and the target's watcher gauge then
+    /// (`etcd_debugging_mvcc_watcher_total` for etcd, `etcd_fanout_watchers` for the proxy).
+    pub slow_setup_s: f64,
+    pub watchers_gauge: Option<f64>,
+    pub puts: u64,
+    pub grpc_victim: LatencySummary,
+    pub grpc_victim_missing: u64,
+    pub http_victim: Option<LatencySummary>,
+    pub http_victim_missing: u64,
+    pub grpc_gets: LatencySummary,
+    pub http_gets: Option<LatencySummary>,
+    /// Gets (both kinds) that took over a second, and that failed.
+    pub gets_over_1s: u64,
+    pub get_errors: u64,
+    pub errors: Vec<String>,
+    pub usage: PhaseUsage,
+}
+
+/// One target's two rounds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SlowResult {
+    pub target: String,
+    pub rounds: Vec<Round>,
+    pub failure: Option<String>,
+}
+
+fn now_ns() -> u64 {
+    static T0: OnceLock<Instant> = OnceLock::new();
+    T0.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+fn errors_push(errors: &Mutex<Vec<String>>, e: impl Into<String>) {
+    let mut v = errors.lock().unwrap();
+    if v.len() < 10 {
+        v.push(e.into());
+    }
+}
+
+/// Runs the slow-reader workload against every target of `a`.
+pub async fn run(a: &Args) -> Vec<SlowResult> {
+    let mut out = Vec::new();
+    for t in &a.targets {
+        eprintln!("loadgen: ===== slow readers, target {} =====", t.name());
+        let r = match run_target(a, *t).await {
+            Ok(r) => r,
+            Err(e) => SlowResult {
+                target: t.name().into(),
+                failure: Some(e.to_string()),
+                ..Default::default()
+            },
+        };
+        if let Some(f) = &r.failure {
+            eprintln!("loadgen: {} FAILED: {f}", t.name());
+        }
+        out.push(r);
+    }
+    out
+}
+
+async fn run_target(a: &Args, t: Target) -> Result<SlowResult, BoxError> {
+    if !matches!(t, Target::Etcd | Target::GrpcProxy | Target::Fanout) {
+        return Err("--slow-readers runs against etcd, grpc-proxy and fanout only".into());
+    }
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("loadgen-slow-{}-", t.name()))
+        .tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())?;
+    let (mut etcd, etcd_addr) = crate::start_etcd(a, dir.path()).await?;
+    auth::disable();
+    let (mut proxy, addr) = crate::start_proxy(a, t, etcd_addr, dir.path()).await?;
+    let mut watched = vec![("etcd".to_string(), etcd.pid())];
+    if let Some(p) = &proxy {
+        watched.push(("proxy".to_string(), p.pid()));
+    }
+    watched.push(("loadgen".to_string(), std::process::id() as i32));
+    let sampler = Sampler::start(watched);
+    let prefix = crate::layout(a).channels[0].clone();
+    let gateway = t != Target::GrpcProxy;
+    let mut res = SlowResult {
+        target: t.name().into(),
+        ..Default::default()
+    };
+    for with_slow in [false, true] {
+        let r = round(a, t, etcd_addr, addr, &prefix, gateway, with_slow, &sampler).await;
+        match r {
+            Ok(r) => res.rounds.push(r),
+            Err(e) => {
+                res.failure = Some(e.to_string());
+                break;
+            }
+        }
+        for p in proxy.iter_mut().chain(std::iter::once(&mut etcd)) {
+            if let Err(e) = p.check_alive() {
+                res.failure.get_or_insert(e.to_string());
+            }
+        }
+    }
+    drop(sampler);
+    if let Some(p) = proxy.as_mut() {
+        p.stop();
+    }
+    etcd.stop();
+    if a.keep {
+        eprintln!("loadgen: kept {}", dir.keep().display());
+    }
+    Ok(res)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn round(
+    a: &Args,
+    t: Target,
+    etcd_addr: SocketAddr,
+    addr: SocketAddr,
+    prefix: &Bytes,
+    gateway: bool,
+    with_slow: bool,
+    sampler: &Sampler,
+) -> Result<Round, BoxError> {
+    let mark = sampler.mark();
+    let mut r = Round {
+        with_slow,
+        ..Default::default()
+    };
+    let errors = Arc::new(Mutex::new(Vec::new()));
+
+    // ---- the non-readers ----------------------------------------------------------------
+    let mut held: Vec<TcpStream> = Vec::new();
+    if with_slow {
+        let t0 = Instant::now();
+        let http_n = if gateway { a.slow_http } else { 0 };
+        let per_conn = a.slow_grpc_streams.max(1);
+        let conns = a.slow_grpc.div_ceil(per_conn);
+        let mut tasks = Vec::new();
+        let gate = Arc::new(tokio::sync::Semaphore::new(128));
+        for i in 0..(http_n + conns) {
+            let prefix = prefix.clone();
+            let gate = gate.clone();
+            let streams = if i < http_n {
+                0
+            } else {
+                per_conn.min(a.slow_grpc - (i - http_n) * per_conn)
+            };
+            tasks.push(tokio::spawn(async move {
+                let _p = gate.acquire().await;
+                let fut = async {
+                    if streams == 0 {
+                        open_http_nonreader(addr, &prefix).await
+                    } else {
+                        open_grpc_nonreader(addr, &prefix, streams).await
+                    }
+                };
+                tokio::time::timeout(Duration::from_secs(20), fut)
+                    .await
+                    .map_err(|_| BoxError::from("opening a non-reader timed out"))?
+            }));
+        }
+        for task in tasks {
+            match task.await? {
+                Ok(s) => held.push(s),
+                Err(e) => errors_push(&errors, format!("non-reader: {e}")),
+            }
+        }
+        r.slow_http = held.len().min(http_n);
+        r.slow_grpc = held.len().saturating_sub(http_n) * per_conn;
+        // Until the target shows them (or 60 s).
+        let want = (http_n + a.slow_grpc) as f64;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            r.watchers_gauge = watchers_gauge(t, etcd_addr, addr).await;
+            let enough = match (t, r.watchers_gauge) {
+                (Target::GrpcProxy, _) => true,
+                (_, Some(g)) => g >= want,
+                _ => false,
+            };
+            if enough || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        if t == Target::GrpcProxy {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        r.slow_setup_s = t0.elapsed().as_secs_f64();
+        eprintln!(
+            "loadgen: {} non-readers open ({} HTTP, {} gRPC watches) in {:.1}s; watcher gauge {:?}",
+            held.len(),
+            r.slow_http,
+            r.slow_grpc,
+            r.slow_setup_s,
+            r.watchers_gauge
+        );
+    }
+
+    // ---- the victims ----------------------------------------------------------------------
+    let url = format!("http://{addr}");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let puts = a.slow_puts;
+    let created = Arc::new(AtomicU64::new(0));
+    let grpc_hist = Arc::new(Mutex::new(Hist::default()));
+    let grpc_seen = Arc::new(AtomicU64::new(0));
+    let grpc_victim = tokio::spawn(grpc_victim(
+        url.clone(),
+        prefix.clone(),
+        grpc_hist.clone(),
+        grpc_seen.clone(),
+        created.clone(),
+        stop_rx.clone(),
+        errors.clone(),
+    ));
+    let http_hist = Arc::new(Mutex::new(Hist::default()));
+    let http_seen = Arc::new(AtomicU64::new(0));
+    let http_victim = gateway.then(|| {
+        tokio::spawn(http_victim(
+            addr,
+            prefix.clone(),
+            http_hist.clone(),
+            http_seen.clone(),
+            created.clone(),
+            stop_rx.clone(),
+            errors.clone(),
+        ))
+    });
+    // Both victims created before the writes start (at most 30 s).
+    let victims = if gateway { 2 } else { 1 };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while created.load(Ordering::Relaxed) < victims && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if created.load(Ordering::Relaxed) < victims {
+        errors_push(&errors, "a victim watch was not created within 30 s");
+    }
+
+    let key = Bytes::from([prefix.as_ref(), b"k0000"].concat());
+    let get_hist = Arc::new(Mutex::new(Hist::default()));
+    let http_get_hist = Arc::new(Mutex::new(Hist::default()));
+    let slow_gets = Arc::new(AtomicU64::new(0));
+    let get_errors = Arc::new(AtomicU64::new(0));
+    let getter = tokio::spawn(getter(
+        url.clone(),
+        gateway.then_some(addr),
+        key.clone(),
+        get_hist.clone(),
+        http_get_hist.clone(),
+        slow_gets.clone(),
+        get_errors.clone(),
+        stop_rx.clone(),
+    ));
+
+    // ---- the writes -----------------------------------------------------------------------
+    let etcd_url = format!("http://{etcd_addr}");
+    let ch = work::connect(&etcd_url).await?;
+    let mut kv = KvClient::new(ch);
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / a.rate.max(0.1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let keys = a.keys.max(1);
+    for seq in 0..puts {
+        tick.tick().await;
+        let k = Bytes::from(format!(
+            "{}k{:04}",
+            String::from_utf8_lossy(prefix),
+            seq % keys
+        ));
+        let req = PutRequest {
+            key: k,
+            value: encode_value(seq, now_ns(), a.value_size),
+            ..Default::default()
+        };
+        match tokio::time::timeout(Duration::from_secs(10), kv.put(auth::as_writer(req))).await {
+            Ok(Ok(_)) => r.puts += 1,
+            Ok(Err(s)) => return Err(format!("put {seq}: {s}").into()),
+            Err(_) => return Err(format!("put {seq} timed out").into()),
+        }
+    }
+    // Every event to both victims, at most 60 s.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let http_done = !gateway || http_seen.load(Ordering::Relaxed) >= puts;
+        if grpc_seen.load(Ordering::Relaxed) >= puts && http_done {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop_tx.send(true);
+    for task in [Some(grpc_victim), http_victim, Some(getter)]
+        .into_iter()
+        .flatten()
+    {
+        if tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .is_err()
+        {
+            errors_push(&errors, "a victim task did not stop within 10 s");
+        }
+    }
+    r.usage = sampler.usage(&mark);
+    r.grpc_victim = grpc_hist.lock().unwrap().summary();
+    r.grpc_victim_missing = puts.saturating_sub(grpc_seen.load(Ordering::Relaxed));
+    if gateway {
+        r.http_victim = Some(http_hist.lock().unwrap().summary());
+        r.http_victim_missing = puts.saturating_sub(http_seen.load(Ordering::Relaxed));
+        r.http_gets = Some(http_get_hist.lock().unwrap().summary());
+    }
+    r.grpc_gets = get_hist.lock().unwrap().summary();
+    r.gets_over_1s = slow_gets.load(Ordering::Relaxed);
+    r.get_errors = get_errors.load(Ordering::Relaxed);
+    r.errors = errors.lock().unwrap().clone();
+    eprintln!(
+        "loadgen: round with_slow={with_slow}: victim gRPC p99 {:.1} ms (missing {}), HTTP p99 {:?} ms (missing {}), gets p99 {:.1} ms, >1s {}",
+        r.grpc_victim.p99_ms,
+        r.grpc_victim_missing,
+        r.http_victim.as_ref().map(|h| h.p99_ms),
+        r.http_victim_missing,
+        r.grpc_gets.p99_ms,
+        r.gets_over_1s
+    );
+    drop(held);
+    Ok(r)
+}
+
+async fn watchers_gauge(t: Target, etcd: SocketAddr, addr: SocketAddr) -> Option<f64> {
+    let (at, name) = match t {
+        Target::Etcd => (etcd, "etcd_debugging_mvcc_watcher_total"),
+        Target::Fanout => (addr, "etcd_fanout_watchers"),
+        _ => return None,
+    };
+    let text = http1::get_text(at, "/metrics", Duration::from_secs(10))
+        .await
+        .ok()?;
+    metric(&text, name, &[])
+}
+
+/// `POST /v3/watch` of `prefix` on a fresh connection that is never read.
+async fn open_http_nonreader(addr: SocketAddr, prefix: &Bytes) -> Result<TcpStream, BoxError> {
+    let mut s = TcpStream::connect(addr).await?;
+    let body = format!(
+        "{{\"create_request\":{{\"key\":\"{}\",\"range_end\":\"{}\"}}}}",
+        B64.encode(prefix),
+        B64.encode(prefix_end(prefix))
+    );
+    s.write_all(&http1::request_bytes(
+        "POST",
+        addr,
+        "/v3/watch",
+        body.as_bytes(),
+        false,
+    ))
+    .await?;
+    Ok(s)
+}
+
+/// One HTTP/2 frame.
+fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+    let len = payload.len() as u32;
+    out.extend_from_slice(&len.to_be_bytes()[1..]);
+    out.push(kind);
+    out.push(flags);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// An HPACK string length (7-bit prefix, no Huffman coding).
+fn hpack_len(out: &mut Vec<u8>, n: usize) {
+    if n < 127 {
+        out.push(n as u8);
+        return;
+    }
+    out.push(127);
+    let mut rest = n - 127;
+    while rest >= 128 {
+        out.push((rest % 128) as u8 | 0x80);
+        rest /= 128;
+    }
+    out.push(rest as u8);
+}
+
+/// The header block of a gRPC Watch call: literals without indexing, new names.
+pub fn grpc_watch_headers(authority: &str) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (k, v) in [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/etcdserverpb.Watch/Watch"),
+        (":authority", authority),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ] {
+        block.push(0);
+        hpack_len(&mut block, k.len());
+        block.extend_from_slice(k.as_bytes());
+        hpack_len(&mut block, v.len());
+        block.extend_from_slice(v.as_bytes());
+    }
+    block
+}
+
+/// A gRPC message (uncompressed) carrying `msg`.
+pub fn grpc_message(msg: &impl Message) -> Vec<u8> {
+    let body = msg.encode_to_vec();
+    let mut out = vec![0];
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// An HTTP/2 connection with `streams` Watch calls each creating a watch of `prefix`, written
+/// by hand and then never read.
+async fn open_grpc_nonreader(
+    addr: SocketAddr,
+    prefix: &Bytes,
+    streams: usize,
+) -> Result<TcpStream, BoxError> {
+    let mut s = TcpStream::connect(addr).await?;
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    frame(&mut out, 4, 0, 0, &[]);
+    let headers = grpc_watch_headers(&addr.to_string());
+    let create = grpc_message(&WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+            key: prefix.clone(),
+            range_end: prefix_end(prefix),
+            ..Default::default()
+        })),
+    });
+    for i in 0..streams {
+        let id = 1 + 2 * i as u32;
+        frame(&mut out, 1, 0x4, id, &headers);
+        frame(&mut out, 0, 0, id, &create);
+    }
+    s.write_all(&out).await?;
+    Ok(s)
+}
+
+/// The well-behaved gRPC watcher: every event's latency, and how many distinct puts it saw.
+async fn grpc_victim(
+    url: String,
+    prefix: Bytes,
+    hist: Arc<Mutex<Hist>>,
+    seen: Arc<AtomicU64>,
+    created: Arc<AtomicU64>,
+    mut stop: watch::Receiver<bool>,
+    errors: Arc<Mutex<Vec<String>>>,
+) {
+    let res = async {
+        let ch = work::connect(&url).await?;
+        let create = WatchRequest {
+            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                key: prefix.clone(),
+                range_end: prefix_end(&prefix),
+                ..Default::default()
+            })),
+        };
+        let reqs = tokio_stream::StreamExt::chain(
+            tokio_stream::iter(vec![create]),
+            tokio_stream::pending(),
+        );
+        let mut stream = WatchClient::new(ch)
+            .watch(auth::as_reader(reqs))
+            .await?
+            .into_inner();
+        let mut got = std::collections::HashSet::new();
+        loop {
+            let msg = tokio::select! {
+                _ = stop.changed() => return Ok::<(), BoxError>(()),
+                m = stream.message() => m?,
+            };
+            let Some(resp) = msg else {
+                return Err("the victim's watch stream ended".into());
+            };
+            let now = now_ns();
+            if resp.created {
+                created.fetch_add(1, Ordering::Relaxed);
+            }
+            for ev in &resp.events {
+                if let Some((seq, t)) = ev.kv.as_ref().and_then(|kv| decode_value(&kv.value)) {
+                    if got.insert(seq) {
+                        hist.lock().unwrap().record(now.saturating_sub(t) / 1000);
+                        seen.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    if let Err(e) = res {
+        errors_push(&errors, format!("gRPC victim: {e}"));
+    }
+}
+
+/// The well-behaved HTTP/JSON watcher (APISIX's kind): reads the chunked stream as it comes.
+async fn http_victim(
+    addr: SocketAddr,
+    prefix: Bytes,
+    hist: Arc<Mutex<Hist>>,
+    seen: Arc<AtomicU64>,
+    created: Arc<AtomicU64>,
+    mut stop: watch::Receiver<bool>,
+    errors: Arc<Mutex<Vec<String>>>,
+) {
+    let res = async {
+        let mut s = open_http_nonreader(addr, &prefix).await?;
+        let mut buf = BytesMut::with_capacity(256 << 10);
+        let mut head = false;
+        let mut chunked = http1::Chunked::default();
+        let mut lines: Vec<u8> = Vec::new();
+        let mut got = std::collections::HashSet::new();
+        loop {
+            let n = tokio::select! {
+                _ = stop.changed() => return Ok::<(), BoxError>(()),
+                r = s.read_buf(&mut buf) => r?,
+            };
+            if n == 0 {
+                return Err("the victim's watch connection closed".into());
+            }
+            let now = now_ns();
+            if !head {
+                match http1::parse_head(&mut buf)? {
+                    None => continue,
+                    Some(h) if h.status == 200 => head = true,
+                    Some(h) => return Err(format!("watch status {}", h.status).into()),
+                }
+            }
+            chunked.decode(&mut buf, &mut lines)?;
+            let mut consumed = 0;
+            while let Some(nl) = lines[consumed..].iter().position(|b| *b == b'\n') {
+                let line = &lines[consumed..consumed + nl];
+                consumed += nl + 1;
+                let v: serde_json::Value = serde_json::from_slice(line)?;
+                if v["result"]["created"].as_bool() == Some(true) {
+                    created.fetch_add(1, Ordering::Relaxed);
+                }
+                let events = v["result"]["events"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                for ev in events {
+                    let Some(b64) = ev["kv"]["value"].as_str() else {
+                        continue;
+                    };
+                    let value = B64.decode(b64)?;
+                    if let Some((seq, t)) = decode_value(&value) {
+                        if got.insert(seq) {
+                            hist.lock().unwrap().record(now.saturating_sub(t) / 1000);
+                            seen.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+            lines.drain(..consumed);
+        }
+    }
+    .await;
+    if let Err(e) = res {
+        errors_push(&errors, format!("HTTP victim: {e}"));
+    }
+}
+
+/// A linearizable get of `key` every 250 ms over gRPC, and over HTTP/JSON when `http` is
+/// set, until stopped.
+#[allow(clippy::too_many_arguments)]
+async fn getter(
+    url: String,
+    http: Option<SocketAddr>,
+    key: Bytes,
+    hist: Arc<Mutex<Hist>>,
+    http_hist: Arc<Mutex<Hist>>,
+    over_1s: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Ok(ch) = work::connect(&url).await else {
+        failed.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let mut kv = KvClient::new(ch);
+    let body = format!("{{\"key\":\"{}\"}}", B64.encode(&key));
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Bounded: the stop signal comes after the writes (at most a few minutes).
+    for _ in 0..4800 {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let t0 = Instant::now();
+        let req = RangeRequest {
+            key: key.clone(),
+            ..Default::default()
+        };
+        let ok = matches!(
+            tokio::time::timeout(Duration::from_secs(10), kv.range(auth::as_reader(req))).await,
+            Ok(Ok(_))
+        );
+        record_get(&hist, &over_1s, &failed, t0, ok);
+        if let Some(addr) = http {
+            let t0 = Instant::now();
+            let ok = matches!(
+                http1::request(
+                    addr,
+                    "POST",
+                    "/v3/kv/range",
+                    body.as_bytes(),
+                    Duration::from_secs(10)
+                )
+                .await,
+                Ok((200, _))
+            );
+            record_get(&http_hist, &over_1s, &failed, t0, ok);
+        }
+    }
+}
+
+fn record_get(hist: &Mutex<Hist>, over: &AtomicU64, failed: &AtomicU64, t0: Instant, ok: bool) {
+    let d = t0.elapsed();
+    if !ok {
+        failed.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    if d > Duration::from_secs(1) {
+        over.fetch_add(1, Ordering::Relaxed);
+    }
+    hist.lock().unwrap().record(d.as_micros() as u64);
+}
+
+/// The markdown report of the slow-reader runs.
+pub fn render(a: &Args, results: &[SlowResult]) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "### Slow readers: {} HTTP + {} gRPC ({} per connection) non-reading watchers, {} puts of {} B at {}/s\n",
+        a.slow_http, a.slow_grpc, a.slow_grpc_streams, a.slow_puts, a.value_size, a.rate
+    );
+    if !a.note.is_empty() {
+        let _ = writeln!(s, "Note: {}\n", a.note);
+    }
+    let _ = writeln!(
+        s,
+        "| target | non-readers (HTTP / gRPC) | victim gRPC p50 / p99 / max ms | victim HTTP p50 / p99 / max ms | missed events | gets gRPC p99 / max ms | gets HTTP p99 / max ms | gets > 1 s | proxy RSS start -> peak MB (growth) | etcd RSS start -> peak MB | proxy CPU s | etcd CPU s |"
+    );
+    let _ = writeln!(
+        s,
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    );
+    for res in results {
+        for r in &res.rounds {
+            let lat =
+                |l: &LatencySummary| format!("{:.1} / {:.1} / {:.1}", l.p50_ms, l.p99_ms, l.max_ms);
+            let proc_rss = |who: &str| {
+                r.usage.get(who).map_or("-".to_string(), |u| {
+                    format!(
+                        "{:.0} -> {:.0} ({:+.0})",
+                        u.start_rss_mb,
+                        u.peak_rss_mb,
+                        u.peak_rss_mb - u.start_rss_mb
+                    )
+                })
+            };
+            let cpu = |who: &str| {
+                r.usage
+                    .get(who)
+                    .map_or("-".to_string(), |u| format!("{:.1}", u.cpu_s))
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} / {} | {:.1} / {:.1} | {} | {} (+{} failed) | {} | {} | {} | {} |",
+                res.target,
+                if r.with_slow {
+                    format!("{} / {}", r.slow_http, r.slow_grpc)
+                } else {
+                    "none".into()
+                },
+                lat(&r.grpc_victim),
+                r.http_victim.as_ref().map_or("-".into(), lat),
+                r.grpc_victim_missing,
+                r.http_victim_missing,
+                r.grpc_gets.p99_ms,
+                r.grpc_gets.max_ms,
+                r.http_gets
+                    .as_ref()
+                    .map_or("-".into(), |l| format!("{:.1} / {:.1}", l.p99_ms, l.max_ms)),
+                r.gets_over_1s,
+                r.get_errors,
+                proc_rss("proxy"),
+                proc_rss("etcd"),
+                cpu("proxy"),
+                cpu("etcd"),
+            );
+        }
+        if let Some(f) = &res.failure {
+            let _ = writeln!(s, "| {} | FAILED: {} |", res.target, f.replace('\n', " "));
+        }
+    }
+    let _ = writeln!(s);
+    for res in results {
+        if let [without, with] = &res.rounds[..] {
+            let ratio = |w: f64, wo: f64| if wo > 0.0 { w / wo } else { f64::NAN };
+            let _ = write!(
+                s,
+                "- {}: victim gRPC p99 with / without = {:.2}x",
+                res.target,
+                ratio(with.grpc_victim.p99_ms, without.grpc_victim.p99_ms)
+            );
+            if let (Some(w), Some(wo)) = (&with.http_victim, &without.http_victim) {
+                let _ = write!(s, ", HTTP {:.2}x", ratio(w.p99_ms, wo.p99_ms));
+            }
+            if let Some(u) = with.usage.get("proxy") {
+                let _ = write!(
+                    s,
+                    "; proxy RSS growth with the non-readers {:.0} MB",
+                    u.peak_rss_mb - u.start_rss_mb
+                );
+            }
+            let _ = writeln!(s);
+        }
+        for r in &res.rounds {
+            for e in &r.errors {
+                let _ = writeln!(s, "  - {} (with_slow={}): {e}", res.target, r.with_slow);
+            }
+        }
+    }
+    s
+}

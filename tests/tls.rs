@@ -806,6 +806,17 @@ fn startup_errors_are_clear() {
     std::fs::write(&garbage, "not a key\n").expect("write");
     let s = |p: &std::path::Path| p.display().to_string();
     let https = "https://127.0.0.1:1";
+    // A listener with the server pair and this `--cipher-suites` list.
+    let with_suites = |list: &str| -> Vec<String> {
+        vec![
+            "--cert-file".into(),
+            s(&c.server.cert),
+            "--key-file".into(),
+            s(&c.server.key),
+            "--cipher-suites".into(),
+            list.into(),
+        ]
+    };
     let cases: Vec<(Vec<String>, &str)> = vec![
         (
             vec!["--endpoints".into(), format!("http://127.0.0.1:1,{https}")],
@@ -880,36 +891,15 @@ fn startup_errors_are_clear() {
         ),
         (vec!["--cert-file".into(), s(&c.server.cert)], "--key-file"),
         (
-            vec![
-                "--cert-file".into(),
-                s(&c.server.cert),
-                "--key-file".into(),
-                s(&c.server.key),
-                "--cipher-suites".into(),
-                "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,TLS_RSA_WITH_AES_128_CBC_SHA".into(),
-            ],
+            with_suites("TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,TLS_RSA_WITH_AES_128_CBC_SHA"),
             "--cipher-suites: TLS_RSA_WITH_AES_128_CBC_SHA is not supported",
         ),
         (
-            vec![
-                "--cert-file".into(),
-                s(&c.server.cert),
-                "--key-file".into(),
-                s(&c.server.key),
-                "--cipher-suites".into(),
-                "TLS_BOGUS".into(),
-            ],
+            with_suites("TLS_BOGUS"),
             "--cipher-suites: unexpected TLS cipher suite \"TLS_BOGUS\"",
         ),
         (
-            vec![
-                "--cert-file".into(),
-                s(&c.server.cert),
-                "--key-file".into(),
-                s(&c.server.key),
-                "--cipher-suites".into(),
-                "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384".into(),
-            ],
+            with_suites("TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"),
             "--cipher-suites: HTTP/2 requires an AES_128_GCM_SHA256 suite",
         ),
     ];

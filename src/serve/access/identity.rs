@@ -13,6 +13,18 @@ pub const TOKEN: &str = "token";
 /// gRPC metadata key of the gateway's `Authorization` header (`TokenFieldNameSwagger`).
 pub const AUTHORIZATION: &str = "authorization";
 
+/// gRPC metadata key of the gateway's `Accept` header (grpc-gateway passes permanent HTTP
+/// headers as `grpcgateway-*`). etcd's `AuthInfoFromTLS` takes a request carrying it for
+/// its gateway's and ignores the connection's client certificate: such a tokenless request
+/// has no identity at all (`user name is empty`), with or without `--client-cert-auth`.
+pub const GATEWAY_ACCEPT: &str = "grpcgateway-accept";
+
+/// Whether etcd would take a request with `metadata` for one from its gateway (see
+/// [`GATEWAY_ACCEPT`]).
+pub fn via_gateway(metadata: &MetadataMap) -> bool {
+    metadata.contains_key(GATEWAY_ACCEPT)
+}
+
 /// The token etcd would read from `metadata`, if any (possibly empty: etcd then answers
 /// `invalid auth token`, and so does a probe carrying it).
 pub fn token(metadata: &MetadataMap) -> Option<&AsciiMetadataValue> {

@@ -15,7 +15,11 @@
 //! a certificate with a CN is refused by the listener before this (`tls::identity`), so what
 //! reaches here has a CN-less certificate, user "", which no permission check passes (etcd
 //! 3.4.23 measured: gRPC Range `PermissionDenied`, Watch create canceled with that status, and
-//! the same through its gateway, whose own connection to etcd's gRPC server is CN-less). A request with a token is decided by etcd (a probe) whether auth is on or off:
+//! the same through its gateway for a request without an `Accept` header). A gateway request
+//! with an `Accept` header carries `grpcgateway-accept` metadata, and etcd then ignores the
+//! certificate: `user name is empty` (the proxy's gateway adds the same metadata and forwards
+//! it, so etcd treats the proxy's CN-less certificate the same way). A request with a token
+//! is decided by etcd (a probe) whether auth is on or off:
 //! etcd 3.4.23 validates a token it is sent even with auth off (the fix that ignores it came
 //! in 3.4.28), so a stale or bogus token is refused there too. Watches are checked when
 //! created only, as etcd checks them.
@@ -135,7 +139,7 @@ impl Access {
             None if state == AuthState::Off => Verdict::Serve,
             None => {
                 metrics::AUTH_DENIALS.inc();
-                Verdict::Refuse(self.tokenless_refusal())
+                Verdict::Refuse(self.tokenless_refusal(metadata))
             }
             Some(_) if !cacheable => Verdict::Forward,
             // Also while auth is off: etcd 3.4 (before 3.4.28) still validates a token it is
@@ -167,10 +171,11 @@ impl Access {
         }
     }
 
-    /// etcd's refusal of a tokenless request while auth is on, on this listener (see the
-    /// module doc).
-    fn tokenless_refusal(&self) -> Error {
-        if self.client_cert_auth {
+    /// etcd's refusal of a tokenless request with `metadata` while auth is on, on this
+    /// listener (see the module doc): with `--client-cert-auth` the certificate's empty
+    /// CommonName is the user, unless etcd takes the request for its gateway's.
+    fn tokenless_refusal(&self, metadata: &MetadataMap) -> Error {
+        if self.client_cert_auth && !identity::via_gateway(metadata) {
             Error::PermissionDenied
         } else {
             Error::UserEmpty

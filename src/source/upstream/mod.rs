@@ -33,8 +33,10 @@ use crate::proto::etcdserverpb::{
 };
 
 /// Metadata keys copied from a downstream request to the upstream one: the auth token
-/// (`token`), clientv3's require-leader flag (`hasleader`) and the gateway's token header.
-const FORWARDED_METADATA: [&str; 3] = ["token", "hasleader", "authorization"];
+/// (`token`), clientv3's require-leader flag (`hasleader`), the gateway's token header and
+/// the gateway's `Accept` header (`grpcgateway-accept`: with it etcd ignores the client
+/// certificate of the connection, here the proxy's, as it does for its own gateway).
+const FORWARDED_METADATA: [&str; 4] = ["token", "hasleader", "authorization", "grpcgateway-accept"];
 
 /// Shared handle on the upstream etcd cluster (cheap to clone: the channel is shared).
 #[derive(Debug)]

@@ -26,6 +26,7 @@ use crate::proto::etcdserverpb::kv_server::Kv;
 use crate::proto::etcdserverpb::lease_server::Lease;
 use crate::proto::etcdserverpb::maintenance_server::Maintenance;
 use crate::proto::etcdserverpb::*;
+use crate::serve::access::identity::GATEWAY_ACCEPT;
 use crate::serve::kv::RangeAnswer;
 use crate::serve::watch::ConnectionEnding;
 use crate::serve::Services;
@@ -327,6 +328,11 @@ fn metadata(headers: &http::HeaderMap) -> MetadataMap {
         // `Grpc-Metadata-Token` header becomes `token`, which etcd reads first.
         let key = if name == "authorization" {
             name
+        } else if name == "accept" {
+            // grpc-gateway passes permanent HTTP headers as `grpcgateway-*` metadata; etcd
+            // reads this one to tell its gateway's requests from gRPC clients' (see
+            // `serve::access::identity::GATEWAY_ACCEPT`).
+            GATEWAY_ACCEPT
         } else if let Some(rest) = name.strip_prefix("grpc-metadata-") {
             rest
         } else {

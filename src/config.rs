@@ -192,6 +192,17 @@ pub struct Config {
     #[arg(long, env = "ETCD_FANOUT_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_positive_duration)]
     pub idle_timeout: Duration,
 
+    /// etcd's `--grpc-keepalive-interval`: how often the proxy PINGs an HTTP/2 client
+    /// connection to check that the client is alive (etcd's default: 2 hours).
+    #[arg(long, env = "ETCD_FANOUT_GRPC_KEEPALIVE_INTERVAL", default_value = "2h", value_parser = parse_positive_duration)]
+    pub grpc_keepalive_interval: Duration,
+
+    /// etcd's `--grpc-keepalive-timeout`: how long the proxy waits for the answer to its PING
+    /// before it closes the connection (etcd's default: 20 s). A client whose runtime is busy
+    /// for longer than this (a large backlog to decode) loses its connection.
+    #[arg(long, env = "ETCD_FANOUT_GRPC_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = parse_positive_duration)]
+    pub grpc_keepalive_timeout: Duration,
+
     /// Log format: `text` (colour only when standard output is a terminal) or `json` (one
     /// JSON object per line: `timestamp`, `level`, `target`, `message` and the event's fields).
     #[arg(

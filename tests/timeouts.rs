@@ -242,3 +242,74 @@ fn scopeguard(pid: u32) -> impl Drop {
     }
     G(pid)
 }
+
+/// HTTP/2 keepalive as etcd's server (`--grpc-keepalive-interval`/`-timeout`): a connection
+/// whose client never answers the server's PING is closed once the timeout has passed after
+/// the interval, while a live client (etcd-client's, whose HTTP/2 layer answers PINGs) keeps
+/// its watch across many intervals and gets its events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unanswered_keepalive_pings_close_the_connection() {
+    let etcd = Etcd::start();
+    let proxy = Proxy::start_with(
+        &etcd.url,
+        &["/apisix/"],
+        &[
+            "--grpc-keepalive-interval",
+            "1s",
+            "--grpc-keepalive-timeout",
+            "2s",
+        ],
+    );
+    let mut live = etcd_client::Client::connect([proxy.url.as_str()], None)
+        .await
+        .expect("connect");
+    let mut events = live
+        .watch(
+            "/apisix/",
+            Some(etcd_client::WatchOptions::new().with_prefix()),
+        )
+        .await
+        .expect("watch");
+
+    // The HTTP/2 preface and an empty SETTINGS frame, then nothing: no SETTINGS ack, no PING
+    // ack.
+    let port = proxy.port;
+    let stalled = tokio::task::spawn_blocking(move || {
+        let mut s = connect(port);
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .expect("preface");
+        let start = Instant::now();
+        let closed = closed_by_server(&mut s, Duration::from_secs(30));
+        (closed, start.elapsed())
+    });
+    let (closed, after) = stalled.await.expect("stalled client");
+    assert!(
+        closed,
+        "a client that never answers PINGs kept its connection for 30 s"
+    );
+    assert!(
+        after >= Duration::from_millis(2500),
+        "closed after {after:?}, before interval + timeout"
+    );
+
+    // The live client's watch outlived several intervals.
+    let mut direct = etcd_client::Client::connect([etcd.url.as_str()], None)
+        .await
+        .expect("connect etcd");
+    direct.put("/apisix/k", "v", None).await.expect("put");
+    let got = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let r = events
+                .message()
+                .await
+                .expect("watch stream alive")
+                .expect("a response");
+            if !r.events().is_empty() {
+                return r;
+            }
+        }
+    })
+    .await
+    .expect("an event within 10 s");
+    assert_eq!(got.events().len(), 1, "{got:?}");
+}

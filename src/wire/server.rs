@@ -297,8 +297,8 @@ pub async fn serve(
     h2.max_concurrent_streams(u32::MAX)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_interval(Some(services.hub.config.grpc_keepalive_interval))
+        .keep_alive_timeout(services.hub.config.grpc_keepalive_timeout)
         .timer(TokioTimer::new());
     let h2 = Arc::new(h2);
     let (conn_shutdown_tx, _) = watch::channel(false);

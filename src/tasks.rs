@@ -6,6 +6,9 @@
 //! cancellation token every task stops on, and a tracker that shutdown waits on. `main` makes
 //! it, hands it to the hub, and stops it once the listener has drained.
 //!
+//! A task whose timing must not depend on the main runtime's load (the auth poll) runs on a
+//! thread of its own ([`Tasks::spawn_isolated`]), owned and waited for the same way.
+//!
 //! Connections are not here: the listener owns them in a `JoinSet` and drains them itself.
 
 use std::future::Future;
@@ -45,6 +48,44 @@ impl Tasks {
         })
     }
 
+    /// Runs the future `make` returns on a thread of its own (named `name`) with a
+    /// single-threaded runtime, so that it keeps its timing while the main runtime is
+    /// saturated (the auth poll: a poll answered late would stop the fan-out). It stops with
+    /// the other tasks, and [`Tasks::stop`] waits for the thread's runtime to end. Fails only
+    /// if the thread cannot be started.
+    pub fn spawn_isolated<F, Fut>(&self, name: &str, make: F) -> std::io::Result<()>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + 'static,
+    {
+        let cancel = self.cancel.clone();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => {
+                        rt.block_on(async move {
+                            tokio::select! {
+                                _ = cancel.cancelled() => {}
+                                _ = make() => {}
+                            }
+                        });
+                        drop(rt);
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot start a runtime"),
+                }
+                drop(done_tx);
+            })?;
+        self.tracker.spawn(async move {
+            let _ = done_rx.await;
+        });
+        Ok(())
+    }
+
     /// Cancels every task and waits (at most `grace`) until all have ended; returns how many
     /// were still running when the wait gave up.
     pub async fn stop(&self, grace: Duration) -> usize {
@@ -73,5 +114,19 @@ mod tests {
         tasks.spawn(async {});
         assert_eq!(tasks.stop(Duration::from_secs(5)).await, 0);
         assert!(rx.await.is_err(), "the task was dropped");
+    }
+
+    #[tokio::test]
+    async fn stop_waits_for_isolated_threads() {
+        let tasks = Tasks::new();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tasks
+            .spawn_isolated("test-isolated", move || async move {
+                let _tx = tx;
+                futures::future::pending::<()>().await;
+            })
+            .expect("thread");
+        assert_eq!(tasks.stop(Duration::from_secs(5)).await, 0);
+        assert!(rx.await.is_err(), "the isolated task was dropped");
     }
 }

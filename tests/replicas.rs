@@ -636,6 +636,22 @@ fn sync_checks(proxy: &Proxy) -> f64 {
 /// creates.
 #[test]
 fn sequential_creates_share_rounds_and_keep_the_header_rule() {
+    sequential_creates(false);
+}
+
+/// The same storm through two tiers (etcd <- one upper replica <- three lower replicas, the
+/// streams spread over the lower ones): the same header rule and events, and fewer sync-check
+/// requests from the lower replicas than creates. The Range requests etcd answered are
+/// printed, not bounded: each lower clock round and backlog probe still costs etcd about one
+/// (the upper replica forwards the rounds and answers the probes after a check of its own).
+#[test]
+fn two_tier_creates_keep_the_header_rule() {
+    sequential_creates(true);
+}
+
+/// [`sequential_creates_share_rounds_and_keep_the_header_rule`], on one replica or through
+/// two tiers (`tiers`).
+fn sequential_creates(tiers: bool) {
     const STREAMS: usize = 16;
     const PER_STREAM: usize = 20;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -662,8 +678,23 @@ fn sequential_creates_share_rounds_and_keep_the_header_rule() {
                 revs[p].push(r.header.map_or(0, |h| h.revision));
             }
         }
-        let proxy = Proxy::start(&etcd.url, &prefixes);
-        let checks_before = sync_checks(&proxy);
+        let upper = tiers.then(|| Proxy::start(&etcd.url, &prefixes));
+        let proxies: Vec<Proxy> = match &upper {
+            None => vec![Proxy::start(&etcd.url, &prefixes)],
+            Some(u) => (0..3).map(|_| Proxy::start(&u.url, &prefixes)).collect(),
+        };
+        let checks_before: f64 = proxies.iter().map(sync_checks).sum();
+        let etcd_ranges = || {
+            let text = testkit::http_get(etcd.port, "/metrics").map_or(String::new(), |r| r.1);
+            text.lines()
+                .filter(|l| {
+                    l.starts_with("grpc_server_handled_total{")
+                        && l.contains("grpc_method=\"Range\"")
+                })
+                .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+                .sum::<f64>()
+        };
+        let ranges_before = etcd_ranges();
         let seen = Arc::new(std::sync::atomic::AtomicI64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let writer = {
@@ -694,7 +725,7 @@ fn sequential_creates_share_rounds_and_keep_the_header_rule() {
         let started = Instant::now();
         let mut tasks = Vec::new();
         for s in 0..STREAMS {
-            let (seen, url) = (seen.clone(), proxy.url.clone());
+            let (seen, url) = (seen.clone(), proxies[s % proxies.len()].url.clone());
             let p = s % prefixes.len();
             let (prefix, want) = (prefixes[p], revs[p].clone());
             tasks.push(tokio::spawn(async move {
@@ -781,9 +812,14 @@ fn sequential_creates_share_rounds_and_keep_the_header_rule() {
         let took = started.elapsed();
         stop.store(true, Ordering::Release);
         let _ = writer.await;
-        let checks = sync_checks(&proxy) - checks_before;
+        let checks = proxies.iter().map(sync_checks).sum::<f64>() - checks_before;
+        let ranges = etcd_ranges() - ranges_before;
         let creates = STREAMS * PER_STREAM;
-        eprintln!("{creates} sequential creates in {took:?}: {checks} sync-check requests");
+        eprintln!(
+            "{creates} sequential creates on {} replica(s) in {took:?}: {checks} sync-check \
+             requests from them, {ranges} Range requests answered by etcd",
+            proxies.len()
+        );
         assert!(bad.is_empty(), "{}", bad.join("\n"));
         assert!(
             checks < creates as f64,

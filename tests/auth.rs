@@ -1011,24 +1011,6 @@ async fn revoked_permission_is_refused_within_the_decision_ttl() {
 // One probe per token and prefix
 // ------------------------------------------------------------------------------------------
 
-/// What a caller sees of one Range: the key-values, or etcd's error.
-fn range_outcome(
-    r: Result<tonic::Response<etcd_fanout::proto::etcdserverpb::RangeResponse>, tonic::Status>,
-) -> String {
-    match r {
-        Ok(r) => {
-            let r = r.into_inner();
-            let kvs: Vec<String> = r
-                .kvs
-                .iter()
-                .map(|kv| format!("{}@{}", String::from_utf8_lossy(&kv.key), kv.mod_revision))
-                .collect();
-            format!("ok count={} {kvs:?}", r.count)
-        }
-        Err(s) => format!("err {}", status_str(&s)),
-    }
-}
-
 /// Creates a watch for each of `ranges` on one stream of the server at `url` with `token`, and
 /// returns what each create got (created / canceled and the reason), in order.
 async fn create_outcomes(url: &str, token: &str, ranges: &[(String, String)]) -> Vec<String> {
@@ -1116,11 +1098,7 @@ async fn one_probe_per_prefix_and_sub_range_users_judged_per_key() {
             let d = KvClient::new(channel(&etcd.url).await)
                 .range(req(rr, Some(&token)))
                 .await;
-            assert_eq!(
-                range_outcome(t),
-                range_outcome(d),
-                "{user}: range {k:?}..{e:?}"
-            );
+            assert_eq!(show_range(t), show_range(d), "{user}: range {k:?}..{e:?}");
         }
     }
 

@@ -317,6 +317,17 @@ async fn victim(
     (worst, failed)
 }
 
+/// Puts `/apisix/k`.
+async fn put_k(c: &mut Clients, value: &str) {
+    c.kv.put(PutRequest {
+        key: "/apisix/k".into(),
+        value: value.to_string().into(),
+        ..Default::default()
+    })
+    .await
+    .expect("put");
+}
+
 /// A PING flood gets what h2 (hyper's HTTP/2 server) gives it: every ping acked, one pending
 /// ack at a time (h2 reads the next frame only once the previous ack is written), so a flood
 /// that reads is answered at the speed it reads and one that does not read is stopped by TCP
@@ -333,13 +344,7 @@ async fn ping_floods_are_acked_in_bounded_memory_and_keepalives_never_trip() {
     let proxy = Proxy::start(&etcd.url, &["/apisix/"]);
     let pid = proxy.pid().expect("proxy pid");
     let mut c = Clients::connect(&proxy.url).await;
-    c.kv.put(PutRequest {
-        key: "/apisix/k".into(),
-        value: "v".into(),
-        ..Default::default()
-    })
-    .await
-    .expect("put");
+    put_k(&mut c, "v").await;
 
     // etcd itself, for the record.
     let etcd_port = etcd.port;
@@ -449,13 +454,7 @@ async fn ping_floods_are_acked_in_bounded_memory_and_keepalives_never_trip() {
         .is_some_and(|m| m.created));
     // Past etcdctl's first keepalive ping (10 s) and a hundred of tonic's.
     tokio::time::sleep(Duration::from_secs(12)).await;
-    c.kv.put(PutRequest {
-        key: "/apisix/k".into(),
-        value: "after".into(),
-        ..Default::default()
-    })
-    .await
-    .expect("put");
+    put_k(&mut c, "after").await;
     let ev = tokio::time::timeout(Duration::from_secs(10), stream.message())
         .await
         .expect("event in time")

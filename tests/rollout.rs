@@ -24,7 +24,7 @@ use etcd_fanout::proto::etcdserverpb::{
 use testkit::fault::{is_alive, signal};
 use testkit::gateway::b64;
 use testkit::http::Conn;
-use testkit::{http_get, range_end, wait_until, Etcd, Proxy};
+use testkit::{http_get, put, range_end, wait_until, Etcd, Proxy};
 use tonic::metadata::MetadataValue;
 use tonic::Code;
 
@@ -59,20 +59,6 @@ fn prefix_metric(proxy: &Proxy, name: &str, prefix: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(&want).and_then(|v| v.trim().parse().ok()))
         .unwrap_or(f64::NAN)
-}
-
-async fn put(url: &str, key: &str, value: &str) -> i64 {
-    let mut kv = KvClient::new(testkit::channel(url).await);
-    kv.put(PutRequest {
-        key: Bytes::from(key.to_string()),
-        value: Bytes::from(value.to_string()),
-        ..Default::default()
-    })
-    .await
-    .expect("put")
-    .into_inner()
-    .header
-    .map_or(0, |h| h.revision)
 }
 
 /// Writes `n` puts to etcd at `url`, one every `every`, on keys `{prefix}k{i % keys}`; each
@@ -466,6 +452,52 @@ fn http_watch_n(
     }
 }
 
+/// Sends SIGTERM to the proxy `pid` listening on `port` and checks what a rollout relies on:
+/// `/readyz` turns 503 within 0.5 s, and every new request (a serializable gateway range of
+/// `key`, one every 100 ms) is answered during the shutdown `delay`. Returns when SIGTERM was
+/// sent, how many requests were answered, and a task waiting up to `exit_within` for the
+/// process to exit (whether it did, and when).
+async fn sigterm_answering(
+    pid: u32,
+    port: u16,
+    key: &str,
+    delay: Duration,
+    exit_within: Duration,
+) -> (Instant, usize, tokio::task::JoinHandle<(bool, Duration)>) {
+    signal(pid, "TERM");
+    let t0 = Instant::now();
+    let exit = tokio::task::spawn_blocking(move || {
+        let exited = wait_until(exit_within, || !is_alive(pid));
+        (exited, t0.elapsed())
+    });
+    let unready = wait_until(Duration::from_millis(500), || {
+        status(port, "/readyz").0 == 503
+    });
+    assert!(unready, "/readyz still 200 0.5 s after SIGTERM");
+    let mut probes = 0;
+    let mut failures = Vec::new();
+    while t0.elapsed() < delay - Duration::from_millis(500) {
+        let body = format!(r#"{{"key":"{}","serializable":true}}"#, b64(key));
+        let r = tokio::task::spawn_blocking(move || {
+            testkit::http::request(port, "POST", "/v3/kv/range", &[], body.as_bytes())
+        })
+        .await
+        .expect("probe");
+        match r {
+            Ok(r) if r.status == 200 => {}
+            Ok(r) => failures.push(format!("{:?}: status {}", t0.elapsed(), r.status)),
+            Err(e) => failures.push(format!("{:?}: {e}", t0.elapsed())),
+        }
+        probes += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        failures.is_empty(),
+        "requests failed during the shutdown delay: {failures:?}"
+    );
+    (t0, probes, exit)
+}
+
 /// SIGTERM under an HTTP and a gRPC watcher with a writer running: `/readyz` 503 at once, no
 /// refused connection nor failed request during `--shutdown-delay`, streams end only after
 /// it (gRPC: etcd's `Unavailable` "etcdserver: server stopped"; HTTP: a clean end), both
@@ -538,34 +570,8 @@ fn sigterm_rollout_moves_watchers_without_loss() {
         };
         tokio::time::sleep(Duration::from_secs(2)).await;
 
-        signal(pid, "TERM");
-        let t0 = Instant::now();
-        let exit = tokio::task::spawn_blocking(move || {
-            let exited = wait_until(Duration::from_secs(20), || !is_alive(pid));
-            (exited, t0.elapsed())
-        });
-        // Readiness fails at once.
-        let unready = wait_until(Duration::from_millis(500), || {
-            status(a.port, "/readyz").0 == 503
-        });
-        assert!(unready, "/readyz still 200 0.5 s after SIGTERM");
-        // During the delay every new connection is accepted and answered.
-        let mut probes = 0;
-        let mut failures = Vec::new();
-        while t0.elapsed() < DELAY - Duration::from_millis(500) {
-            let body = format!(r#"{{"key":"{}","serializable":true}}"#, b64("/ro/seed"));
-            match testkit::http::request(a.port, "POST", "/v3/kv/range", &[], body.as_bytes()) {
-                Ok(r) if r.status == 200 => {}
-                Ok(r) => failures.push(format!("{:?}: status {}", t0.elapsed(), r.status)),
-                Err(e) => failures.push(format!("{:?}: {e}", t0.elapsed())),
-            }
-            probes += 1;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(
-            failures.is_empty(),
-            "requests failed during the shutdown delay: {failures:?}"
-        );
+        let (t0, probes, exit) =
+            sigterm_answering(pid, a.port, "/ro/seed", DELAY, Duration::from_secs(20)).await;
 
         let (g_end, g_ended_at, g_again) = grpc.await.expect("grpc watcher");
         let (h_end, h_ended_at, h_again) = http.await.expect("http watcher");
@@ -907,39 +913,8 @@ fn sigterm_with_1000_watchers_moves_every_one_without_loss() {
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
 
-        signal(pid, "TERM");
-        let t0 = Instant::now();
-        let exit = tokio::task::spawn_blocking(move || {
-            let exited = wait_until(Duration::from_secs(30), || !is_alive(pid));
-            (exited, t0.elapsed())
-        });
-        let unready = wait_until(Duration::from_millis(500), || {
-            status(a.port, "/readyz").0 == 503
-        });
-        assert!(unready, "/readyz still 200 0.5 s after SIGTERM");
-        // During the delay every new connection is accepted and answered.
-        let mut probes = 0;
-        let mut failures = Vec::new();
-        while t0.elapsed() < DELAY - Duration::from_millis(500) {
-            let body = format!(r#"{{"key":"{}","serializable":true}}"#, b64("/rf/seed"));
-            let port = a.port;
-            let r = tokio::task::spawn_blocking(move || {
-                testkit::http::request(port, "POST", "/v3/kv/range", &[], body.as_bytes())
-            })
-            .await
-            .expect("probe");
-            match r {
-                Ok(r) if r.status == 200 => {}
-                Ok(r) => failures.push(format!("{:?}: status {}", t0.elapsed(), r.status)),
-                Err(e) => failures.push(format!("{:?}: {e}", t0.elapsed())),
-            }
-            probes += 1;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(
-            failures.is_empty(),
-            "requests failed during the shutdown delay: {failures:?}"
-        );
+        let (t0, probes, exit) =
+            sigterm_answering(pid, a.port, "/rf/seed", DELAY, Duration::from_secs(30)).await;
 
         let written = writer.await.expect("writer");
         let (exited, exit_took) = exit.await.expect("exit watcher");

@@ -62,6 +62,20 @@ fn run(cmd: &mut Command, limit: Duration) -> (bool, String, String) {
     )
 }
 
+/// Runs etcdctl over TLS (the CN-less client certificate) against `url`, as `user` if given;
+/// it must succeed.
+fn etcdctl_tls(url: &str, user: Option<&str>, args: &[&str]) {
+    let mut cmd = Command::new("etcdctl");
+    cmd.env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={url}"))
+        .args(tls::etcdctl_flags());
+    if let Some(u) = user {
+        cmd.arg(format!("--user={u}"));
+    }
+    let (ok, out, err) = run(cmd.args(args), Duration::from_secs(20));
+    assert!(ok, "etcdctl {args:?}: {out} {err}");
+}
+
 /// One raw HTTP/1.1 request over TLS presenting `cert`; the whole answer (`Connection: close`),
 /// or the error that ended the connection.
 fn raw_https(port: u16, cert: Option<&Pair>, req: &str) -> Result<String, String> {
@@ -526,17 +540,7 @@ async fn client_certificate_common_names() {
     tls::force();
     let c = tls::certs();
     let etcd = Etcd::start();
-    let etcdctl = |user: Option<&str>, args: &[&str]| {
-        let mut cmd = Command::new("etcdctl");
-        cmd.env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", etcd.url))
-            .args(tls::etcdctl_flags());
-        if let Some(u) = user {
-            cmd.arg(format!("--user={u}"));
-        }
-        let (ok, out, err) = run(cmd.args(args), Duration::from_secs(20));
-        assert!(ok, "etcdctl {args:?}: {out} {err}");
-    };
+    let etcdctl = |user: Option<&str>, args: &[&str]| etcdctl_tls(&etcd.url, user, args);
     etcdctl(None, &["user", "add", "root:pw"]);
     etcdctl(None, &["user", "grant-role", "root", "root"]);
     etcdctl(None, &["put", "/apisix/a", "1"]);
@@ -1023,17 +1027,7 @@ async fn cn_less_certificate_refused_as_etcd_refuses_it() {
     tls::force();
     let c = tls::certs();
     let etcd = Etcd::start();
-    let etcdctl = |user: Option<&str>, args: &[&str]| {
-        let mut cmd = Command::new("etcdctl");
-        cmd.env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", etcd.url))
-            .args(tls::etcdctl_flags());
-        if let Some(u) = user {
-            cmd.arg(format!("--user={u}"));
-        }
-        let (ok, out, err) = run(cmd.args(args), Duration::from_secs(20));
-        assert!(ok, "etcdctl {args:?}: {out} {err}");
-    };
+    let etcdctl = |user: Option<&str>, args: &[&str]| etcdctl_tls(&etcd.url, user, args);
     etcdctl(None, &["user", "add", "root:pw"]);
     etcdctl(None, &["user", "grant-role", "root", "root"]);
     etcdctl(None, &["put", "/apisix/a", "1"]);

@@ -342,6 +342,11 @@ impl Clients {
     }
 }
 
+/// Puts `key = value` at `url` without a token; returns the write's revision.
+pub async fn put(url: &str, key: &str, value: &str) -> i64 {
+    auth::put_as(url, None, key, value).await
+}
+
 /// Polls `GET path` until it answers 200 or `timeout` passes.
 pub fn wait_http_ok(port: u16, path: &str, timeout: Duration) -> Result<(), String> {
     let start = Instant::now();

@@ -40,14 +40,6 @@ fn serial() -> MutexGuard<'static, ()> {
 const STALE_AFTER: &str = "2s";
 const NOTICE_BOUND: Duration = Duration::from_secs(8);
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 fn status(port: u16, path: &str) -> (u16, String) {
     http_get(port, path).unwrap_or((0, String::new()))
 }
@@ -139,7 +131,7 @@ async fn hasleader_watch(url: &str, prefix: &str) -> Result<bool, tonic::Status>
 #[test]
 fn etcd_killed_health_follows_the_rule() {
     let _s = serial();
-    rt().block_on(async {
+    testkit::runtime().block_on(async {
         let prefix = "/hk/";
         let mut etcd = Etcd::start();
         put(&etcd.url, "/hk/a", "1").await;
@@ -257,7 +249,7 @@ fn etcdctl(url: &str, args: &[&str]) -> String {
 #[test]
 fn unrecreatable_upstream_watch_is_never_healthy() {
     let _s = serial();
-    rt().block_on(async {
+    testkit::runtime().block_on(async {
         let prefix = "/ha/";
         let mut etcd = Etcd::start();
         put(&etcd.url, "/ha/a", "1").await;
@@ -507,7 +499,7 @@ async fn sigterm_answering(
 fn sigterm_rollout_moves_watchers_without_loss() {
     const DELAY: Duration = Duration::from_secs(3);
     let _s = serial();
-    rt().block_on(async {
+    testkit::runtime().block_on(async {
         let prefix = "/ro/";
         let etcd = Etcd::start();
         let base = put(&etcd.url, "/ro/seed", "0").await;
@@ -697,7 +689,7 @@ fn etcdctl_watch(endpoints: &str, prefix: &str, start: i64, seen: Seen, until: I
 #[test]
 fn max_connection_age_moves_watchers_without_loss() {
     let _s = serial();
-    rt().block_on(async {
+    testkit::runtime().block_on(async {
         let prefix = "/ma/";
         let etcd = Etcd::start();
         let base = put(&etcd.url, "/ma/seed", "0").await;
@@ -834,7 +826,7 @@ const FLEET_WRITES: usize = 150;
 fn sigterm_with_1000_watchers_moves_every_one_without_loss() {
     const DELAY: Duration = Duration::from_secs(3);
     let _s = serial();
-    rt().block_on(async {
+    testkit::runtime().block_on(async {
         let prefix = "/rf/";
         let etcd = Etcd::start();
         let base = put(&etcd.url, "/rf/seed", "0").await;
@@ -988,7 +980,7 @@ const SPREAD_WRITES: usize = 300;
 #[test]
 fn scale_out_spreads_connections_within_one_age() {
     let _s = serial();
-    rt().block_on(async {
+    testkit::runtime().block_on(async {
         let prefix = "/so/";
         let etcd = Etcd::start();
         let base = put(&etcd.url, "/so/seed", "0").await;

@@ -347,6 +347,15 @@ pub async fn put(url: &str, key: &str, value: &str) -> i64 {
     auth::put_as(url, None, key, value).await
 }
 
+/// A two-worker tokio runtime, for tests that run blocking waits next to async clients.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// Polls `GET path` until it answers 200 or `timeout` passes.
 pub fn wait_http_ok(port: u16, path: &str, timeout: Duration) -> Result<(), String> {
     let start = Instant::now();

@@ -433,20 +433,8 @@ async fn ping_floods_are_acked_in_bounded_memory_and_keepalives_never_trip() {
         .expect("etcdctl");
     let mut kv = etcd_fanout::proto::etcdserverpb::kv_client::KvClient::new(ch.clone());
     let mut watch = etcd_fanout::proto::etcdserverpb::watch_client::WatchClient::new(ch);
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(WatchRequest {
-        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
-            key: "/apisix/k".into(),
-            ..Default::default()
-        })),
-    })
-    .await
-    .expect("create");
-    let mut stream = watch
-        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect("watch")
-        .into_inner();
+    let (tx, stream) = testkit::open_watch(&mut watch, "/apisix/k", "").await;
+    let mut stream = stream.expect("watch");
     assert!(stream
         .message()
         .await

@@ -11,8 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use etcd_fanout::proto::etcdserverpb::{
-    kv_client::KvClient, watch_client::WatchClient, watch_request::RequestUnion,
-    AuthenticateRequest, PutRequest, RangeRequest, WatchCreateRequest, WatchRequest,
+    kv_client::KvClient, watch_client::WatchClient, AuthenticateRequest, PutRequest, RangeRequest,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
@@ -671,21 +670,8 @@ async fn certificate_rotation_keeps_watchers() {
         let mut w = WatchClient::new(chans[i % chans.len()].clone());
         let created = created_tx.clone();
         tasks.push(tokio::spawn(async move {
-            let (tx, rx) = tokio::sync::mpsc::channel(4);
-            tx.send(WatchRequest {
-                request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
-                    key: "/rot/".into(),
-                    range_end: "/rot0".into(),
-                    ..Default::default()
-                })),
-            })
-            .await
-            .expect("send");
-            let mut stream = w
-                .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await
-                .expect("watch")
-                .into_inner();
+            let (tx, stream) = testkit::open_watch(&mut w, "/rot/", "/rot0").await;
+            let mut stream = stream.expect("watch");
             let mut revs = Vec::new();
             while revs.len() < WRITES {
                 let resp = stream.message().await.expect("stream").expect("open");
@@ -962,22 +948,9 @@ async fn cn_less_answers(port: u16, url: &str, cert: &Pair) -> Vec<String> {
         Err(s) => format!("range: {:?} {:?}", s.code(), s.message()),
     });
     let mut watch = WatchClient::new(channel_as(url, cert).await);
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(WatchRequest {
-        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
-            key: "/apisix/".into(),
-            range_end: "/apisix0".into(),
-            ..Default::default()
-        })),
-    })
-    .await
-    .expect("send");
-    let first = match watch
-        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-    {
-        Ok(stream) => {
-            let mut stream = stream.into_inner();
+    let (tx, answer) = testkit::open_watch(&mut watch, "/apisix/", "/apisix0").await;
+    let first = match answer {
+        Ok(mut stream) => {
             match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
                 Ok(Ok(Some(r))) => format!(
                     "watch: created={} canceled={} id={} reason={:?} rev={}",

@@ -342,6 +342,37 @@ impl Clients {
     }
 }
 
+/// Opens a Watch stream on `client` whose first request creates a watch of `[key,
+/// range_end)`. Returns the sender of further requests (the stream's request side ends when
+/// it is dropped) and the server's answer to the call.
+pub async fn open_watch(
+    client: &mut WatchClient<Channel>,
+    key: &str,
+    range_end: &str,
+) -> (
+    tokio::sync::mpsc::Sender<etcd_fanout::proto::etcdserverpb::WatchRequest>,
+    Result<tonic::Streaming<etcd_fanout::proto::etcdserverpb::WatchResponse>, tonic::Status>,
+) {
+    use etcd_fanout::proto::etcdserverpb::{
+        watch_request::RequestUnion, WatchCreateRequest, WatchRequest,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+            key: key.to_string().into(),
+            range_end: range_end.to_string().into(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .expect("send");
+    let answer = client
+        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map(|r| r.into_inner());
+    (tx, answer)
+}
+
 /// Puts `key = value` at `url` without a token; returns the write's revision.
 pub async fn put(url: &str, key: &str, value: &str) -> i64 {
     auth::put_as(url, None, key, value).await

@@ -1008,6 +1008,157 @@ async fn revoked_permission_is_refused_within_the_decision_ttl() {
 }
 
 // ------------------------------------------------------------------------------------------
+// One probe per token and prefix
+// ------------------------------------------------------------------------------------------
+
+/// Creates a watch for each of `ranges` on one stream of the server at `url` with `token`, and
+/// returns what each create got (created / canceled and the reason), in order.
+async fn create_outcomes(url: &str, token: &str, ranges: &[(String, String)]) -> Vec<String> {
+    let mut conn = WatchConn::open_with(&mut WatchClient::new(channel(url).await), md(Some(token)));
+    for (k, e) in ranges {
+        conn.create(WatchCreateRequest {
+            key: b(k),
+            range_end: b(e),
+            ..Default::default()
+        });
+    }
+    let mut out = Vec::new();
+    while out.len() < ranges.len() {
+        match conn.next(Duration::from_secs(30)).await {
+            Next::Msg(m) if m.created || m.canceled => out.push(format!(
+                "created={} canceled={} reason={:?}",
+                m.created, m.canceled, m.cancel_reason
+            )),
+            Next::Msg(_) => {}
+            other => panic!("creates on {url}: {other:?} after {} answers", out.len()),
+        }
+    }
+    out
+}
+
+/// Users allowed only part of the prefix (a sub-prefix, one key, two adjacent ranges, a key
+/// range) get etcd's own answer for every key and range inside and outside their permissions,
+/// although the proxy first asks etcd about the whole prefix; a user allowed the whole prefix
+/// creates 2,000 watches on distinct keys for one permission probe, and a sub-prefix user's
+/// burst is judged key by key (one probe each, all answers etcd's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_probe_per_prefix_and_sub_range_users_judged_per_key() {
+    const BURST: usize = 2_000;
+    const SUB_BURST: usize = 100;
+    let etcd = diff::start_etcd(&[]).await;
+    let proxy = diff::start_proxy(&etcd.url, &["/apisix/".into()], &[]).await;
+    for (i, k) in KEYS.iter().enumerate() {
+        put_as(&etcd.url, None, k, &format!("v{i}")).await;
+    }
+    create_users(&etcd.url).await;
+    enable_auth(&etcd.url).await;
+    wait_auth(&proxy.url, true).await;
+    let probes = || testkit::metric_value(&proxy.metrics(), "etcd_fanout_auth_probes_total");
+
+    // Keys and ranges inside and outside each user's permissions (all inside the prefix).
+    let spots: Vec<(String, String)> = [
+        ("/apisix/routes/1", ""),
+        ("/apisix/routes/9", ""),
+        ("/apisix/routes/", "/apisix/routes0"),
+        ("/apisix/routes/1", "/apisix/routes/3"),
+        ("/apisix/b1", ""),
+        ("/apisix/b1", "/apisix/b2"),
+        ("/apisix/a1", ""),
+        ("/apisix/c1", ""),
+        ("/apisix/a", "/apisix/e"),
+        ("/apisix/a", "/apisix/f"),
+        ("/apisix/b", "/apisix/d"),
+        ("/apisix/l", "/apisix/n"),
+        ("/apisix/x", ""),
+        ("/apisix/", "/apisix0"),
+        ("/apisix/c", "/apisix/b"),
+    ]
+    .iter()
+    .map(|(k, e)| ((*k).to_string(), (*e).to_string()))
+    .collect();
+    for user in ["pre", "pt", "adj", "rng", "ro", "wo", "root"] {
+        // A simple token works on both (the proxy's etcd is the reference).
+        let token = login(&etcd.url, user).await;
+        // Watch creates first: the first request of each user finds nothing decided.
+        let through = create_outcomes(&proxy.url, &token, &spots).await;
+        let direct = create_outcomes(&etcd.url, &token, &spots).await;
+        for (i, (t, d)) in through.iter().zip(&direct).enumerate() {
+            assert_eq!(t, d, "{user}: watch create of {:?}", spots[i]);
+        }
+        for (k, e) in &spots {
+            let rr = RangeRequest {
+                key: b(k),
+                range_end: b(e),
+                serializable: true,
+                ..Default::default()
+            };
+            let t = KvClient::new(channel(&proxy.url).await)
+                .range(req(rr.clone(), Some(&token)))
+                .await;
+            let d = KvClient::new(channel(&etcd.url).await)
+                .range(req(rr, Some(&token)))
+                .await;
+            assert_eq!(show_range(t), show_range(d), "{user}: range {k:?}..{e:?}");
+        }
+    }
+
+    // A burst on distinct keys by a user allowed the whole prefix: one probe (the prefix's).
+    let ro = login(&proxy.url, "ro").await;
+    let before = probes();
+    let started = Instant::now();
+    let burst: Vec<(String, String)> = (0..BURST)
+        .map(|i| (format!("/apisix/burst/{i}"), String::new()))
+        .collect();
+    let got = create_outcomes(&proxy.url, &ro, &burst).await;
+    let ro_probes = probes() - before;
+    let ro_time = started.elapsed();
+    assert!(
+        got.iter()
+            .all(|g| g.starts_with("created=true canceled=false")),
+        "{:?}",
+        got.iter()
+            .find(|g| !g.starts_with("created=true canceled=false"))
+    );
+    // One per decision TTL (5 s) the burst lasts.
+    let ttls = (ro_time.as_secs_f64() / 5.0).floor() + 1.0;
+    assert!(
+        ro_probes <= ttls,
+        "{ro_probes} probes for {BURST} creates in {ro_time:?}"
+    );
+
+    // A user allowed a sub-prefix only: the prefix is denied, so each key is probed, and the
+    // answers are etcd's (inside allowed, outside refused).
+    let pre = login(&proxy.url, "pre").await;
+    let before = probes();
+    let started = Instant::now();
+    let sub: Vec<(String, String)> = (0..SUB_BURST)
+        .map(|i| {
+            let area = if i % 2 == 0 { "routes" } else { "upstreams" };
+            (format!("/apisix/{area}/b{i}"), String::new())
+        })
+        .collect();
+    let got = create_outcomes(&proxy.url, &pre, &sub).await;
+    let pre_probes = probes() - before;
+    let pre_time = started.elapsed();
+    let direct = create_outcomes(&etcd.url, &pre, &sub).await;
+    assert_eq!(got, direct, "sub-prefix burst: proxy vs etcd");
+    assert_eq!(
+        got.iter()
+            .filter(|g| g.starts_with("created=true canceled=false"))
+            .count(),
+        SUB_BURST / 2
+    );
+    assert!(
+        pre_probes >= SUB_BURST as f64 && pre_probes <= (SUB_BURST + 1) as f64,
+        "{pre_probes} probes for {SUB_BURST} creates of a sub-prefix user"
+    );
+    eprintln!(
+        "whole-prefix user: {BURST} creates in {ro_time:?}, {ro_probes} probe(s); sub-prefix \
+         user: {SUB_BURST} creates in {pre_time:?}, {pre_probes} probes"
+    );
+}
+
+// ------------------------------------------------------------------------------------------
 // Fan-out for authenticated clients
 // ------------------------------------------------------------------------------------------
 

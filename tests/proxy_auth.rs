@@ -142,6 +142,23 @@ async fn wait_metric(proxy: &Proxy, name: &str, want: f64, timeout: Duration) {
     }
 }
 
+/// Three tokenless puts (`/apisix/{tag}0..2`) recorded in `want`, waited for until the
+/// proxy's upstream watch has seen every write in `want`; returns that count.
+async fn put_three_seen(etcd: &Etcd, proxy: &Proxy, tag: &str, want: &mut Vec<i64>) -> f64 {
+    for i in 0..3 {
+        want.push(testkit::put(&etcd.url, &format!("/apisix/{tag}{i}"), "0").await);
+    }
+    let writes = want.len() as f64;
+    wait_metric(
+        proxy,
+        "etcd_fanout_upstream_events_total",
+        writes,
+        Duration::from_secs(30),
+    )
+    .await;
+    writes
+}
+
 /// A Range request of `PREFIX` through the gateway, as APISIX sends it (no token): status,
 /// whether chunked, and the body chunks.
 fn gateway_range(port: u16) -> (u16, bool, Vec<Vec<u8>>) {
@@ -506,7 +523,7 @@ async fn auth_enabled_after_the_proxy_started() {
     let mut want = Vec::new();
     // Auth is off: writes need no token (etcd ignores none).
     for i in 0..3 {
-        want.push(put_tokenless(&etcd.url, &format!("/apisix/a{i}")).await);
+        want.push(testkit::put(&etcd.url, &format!("/apisix/a{i}"), "0").await);
     }
     enable_auth(&etcd);
     let root_token = token(&etcd.url, "root", ROOT_PASSWORD).await;
@@ -552,29 +569,9 @@ async fn auth_enabled_after_the_proxy_started() {
     // And disabled again: the proxy's token is refused or ignored, its login answered with
     // `authentication is not enabled`, and it goes on without a token.
     etcdctl(&etcd, Some(&root()), &["auth", "disable"]);
-    for i in 0..3 {
-        want.push(put_tokenless(&etcd.url, &format!("/apisix/d{i}")).await);
-    }
-    let writes = want.len() as f64;
-    wait_metric(
-        &proxy,
-        "etcd_fanout_upstream_events_total",
-        writes,
-        Duration::from_secs(30),
-    )
-    .await;
+    put_three_seen(&etcd, &proxy, "d", &mut want).await;
     etcd.restart();
-    for i in 0..3 {
-        want.push(put_tokenless(&etcd.url, &format!("/apisix/e{i}")).await);
-    }
-    let writes = want.len() as f64;
-    wait_metric(
-        &proxy,
-        "etcd_fanout_upstream_events_total",
-        writes,
-        Duration::from_secs(30),
-    )
-    .await;
+    let writes = put_three_seen(&etcd, &proxy, "e", &mut want).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(proxy.metric("etcd_fanout_upstream_events_total"), writes);
     assert_eq!(proxy.readyz(), 200);
@@ -593,21 +590,6 @@ async fn auth_enabled_after_the_proxy_started() {
     assert!(log.matches("etcd has auth disabled").count() >= 2, "{log}");
     assert!(!log.contains("cannot read the prefix"), "{log}");
     assert!(!log.contains(" ERROR "), "{log}");
-}
-
-/// A tokenless put (etcd with auth off).
-async fn put_tokenless(url: &str, key: &str) -> i64 {
-    let mut c = testkit::Clients::connect(url).await;
-    c.kv.put(etcd_fanout::proto::etcdserverpb::PutRequest {
-        key: key.to_string().into(),
-        value: "0".into(),
-        ..Default::default()
-    })
-    .await
-    .expect("put")
-    .into_inner()
-    .header
-    .map_or(0, |h| h.revision)
 }
 
 #[tokio::test(flavor = "multi_thread")]

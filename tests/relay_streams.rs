@@ -123,17 +123,17 @@ fn etcd_streams_settle(etcd: &Etcd, at_most: f64) -> f64 {
     n
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn token_watches_share_streams_and_resume_after_restart_with_jwts() {
-    let keys = tempfile::tempdir().expect("tempdir");
-    let (private, public) = jwt_keys(keys.path());
-    let flag = format!("jwt,pub-key={public},priv-key={private},sign-method=RS256,ttl=1h");
-    let (mut etcd, proxy) = setup(&["--auth-token", &flag]);
+/// Opens every user's watches and checks that etcd counts one shared stream per user (250 x 2
+/// watches fit in one) next to the proxy's own; writes a round, restarts etcd, writes a
+/// second round, and waits until every watch has what it will get of both. Returns the
+/// streams (to keep them open), their logs, what was written, and etcd's stream count before.
+async fn watch_across_restart(
+    etcd: &mut Etcd,
+    proxy: &Proxy,
+) -> (Vec<Stream>, Vec<Log>, History, f64) {
     let baseline = etcd_metric(etcd.port, ETCD_STREAMS);
-    let (_streams, logs) = open_watches(&etcd, &proxy).await;
-
-    // One shared stream per user (250 x 2 watches fit in one), next to the proxy's own.
-    let open = etcd_streams_settle(&etcd, baseline + USERS as f64);
+    let (streams, logs) = open_watches(etcd, proxy).await;
+    let open = etcd_streams_settle(etcd, baseline + USERS as f64);
     println!(
         "{} token watches through the proxy: etcd watch streams {baseline} -> {open}",
         logs.len()
@@ -145,13 +145,22 @@ async fn token_watches_share_streams_and_resume_after_restart_with_jwts() {
     assert_eq!(proxy.metric("etcd_fanout_relay_streams"), USERS as f64);
 
     let mut hist = History::default();
-    hist.events.extend(write(&etcd, "a", WRITES).await);
-    wait_all(&logs, &hist, hist.last_rev(), &proxy).await;
-
-    // JWTs outlive the restart: every watch resumes from its next revision.
+    hist.events.extend(write(etcd, "a", WRITES).await);
+    wait_all(&logs, &hist, hist.last_rev(), proxy).await;
     etcd.restart();
-    hist.events.extend(write(&etcd, "b", WRITES).await);
-    wait_all(&logs, &hist, hist.last_rev(), &proxy).await;
+    hist.events.extend(write(etcd, "b", WRITES).await);
+    wait_all(&logs, &hist, hist.last_rev(), proxy).await;
+    (streams, logs, hist, baseline)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn token_watches_share_streams_and_resume_after_restart_with_jwts() {
+    let keys = tempfile::tempdir().expect("tempdir");
+    let (private, public) = jwt_keys(keys.path());
+    let flag = format!("jwt,pub-key={public},priv-key={private},sign-method=RS256,ttl=1h");
+    let (mut etcd, proxy) = setup(&["--auth-token", &flag]);
+    // JWTs outlive the restart: every watch resumes from its next revision.
+    let (_streams, logs, hist, baseline) = watch_across_restart(&mut etcd, &proxy).await;
     let mut failures = Vec::new();
     for l in &logs {
         let l = l.lock().unwrap();
@@ -179,23 +188,9 @@ async fn token_watches_share_streams_and_resume_after_restart_with_jwts() {
 #[tokio::test(flavor = "multi_thread")]
 async fn token_watches_end_with_etcds_cancel_when_the_restart_kills_simple_tokens() {
     let (mut etcd, proxy) = setup(&[]);
-    let baseline = etcd_metric(etcd.port, ETCD_STREAMS);
-    let (_streams, logs) = open_watches(&etcd, &proxy).await;
-    let open = etcd_streams_settle(&etcd, baseline + USERS as f64);
-    assert!(
-        open <= baseline + USERS as f64,
-        "etcd counts {open} watch streams (baseline {baseline})"
-    );
-
-    let mut hist = History::default();
-    hist.events.extend(write(&etcd, "a", WRITES).await);
-    wait_all(&logs, &hist, hist.last_rev(), &proxy).await;
-
     // Simple tokens die with etcd: every re-create is refused and the watch ends with
     // etcd's reason under its own id.
-    etcd.restart();
-    hist.events.extend(write(&etcd, "b", WRITES).await);
-    wait_all(&logs, &hist, hist.last_rev(), &proxy).await;
+    let (_streams, logs, hist, baseline) = watch_across_restart(&mut etcd, &proxy).await;
     let mut failures = Vec::new();
     for l in &logs {
         let l = l.lock().unwrap();

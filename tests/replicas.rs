@@ -147,11 +147,7 @@ impl Client {
 
 #[test]
 fn round_robin_client_never_sees_a_revision_go_back() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = testkit::runtime();
     rt.block_on(async {
         let prefix = "/rr/";
         let etcd = Etcd::start();
@@ -317,11 +313,7 @@ fn check_watch(name: &str, responses: &[WatchResponse], start: i64, want: &[i64]
 /// etcd directly are checked the same way (the oracle).
 #[test]
 fn responses_after_created_wait_for_the_cache() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = testkit::runtime();
     rt.block_on(async {
         let prefix = "/hw/";
         let etcd = Etcd::start();
@@ -654,11 +646,7 @@ fn two_tier_creates_keep_the_header_rule() {
 fn sequential_creates(tiers: bool) {
     const STREAMS: usize = 16;
     const PER_STREAM: usize = 20;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = testkit::runtime();
     rt.block_on(async {
         let prefixes = ["/st0/", "/st1/", "/st2/", "/st3/"];
         let etcd = Etcd::start();

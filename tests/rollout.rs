@@ -25,7 +25,7 @@ use etcd_fanout::proto::etcdserverpb::{
 use testkit::fault::{is_alive, signal};
 use testkit::gateway::b64;
 use testkit::http::Conn;
-use testkit::{http_get, range_end, wait_until, Etcd, Proxy};
+use testkit::{http_get, put, range_end, wait_until, Etcd, Proxy};
 use tonic::metadata::MetadataValue;
 use tonic::Code;
 
@@ -41,14 +41,6 @@ fn serial() -> MutexGuard<'static, ()> {
 const STALE_AFTER: &str = "2s";
 const NOTICE_BOUND: Duration = Duration::from_secs(8);
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 fn status(port: u16, path: &str) -> (u16, String) {
     http_get(port, path).unwrap_or((0, String::new()))
 }
@@ -60,20 +52,6 @@ fn prefix_metric(proxy: &Proxy, name: &str, prefix: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(&want).and_then(|v| v.trim().parse().ok()))
         .unwrap_or(f64::NAN)
-}
-
-async fn put(url: &str, key: &str, value: &str) -> i64 {
-    let mut kv = KvClient::new(testkit::channel(url).await);
-    kv.put(PutRequest {
-        key: Bytes::from(key.to_string()),
-        value: Bytes::from(value.to_string()),
-        ..Default::default()
-    })
-    .await
-    .expect("put")
-    .into_inner()
-    .header
-    .map_or(0, |h| h.revision)
 }
 
 /// Writes `n` puts to etcd at `url`, one every `every`, on keys `{prefix}k{i % keys}`; each
@@ -154,7 +132,7 @@ async fn hasleader_watch(url: &str, prefix: &str) -> Result<bool, tonic::Status>
 #[test]
 fn etcd_killed_health_follows_the_rule() {
     let _s = serial();
-    rt().block_on(async {
+    testkit::runtime().block_on(async {
         let prefix = "/hk/";
         let mut etcd = Etcd::start();
         put(&etcd.url, "/hk/a", "1").await;
@@ -272,7 +250,7 @@ fn etcdctl(url: &str, args: &[&str]) -> String {
 #[test]
 fn unrecreatable_upstream_watch_is_never_healthy() {
     let _s = serial();
-    rt().block_on(async {
+    testkit::runtime().block_on(async {
         let prefix = "/ha/";
         let mut etcd = Etcd::start();
         put(&etcd.url, "/ha/a", "1").await;
@@ -467,6 +445,52 @@ fn http_watch_n(
     }
 }
 
+/// Sends SIGTERM to the proxy `pid` listening on `port` and checks what a rollout relies on:
+/// `/readyz` turns 503 within 0.5 s, and every new request (a serializable gateway range of
+/// `key`, one every 100 ms) is answered during the shutdown `delay`. Returns when SIGTERM was
+/// sent, how many requests were answered, and a task waiting up to `exit_within` for the
+/// process to exit (whether it did, and when).
+async fn sigterm_answering(
+    pid: u32,
+    port: u16,
+    key: &str,
+    delay: Duration,
+    exit_within: Duration,
+) -> (Instant, usize, tokio::task::JoinHandle<(bool, Duration)>) {
+    signal(pid, "TERM");
+    let t0 = Instant::now();
+    let exit = tokio::task::spawn_blocking(move || {
+        let exited = wait_until(exit_within, || !is_alive(pid));
+        (exited, t0.elapsed())
+    });
+    let unready = wait_until(Duration::from_millis(500), || {
+        status(port, "/readyz").0 == 503
+    });
+    assert!(unready, "/readyz still 200 0.5 s after SIGTERM");
+    let mut probes = 0;
+    let mut failures = Vec::new();
+    while t0.elapsed() < delay - Duration::from_millis(500) {
+        let body = format!(r#"{{"key":"{}","serializable":true}}"#, b64(key));
+        let r = tokio::task::spawn_blocking(move || {
+            testkit::http::request(port, "POST", "/v3/kv/range", &[], body.as_bytes())
+        })
+        .await
+        .expect("probe");
+        match r {
+            Ok(r) if r.status == 200 => {}
+            Ok(r) => failures.push(format!("{:?}: status {}", t0.elapsed(), r.status)),
+            Err(e) => failures.push(format!("{:?}: {e}", t0.elapsed())),
+        }
+        probes += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        failures.is_empty(),
+        "requests failed during the shutdown delay: {failures:?}"
+    );
+    (t0, probes, exit)
+}
+
 /// SIGTERM under an HTTP and a gRPC watcher with a writer running: `/readyz` 503 at once, no
 /// refused connection nor failed request during `--shutdown-delay`, streams end only after
 /// it (gRPC: etcd's `Unavailable` "etcdserver: server stopped"; HTTP: a clean end), both
@@ -476,7 +500,7 @@ fn http_watch_n(
 fn sigterm_rollout_moves_watchers_without_loss() {
     const DELAY: Duration = Duration::from_secs(3);
     let _s = serial();
-    rt().block_on(async {
+    testkit::runtime().block_on(async {
         let prefix = "/ro/";
         let etcd = Etcd::start();
         let base = put(&etcd.url, "/ro/seed", "0").await;
@@ -539,34 +563,8 @@ fn sigterm_rollout_moves_watchers_without_loss() {
         };
         tokio::time::sleep(Duration::from_secs(2)).await;
 
-        signal(pid, "TERM");
-        let t0 = Instant::now();
-        let exit = tokio::task::spawn_blocking(move || {
-            let exited = wait_until(Duration::from_secs(20), || !is_alive(pid));
-            (exited, t0.elapsed())
-        });
-        // Readiness fails at once.
-        let unready = wait_until(Duration::from_millis(500), || {
-            status(a.port, "/readyz").0 == 503
-        });
-        assert!(unready, "/readyz still 200 0.5 s after SIGTERM");
-        // During the delay every new connection is accepted and answered.
-        let mut probes = 0;
-        let mut failures = Vec::new();
-        while t0.elapsed() < DELAY - Duration::from_millis(500) {
-            let body = format!(r#"{{"key":"{}","serializable":true}}"#, b64("/ro/seed"));
-            match testkit::http::request(a.port, "POST", "/v3/kv/range", &[], body.as_bytes()) {
-                Ok(r) if r.status == 200 => {}
-                Ok(r) => failures.push(format!("{:?}: status {}", t0.elapsed(), r.status)),
-                Err(e) => failures.push(format!("{:?}: {e}", t0.elapsed())),
-            }
-            probes += 1;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(
-            failures.is_empty(),
-            "requests failed during the shutdown delay: {failures:?}"
-        );
+        let (t0, probes, exit) =
+            sigterm_answering(pid, a.port, "/ro/seed", DELAY, Duration::from_secs(20)).await;
 
         let (g_end, g_ended_at, g_again) = grpc.await.expect("grpc watcher");
         let (h_end, h_ended_at, h_again) = http.await.expect("http watcher");
@@ -692,7 +690,7 @@ fn etcdctl_watch(endpoints: &str, prefix: &str, start: i64, seen: Seen, until: I
 #[test]
 fn max_connection_age_moves_watchers_without_loss() {
     let _s = serial();
-    rt().block_on(async {
+    testkit::runtime().block_on(async {
         let prefix = "/ma/";
         let etcd = Etcd::start();
         let base = put(&etcd.url, "/ma/seed", "0").await;
@@ -829,7 +827,7 @@ const FLEET_WRITES: usize = 150;
 fn sigterm_with_1000_watchers_moves_every_one_without_loss() {
     const DELAY: Duration = Duration::from_secs(3);
     let _s = serial();
-    rt().block_on(async {
+    testkit::runtime().block_on(async {
         let prefix = "/rf/";
         let etcd = Etcd::start();
         let base = put(&etcd.url, "/rf/seed", "0").await;
@@ -908,39 +906,8 @@ fn sigterm_with_1000_watchers_moves_every_one_without_loss() {
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
 
-        signal(pid, "TERM");
-        let t0 = Instant::now();
-        let exit = tokio::task::spawn_blocking(move || {
-            let exited = wait_until(Duration::from_secs(30), || !is_alive(pid));
-            (exited, t0.elapsed())
-        });
-        let unready = wait_until(Duration::from_millis(500), || {
-            status(a.port, "/readyz").0 == 503
-        });
-        assert!(unready, "/readyz still 200 0.5 s after SIGTERM");
-        // During the delay every new connection is accepted and answered.
-        let mut probes = 0;
-        let mut failures = Vec::new();
-        while t0.elapsed() < DELAY - Duration::from_millis(500) {
-            let body = format!(r#"{{"key":"{}","serializable":true}}"#, b64("/rf/seed"));
-            let port = a.port;
-            let r = tokio::task::spawn_blocking(move || {
-                testkit::http::request(port, "POST", "/v3/kv/range", &[], body.as_bytes())
-            })
-            .await
-            .expect("probe");
-            match r {
-                Ok(r) if r.status == 200 => {}
-                Ok(r) => failures.push(format!("{:?}: status {}", t0.elapsed(), r.status)),
-                Err(e) => failures.push(format!("{:?}: {e}", t0.elapsed())),
-            }
-            probes += 1;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(
-            failures.is_empty(),
-            "requests failed during the shutdown delay: {failures:?}"
-        );
+        let (t0, probes, exit) =
+            sigterm_answering(pid, a.port, "/rf/seed", DELAY, Duration::from_secs(30)).await;
 
         let written = writer.await.expect("writer");
         let (exited, exit_took) = exit.await.expect("exit watcher");
@@ -1022,7 +989,7 @@ const SPREAD_WRITES: usize = 300;
 #[test]
 fn scale_out_spreads_connections_within_one_age() {
     let _s = serial();
-    rt().block_on(async {
+    testkit::runtime().block_on(async {
         let prefix = "/so/";
         let etcd = Etcd::start();
         let base = put(&etcd.url, "/so/seed", "0").await;

@@ -11,8 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use etcd_fanout::proto::etcdserverpb::{
-    kv_client::KvClient, watch_client::WatchClient, watch_request::RequestUnion,
-    AuthenticateRequest, PutRequest, RangeRequest, WatchCreateRequest, WatchRequest,
+    kv_client::KvClient, watch_client::WatchClient, AuthenticateRequest, PutRequest, RangeRequest,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
@@ -60,6 +59,20 @@ fn run(cmd: &mut Command, limit: Duration) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Runs etcdctl over TLS (the CN-less client certificate) against `url`, as `user` if given;
+/// it must succeed.
+fn etcdctl_tls(url: &str, user: Option<&str>, args: &[&str]) {
+    let mut cmd = Command::new("etcdctl");
+    cmd.env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={url}"))
+        .args(tls::etcdctl_flags());
+    if let Some(u) = user {
+        cmd.arg(format!("--user={u}"));
+    }
+    let (ok, out, err) = run(cmd.args(args), Duration::from_secs(20));
+    assert!(ok, "etcdctl {args:?}: {out} {err}");
 }
 
 /// One raw HTTP/1.1 request over TLS presenting `cert`; the whole answer (`Connection: close`),
@@ -526,17 +539,7 @@ async fn client_certificate_common_names() {
     tls::force();
     let c = tls::certs();
     let etcd = Etcd::start();
-    let etcdctl = |user: Option<&str>, args: &[&str]| {
-        let mut cmd = Command::new("etcdctl");
-        cmd.env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", etcd.url))
-            .args(tls::etcdctl_flags());
-        if let Some(u) = user {
-            cmd.arg(format!("--user={u}"));
-        }
-        let (ok, out, err) = run(cmd.args(args), Duration::from_secs(20));
-        assert!(ok, "etcdctl {args:?}: {out} {err}");
-    };
+    let etcdctl = |user: Option<&str>, args: &[&str]| etcdctl_tls(&etcd.url, user, args);
     etcdctl(None, &["user", "add", "root:pw"]);
     etcdctl(None, &["user", "grant-role", "root", "root"]);
     etcdctl(None, &["put", "/apisix/a", "1"]);
@@ -667,21 +670,8 @@ async fn certificate_rotation_keeps_watchers() {
         let mut w = WatchClient::new(chans[i % chans.len()].clone());
         let created = created_tx.clone();
         tasks.push(tokio::spawn(async move {
-            let (tx, rx) = tokio::sync::mpsc::channel(4);
-            tx.send(WatchRequest {
-                request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
-                    key: "/rot/".into(),
-                    range_end: "/rot0".into(),
-                    ..Default::default()
-                })),
-            })
-            .await
-            .expect("send");
-            let mut stream = w
-                .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await
-                .expect("watch")
-                .into_inner();
+            let (tx, stream) = testkit::open_watch(&mut w, "/rot/", "/rot0").await;
+            let mut stream = stream.expect("watch");
             let mut revs = Vec::new();
             while revs.len() < WRITES {
                 let resp = stream.message().await.expect("stream").expect("open");
@@ -958,22 +948,9 @@ async fn cn_less_answers(port: u16, url: &str, cert: &Pair) -> Vec<String> {
         Err(s) => format!("range: {:?} {:?}", s.code(), s.message()),
     });
     let mut watch = WatchClient::new(channel_as(url, cert).await);
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(WatchRequest {
-        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
-            key: "/apisix/".into(),
-            range_end: "/apisix0".into(),
-            ..Default::default()
-        })),
-    })
-    .await
-    .expect("send");
-    let first = match watch
-        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-    {
-        Ok(stream) => {
-            let mut stream = stream.into_inner();
+    let (tx, answer) = testkit::open_watch(&mut watch, "/apisix/", "/apisix0").await;
+    let first = match answer {
+        Ok(mut stream) => {
             match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
                 Ok(Ok(Some(r))) => format!(
                     "watch: created={} canceled={} id={} reason={:?} rev={}",
@@ -1034,17 +1011,7 @@ async fn cn_less_certificate_refused_as_etcd_refuses_it() {
     tls::force();
     let c = tls::certs();
     let etcd = Etcd::start();
-    let etcdctl = |user: Option<&str>, args: &[&str]| {
-        let mut cmd = Command::new("etcdctl");
-        cmd.env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", etcd.url))
-            .args(tls::etcdctl_flags());
-        if let Some(u) = user {
-            cmd.arg(format!("--user={u}"));
-        }
-        let (ok, out, err) = run(cmd.args(args), Duration::from_secs(20));
-        assert!(ok, "etcdctl {args:?}: {out} {err}");
-    };
+    let etcdctl = |user: Option<&str>, args: &[&str]| etcdctl_tls(&etcd.url, user, args);
     etcdctl(None, &["user", "add", "root:pw"]);
     etcdctl(None, &["user", "grant-role", "root", "root"]);
     etcdctl(None, &["put", "/apisix/a", "1"]);

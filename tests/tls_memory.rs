@@ -12,9 +12,7 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use etcd_fanout::proto::etcdserverpb::{
-    watch_client::WatchClient, watch_request::RequestUnion, WatchCreateRequest, WatchRequest,
-};
+use etcd_fanout::proto::etcdserverpb::watch_client::WatchClient;
 use testkit::fault::rss_kib;
 use testkit::tls::{self, Stream};
 use testkit::{Etcd, Proxy};
@@ -101,21 +99,9 @@ async fn grpc_watching(url: &str, n: usize) -> Vec<Box<dyn std::any::Any + Send>
     let mut held: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
     for _ in 0..n {
         let ch = testkit::channel(url).await;
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        tx.send(WatchRequest {
-            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
-                key: "/apisix/".into(),
-                range_end: "/apisix0".into(),
-                ..Default::default()
-            })),
-        })
-        .await
-        .expect("send");
-        let mut stream = WatchClient::new(ch.clone())
-            .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .expect("watch")
-            .into_inner();
+        let (tx, stream) =
+            testkit::open_watch(&mut WatchClient::new(ch.clone()), "/apisix/", "/apisix0").await;
+        let mut stream = stream.expect("watch");
         let created = stream.message().await.expect("stream").expect("created");
         assert!(created.created);
         held.push(Box::new((ch, tx, stream)));

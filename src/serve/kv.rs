@@ -87,11 +87,11 @@ impl KvService {
                 return Err(Error::NoLeader);
             }
         }
-        if cached.is_some() {
+        if let Some(feed) = cached {
             // etcd's permission check comes before the read (and its revision errors).
             match self
                 .access
-                .check(metadata, &req.key, &req.range_end, true)
+                .check(metadata, &req.key, &req.range_end, true, Some(&feed.range))
                 .await
             {
                 Verdict::Serve => {}

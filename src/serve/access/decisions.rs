@@ -14,6 +14,21 @@
 //! key wait for one probe (single flight): a storm of watch creates by one identity costs etcd
 //! one Range. A probe that fails otherwise (etcd unreachable, timeout) decides nothing: the
 //! caller forwards its request and etcd answers it.
+//!
+//! **One probe per configured prefix.** A request the cache answers lies inside one cached
+//! prefix, and the caller passes that prefix as the request's *cover*. The cover is decided
+//! first (the same table, the same single flight): when etcd allows the token the whole
+//! prefix, every non-empty range and key inside it is allowed too, by etcd's own rule (etcd
+//! 3.4 `auth/range_perm_cache.go`: a range is permitted when the union of the user's
+//! permission intervals `Contains` it, a key when a permission interval `Intersects` it; a
+//! union that covers the prefix covers each part of it), so a burst of creates on distinct
+//! keys costs one probe per token and prefix instead of one per key. A token etcd refuses as
+//! such (`invalid auth token`, `user name is empty`) is refused whatever the key, so that
+//! answer stands for every key too. When the prefix is only `permission denied` (a user
+//! allowed part of it, or nothing), the request's own range is probed as before: a prefix
+//! denial never denies a key. Empty (inverted) ranges are always probed as they are. The
+//! cover's decision expires and is dropped with the epoch like any other, so a revocation
+//! takes effect within `--auth-decision-ttl` as before.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,6 +40,7 @@ use tonic::metadata::AsciiMetadataValue;
 use tonic::{Code, Request, Status};
 
 use super::identity::TOKEN;
+use crate::keys::KeyRange;
 use crate::metrics;
 use crate::proto::etcdserverpb::RangeRequest;
 use crate::source::upstream::Upstream;
@@ -38,6 +54,13 @@ const REFUSALS: [(&str, bool); 4] = [
     ("etcdserver: invalid auth token", true),
     ("etcdserver: user name is empty", true),
     ("etcdserver: revision of auth store is old", false),
+];
+
+/// etcd's refusals that do not depend on the key: the token itself is refused (etcd reads the
+/// caller's identity before it looks at any permission).
+const TOKEN_REFUSALS: [&str; 2] = [
+    "etcdserver: invalid auth token",
+    "etcdserver: user name is empty",
 ];
 
 /// What the table is keyed by.
@@ -129,8 +152,36 @@ impl Decisions {
         }
     }
 
-    /// etcd's decision for `token` on `[key, range_end)`, probing etcd on a miss.
+    /// etcd's decision for `token` on `[key, range_end)`, probing etcd on a miss. `cover`: the
+    /// cached prefix the range lies in, decided first (see the module doc).
     pub async fn decide(
+        &self,
+        upstream: &Upstream,
+        epoch: u64,
+        token: &AsciiMetadataValue,
+        key: &Bytes,
+        range_end: &Bytes,
+        cover: Option<&KeyRange>,
+    ) -> Result<Decision, Undecided> {
+        let requested = KeyRange::new(key, range_end);
+        if let Some(cover) = cover.filter(|c| !requested.is_empty() && c.covers(&requested)) {
+            let whole = self
+                .decide_exactly(upstream, epoch, token, &cover.start, &cover.range_end())
+                .await?;
+            match &whole {
+                Decision::Allow => return Ok(whole),
+                Decision::Deny { message, .. } if TOKEN_REFUSALS.contains(&&**message) => {
+                    return Ok(whole)
+                }
+                Decision::Deny { .. } => {}
+            }
+        }
+        self.decide_exactly(upstream, epoch, token, key, range_end)
+            .await
+    }
+
+    /// etcd's decision for `token` on exactly `[key, range_end)`.
+    async fn decide_exactly(
         &self,
         upstream: &Upstream,
         epoch: u64,

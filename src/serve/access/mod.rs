@@ -7,7 +7,8 @@
 //! - [`state`]: whether auth is on, polled every second (nothing is served from the cache
 //!   while it is unknown; with auth off a tokenless request is served without asking);
 //! - [`decisions`]: per `(token, key, range_end)` decisions made by etcd (one probe, shared,
-//!   remembered for a bounded time).
+//!   remembered for a bounded time; a token allowed a whole cached prefix is allowed every
+//!   range inside it, one probe for all).
 //!
 //! A tokenless request while auth is on gets etcd's refusal without asking etcd: `user name
 //! is empty`, or, when the listener has `--client-cert-auth`, `permission denied`. etcd with
@@ -37,6 +38,7 @@ use tonic::Status;
 
 use crate::config::Config;
 use crate::error::Error;
+use crate::keys::KeyRange;
 use crate::metrics;
 use crate::source::upstream::Upstream;
 use crate::tasks::Tasks;
@@ -140,12 +142,15 @@ impl Access {
     /// The verdict for a Range or Watch create of `[key, range_end)` by the caller of
     /// `metadata`. `cacheable`: the cache could answer it (otherwise a caller with a token is
     /// left to etcd; a tokenless one is still refused, as etcd checks identity first).
+    /// `cover`: the cached prefix the range lies in, whose decision (one probe per token)
+    /// stands for every range inside it when etcd allows it (see [`decisions`]).
     pub async fn check(
         &self,
         metadata: &MetadataMap,
         key: &Bytes,
         range_end: &Bytes,
         cacheable: bool,
+        cover: Option<&KeyRange>,
     ) -> Verdict {
         let mut state = self.state.get();
         if state == AuthState::Unknown {
@@ -167,12 +172,15 @@ impl Access {
             // a JWT passes. The probe gets whichever answer the fronted etcd gives.
             Some(token) => {
                 let epoch = self.state.epoch();
-                let decided =
-                    Box::pin(
-                        self.decisions
-                            .decide(&self.upstream, epoch, token, key, range_end),
-                    )
-                    .await;
+                let decided = Box::pin(self.decisions.decide(
+                    &self.upstream,
+                    epoch,
+                    token,
+                    key,
+                    range_end,
+                    cover,
+                ))
+                .await;
                 match decided {
                     Ok(Decision::Allow) => Verdict::Serve,
                     Ok(deny) => {

@@ -417,6 +417,7 @@ impl Session {
                 &c.key,
                 &c.range_end,
                 cacheable.is_some() || duplicate || range.is_empty(),
+                cacheable.as_ref().map(|f| &f.range),
             )
             .await;
         let feed = match verdict {

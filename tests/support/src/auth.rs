@@ -146,9 +146,14 @@ pub async fn range_prefix(
 
 /// Puts `key = value` at `url` with `token`; returns the write's revision.
 pub async fn put(url: &str, token: &str, key: &str, value: &str) -> i64 {
+    put_as(url, Some(token), key, value).await
+}
+
+/// Puts `key = value` at `url` with `token` if given; returns the write's revision.
+pub async fn put_as(url: &str, token: Option<&str>, key: &str, value: &str) -> i64 {
     let mut c = Clients::connect(url).await;
     c.kv.put(with_token(
-        Some(token),
+        token,
         PutRequest {
             key: key.to_string().into(),
             value: value.to_string().into(),

@@ -342,6 +342,51 @@ impl Clients {
     }
 }
 
+/// Opens a Watch stream on `client` whose first request creates a watch of `[key,
+/// range_end)`. Returns the sender of further requests (the stream's request side ends when
+/// it is dropped) and the server's answer to the call.
+pub async fn open_watch(
+    client: &mut WatchClient<Channel>,
+    key: &str,
+    range_end: &str,
+) -> (
+    tokio::sync::mpsc::Sender<etcd_fanout::proto::etcdserverpb::WatchRequest>,
+    Result<tonic::Streaming<etcd_fanout::proto::etcdserverpb::WatchResponse>, tonic::Status>,
+) {
+    use etcd_fanout::proto::etcdserverpb::{
+        watch_request::RequestUnion, WatchCreateRequest, WatchRequest,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+            key: key.to_string().into(),
+            range_end: range_end.to_string().into(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .expect("send");
+    let answer = client
+        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map(|r| r.into_inner());
+    (tx, answer)
+}
+
+/// Puts `key = value` at `url` without a token; returns the write's revision.
+pub async fn put(url: &str, key: &str, value: &str) -> i64 {
+    auth::put_as(url, None, key, value).await
+}
+
+/// A two-worker tokio runtime, for tests that run blocking waits next to async clients.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// Polls `GET path` until it answers 200 or `timeout` passes.
 pub fn wait_http_ok(port: u16, path: &str, timeout: Duration) -> Result<(), String> {
     let start = Instant::now();

@@ -1046,7 +1046,14 @@ async fn one_probe_per_prefix_and_sub_range_users_judged_per_key() {
     const BURST: usize = 2_000;
     const SUB_BURST: usize = 100;
     let etcd = diff::start_etcd(&[]).await;
-    let proxy = diff::start_proxy(&etcd.url, &["/apisix/".into()], &[]).await;
+    // With its own user (root, once auth is on) the proxy's sync checks succeed and are
+    // shared by the burst's creates; without, every create would retry a refused one.
+    let proxy = diff::start_proxy(
+        &etcd.url,
+        &["/apisix/".into()],
+        &["--user".into(), format!("root:{PASSWORD}")],
+    )
+    .await;
     for (i, k) in KEYS.iter().enumerate() {
         put_as(&etcd.url, None, k, &format!("v{i}")).await;
     }
@@ -1104,6 +1111,14 @@ async fn one_probe_per_prefix_and_sub_range_users_judged_per_key() {
 
     // A burst on distinct keys by a user allowed the whole prefix: one probe (the prefix's).
     let ro = login(&proxy.url, "ro").await;
+    let etcd_ranges = || {
+        metric_with(
+            &testkit::http_get(etcd.port, "/metrics").expect("metrics").1,
+            "grpc_server_handled_total",
+            r#"grpc_method="Range""#,
+        )
+    };
+    let ranges_before = etcd_ranges();
     let before = probes();
     let started = Instant::now();
     let burst: Vec<(String, String)> = (0..BURST)
@@ -1112,6 +1127,9 @@ async fn one_probe_per_prefix_and_sub_range_users_judged_per_key() {
     let got = create_outcomes(&proxy.url, &ro, &burst).await;
     let ro_probes = probes() - before;
     let ro_time = started.elapsed();
+    // etcd's own count: the probe, a few shared sync checks, the proxy's auth and compaction
+    // polls (one a second each).
+    let ro_ranges = etcd_ranges() - ranges_before;
     assert!(
         got.iter()
             .all(|g| g.starts_with("created=true canceled=false")),
@@ -1124,6 +1142,10 @@ async fn one_probe_per_prefix_and_sub_range_users_judged_per_key() {
     assert!(
         ro_probes <= ttls,
         "{ro_probes} probes for {BURST} creates in {ro_time:?}"
+    );
+    assert!(
+        ro_ranges <= 20.0 + 3.0 * ro_time.as_secs_f64(),
+        "etcd served {ro_ranges} Ranges for {BURST} creates in {ro_time:?}"
     );
 
     // A user allowed a sub-prefix only: the prefix is denied, so each key is probed, and the
@@ -1153,8 +1175,9 @@ async fn one_probe_per_prefix_and_sub_range_users_judged_per_key() {
         "{pre_probes} probes for {SUB_BURST} creates of a sub-prefix user"
     );
     eprintln!(
-        "whole-prefix user: {BURST} creates in {ro_time:?}, {ro_probes} probe(s); sub-prefix \
-         user: {SUB_BURST} creates in {pre_time:?}, {pre_probes} probes"
+        "whole-prefix user: {BURST} creates in {ro_time:?}, {ro_probes} probe(s), {ro_ranges} \
+         Ranges on etcd; sub-prefix user: {SUB_BURST} creates in {pre_time:?}, {pre_probes} \
+         probes"
     );
 }
 

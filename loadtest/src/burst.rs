@@ -142,28 +142,29 @@ pub fn render(a: &Args, results: &[BurstResult]) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let n = results.first().map_or(0, |r| r.creates);
-    let _ = writeln!(
-        s,
-        "### Create burst: {n} watch creates written at once on one gRPC stream{}\n",
-        if a.auth { ", with a token" } else { "" }
-    );
-    if !a.note.is_empty() {
-        let _ = writeln!(s, "Note: {}\n", a.note);
-    }
-    let _ = writeln!(
-        s,
-        "| target | created (refused) | half answered s | all answered s | creates/s | etcd CPU s | proxy CPU s | loadgen CPU s | etcd peak RSS MB | proxy peak RSS MB | error |"
-    );
-    let _ = writeln!(
-        s,
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    crate::report::table_head(
+        &mut s,
+        &format!(
+            "Create burst: {n} watch creates written at once on one gRPC stream{}",
+            if a.auth { ", with a token" } else { "" }
+        ),
+        &a.note,
+        &[
+            "target",
+            "created (refused)",
+            "half answered s",
+            "all answered s",
+            "creates/s",
+            "etcd CPU s",
+            "proxy CPU s",
+            "loadgen CPU s",
+            "etcd peak RSS MB",
+            "proxy peak RSS MB",
+            "error",
+        ],
     );
     for r in results {
-        let cpu = |who: &str| {
-            r.usage
-                .get(who)
-                .map_or("-".into(), |u| format!("{:.1}", u.cpu_s))
-        };
+        let cpu = |who: &str| r.usage.cpu_cell(who);
         let rss = |who: &str| {
             r.usage
                 .get(who)

@@ -232,6 +232,12 @@ impl PhaseUsage {
     pub fn get(&self, name: &str) -> Option<&ProcPhase> {
         self.procs.iter().find(|p| p.name == name)
     }
+
+    /// CPU seconds of `name` as a table cell ("-" when it did not run).
+    pub fn cpu_cell(&self, name: &str) -> String {
+        self.get(name)
+            .map_or("-".into(), |u| format!("{:.1}", u.cpu_s))
+    }
 }
 
 impl Sampler {

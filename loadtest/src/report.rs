@@ -5,6 +5,17 @@ use std::time::SystemTime;
 
 use crate::{Args, Phase, TargetResult};
 
+/// Starts a markdown report table: its title, the run's note (if any), the header row of
+/// `columns` and the separator.
+pub fn table_head(s: &mut String, title: &str, note: &str, columns: &[&str]) {
+    let _ = writeln!(s, "### {title}\n");
+    if !note.is_empty() {
+        let _ = writeln!(s, "Note: {note}\n");
+    }
+    let _ = writeln!(s, "| {} |", columns.join(" | "));
+    let _ = writeln!(s, "|{}", " --- |".repeat(columns.len()));
+}
+
 fn f(v: f64, digits: usize) -> String {
     if v.is_nan() {
         "-".into()
@@ -460,6 +471,16 @@ pub fn render(a: &Args, rs: &[TargetResult], started: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn table_heads() {
+        let mut s = String::new();
+        table_head(&mut s, "T", "load 3", &["a", "b c"]);
+        assert_eq!(s, "### T\n\nNote: load 3\n\n| a | b c |\n| --- | --- |\n");
+        let mut s = String::new();
+        table_head(&mut s, "T", "", &["a"]);
+        assert_eq!(s, "### T\n\n| a |\n| --- |\n");
+    }
 
     #[test]
     fn dates() {

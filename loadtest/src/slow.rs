@@ -674,21 +674,27 @@ fn record_get(hist: &Mutex<Hist>, over: &AtomicU64, failed: &AtomicU64, t0: Inst
 pub fn render(a: &Args, results: &[SlowResult]) -> String {
     use std::fmt::Write;
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "### Slow readers: {} HTTP + {} gRPC ({} per connection) non-reading watchers, {} puts of {} B at {}/s\n",
-        a.slow_http, a.slow_grpc, a.slow_grpc_streams, a.slow_puts, a.value_size, a.rate
-    );
-    if !a.note.is_empty() {
-        let _ = writeln!(s, "Note: {}\n", a.note);
-    }
-    let _ = writeln!(
-        s,
-        "| target | non-readers (HTTP / gRPC) | victim gRPC p50 / p99 / max ms | victim HTTP p50 / p99 / max ms | missed events | gets gRPC p99 / max ms | gets HTTP p99 / max ms | gets > 1 s | proxy RSS start -> peak MB (growth) | etcd RSS start -> peak MB | proxy CPU s | etcd CPU s |"
-    );
-    let _ = writeln!(
-        s,
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    crate::report::table_head(
+        &mut s,
+        &format!(
+            "Slow readers: {} HTTP + {} gRPC ({} per connection) non-reading watchers, {} puts of {} B at {}/s",
+            a.slow_http, a.slow_grpc, a.slow_grpc_streams, a.slow_puts, a.value_size, a.rate
+        ),
+        &a.note,
+        &[
+            "target",
+            "non-readers (HTTP / gRPC)",
+            "victim gRPC p50 / p99 / max ms",
+            "victim HTTP p50 / p99 / max ms",
+            "missed events",
+            "gets gRPC p99 / max ms",
+            "gets HTTP p99 / max ms",
+            "gets > 1 s",
+            "proxy RSS start -> peak MB (growth)",
+            "etcd RSS start -> peak MB",
+            "proxy CPU s",
+            "etcd CPU s",
+        ],
     );
     for res in results {
         for r in &res.rounds {
@@ -704,11 +710,7 @@ pub fn render(a: &Args, results: &[SlowResult]) -> String {
                     )
                 })
             };
-            let cpu = |who: &str| {
-                r.usage
-                    .get(who)
-                    .map_or("-".to_string(), |u| format!("{:.1}", u.cpu_s))
-            };
+            let cpu = |who: &str| r.usage.cpu_cell(who);
             let _ = writeln!(
                 s,
                 "| {} | {} | {} | {} | {} / {} | {:.1} / {:.1} | {} | {} (+{} failed) | {} | {} | {} | {} |",

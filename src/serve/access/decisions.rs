@@ -168,11 +168,14 @@ impl Decisions {
             let whole = self
                 .decide_exactly(upstream, epoch, token, &cover.start, &cover.range_end())
                 .await?;
+            let same = cover.start == *key && cover.range_end() == *range_end;
             match &whole {
                 Decision::Allow => return Ok(whole),
                 Decision::Deny { message, .. } if TOKEN_REFUSALS.contains(&&**message) => {
                     return Ok(whole)
                 }
+                // The request is the prefix itself: etcd has answered it.
+                Decision::Deny { .. } if same => return Ok(whole),
                 Decision::Deny { .. } => {}
             }
         }

@@ -203,6 +203,23 @@ pub struct Config {
     #[arg(long, env = "ETCD_FANOUT_GRPC_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = parse_positive_duration)]
     pub grpc_keepalive_timeout: Duration,
 
+    /// Bytes an accepted connection's socket may hold that the client has not yet
+    /// acknowledged room for (`TCP_NOTSENT_LOWAT`): beyond them a write waits until the client
+    /// reads. Bounds what a client that stops reading takes from the process (its kernel
+    /// buffers' worth of every reply it is sent: with thousands of them, a burst of large
+    /// events would otherwise be copied into each socket until its buffers fill) without
+    /// limiting a reading client's throughput (bytes in flight are not counted). 16 KiB, as
+    /// HTTP/2 servers commonly use; 0: the kernel's default (no limit).
+    #[arg(long, env = "ETCD_FANOUT_SOCKET_UNSENT_BYTES", default_value_t = 16 << 10)]
+    pub socket_unsent_bytes: u32,
+
+    /// `SO_SNDBUF` of accepted connections, in bytes (the kernel doubles it for its
+    /// bookkeeping); 0: the kernel's autotuning. A small buffer also bounds a non-reading
+    /// client's share, but limits every client's throughput to about the buffer per round
+    /// trip: prefer `--socket-unsent-bytes`.
+    #[arg(long, env = "ETCD_FANOUT_SOCKET_SEND_BUFFER", default_value_t = 0)]
+    pub socket_send_buffer: usize,
+
     /// Log format: `text` (colour only when standard output is a terminal) or `json` (one
     /// JSON object per line: `timestamp`, `level`, `target`, `message` and the event's fields).
     #[arg(

@@ -460,6 +460,143 @@ fn slow_readers_park_and_cost_little() {
     });
 }
 
+/// Bytes queued in the kernel for the proxy's side of the connection from `client_port` to
+/// the proxy's `port` (`tx_queue` of /proc/net/tcp: sent and not acknowledged, plus not yet
+/// sent), if the socket is listed.
+fn proxy_tx_queue(port: u16, client_port: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let port_of = |addr: &str| {
+        addr.rsplit_once(':')
+            .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+    };
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 5 || port_of(f[1]) != Some(port) || port_of(f[2]) != Some(client_port) {
+            return None;
+        }
+        let tx = f[4].split_once(':')?.0;
+        u64::from_str_radix(tx, 16).ok()
+    })
+}
+
+/// The body of a chunked HTTP/1.1 response read so far (head skipped, chunk framing removed;
+/// an incomplete last chunk as far as it goes).
+fn dechunk(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let Some(head_end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return out;
+    };
+    let mut rest = &raw[head_end + 4..];
+    while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&rest[..eol])
+            .ok()
+            .and_then(|h| usize::from_str_radix(h.trim(), 16).ok());
+        let Some(size) = size else { break };
+        rest = &rest[eol + 2..];
+        let take = size.min(rest.len());
+        out.extend_from_slice(&rest[..take]);
+        if take < size || rest.len() < size + 2 {
+            break;
+        }
+        rest = &rest[size + 2..];
+    }
+    out
+}
+
+/// A client that stops reading takes at most `--socket-unsent-bytes` (16 KiB by default)
+/// beyond what its own receive buffer accepted, not the kernel's autotuned send buffer (up to
+/// 4 MiB, copied into the socket for each of thousands of such clients while the others
+/// wait); once it reads, it gets every event.
+#[test]
+fn a_non_reader_takes_bounded_socket_bytes() {
+    let puts = env_or("ETCD_FANOUT_UNSENT_PUTS", 30) as usize;
+    const VALUE: usize = 100 * 1024;
+    // TCP_NOTSENT_LOWAT stops a write once the unsent bytes pass it, at most one segment
+    // (64 KiB on loopback) later; generous, as the kernel's autotuned buffer takes megabytes.
+    const BOUND: u64 = 256 << 10;
+    runtime().block_on(async {
+        let prefix = "/unsent/";
+        let etcd = tokio::task::spawn_blocking(Etcd::start).await.unwrap();
+        let url = etcd.url.clone();
+        let proxy = tokio::task::spawn_blocking(move || Proxy::start(&url, &[prefix]))
+            .await
+            .unwrap();
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+            .await
+            .expect("connect");
+        let client_port = s.local_addr().expect("local addr").port();
+        // prefix "/unsent/", range_end "/unsent0".
+        let body = r#"{"create_request":{"key":"L3Vuc2VudC8=","range_end":"L3Vuc2VudDA="}}"#;
+        let req = format!(
+            "POST /v3/watch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes())
+            .await
+            .expect("send watch");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while testkit::metric_value(&proxy.metrics(), "etcd_fanout_watchers") < 1.0 {
+            assert!(Instant::now() < deadline, "the watch was not created");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut kv = KvClient::new(testkit::channel(&etcd.url).await);
+        let value = bytes::Bytes::from(vec![b'u'; VALUE]);
+        let mut revisions = Vec::new();
+        for i in 0..puts {
+            let resp = kv
+                .put(PutRequest {
+                    key: format!("{prefix}k{}", i % 5).into_bytes().into(),
+                    value: value.clone(),
+                    ..Default::default()
+                })
+                .await
+                .expect("put")
+                .into_inner();
+            revisions.push(resp.header.map_or(0, |h| h.revision));
+        }
+        // The proxy's writer blocks on the socket once it holds its bound: sample it for three
+        // seconds after the last put (without the bound the socket takes megabytes, every
+        // put's reply, and the session never parks).
+        let mut most = 0;
+        for _ in 0..30 {
+            let q = proxy_tx_queue(proxy.port, client_port).expect("the proxy's socket");
+            most = most.max(q);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let parked = testkit::metric_value(&proxy.metrics(), "etcd_fanout_watch_sessions_parked");
+        eprintln!(
+            "non-reader: {puts} puts of {VALUE} B, the proxy's socket holds at most {most} B \
+             unacknowledged (bound {BOUND}); sessions parked {parked}"
+        );
+        assert!(
+            most <= BOUND,
+            "the proxy's socket holds {most} B for a client that does not read (bound {BOUND})"
+        );
+        // Reading now, the client gets every revision.
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 256 << 10];
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let last = *revisions.last().expect("a put");
+        let needle = format!("\"mod_revision\":\"{last}\"");
+        while !dechunk(&got).windows(needle.len()).any(|w| w == needle.as_bytes()) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let n = tokio::time::timeout(left, tokio::io::AsyncReadExt::read(&mut s, &mut buf))
+                .await
+                .expect("every event within 60 s of reading")
+                .expect("read");
+            assert!(n > 0, "the proxy closed the watch");
+            got.extend_from_slice(&buf[..n]);
+        }
+        let body = dechunk(&got);
+        let text = String::from_utf8_lossy(&body);
+        for rev in &revisions {
+            let one = format!("\"mod_revision\":\"{rev}\"");
+            assert_eq!(text.matches(&one).count(), 1, "revision {rev} not exactly once");
+        }
+        drop((s, proxy));
+    });
+}
+
 // ---- HTTP/2: several streams flooding without reading, and real floods ---------------------
 
 /// `msg` as one gRPC message (no compression).

@@ -310,6 +310,7 @@ pub async fn serve(
         idle: services.hub.config.idle_timeout,
     };
     let max_age = age::MaxAge::from_config(&services.hub.config);
+    let sockets = SocketLimits::from_config(&services.hub.config);
     loop {
         let (mut stream, _peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -330,6 +331,7 @@ pub async fn serve(
         };
         let accepted = tokio::time::Instant::now();
         let _ = stream.set_nodelay(true);
+        sockets.apply(&stream);
         let conn = Connection {
             routes: routes.clone(),
             services: services.clone(),
@@ -499,6 +501,42 @@ where
         (Poll::Ready(r), _) => Poll::Ready(r.map_err(Into::into)),
         (Poll::Pending, Poll::Ready(Err(e))) => Poll::Ready(Err(e.into())),
         (Poll::Pending, _) => Poll::Pending,
+    }
+}
+
+/// What an accepted socket may hold for its client in the kernel (see
+/// `--socket-unsent-bytes`, `--socket-send-buffer`): a client that stops reading blocks the
+/// connection's writer after this much, not after the kernel's autotuned buffers (megabytes
+/// on a fast path), so thousands of non-readers cost little copying and memory.
+#[derive(Debug, Clone, Copy)]
+struct SocketLimits {
+    /// `TCP_NOTSENT_LOWAT` (0: the kernel's default).
+    unsent: u32,
+    /// `SO_SNDBUF` (0: autotuned).
+    send_buffer: usize,
+}
+
+impl SocketLimits {
+    fn from_config(config: &crate::config::Config) -> SocketLimits {
+        SocketLimits {
+            unsent: config.socket_unsent_bytes,
+            send_buffer: config.socket_send_buffer,
+        }
+    }
+
+    /// Sets the limits on an accepted socket; a failure (an old kernel) only loses the bound.
+    fn apply(&self, stream: &TcpStream) {
+        let sock = socket2::SockRef::from(stream);
+        if self.unsent > 0 {
+            if let Err(e) = sock.set_tcp_notsent_lowat(self.unsent) {
+                tracing::debug!(error = %e, "TCP_NOTSENT_LOWAT not set");
+            }
+        }
+        if self.send_buffer > 0 {
+            if let Err(e) = sock.set_send_buffer_size(self.send_buffer) {
+                tracing::debug!(error = %e, "SO_SNDBUF not set");
+            }
+        }
     }
 }
 

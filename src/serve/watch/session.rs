@@ -636,14 +636,16 @@ impl Session {
 
     /// Serves the notes the feeds left: each revision to the (synced) watches of the shape it
     /// concerns, one response per revision as etcd's synced watchers get them. Parks the
-    /// session instead when its client is more than the byte budget behind: the notes wait
-    /// (a bounded number, see [`crate::source::index::MAX_NOTES`]; after that only the
-    /// revision from which the watches must look at the history again).
+    /// session instead when its client is more than the byte budget behind: its inbox then
+    /// keeps no notes, only the revision from which the watches must look at the history
+    /// again ([`crate::source::index::Inbox::hold`]).
     async fn drain(&mut self) -> Result<(), ()> {
         let config = self.hub.config.clone();
         self.flush().await?;
         loop {
             if self.out.over_budget() {
+                // (Again after a take while parked: the inbox keeps nothing until the next.)
+                self.inbox.hold();
                 if !self.parked {
                     self.parked = true;
                     metrics::SESSIONS_PARKED.inc();

@@ -145,6 +145,19 @@ impl Out {
         }
     }
 
+    /// Queues `replies` together now, whatever the byte budget (the caller checked it with
+    /// [`Out::over_budget_with`]); `Err` when the client is gone.
+    pub async fn send_now(&self, mut replies: Vec<Reply>) -> Result<(), ()> {
+        match replies.len() {
+            0 => Ok(()),
+            1 => match replies.pop() {
+                Some(r) => self.send(r).await,
+                None => Ok(()),
+            },
+            _ => self.send_parcel(Parcel::Many(replies)).await,
+        }
+    }
+
     async fn send_parcel(&self, parcel: Parcel) -> Result<(), ()> {
         let n = parcel.queued_bytes();
         self.queued
@@ -168,6 +181,12 @@ impl Out {
     /// True when the queue holds more than the session's byte budget.
     pub fn over_budget(&self) -> bool {
         self.queued.bytes() > SESSION_BUDGET_BYTES
+    }
+
+    /// True when the queue and `extra` bytes about to be queued hold more than the session's
+    /// byte budget.
+    pub fn over_budget_with(&self, extra: usize) -> bool {
+        self.queued.bytes() + extra > SESSION_BUDGET_BYTES
     }
 
     /// Waits until the queue has drained under [`SESSION_RESUME_BYTES`].

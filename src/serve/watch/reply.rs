@@ -25,6 +25,10 @@ pub enum Reply {
     Error(Box<Status>),
 }
 
+/// The batches of an events reply: a live reply has one, held inline (no allocation per
+/// reply); a backlog spills to the heap.
+pub type Batches = smallvec::SmallVec<[Arc<RevBatch>; 1]>;
+
 /// An events response: header, watch id, and the batches whose shared encodings for `shape`
 /// make up its events.
 #[derive(Debug, Clone)]
@@ -34,7 +38,7 @@ pub struct EventsReply {
     /// Watch id.
     pub watch_id: i64,
     /// Batches (in revision order) with at least one event for `shape`.
-    pub batches: Vec<Arc<RevBatch>>,
+    pub batches: Batches,
     /// The watch's shape.
     pub shape: Arc<Shape>,
     /// Sent to a current (synced) watch as part of the live fan-out: the wire encoder

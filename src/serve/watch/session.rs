@@ -681,10 +681,14 @@ impl Session {
             let Some(u) = self.shapes.get(&tag) else {
                 continue;
             };
-            let batch = u.feed.cache().batch_at(revision);
+            let feed = u.feed.clone();
+            let batch = feed.cache().batch_at(revision);
             let ids: Vec<i64> = u.ids.iter().copied().collect();
+            // The live replies to this revision, queued together (one parcel, one wake-up of
+            // the encoder) after the loop or before anything else is queued.
+            let mut live = Live::default();
             for id in ids {
-                if self.out.over_budget() {
+                if self.out.over_budget_with(live.bytes) {
                     // Served again on resume; the watches already served skip it.
                     self.pending.push_front(note);
                     break;
@@ -698,15 +702,25 @@ impl Session {
                 // Every earlier revision with a key of this shape was noted before.
                 w.next = revision;
                 match &batch {
+                    Some(Some(b)) if w.is_live() => {
+                        if let Some((reply, events)) = w.live_reply(b) {
+                            live.push(reply, events);
+                        }
+                    }
                     Some(Some(b)) => {
+                        live.send(&self.out, &feed).await?;
                         w.deliver(vec![b.clone()], revision, &self.out, &config)
                             .await?
                     }
                     Some(None) => w.next = revision + 1,
                     // Out of the window already: etcd replays from here.
-                    None => self.start_catch_up(id),
+                    None => {
+                        live.send(&self.out, &feed).await?;
+                        self.start_catch_up(id)
+                    }
                 }
             }
+            live.send(&self.out, &feed).await?;
         }
     }
 
@@ -887,6 +901,39 @@ const REQUESTS_PER_TURN: usize = 1024;
 
 /// Revisions of history read at a time to rebuild the notes an inbox dropped.
 const OVERFLOW_CHUNK: usize = 64;
+
+/// The live replies of one revision gathered by [`Session::drain`] before they are queued as
+/// one parcel, and what they count.
+#[derive(Default)]
+struct Live {
+    /// The replies, in the order of their watches.
+    replies: Vec<Reply>,
+    /// Their [`Reply::queued_bytes`].
+    bytes: usize,
+    /// Events they carry.
+    events: usize,
+}
+
+impl Live {
+    fn push(&mut self, reply: Reply, events: usize) {
+        self.bytes += reply.queued_bytes();
+        self.events += events;
+        self.replies.push(reply);
+    }
+
+    /// Queues what was gathered and counts its events (in the totals and `feed`'s).
+    async fn send(&mut self, out: &super::Out, feed: &Feed) -> Result<(), ()> {
+        if self.replies.is_empty() {
+            return Ok(());
+        }
+        let events = std::mem::take(&mut self.events) as u64;
+        self.bytes = 0;
+        out.send_now(std::mem::take(&mut self.replies)).await?;
+        metrics::EVENTS_SENT.inc_by(events);
+        feed.counters.events_out.inc_by(events);
+        Ok(())
+    }
+}
 
 /// Plain responses staged before they are queued as one parcel.
 const STAGED_REPLIES: usize = 64;

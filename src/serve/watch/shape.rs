@@ -87,24 +87,29 @@ impl Shape {
     /// This shape's protobuf encoding of `batch`, made by the first watcher that needs it and
     /// read without a lock after that (see [`crate::source::cache::Encodings`]).
     pub fn encode(&self, batch: &RevBatch) -> Encoded {
+        self.with_encoded(batch, Encoded::clone)
+    }
+
+    /// `f` of this shape's protobuf encoding of `batch` (see [`Shape::encode`]), read in place:
+    /// no reference count is touched, so many encoders reading one encoding do not contend.
+    pub fn with_encoded<R>(&self, batch: &RevBatch, f: impl FnOnce(&Encoded) -> R) -> R {
         if !self.wants_any(batch) {
-            return Encoded::default();
+            return f(&Encoded::default());
         }
         let slot = batch.encoded.slot(self.id);
-        slot.proto
-            .get_or_init(|| {
-                let mut buf = BytesMut::new();
-                let mut count = 0;
-                for ev in batch.events.iter().filter(|e| self.wants(e)) {
-                    prost::encoding::message::encode(EVENTS_FIELD, &self.view(ev), &mut buf);
-                    count += 1;
-                }
-                Encoded {
-                    proto: buf.freeze(),
-                    count,
-                }
-            })
-            .clone()
+        let encoded = slot.proto.get_or_init(|| {
+            let mut buf = BytesMut::new();
+            let mut count = 0;
+            for ev in batch.events.iter().filter(|e| self.wants(e)) {
+                prost::encoding::message::encode(EVENTS_FIELD, &self.view(ev), &mut buf);
+                count += 1;
+            }
+            Encoded {
+                proto: buf.freeze(),
+                count,
+            }
+        });
+        f(encoded)
     }
 }
 

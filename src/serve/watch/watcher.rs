@@ -211,6 +211,36 @@ impl CachedWatch {
         Ok(())
     }
 
+    /// The live reply of a current watch (synced, not fragmenting) to revision `batch`, made
+    /// without queueing it, so that a session queues its replies to one revision together:
+    /// `Some((reply, events))`, `None` when the batch has nothing for the watch's shape.
+    /// Advances the cursor past the batch as [`CachedWatch::deliver`] does. A watch that is
+    /// not current or fragments its responses goes through [`CachedWatch::deliver`] instead
+    /// ([`CachedWatch::is_live`]).
+    pub fn live_reply(&mut self, batch: &Arc<RevBatch>) -> Option<(Reply, usize)> {
+        self.next = batch.revision + 1;
+        let count = self.spec.shape.with_encoded(batch, |e| e.count);
+        if count == 0 {
+            return None;
+        }
+        let header = self.header(batch.revision);
+        self.quiet = false;
+        self.highest_header = header.revision;
+        let reply = EventsReply {
+            header,
+            watch_id: self.spec.id,
+            batches: smallvec::smallvec![batch.clone()],
+            shape: self.spec.shape.clone(),
+            live: true,
+        };
+        Some((Reply::Events(reply), count))
+    }
+
+    /// True when [`CachedWatch::live_reply`] serves this watch's next revision.
+    pub fn is_live(&self) -> bool {
+        self.synced && !self.spec.fragment
+    }
+
     /// etcd's progress notification for this watch, when one is due at a tick: the watch asked
     /// for them, is caught up, and sent nothing since the last tick. Resets the tick state.
     /// `revision` is the feed's head as far as the session has served it.
@@ -311,7 +341,7 @@ pub async fn send_batches(
 ) -> Result<usize, ()> {
     let mut count = 0;
     batches.retain(|b| {
-        let n = spec.shape.encode(b).count;
+        let n = spec.shape.with_encoded(b, |e| e.count);
         count += n;
         n > 0
     });
@@ -321,7 +351,7 @@ pub async fn send_batches(
     let reply = EventsReply {
         header,
         watch_id: spec.id,
-        batches,
+        batches: batches.into(),
         shape: spec.shape.clone(),
         live,
     };

@@ -251,7 +251,7 @@ mod tests {
                     ..Default::default()
                 },
                 watch_id: 2,
-                batches: batches.clone(),
+                batches: batches.iter().cloned().collect(),
                 shape,
                 live: false,
             };
@@ -305,7 +305,7 @@ mod tests {
                 ..Default::default()
             },
             watch_id: 3,
-            batches: batches.clone(),
+            batches: batches.iter().cloned().collect(),
             shape: shape.clone(),
             live: false,
         };

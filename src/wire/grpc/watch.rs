@@ -16,7 +16,7 @@ use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder
 use tonic::server::{Grpc, StreamingService};
 use tonic::{Status, Streaming};
 
-use crate::proto::etcdserverpb::{WatchRequest, WatchResponse};
+use crate::proto::etcdserverpb::{ResponseHeader, WatchRequest, WatchResponse};
 use crate::serve::passthrough::BoxStream;
 use crate::serve::watch::reply::Reply;
 use crate::serve::watch::{ConnectionEnding, WatchService};
@@ -169,6 +169,34 @@ where
     resp
 }
 
+/// `WatchResponse.header`'s field number.
+const HEADER_FIELD: u32 = 1;
+/// `WatchResponse.watch_id`'s field number.
+const WATCH_ID_FIELD: u32 = 2;
+
+/// The encoded `header` field of the events replies written in one poll of a [`ReplyBody`]:
+/// the replies to one revision share their header, which is then encoded once (kept only for
+/// the poll: an idle stream holds none).
+#[derive(Default)]
+struct HeadMemo {
+    /// The header `field` encodes.
+    header: Option<ResponseHeader>,
+    /// Field key, length and message.
+    field: Vec<u8>,
+}
+
+impl HeadMemo {
+    /// `header` as an encoded `WatchResponse.header` field.
+    fn field(&mut self, header: &ResponseHeader) -> &[u8] {
+        if self.header.as_ref() != Some(header) {
+            self.field.clear();
+            prost::encoding::message::encode(HEADER_FIELD, header, &mut self.field);
+            self.header = Some(*header);
+        }
+        &self.field
+    }
+}
+
 /// Events replies whose shared encodings reach this size are written as frames of their own
 /// (see [`ReplyBody`]).
 const SPLIT_AT: usize = 16 << 10;
@@ -208,8 +236,14 @@ impl ReplyBody {
         }
     }
 
-    /// Adds `reply` after everything taken so far.
-    fn push(&mut self, reply: Reply) -> Result<(), Status> {
+    /// Adds `reply` after everything taken so far; `now` is the time of this write (read once
+    /// per write, for the delivery latency).
+    fn push(
+        &mut self,
+        reply: Reply,
+        now: &mut Option<std::time::Instant>,
+        head: &mut HeadMemo,
+    ) -> Result<(), Status> {
         let marshal = |e: prost::EncodeError| Status::from(crate::error::Error::Marshal(e));
         match reply {
             Reply::Error(_) => {}
@@ -221,40 +255,51 @@ impl ReplyBody {
             }
             Reply::Events(e) => {
                 if let Some(at) = e.live_since() {
-                    crate::metrics::delivered(crate::metrics::Wire::Grpc, at);
+                    let now = *now.get_or_insert_with(std::time::Instant::now);
+                    crate::metrics::delivered_at(crate::metrics::Wire::Grpc, at, now);
                 }
-                let head = WatchResponse {
-                    header: Some(e.header),
-                    watch_id: e.watch_id,
-                    ..Default::default()
+                // WatchResponse { header, watch_id } as prost writes it (fields in tag order,
+                // the zero watch id left out), then the shared events field by field.
+                let mut shared = 0;
+                for b in &e.batches {
+                    shared += e.shape.with_encoded(b, |x| x.proto.len());
+                }
+                let field = head.field(&e.header);
+                let id_len = if e.watch_id != 0 {
+                    prost::encoding::int64::encoded_len(WATCH_ID_FIELD, &e.watch_id)
+                } else {
+                    0
                 };
-                let parts: Vec<bytes::Bytes> = e
-                    .batches
-                    .iter()
-                    .map(|b| e.shape.encode(b).proto)
-                    .filter(|p| !p.is_empty())
-                    .collect();
-                let shared: usize = parts.iter().map(|p| p.len()).sum();
-                let len = head.encoded_len() + shared;
+                let len = field.len() + id_len + shared;
+                let put_head = |buf: &mut bytes::BytesMut| {
+                    buf.put_u8(0);
+                    buf.put_u32(len as u32);
+                    buf.put_slice(field);
+                    if e.watch_id != 0 {
+                        prost::encoding::int64::encode(WATCH_ID_FIELD, &e.watch_id, buf);
+                    }
+                };
                 if shared < SPLIT_AT {
                     self.gathered.reserve(5 + len);
-                    self.gathered.put_u8(0);
-                    self.gathered.put_u32(len as u32);
-                    head.encode(&mut self.gathered).map_err(marshal)?;
-                    for p in &parts {
-                        self.gathered.put_slice(p);
+                    put_head(&mut self.gathered);
+                    for b in &e.batches {
+                        e.shape
+                            .with_encoded(b, |x| self.gathered.put_slice(&x.proto));
                     }
                     return Ok(());
                 }
                 if !self.gathered.is_empty() {
                     self.ready.push_back(self.gathered.split().freeze());
                 }
-                let mut first = bytes::BytesMut::with_capacity(5 + head.encoded_len());
-                first.put_u8(0);
-                first.put_u32(len as u32);
-                head.encode(&mut first).map_err(marshal)?;
+                let mut first = bytes::BytesMut::with_capacity(5 + len - shared);
+                put_head(&mut first);
                 self.ready.push_back(first.freeze());
-                self.ready.extend(parts);
+                for b in &e.batches {
+                    let part = e.shape.with_encoded(b, |x| x.proto.clone());
+                    if !part.is_empty() {
+                        self.ready.push_back(part);
+                    }
+                }
             }
         }
         Ok(())
@@ -293,10 +338,12 @@ impl http_body::Body for ReplyBody {
             }
             // Every reply ready now, up to a frame's worth.
             let mut pending = false;
+            let mut now = None;
+            let mut head = HeadMemo::default();
             while this.ready.is_empty() && this.gathered.len() < YIELD_THRESHOLD {
                 match this.replies.as_mut().poll_next(cx) {
                     Poll::Ready(Some(Ok(reply))) => {
-                        if let Err(status) = this.push(reply) {
+                        if let Err(status) = this.push(reply, &mut now, &mut head) {
                             this.trailers = Some(Self::trailers_of(&status));
                             break;
                         }

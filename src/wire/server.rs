@@ -351,7 +351,10 @@ pub async fn serve(
                     let Ok(Some((protocol, read))) = sniffed.await else {
                         return;
                     };
-                    conn.serve(stream, protocol, read, ConnInfo::default(), accepted)
+                    // Boxed (here and below): the task's future then holds a pointer, not
+                    // the largest state of every protocol and transport; each connection
+                    // allocates only what its own kind needs.
+                    Box::pin(conn.serve(stream, protocol, read, ConnInfo::default(), accepted))
                         .await;
                 }
                 Some(tls) => {
@@ -367,8 +370,14 @@ pub async fn serve(
                         peer: Arc::new(tls_conn.peer),
                         policy: tls.policy,
                     };
-                    conn.serve(tls_conn.stream, protocol, BytesMut::new(), info, accepted)
-                        .await;
+                    Box::pin(conn.serve(
+                        tls_conn.stream,
+                        protocol,
+                        BytesMut::new(),
+                        info,
+                        accepted,
+                    ))
+                    .await;
                 }
             }
         });
@@ -461,7 +470,9 @@ impl Connection {
                     let answer = h2_request(req, routes.clone(), services.clone(), &info);
                     async move { Ok::<_, Infallible>(answer.await) }
                 });
-                let mut conn = std::pin::pin!(h2.serve_connection(TokioIo::new(io), svc));
+                // On the heap: hyper's HTTP/2 connection state would otherwise size the
+                // future of every connection, HTTP/1.x ones included.
+                let mut conn = Box::pin(h2.serve_connection(TokioIo::new(io), svc));
                 loop {
                     tokio::select! {
                         r = std::future::poll_fn(|cx| drive(conn.as_mut(), &drain, cx)) => {

@@ -400,16 +400,8 @@ fn slow_readers_park_and_cost_little() {
         let mut acked = Vec::new();
         let value = bytes::Bytes::from(vec![b'x'; VALUE]);
         for i in 0..puts {
-            let resp = kv
-                .put(PutRequest {
-                    key: format!("{prefix}k{}", i % 10).into_bytes().into(),
-                    value: value.clone(),
-                    ..Default::default()
-                })
-                .await
-                .expect("put")
-                .into_inner();
-            acked.push((resp.header.map_or(0, |h| h.revision), Instant::now()));
+            let rev = put_value(&mut kv, format!("{prefix}k{}", i % 10), &value).await;
+            acked.push((rev, Instant::now()));
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         // Every revision reaches the victim, each within the (generous) bound.
@@ -543,16 +535,7 @@ fn a_non_reader_takes_bounded_socket_bytes() {
         let value = bytes::Bytes::from(vec![b'u'; VALUE]);
         let mut revisions = Vec::new();
         for i in 0..puts {
-            let resp = kv
-                .put(PutRequest {
-                    key: format!("{prefix}k{}", i % 5).into_bytes().into(),
-                    value: value.clone(),
-                    ..Default::default()
-                })
-                .await
-                .expect("put")
-                .into_inner();
-            revisions.push(resp.header.map_or(0, |h| h.revision));
+            revisions.push(put_value(&mut kv, format!("{prefix}k{}", i % 5), &value).await);
         }
         // The proxy's writer blocks on the socket once it holds its bound: sample it for three
         // seconds after the last put (without the bound the socket takes megabytes, every
@@ -953,4 +936,22 @@ fn h2_floods_trip_the_protections_and_spare_other_clients() {
         drop(btx);
         drop(proxy);
     });
+}
+
+/// Puts `key = value` (any bytes) with `kv`; returns the write's revision.
+async fn put_value(
+    kv: &mut KvClient<tonic::transport::Channel>,
+    key: String,
+    value: &bytes::Bytes,
+) -> i64 {
+    kv.put(PutRequest {
+        key: key.into_bytes().into(),
+        value: value.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("put")
+    .into_inner()
+    .header
+    .map_or(0, |h| h.revision)
 }

@@ -128,21 +128,14 @@ impl Out {
 
     /// Queues `replies` together, once the queue is within the session's byte budget (a
     /// client that does not read them holds the sender back); `Err` when the client is gone.
-    pub async fn send_many(&self, mut replies: Vec<Reply>) -> Result<(), ()> {
+    pub async fn send_many(&self, replies: Vec<Reply>) -> Result<(), ()> {
         if self.over_budget() {
             tokio::select! {
                 _ = self.drained() => {}
                 _ = self.closed() => return Err(()),
             }
         }
-        match replies.len() {
-            0 => Ok(()),
-            1 => match replies.pop() {
-                Some(r) => self.send(r).await,
-                None => Ok(()),
-            },
-            _ => self.send_parcel(Parcel::Many(replies)).await,
-        }
+        self.send_now(replies).await
     }
 
     /// Queues `replies` together now, whatever the byte budget (the caller checked it with

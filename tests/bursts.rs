@@ -178,11 +178,7 @@ async fn burst(url: &str, etcd_url: &str, pid: u32, n: usize, prefix: &'static s
 fn create_burst_on_one_stream() {
     let n = env_or("ETCD_FANOUT_BURST_CREATES", 100_000) as usize;
     runtime().block_on(async {
-        let etcd = tokio::task::spawn_blocking(Etcd::start).await.unwrap();
-        let url = etcd.url.clone();
-        let proxy = tokio::task::spawn_blocking(move || Proxy::start(&url, &["/burst/"]))
-            .await
-            .unwrap();
+        let (etcd, proxy) = etcd_and_proxy("/burst/").await;
         let etcd_pid = etcd.pid().expect("etcd pid");
         let proxy_pid = proxy_pid(proxy.port).expect("proxy pid");
         let direct = burst(&etcd.url, &etcd.url, etcd_pid, n, "/direct/").await;
@@ -223,11 +219,7 @@ fn create_burst_on_one_stream() {
 fn unread_create_burst_is_held_back_not_cut_off() {
     let n = env_or("ETCD_FANOUT_BURST_CREATES", 100_000) as usize;
     runtime().block_on(async {
-        let etcd = tokio::task::spawn_blocking(Etcd::start).await.unwrap();
-        let url = etcd.url.clone();
-        let proxy = tokio::task::spawn_blocking(move || Proxy::start(&url, &["/held/"]))
-            .await
-            .unwrap();
+        let (_etcd, proxy) = etcd_and_proxy("/held/").await;
         // HTTP/2's default windows (64 KiB): the client stops taking answers at once.
         let channel = Endpoint::from_shared(proxy.url.clone())
             .unwrap()
@@ -310,11 +302,7 @@ fn slow_readers_park_and_cost_little() {
     const VALUE: usize = 100 * 1024;
     runtime().block_on(async {
         let prefix = "/slow/";
-        let etcd = tokio::task::spawn_blocking(Etcd::start).await.unwrap();
-        let url = etcd.url.clone();
-        let proxy = tokio::task::spawn_blocking(move || Proxy::start(&url, &[prefix]))
-            .await
-            .unwrap();
+        let (etcd, proxy) = etcd_and_proxy(prefix).await;
         let pid = proxy_pid(proxy.port).expect("proxy pid");
         // The victim: one gRPC watch that reads everything, noting when each revision came.
         let mut victim = WatchClient::new(proxy.channel().await)
@@ -508,11 +496,7 @@ fn a_non_reader_takes_bounded_socket_bytes() {
     const BOUND: u64 = 256 << 10;
     runtime().block_on(async {
         let prefix = "/unsent/";
-        let etcd = tokio::task::spawn_blocking(Etcd::start).await.unwrap();
-        let url = etcd.url.clone();
-        let proxy = tokio::task::spawn_blocking(move || Proxy::start(&url, &[prefix]))
-            .await
-            .unwrap();
+        let (etcd, proxy) = etcd_and_proxy(prefix).await;
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
             .await
             .expect("connect");
@@ -740,11 +724,7 @@ fn unread_creates_on_several_streams_are_held_back() {
     let streams = env_or("ETCD_FANOUT_FLOOD_STREAMS", 4) as usize;
     let n = env_or("ETCD_FANOUT_FLOOD_CREATES", 30_000) as usize;
     runtime().block_on(async {
-        let etcd = tokio::task::spawn_blocking(Etcd::start).await.unwrap();
-        let url = etcd.url.clone();
-        let proxy = tokio::task::spawn_blocking(move || Proxy::start(&url, &["/f/"]))
-            .await
-            .unwrap();
+        let (etcd, proxy) = etcd_and_proxy("/f/").await;
         let etcd_addr = etcd.url.trim_start_matches("http://").to_string();
         let t0 = Instant::now();
         let held = unread_flood(&etcd_addr, streams, n, "/f/e").await;
@@ -854,11 +834,7 @@ async fn flood_until_goaway(
 fn h2_floods_trip_the_protections_and_spare_other_clients() {
     const ENHANCE_YOUR_CALM: u32 = 11;
     runtime().block_on(async {
-        let etcd = tokio::task::spawn_blocking(Etcd::start).await.unwrap();
-        let url = etcd.url.clone();
-        let proxy = tokio::task::spawn_blocking(move || Proxy::start(&url, &["/flood/"]))
-            .await
-            .unwrap();
+        let (etcd, proxy) = etcd_and_proxy("/flood/").await;
         // The bystander: a watch opened before the floods.
         let mut bystander = WatchClient::new(proxy.channel().await);
         let (btx, brx) = tokio::sync::mpsc::unbounded_channel();
@@ -954,4 +930,17 @@ async fn put_value(
     .into_inner()
     .header
     .map_or(0, |h| h.revision)
+}
+
+/// A real etcd and a proxy of `prefix` in front of it, started off the async workers (both
+/// block while they wait for their process to answer).
+async fn etcd_and_proxy(prefix: &'static str) -> (Etcd, Proxy) {
+    let etcd = tokio::task::spawn_blocking(Etcd::start)
+        .await
+        .expect("etcd start");
+    let url = etcd.url.clone();
+    let proxy = tokio::task::spawn_blocking(move || Proxy::start(&url, &[prefix]))
+        .await
+        .expect("proxy start");
+    (etcd, proxy)
 }

@@ -540,9 +540,7 @@ async fn client_certificate_common_names() {
     let c = tls::certs();
     let etcd = Etcd::start();
     let etcdctl = |user: Option<&str>, args: &[&str]| etcdctl_tls(&etcd.url, user, args);
-    etcdctl(None, &["user", "add", "root:pw"]);
-    etcdctl(None, &["user", "grant-role", "root", "root"]);
-    etcdctl(None, &["put", "/apisix/a", "1"]);
+    root_and_a_key(&etcd.url);
     // The proxy reads its prefix as root once auth is on.
     let mut proxy = Proxy::start_with(&etcd.url, &["/apisix/"], &["--user", "root:pw"]);
 
@@ -1012,9 +1010,7 @@ async fn cn_less_certificate_refused_as_etcd_refuses_it() {
     let c = tls::certs();
     let etcd = Etcd::start();
     let etcdctl = |user: Option<&str>, args: &[&str]| etcdctl_tls(&etcd.url, user, args);
-    etcdctl(None, &["user", "add", "root:pw"]);
-    etcdctl(None, &["user", "grant-role", "root", "root"]);
-    etcdctl(None, &["put", "/apisix/a", "1"]);
+    root_and_a_key(&etcd.url);
     etcdctl(None, &["auth", "enable"]);
     let proxy = Proxy::start_with(&etcd.url, &["/apisix/"], &["--user", "root:pw"]);
 
@@ -1124,4 +1120,12 @@ fn cipher_suites_as_etcd() {
     }
     // The proxy still serves after the refusals.
     wait_http_ok_tls(proxy.port);
+}
+
+/// etcd at `url` (over TLS) gets user `root` (password `pw`, role root) and the key
+/// `/apisix/a`, ready for `auth enable`.
+fn root_and_a_key(url: &str) {
+    etcdctl_tls(url, None, &["user", "add", "root:pw"]);
+    etcdctl_tls(url, None, &["user", "grant-role", "root", "root"]);
+    etcdctl_tls(url, None, &["put", "/apisix/a", "1"]);
 }

@@ -1040,11 +1040,11 @@ async fn create_outcomes(url: &str, token: &str, ranges: &[(String, String)]) ->
 /// range) get etcd's own answer for every key and range inside and outside their permissions,
 /// although the proxy first asks etcd about the whole prefix; a user allowed the whole prefix
 /// creates 2,000 watches on distinct keys for one permission probe, and a sub-prefix user's
-/// burst is judged key by key (one probe each, all answers etcd's).
+/// burst inside its directory costs the directory's probe (keys outside it one probe each).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn one_probe_per_prefix_and_sub_range_users_judged_per_key() {
+async fn one_probe_per_prefix_or_directory_and_every_answer_etcds() {
     const BURST: usize = 2_000;
-    const SUB_BURST: usize = 100;
+    const SUB_BURST: usize = 1_000;
     let etcd = diff::start_etcd(&[]).await;
     // With its own user (root, once auth is on) the proxy's sync checks succeed and are
     // shared by the burst's creates; without, every create would retry a refused one.
@@ -1079,6 +1079,9 @@ async fn one_probe_per_prefix_and_sub_range_users_judged_per_key() {
         ("/apisix/x", ""),
         ("/apisix/", "/apisix0"),
         ("/apisix/c", "/apisix/b"),
+        ("/apisix/routes/a/b", ""),
+        ("/apisix/routes/", ""),
+        ("/apisix/b1/x", ""),
     ]
     .iter()
     .map(|(k, e)| ((*k).to_string(), (*e).to_string()))
@@ -1148,36 +1151,51 @@ async fn one_probe_per_prefix_and_sub_range_users_judged_per_key() {
         "etcd served {ro_ranges} Ranges for {BURST} creates in {ro_time:?}"
     );
 
-    // A user allowed a sub-prefix only: the prefix is denied, so each key is probed, and the
-    // answers are etcd's (inside allowed, outside refused).
+    // A user allowed a sub-prefix only: the prefix is denied, so the key's directory is
+    // decided next (one probe for the whole burst inside it); keys outside it are probed one
+    // by one. Every answer is etcd's.
     let pre = login(&proxy.url, "pre").await;
+    let inside: Vec<(String, String)> = (0..SUB_BURST)
+        .map(|i| (format!("/apisix/routes/b{i}"), String::new()))
+        .collect();
+    let outside: Vec<(String, String)> = (0..SUB_BURST / 50)
+        .map(|i| (format!("/apisix/upstreams/b{i}"), String::new()))
+        .collect();
     let before = probes();
     let started = Instant::now();
-    let sub: Vec<(String, String)> = (0..SUB_BURST)
-        .map(|i| {
-            let area = if i % 2 == 0 { "routes" } else { "upstreams" };
-            (format!("/apisix/{area}/b{i}"), String::new())
-        })
-        .collect();
-    let got = create_outcomes(&proxy.url, &pre, &sub).await;
+    let got = create_outcomes(&proxy.url, &pre, &inside).await;
     let pre_probes = probes() - before;
     let pre_time = started.elapsed();
-    let direct = create_outcomes(&etcd.url, &pre, &sub).await;
-    assert_eq!(got, direct, "sub-prefix burst: proxy vs etcd");
-    assert_eq!(
+    assert_eq!(got, create_outcomes(&etcd.url, &pre, &inside).await);
+    assert!(
         got.iter()
-            .filter(|g| g.starts_with("created=true canceled=false"))
-            .count(),
-        SUB_BURST / 2
+            .all(|g| g.starts_with("created=true canceled=false")),
+        "{got:?}"
+    );
+    // The prefix (denied) and the directory (allowed), once per decision TTL.
+    let ttls = (pre_time.as_secs_f64() / 5.0).floor() + 1.0;
+    assert!(
+        pre_probes <= 2.0 * ttls + 1.0,
+        "{pre_probes} probes for {SUB_BURST} creates in a sub-prefix user's directory"
+    );
+    let before = probes();
+    let got = create_outcomes(&proxy.url, &pre, &outside).await;
+    let out_probes = probes() - before;
+    assert_eq!(got, create_outcomes(&etcd.url, &pre, &outside).await);
+    assert!(
+        got.iter().all(|g| g.contains("permission denied")),
+        "{got:?}"
     );
     assert!(
-        pre_probes >= SUB_BURST as f64 && pre_probes <= (SUB_BURST + 1) as f64,
-        "{pre_probes} probes for {SUB_BURST} creates of a sub-prefix user"
+        out_probes >= outside.len() as f64,
+        "{out_probes} probes for {} keys outside the user's directory: a denial was inferred",
+        outside.len()
     );
     eprintln!(
         "whole-prefix user: {BURST} creates in {ro_time:?}, {ro_probes} probe(s), {ro_ranges} \
-         Ranges on etcd; sub-prefix user: {SUB_BURST} creates in {pre_time:?}, {pre_probes} \
-         probes"
+         Ranges on etcd; sub-prefix user: {SUB_BURST} creates in its directory in {pre_time:?}, \
+         {pre_probes} probes; {} outside it, {out_probes} probes",
+        outside.len()
     );
 }
 

@@ -29,6 +29,15 @@
 //! denial never denies a key. Empty (inverted) ranges are always probed as they are. The
 //! cover's decision expires and is dropped with the epoch like any other, so a revocation
 //! takes effect within `--auth-decision-ttl` as before.
+//!
+//! **Then one probe per directory.** Users are usually granted directories (`/apisix/routes/`
+//! as a prefix permission), not the whole cached prefix. When the cover is `permission
+//! denied`, the deepest directory inside it that holds the request (the longest prefix of the
+//! key ending in `/`, see [`directory`]) is decided next, by the same rule: allowed, it stands
+//! for every key and range in it. Denied, the request's own range is probed, so a key granted
+//! alone inside a denied directory is still allowed. A sub-prefix user's burst of creates on
+//! distinct keys costs one probe per directory it reads, not one per key; keys it may not
+//! read still cost one probe each (no denial is inferred from a wider one).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -178,6 +187,14 @@ impl Decisions {
                 Decision::Deny { .. } if same => return Ok(whole),
                 Decision::Deny { .. } => {}
             }
+            if let Some(dir) = directory(cover, &requested) {
+                let decided = self
+                    .decide_exactly(upstream, epoch, token, &dir.start, &dir.range_end())
+                    .await?;
+                if let Decision::Allow = decided {
+                    return Ok(decided);
+                }
+            }
         }
         self.decide_exactly(upstream, epoch, token, key, range_end)
             .await
@@ -216,6 +233,20 @@ impl Decisions {
     }
 }
 
+/// The deepest directory strictly inside `cover` that holds all of `requested` and is not
+/// `requested` itself: the keys starting with the longest prefix of `requested`'s start that
+/// ends in `/` and is longer than the cover's own start. `None` when there is none (a range
+/// across directories, a key right under the cover).
+fn directory(cover: &KeyRange, requested: &KeyRange) -> Option<KeyRange> {
+    let key = &requested.start;
+    let inside = key.get(cover.start.len()..)?;
+    let mut ends = inside.iter().enumerate().rev().filter(|(_, &c)| c == b'/');
+    ends.find_map(|(i, _)| {
+        let dir = KeyRange::prefix(&key[..cover.start.len() + i + 1]);
+        (dir.covers(requested) && dir != *requested && cover.covers(&dir)).then_some(dir)
+    })
+}
+
 /// Asks etcd: one `count_only` Range of the whole requested range with the caller's token.
 async fn probe(
     upstream: &Upstream,
@@ -249,5 +280,62 @@ async fn probe(
             }
         },
         Err(_) => Err(Undecided),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(k: &str, e: &str) -> KeyRange {
+        KeyRange::new(&Bytes::from(k.to_string()), &Bytes::from(e.to_string()))
+    }
+
+    fn dir_of(k: &str, e: &str) -> Option<(String, String)> {
+        directory(&KeyRange::prefix(b"/apisix/"), &r(k, e)).map(|d| {
+            (
+                String::from_utf8_lossy(&d.start).into_owned(),
+                String::from_utf8_lossy(&d.range_end()).into_owned(),
+            )
+        })
+    }
+
+    fn some(k: &str, e: &str) -> Option<(String, String)> {
+        Some((k.to_string(), e.to_string()))
+    }
+
+    #[test]
+    fn the_deepest_directory_holding_the_request() {
+        assert_eq!(
+            dir_of("/apisix/routes/1", ""),
+            some("/apisix/routes/", "/apisix/routes0")
+        );
+        assert_eq!(
+            dir_of("/apisix/a/b/c", ""),
+            some("/apisix/a/b/", "/apisix/a/b0")
+        );
+        // A range inside one directory; one reaching out of the deepest takes the next.
+        assert_eq!(
+            dir_of("/apisix/routes/1", "/apisix/routes/3"),
+            some("/apisix/routes/", "/apisix/routes0")
+        );
+        assert_eq!(
+            dir_of("/apisix/a/b/c", "/apisix/a/c"),
+            some("/apisix/a/", "/apisix/a0")
+        );
+        // A key ending in `/` is held by its own directory.
+        assert_eq!(
+            dir_of("/apisix/routes/", ""),
+            some("/apisix/routes/", "/apisix/routes0")
+        );
+    }
+
+    #[test]
+    fn no_directory_for_the_directory_itself_or_across_directories() {
+        assert_eq!(dir_of("/apisix/routes/", "/apisix/routes0"), None);
+        assert_eq!(dir_of("/apisix/x", ""), None);
+        assert_eq!(dir_of("/apisix/a", "/apisix/m"), None);
+        assert_eq!(dir_of("/apisix/routes/1", "\0"), None);
+        assert_eq!(dir_of("/apisix/routes/1", "/apisix/upstreams/"), None);
     }
 }

@@ -7,8 +7,8 @@
 //! - [`state`]: whether auth is on, polled every second (nothing is served from the cache
 //!   while it is unknown; with auth off a tokenless request is served without asking);
 //! - [`decisions`]: per `(token, key, range_end)` decisions made by etcd (one probe, shared,
-//!   remembered for a bounded time; a token allowed a whole cached prefix is allowed every
-//!   range inside it, one probe for all).
+//!   remembered for a bounded time; a token allowed a whole cached prefix, or a directory in
+//!   it, is allowed every range inside it, one probe for all).
 //!
 //! A tokenless request while auth is on gets etcd's refusal without asking etcd: `user name
 //! is empty`, or, when the listener has `--client-cert-auth`, `permission denied`. etcd with
@@ -246,7 +246,6 @@ impl Access {
     }
 }
 
-/// Polls etcd's auth state every `interval` until the `Access` is dropped.
 /// Polls etcd's auth state every `interval` over `own` (the poll's own connection), or the
 /// shared upstream without one, until `access` is dropped.
 async fn poll(access: Weak<Access>, own: Option<Arc<Upstream>>, interval: Duration) {

@@ -247,6 +247,11 @@ struct Args {
     /// With --slow-readers: puts of `--value-size` bytes per round, at `--rate`.
     #[arg(long, default_value_t = 300)]
     slow_puts: u64,
+    /// With --slow-readers: (without, with) round pairs per target, alternating in one session,
+    /// so that one noisy round does not decide the ratio (the report gives every pair and the
+    /// median ratio).
+    #[arg(long, default_value_t = 1)]
+    slow_rounds: usize,
     /// Instead of the watch workload: this many watch creates written at once on one gRPC
     /// stream (`burst.rs`), per target.
     #[arg(long)]

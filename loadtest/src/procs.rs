@@ -290,6 +290,12 @@ impl Sampler {
         }
     }
 
+    /// The current RSS of `name` in MB.
+    pub fn rss_mb(&self, name: &str) -> Option<f64> {
+        let i = self.names.iter().position(|n| n == name)?;
+        rss_bytes(self.pids[i]).map(|r| r as f64 / MIB)
+    }
+
     /// Ends a phase begun at `m`.
     pub fn usage(&self, m: &Mark) -> PhaseUsage {
         let procs = self

@@ -9,7 +9,14 @@
 //! well-behaved HTTP/JSON watcher on the written prefix, whose event latency (send time in
 //! the value to receipt) is recorded, and a linearizable get of a written key every 250 ms
 //! over gRPC and over HTTP/JSON. The rounds' CPU and RSS of etcd and the proxy are sampled;
-//! the proxy's RSS growth is its peak in the second round over its RSS when that round began.
+//! the proxy's RSS growth is its peak in the second round over its RSS when that round began,
+//! split into (a) opening the non-readers (idle connections, before any put) and (b) the puts
+//! with them open. Each victim's latency is kept per put, so the report can say which puts
+//! were slow (the first, copied into thousands of fresh sockets, or spread over the round).
+//!
+//! `--slow-rounds N` runs N (without, with) pairs alternating in the same session, so one
+//! noisy round on a shared machine does not decide: the report gives every pair's ratio and
+//! their median.
 //!
 //! The gRPC non-readers speak HTTP/2 by hand over a raw socket (preface, an empty SETTINGS,
 //! so the default 64 KiB windows, then HEADERS and one DATA frame carrying the create) and
@@ -43,6 +50,8 @@ use crate::{auth, Args, Target};
 /// One round: the measured work, with or without the non-readers.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Round {
+    /// Which (without, with) pair of `--slow-rounds` the round belongs to (from 0).
+    pub pair: usize,
     pub with_slow: bool,
     /// Non-reading HTTP/JSON watch requests and gRPC watches open during the round.
     pub slow_http: usize,
@@ -56,6 +65,15 @@ pub struct Round {
     pub grpc_victim_missing: u64,
     pub http_victim: Option<LatencySummary>,
     pub http_victim_missing: u64,
+    /// Each victim's latency per put (index = the put's sequence number in the round), ms;
+    /// `None` for a put it never saw.
+    pub grpc_victim_ms_by_put: Vec<Option<f64>>,
+    pub http_victim_ms_by_put: Vec<Option<f64>>,
+    /// The proxy's RSS (MB) when the round began and once the non-readers were open (before
+    /// any put; `None` without them): (a) the idle connections' growth is the difference, (b)
+    /// the puts' growth with them open is the round's peak over it.
+    pub proxy_rss_start_mb: Option<f64>,
+    pub proxy_rss_connected_mb: Option<f64>,
     pub grpc_gets: LatencySummary,
     pub http_gets: Option<LatencySummary>,
     /// Gets (both kinds) that took over a second, and that failed.
@@ -129,18 +147,26 @@ async fn run_target(a: &Args, t: Target) -> Result<SlowResult, BoxError> {
         target: t.name().into(),
         ..Default::default()
     };
-    for with_slow in [false, true] {
-        let r = round(a, t, etcd_addr, addr, &prefix, gateway, with_slow, &sampler).await;
-        match r {
-            Ok(r) => res.rounds.push(r),
-            Err(e) => {
-                res.failure = Some(e.to_string());
-                break;
+    'pairs: for pair in 0..a.slow_rounds.max(1) {
+        for with_slow in [false, true] {
+            let r = round(a, t, etcd_addr, addr, &prefix, gateway, with_slow, &sampler).await;
+            match r {
+                Ok(mut r) => {
+                    r.pair = pair;
+                    res.rounds.push(r)
+                }
+                Err(e) => {
+                    res.failure = Some(e.to_string());
+                    break 'pairs;
+                }
             }
-        }
-        for p in proxy.iter_mut().chain(std::iter::once(&mut etcd)) {
-            if let Err(e) = p.check_alive() {
-                res.failure.get_or_insert(e.to_string());
+            for p in proxy.iter_mut().chain(std::iter::once(&mut etcd)) {
+                if let Err(e) = p.check_alive() {
+                    res.failure.get_or_insert(e.to_string());
+                }
+            }
+            if res.failure.is_some() {
+                break 'pairs;
             }
         }
     }
@@ -169,6 +195,7 @@ async fn round(
     let mark = sampler.mark();
     let mut r = Round {
         with_slow,
+        proxy_rss_start_mb: sampler.rss_mb("proxy"),
         ..Default::default()
     };
     let errors = Arc::new(Mutex::new(Vec::new()));
@@ -231,6 +258,7 @@ async fn round(
             tokio::time::sleep(Duration::from_secs(3)).await;
         }
         r.slow_setup_s = t0.elapsed().as_secs_f64();
+        r.proxy_rss_connected_mb = sampler.rss_mb("proxy");
         eprintln!(
             "loadgen: {} non-readers open ({} HTTP, {} gRPC watches) in {:.1}s; watcher gauge {:?}",
             held.len(),
@@ -247,23 +275,25 @@ async fn round(
     let puts = a.slow_puts;
     let created = Arc::new(AtomicU64::new(0));
     let grpc_hist = Arc::new(Mutex::new(Hist::default()));
+    let grpc_by_put = Arc::new(Mutex::new(vec![None; puts as usize]));
     let grpc_seen = Arc::new(AtomicU64::new(0));
     let grpc_victim = tokio::spawn(grpc_victim(
         url.clone(),
         prefix.clone(),
-        grpc_hist.clone(),
+        (grpc_hist.clone(), grpc_by_put.clone()),
         grpc_seen.clone(),
         created.clone(),
         stop_rx.clone(),
         errors.clone(),
     ));
     let http_hist = Arc::new(Mutex::new(Hist::default()));
+    let http_by_put = Arc::new(Mutex::new(vec![None; puts as usize]));
     let http_seen = Arc::new(AtomicU64::new(0));
     let http_victim = gateway.then(|| {
         tokio::spawn(http_victim(
             addr,
             prefix.clone(),
-            http_hist.clone(),
+            (http_hist.clone(), http_by_put.clone()),
             http_seen.clone(),
             created.clone(),
             stop_rx.clone(),
@@ -344,6 +374,10 @@ async fn round(
     }
     r.usage = sampler.usage(&mark);
     r.grpc_victim = grpc_hist.lock().unwrap().summary();
+    r.grpc_victim_ms_by_put = grpc_by_put.lock().unwrap().clone();
+    if gateway {
+        r.http_victim_ms_by_put = http_by_put.lock().unwrap().clone();
+    }
     r.grpc_victim_missing = puts.saturating_sub(grpc_seen.load(Ordering::Relaxed));
     if gateway {
         r.http_victim = Some(http_hist.lock().unwrap().summary());
@@ -363,8 +397,59 @@ async fn round(
         r.grpc_gets.p99_ms,
         r.gets_over_1s
     );
+    eprintln!(
+        "loadgen: slowest puts for the victims: gRPC {}; HTTP {}",
+        slowest(&r.grpc_victim_ms_by_put, 5),
+        slowest(&r.http_victim_ms_by_put, 5)
+    );
+    let had = held.len();
     drop(held);
+    if had > 0 && t == Target::Fanout {
+        // The next round starts once the proxy has let the non-readers go (at most 30 s).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            match watchers_gauge(t, etcd_addr, addr).await {
+                Some(g) if g < 10.0 => break,
+                _ => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
+    }
     Ok(r)
+}
+
+/// The `n` slowest puts of a per-put latency series, as "#seq ms" (slowest first), and how
+/// many were never seen.
+fn slowest(by_put: &[Option<f64>], n: usize) -> String {
+    if by_put.is_empty() {
+        return "-".into();
+    }
+    let mut v: Vec<(usize, f64)> = by_put
+        .iter()
+        .enumerate()
+        .filter_map(|(i, ms)| ms.map(|ms| (i, ms)))
+        .collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut s = v
+        .iter()
+        .take(n)
+        .map(|(i, ms)| format!("#{i} {ms:.0}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let unseen = by_put.len() - v.len();
+    if unseen > 0 {
+        s.push_str(&format!(" ({unseen} unseen)"));
+    }
+    s
+}
+
+/// A victim's latency record: the histogram, and the latency per put (ms) by sequence.
+type VictimRecord = (Arc<Mutex<Hist>>, Arc<Mutex<Vec<Option<f64>>>>);
+
+fn record_event(rec: &VictimRecord, seq: u64, us: u64) {
+    rec.0.lock().unwrap().record(us);
+    if let Some(slot) = rec.1.lock().unwrap().get_mut(seq as usize) {
+        *slot = Some(us as f64 / 1000.0);
+    }
 }
 
 async fn watchers_gauge(t: Target, etcd: SocketAddr, addr: SocketAddr) -> Option<f64> {
@@ -483,7 +568,7 @@ async fn open_grpc_nonreader(
 async fn grpc_victim(
     url: String,
     prefix: Bytes,
-    hist: Arc<Mutex<Hist>>,
+    hist: VictimRecord,
     seen: Arc<AtomicU64>,
     created: Arc<AtomicU64>,
     mut stop: watch::Receiver<bool>,
@@ -522,7 +607,7 @@ async fn grpc_victim(
             for ev in &resp.events {
                 if let Some((seq, t)) = ev.kv.as_ref().and_then(|kv| decode_value(&kv.value)) {
                     if got.insert(seq) {
-                        hist.lock().unwrap().record(now.saturating_sub(t) / 1000);
+                        record_event(&hist, seq, now.saturating_sub(t) / 1000);
                         seen.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -539,7 +624,7 @@ async fn grpc_victim(
 async fn http_victim(
     addr: SocketAddr,
     prefix: Bytes,
-    hist: Arc<Mutex<Hist>>,
+    hist: VictimRecord,
     seen: Arc<AtomicU64>,
     created: Arc<AtomicU64>,
     mut stop: watch::Receiver<bool>,
@@ -588,7 +673,7 @@ async fn http_victim(
                     let value = B64.decode(b64)?;
                     if let Some((seq, t)) = decode_value(&value) {
                         if got.insert(seq) {
-                            hist.lock().unwrap().record(now.saturating_sub(t) / 1000);
+                            record_event(&hist, seq, now.saturating_sub(t) / 1000);
                             seen.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -677,12 +762,19 @@ pub fn render(a: &Args, results: &[SlowResult]) -> String {
     crate::report::table_head(
         &mut s,
         &format!(
-            "Slow readers: {} HTTP + {} gRPC ({} per connection) non-reading watchers, {} puts of {} B at {}/s",
-            a.slow_http, a.slow_grpc, a.slow_grpc_streams, a.slow_puts, a.value_size, a.rate
+            "Slow readers: {} HTTP + {} gRPC ({} per connection) non-reading watchers, {} puts of {} B at {}/s, {} round pair(s)",
+            a.slow_http,
+            a.slow_grpc,
+            a.slow_grpc_streams,
+            a.slow_puts,
+            a.value_size,
+            a.rate,
+            a.slow_rounds.max(1)
         ),
         &a.note,
         &[
             "target",
+            "pair",
             "non-readers (HTTP / gRPC)",
             "victim gRPC p50 / p99 / max ms",
             "victim HTTP p50 / p99 / max ms",
@@ -691,6 +783,7 @@ pub fn render(a: &Args, results: &[SlowResult]) -> String {
             "gets HTTP p99 / max ms",
             "gets > 1 s",
             "proxy RSS start -> peak MB (growth)",
+            "proxy RSS growth (a) connecting / (b) puts MB",
             "etcd RSS start -> peak MB",
             "proxy CPU s",
             "etcd CPU s",
@@ -710,11 +803,17 @@ pub fn render(a: &Args, results: &[SlowResult]) -> String {
                     )
                 })
             };
+            let split = match split_growth(r) {
+                Some((Some(c), p)) => format!("{c:+.0} / {p:+.0}"),
+                Some((None, p)) => format!("- / {p:+.0}"),
+                None => "-".into(),
+            };
             let cpu = |who: &str| r.usage.cpu_cell(who);
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} / {} | {:.1} / {:.1} | {} | {} (+{} failed) | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} / {} | {:.1} / {:.1} | {} | {} (+{} failed) | {} | {} | {} | {} | {} |",
                 res.target,
+                r.pair,
                 if r.with_slow {
                     format!("{} / {}", r.slow_http, r.slow_grpc)
                 } else {
@@ -732,6 +831,7 @@ pub fn render(a: &Args, results: &[SlowResult]) -> String {
                 r.gets_over_1s,
                 r.get_errors,
                 proc_rss("proxy"),
+                split,
                 proc_rss("etcd"),
                 cpu("proxy"),
                 cpu("etcd"),
@@ -742,32 +842,106 @@ pub fn render(a: &Args, results: &[SlowResult]) -> String {
         }
     }
     let _ = writeln!(s);
+    let _ = writeln!(s, "Slowest puts per round (put #, victim latency ms):\n");
     for res in results {
-        if let [without, with] = &res.rounds[..] {
-            let ratio = |w: f64, wo: f64| if wo > 0.0 { w / wo } else { f64::NAN };
+        for r in &res.rounds {
+            let _ = writeln!(
+                s,
+                "- {} pair {} {}: gRPC {}; HTTP {}",
+                res.target,
+                r.pair,
+                if r.with_slow { "with" } else { "without" },
+                slowest(&r.grpc_victim_ms_by_put, 5),
+                slowest(&r.http_victim_ms_by_put, 5)
+            );
+        }
+    }
+    let _ = writeln!(s);
+    for res in results {
+        let ratio = |w: f64, wo: f64| if wo > 0.0 { w / wo } else { f64::NAN };
+        let (mut grpc, mut http) = (Vec::new(), Vec::new());
+        for pair in res.rounds.chunks(2) {
+            let [without, with] = pair else { continue };
+            let g = ratio(with.grpc_victim.p99_ms, without.grpc_victim.p99_ms);
+            grpc.push(g);
             let _ = write!(
                 s,
-                "- {}: victim gRPC p99 with / without = {:.2}x",
-                res.target,
-                ratio(with.grpc_victim.p99_ms, without.grpc_victim.p99_ms)
+                "- {} pair {}: victim gRPC p99 {:.1} -> {:.1} ms = {:.2}x",
+                res.target, with.pair, without.grpc_victim.p99_ms, with.grpc_victim.p99_ms, g
             );
             if let (Some(w), Some(wo)) = (&with.http_victim, &without.http_victim) {
-                let _ = write!(s, ", HTTP {:.2}x", ratio(w.p99_ms, wo.p99_ms));
+                let h = ratio(w.p99_ms, wo.p99_ms);
+                http.push(h);
+                let _ = write!(
+                    s,
+                    ", HTTP {:.1} -> {:.1} ms = {:.2}x",
+                    wo.p99_ms, w.p99_ms, h
+                );
             }
             if let Some(u) = with.usage.get("proxy") {
                 let _ = write!(
                     s,
-                    "; proxy RSS growth with the non-readers {:.0} MB",
+                    "; proxy RSS growth with the non-readers {:+.0} MB",
                     u.peak_rss_mb - u.start_rss_mb
                 );
+                if let (Some((Some(c), p)), Some((_, p0))) =
+                    (split_growth(with), split_growth(without))
+                {
+                    let _ = write!(
+                        s,
+                        " = (a) connecting {c:+.0} + (b) puts {p:+.0} (without them the puts grew it {p0:+.0}: the cache)"
+                    );
+                }
+            }
+            let _ = writeln!(s);
+        }
+        if grpc.len() > 1 {
+            let _ = write!(
+                s,
+                "- {}: median over {} pairs: victim gRPC p99 ratio {:.2}x",
+                res.target,
+                grpc.len(),
+                median(&mut grpc)
+            );
+            if !http.is_empty() {
+                let _ = write!(s, ", HTTP {:.2}x", median(&mut http));
             }
             let _ = writeln!(s);
         }
         for r in &res.rounds {
             for e in &r.errors {
-                let _ = writeln!(s, "  - {} (with_slow={}): {e}", res.target, r.with_slow);
+                let _ = writeln!(
+                    s,
+                    "  - {} (pair {}, with_slow={}): {e}",
+                    res.target, r.pair, r.with_slow
+                );
             }
         }
     }
     s
+}
+
+/// A round's proxy RSS growth split into (a) opening the non-readers (`None` without them)
+/// and (b) the puts (peak over the RSS once they were open, or over the round's start).
+fn split_growth(r: &Round) -> Option<(Option<f64>, f64)> {
+    let u = r.usage.get("proxy")?;
+    let start = r.proxy_rss_start_mb.unwrap_or(u.start_rss_mb);
+    match r.proxy_rss_connected_mb {
+        Some(c) => Some((Some(c - start), u.peak_rss_mb - c)),
+        None => Some((None, u.peak_rss_mb - start)),
+    }
+}
+
+/// The median of `v` (NaN when empty).
+fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }

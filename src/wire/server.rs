@@ -358,7 +358,9 @@ pub async fn serve(
                         .await;
                 }
                 Some(tls) => {
-                    let Some(tls_conn) = tls.accept(stream).await else {
+                    // Boxed: the handshake's state (rustls' connection inside the accept
+                    // future) would otherwise size every connection's task, plaintext ones too.
+                    let Some(tls_conn) = Box::pin(tls.accept(stream)).await else {
                         return;
                     };
                     let protocol = if tls_conn.h2 {

@@ -13,6 +13,7 @@
 //! only their cursors and catch up from the shared history when it drains), and memory per
 //! session is bounded.
 
+pub mod queue;
 pub mod relay;
 pub mod reply;
 pub mod session;
@@ -22,7 +23,6 @@ pub mod watcher;
 use std::sync::Arc;
 
 use futures::Stream;
-use tokio::sync::mpsc;
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
@@ -75,8 +75,8 @@ impl Parcel {
 /// queued for the client (see [`SESSION_BUDGET_BYTES`]).
 #[derive(Debug, Clone)]
 pub struct Out {
-    /// The session's queue.
-    tx: mpsc::Sender<Parcel>,
+    /// The session's queue (no buffer while empty, see [`queue`]).
+    tx: queue::Sender<Parcel>,
     /// Bytes queued, shared with the receiving end.
     queued: Arc<Queued>,
 }
@@ -106,8 +106,8 @@ impl Queued {
 
 impl Out {
     /// A queue of `replies` parcels at most and its receiving end.
-    pub fn channel(replies: usize) -> (Out, mpsc::Receiver<Parcel>, Arc<Queued>) {
-        let (tx, rx) = mpsc::channel(replies);
+    pub fn channel(replies: usize) -> (Out, queue::Receiver<Parcel>, Arc<Queued>) {
+        let (tx, rx) = queue::channel(replies);
         let queued = Arc::new(Queued::default());
         (
             Out {
@@ -158,11 +158,15 @@ impl Out {
             .fetch_add(n, std::sync::atomic::Ordering::AcqRel);
         let sent = match self.tx.try_send(parcel) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
-            Err(mpsc::error::TrySendError::Full(parcel)) => {
+            Err(queue::TrySendError::Closed(_)) => Err(()),
+            Err(queue::TrySendError::Full(parcel)) => {
                 metrics::SESSION_BLOCKS.inc();
-                let _blocked = Blocked::new();
-                self.tx.send(parcel).await.map_err(|_| ())
+                // Boxed: the rare wait is no part of every sender's state.
+                Box::pin(async {
+                    let _blocked = Blocked::new();
+                    self.tx.send(parcel).await.map_err(|_| ())
+                })
+                .await
             }
         };
         if sent.is_err() {
@@ -283,7 +287,7 @@ impl WatchService {
 /// writes them into one buffer.
 struct Replies {
     /// The session's queue.
-    rx: mpsc::Receiver<Parcel>,
+    rx: queue::Receiver<Parcel>,
     /// Its byte count.
     queued: Arc<Queued>,
     /// What is left of the parcel being unpacked.

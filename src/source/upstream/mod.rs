@@ -321,6 +321,28 @@ pub fn requires_leader(metadata: &MetadataMap) -> bool {
         .is_some_and(|v| v == "true")
 }
 
+/// Only the metadata the proxy reads or forwards for a caller ([`FORWARDED_METADATA`], every
+/// value in order), in a map of that size: what a long-lived watch stream keeps of its request
+/// headers (a gRPC request's whole header map is about 1 KB, most of it `te`, `user-agent`,
+/// `content-type` and spare capacity).
+pub fn credentials_only(metadata: MetadataMap) -> MetadataMap {
+    let kept: usize = FORWARDED_METADATA
+        .iter()
+        .map(|k| metadata.get_all(*k).iter().count())
+        .sum();
+    if kept == 0 {
+        return MetadataMap::new();
+    }
+    let headers = metadata.into_headers();
+    let mut out = http::HeaderMap::with_capacity(kept);
+    for key in FORWARDED_METADATA {
+        for v in headers.get_all(key) {
+            out.append(key, v.clone());
+        }
+    }
+    MetadataMap::from_headers(out)
+}
+
 /// Copies the credential metadata (see [`FORWARDED_METADATA`]) from one map to another.
 pub fn copy_credentials(from: &MetadataMap, to: &mut MetadataMap) {
     for key in FORWARDED_METADATA {

@@ -106,7 +106,9 @@ pub async fn serve<S, F, Fut>(
             Instant::now() + timeouts.header
         };
         first = false;
-        let incoming = match read_request(s, &mut buf, head_deadline).await {
+        // Boxed: a connection streaming an answer (a watch) keeps no room for the parser's
+        // state and deadline.
+        let incoming = match Box::pin(read_request(s, &mut buf, head_deadline)).await {
             Ok(Some(r)) => r,
             Ok(None) => return,
             Err(ReadError::Io) => return,

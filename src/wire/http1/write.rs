@@ -106,6 +106,8 @@ pub(super) async fn write_response<S: Transport>(
         (_, true) => {}
     }
     head.extend_from_slice(b"\r\n");
+    // The head is written: its header map is not kept for the life of a streaming answer.
+    drop(parts);
     if out == Out::None || asked.head_only {
         send(s, &head).await?;
         return Ok(keep_alive);

@@ -1026,4 +1026,3 @@ mod tests {
         assert!(size < 2048, "session future is {size} bytes");
     }
 }
-

@@ -6,6 +6,10 @@
 //! range holding one of the revision's keys and leaves one [`Note`] per (tag, revision) in the
 //! inbox of every session registered under those tags, then wakes it. A session whose watches
 //! match nothing is never woken and none of its watches is touched.
+//! A session whose client fell behind parks its registrations ([`Index::park`]): dispatch
+//! skips it entirely (no note, no lock of its inbox, no wake-up) until it resumes
+//! ([`Index::unpark`]) and its watches read what they missed from the shared history, so a
+//! parked watcher costs its cursor, not work per revision.
 //!
 //! Lookup per event key, with `n` registered ranges:
 //! - single keys: a hash lookup;
@@ -120,6 +124,15 @@ impl Inbox {
         self.notes.lock().unwrap_or_else(|e| e.into_inner()).held = true;
     }
 
+    /// Holds the inbox (as [`Inbox::hold`]) and records that notes from `from` on may be
+    /// missing: what [`Index::park`] and [`Index::unpark`] leave in the inbox of a session
+    /// whose registrations stop (stopped) being told.
+    fn hold_from(&self, from: i64) {
+        let mut notes = self.notes.lock().unwrap_or_else(|e| e.into_inner());
+        notes.held = true;
+        notes.overflow_from = Some(notes.overflow_from.map_or(from, |r| r.min(from)));
+    }
+
     /// Takes every note left so far, in order, and whether some were dropped; ends a
     /// [`Inbox::hold`].
     pub fn take(&self) -> Taken {
@@ -146,8 +159,19 @@ impl Inbox {
 struct Registration {
     /// The shape's key range.
     range: KeyRange,
-    /// Sessions (by inbox address) with how many times each registered.
+    /// Sessions told of this shape's revisions (by inbox address), with how many times each
+    /// registered.
     sessions: HashMap<usize, (Arc<Inbox>, usize)>,
+    /// Parked sessions ([`Index::park`]), not told anything: how many times each registered,
+    /// and the revision dispatched when it parked (its watches read the history from the
+    /// next one when it resumes).
+    parked: HashMap<usize, (Arc<Inbox>, usize, i64)>,
+}
+
+impl Registration {
+    fn is_empty(&self) -> bool {
+        self.sessions.is_empty() && self.parked.is_empty()
+    }
 }
 
 /// Where a range is filed for lookup.
@@ -290,15 +314,54 @@ impl Index {
                 Registration {
                     range: range.clone(),
                     sessions: HashMap::new(),
+                    parked: HashMap::new(),
                 },
             );
         }
         if let Some(reg) = inner.tags.get_mut(&tag) {
             let key = Arc::as_ptr(inbox) as usize;
+            if let Some((_, n, _)) = reg.parked.get_mut(&key) {
+                *n += 1;
+                return;
+            }
             reg.sessions
                 .entry(key)
                 .or_insert_with(|| (inbox.clone(), 0))
                 .1 += 1;
+        }
+    }
+
+    /// Stops telling `inbox` of the revisions of `tag` (its session parked: its client fell
+    /// behind), so that a parked session costs dispatch nothing per revision, only its
+    /// registration. The inbox is held and records that its notes from the next revision to
+    /// dispatch on are missing: its watches read them from the history when it resumes
+    /// ([`Index::unpark`]). Nothing when it is already parked or not registered under `tag`.
+    pub fn park(&self, tag: u64, inbox: &Arc<Inbox>) {
+        let mut inner = self.lock();
+        let at = self.dispatched();
+        let Some(reg) = inner.tags.get_mut(&tag) else {
+            return;
+        };
+        let key = Arc::as_ptr(inbox) as usize;
+        if let Some((inbox, n)) = reg.sessions.remove(&key) {
+            // Under the index lock: no note for a revision after `at` was left, none will be.
+            inbox.hold_from(at + 1);
+            reg.parked.insert(key, (inbox, n, at));
+        }
+    }
+
+    /// Tells `inbox` of the revisions of `tag` again (its session resumes). The inbox is held
+    /// until the session takes its notes, with every revision since it parked marked missing,
+    /// so its watches read them from the history first and every later note comes after them.
+    pub fn unpark(&self, tag: u64, inbox: &Arc<Inbox>) {
+        let mut inner = self.lock();
+        let Some(reg) = inner.tags.get_mut(&tag) else {
+            return;
+        };
+        let key = Arc::as_ptr(inbox) as usize;
+        if let Some((inbox, n, at)) = reg.parked.remove(&key) {
+            inbox.hold_from(at + 1);
+            reg.sessions.insert(key, (inbox, n));
         }
     }
 
@@ -314,8 +377,13 @@ impl Index {
             if *n == 0 {
                 reg.sessions.remove(&key);
             }
+        } else if let Some((_, n, _)) = reg.parked.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                reg.parked.remove(&key);
+            }
         }
-        if reg.sessions.is_empty() {
+        if reg.is_empty() {
             let range = reg.range.clone();
             inner.tags.remove(&tag);
             inner.unfile(tag, &range);
@@ -401,7 +469,8 @@ impl Index {
     pub fn reset(&self, from: i64, to: i64) {
         let inner = self.lock();
         for (tag, reg) in &inner.tags {
-            for (inbox, _) in reg.sessions.values() {
+            let parked = reg.parked.values().map(|(inbox, _, _)| inbox);
+            for inbox in reg.sessions.values().map(|(inbox, _)| inbox).chain(parked) {
                 inbox.push(Note::Reset {
                     tag: *tag,
                     from,
@@ -533,5 +602,61 @@ mod tests {
         let t = b.take();
         assert_eq!(t.notes.len(), 1);
         assert_eq!(t.overflow_from, None);
+    }
+
+    /// A parked session is not told anything (its inbox is not even locked by dispatch), and
+    /// when it resumes every revision since it parked is marked missing, ahead of any later
+    /// note; registering and releasing work on a parked registration.
+    #[test]
+    fn parked_sessions_are_skipped_and_resume_from_the_history() {
+        let index = Index::default();
+        let (a, b) = (Arc::new(Inbox::default()), Arc::new(Inbox::default()));
+        let routes = KeyRange::prefix(b"/apisix/routes/");
+        index.register(1, &routes, &a);
+        index.register(1, &routes, &b);
+        index.dispatch(&[batch(10, &["/apisix/routes/1"])], 10);
+        a.hold();
+        index.park(1, &a);
+        index.park(1, &a);
+        // While parked: a lock of the inbox by dispatch would show as a kept note or a lower
+        // overflow revision; neither happens.
+        index.dispatch(&[batch(11, &["/apisix/routes/1"])], 11);
+        index.dispatch(&[batch(12, &["/apisix/routes/2"])], 12);
+        let t = a.take();
+        assert_eq!(
+            t.notes,
+            [Note::Events {
+                tag: 1,
+                revision: 10
+            }]
+        );
+        assert_eq!(t.overflow_from, Some(11));
+        assert_eq!(b.take().notes.len(), 3);
+        // Still parked after a take: nothing.
+        index.dispatch(&[batch(13, &["/apisix/routes/1"])], 13);
+        assert!(a.take().notes.is_empty());
+        // Registered twice while parked: both count, one release keeps it.
+        index.register(1, &routes, &a);
+        index.release(1, &a);
+        index.unpark(1, &a);
+        index.dispatch(&[batch(14, &["/apisix/routes/1"])], 14);
+        let t = a.take();
+        // Every revision since the park comes from the history, so a note after the resume
+        // is not kept ahead of them.
+        assert!(t.notes.is_empty());
+        assert_eq!(t.overflow_from, Some(11));
+        index.dispatch(&[batch(15, &["/apisix/routes/1"])], 15);
+        assert_eq!(
+            a.take().notes,
+            [Note::Events {
+                tag: 1,
+                revision: 15
+            }]
+        );
+        // Released while parked: the registration goes with its last session.
+        index.park(1, &a);
+        index.release(1, &a);
+        index.release(1, &b);
+        assert_eq!(index.registered(), 0);
     }
 }

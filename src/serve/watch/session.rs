@@ -157,6 +157,8 @@ pub(super) struct Session {
     /// The client fell behind by more than the byte budget: nothing more is queued for it
     /// until its queue drains.
     parked: bool,
+    /// Its shapes' registrations are parked in their feeds' indexes (unparked on resume).
+    parked_in_index: bool,
     /// Progress ticker, created with the first watch that asks for progress notifications
     /// (etcd has one per stream too).
     progress: Option<Pin<Box<tokio::time::Interval>>>,
@@ -205,6 +207,7 @@ impl Session {
             overflow_from: None,
             rescan: BTreeSet::new(),
             parked: false,
+            parked_in_index: false,
             handoffs: None,
             generation: 0,
             progress: None,
@@ -296,6 +299,11 @@ impl Session {
                 _ = self.out.drained(), if self.parked => {
                     self.parked = false;
                     metrics::SESSIONS_PARKED.dec();
+                    if std::mem::take(&mut self.parked_in_index) {
+                        for (tag, u) in &self.shapes {
+                            u.feed.index().unpark(*tag, &self.inbox);
+                        }
+                    }
                     if self.drain().await.is_err() {
                         break;
                     }
@@ -638,9 +646,11 @@ impl Session {
 
     /// Serves the notes the feeds left: each revision to the (synced) watches of the shape it
     /// concerns, one response per revision as etcd's synced watchers get them. Parks the
-    /// session instead when its client is more than the byte budget behind: its inbox then
-    /// keeps no notes, only the revision from which the watches must look at the history
-    /// again ([`crate::source::index::Inbox::hold`]).
+    /// session instead when its client is more than the byte budget behind: its registrations
+    /// are parked in the feeds' indexes ([`crate::source::index::Index::park`]), so dispatch
+    /// no longer tells it anything, and its inbox keeps no notes, only the revision from which
+    /// the watches must look at the history again when it resumes
+    /// ([`crate::source::index::Inbox::hold`]).
     async fn drain(&mut self) -> Result<(), ()> {
         let config = self.hub.config.clone();
         if !self.staged.is_empty() {
@@ -651,6 +661,17 @@ impl Session {
                 // (Again after a take while parked: the inbox keeps nothing until the next.)
                 self.inbox.hold();
                 if !self.parked {
+                    // Dispatch stops telling this session anything: a parked session costs
+                    // no work per revision. Not for a session of many shapes (a burst of
+                    // watches on distinct keys), where parking would cost more per park than
+                    // the notes it saves; a shape registered while parked is told too (its
+                    // notes are dropped by the held inbox).
+                    if self.shapes.len() <= PARK_SHAPES_MAX {
+                        for (tag, u) in &self.shapes {
+                            u.feed.index().park(*tag, &self.inbox);
+                        }
+                        self.parked_in_index = true;
+                    }
                     self.parked = true;
                     metrics::SESSIONS_PARKED.inc();
                     metrics::SESSION_PARKS.inc();
@@ -901,6 +922,10 @@ const MAX_QUEUED_REQUEST_BYTES: usize = 1 << 20;
 /// Requests handled in one turn of the session before it looks at its other work (notes,
 /// catch-ups, its client leaving).
 const REQUESTS_PER_TURN: usize = 1024;
+
+/// Most shapes a session parks in its feeds' indexes when its client falls behind (see
+/// [`Session::drain`]); a session with more stays registered (its held inbox drops the notes).
+const PARK_SHAPES_MAX: usize = 64;
 
 /// Revisions of history read at a time to rebuild the notes an inbox dropped.
 const OVERFLOW_CHUNK: usize = 64;

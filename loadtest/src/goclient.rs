@@ -85,6 +85,17 @@ pub struct GoFinal {
     pub errors: u64,
     #[serde(default)]
     pub samples: Option<Vec<String>>,
+    /// Latency histogram at grpc-go's receipt of each WatchResponse (before clientv3's
+    /// dispatch to the watchers' goroutines), same buckets, µs.
+    #[serde(default)]
+    pub recv_hist: Vec<(usize, u64)>,
+    #[serde(default)]
+    pub recv_max: u64,
+    #[serde(default)]
+    pub recv_sum: u64,
+    /// The Go runtime's GOMAXPROCS.
+    #[serde(default)]
+    pub gomaxprocs: usize,
 }
 
 #[derive(Deserialize)]

@@ -334,6 +334,10 @@ struct TargetResult {
     writes: u64,
     write_rate: f64,
     live: Phase,
+    /// With the Go watcher: the live latency at grpc-go's receipt of each response (before
+    /// clientv3's dispatch to the watchers' goroutines), and the watcher's GOMAXPROCS.
+    go_receipt: Option<stats::LatencySummary>,
+    go_procs: Option<usize>,
     live_events_per_s: f64,
     drain_s: f64,
     http_reconnects: u64,
@@ -1105,6 +1109,12 @@ async fn run_target_in(
             .unwrap()
             .add_counts(&f.hist, f.max, f.sum);
         sh.errors.fetch_max(f.errors, Ordering::Relaxed);
+        if !f.recv_hist.is_empty() {
+            let mut h = stats::Hist::default();
+            h.add_counts(&f.recv_hist, f.recv_max, f.recv_sum);
+            r.go_receipt = Some(h.summary());
+        }
+        r.go_procs = (f.gomaxprocs > 0).then_some(f.gomaxprocs);
         for m in f.samples.iter().flatten() {
             sh.note(format!("gowatch: {m}"));
         }

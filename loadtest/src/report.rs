@@ -254,6 +254,15 @@ pub fn render(a: &Args, rs: &[TargetResult], started: SystemTime) -> String {
             ("max fan-out latency (ms)", |r| {
                 (r.live.latency.count > 0).then_some(r.live.latency.max_ms)
             }),
+            ("Go client: p50 at grpc-go's receipt (ms)", |r| {
+                r.go_receipt.as_ref().map(|l| l.p50_ms)
+            }),
+            ("Go client: p99 at grpc-go's receipt (ms)", |r| {
+                r.go_receipt.as_ref().map(|l| l.p99_ms)
+            }),
+            ("Go client: p99.9 at grpc-go's receipt (ms)", |r| {
+                r.go_receipt.as_ref().map(|l| l.p999_ms)
+            }),
             ("watchers created in (s)", |r| r.create_s),
             ("proxy CPU µs per event", |r| per_event(&r.live, "proxy")),
             ("proxy CPU µs per put", |r| {
@@ -261,6 +270,7 @@ pub fn render(a: &Args, rs: &[TargetResult], started: SystemTime) -> String {
                 (r.writes > 0).then(|| c * 1e6 / r.writes as f64)
             }),
             ("client CPU s (Go watcher)", |r| cpu(&r.live, "client")),
+            ("Go watcher's GOMAXPROCS", |r| r.go_procs.map(|p| p as f64)),
             ("etcd CPU µs per event", |r| per_event(&r.live, "etcd")),
             ("etcd + proxy CPU µs per event", |r| {
                 server_per_event(&r.live)

@@ -381,18 +381,20 @@ impl Rig {
                     Ok(r) => r,
                     Err(s) => panic!("stream ended: {s:?}"),
                 };
-                let mut buf = Vec::new();
-                if let Err(e) = crate::wire::grpc::watch::encode(&reply, &mut buf) {
-                    panic!("encode: {e}");
-                }
-                match WatchResponse::decode(buf.as_slice()) {
-                    Ok(r) => {
-                        if self.trace {
-                            eprintln!("<- {r:?}");
-                        }
-                        model.observe(r)
+                for reply in reply.singles() {
+                    let mut buf = Vec::new();
+                    if let Err(e) = crate::wire::grpc::watch::encode(&reply, &mut buf) {
+                        panic!("encode: {e}");
                     }
-                    Err(e) => panic!("decode: {e}"),
+                    match WatchResponse::decode(buf.as_slice()) {
+                        Ok(r) => {
+                            if self.trace {
+                                eprintln!("<- {r:?}");
+                            }
+                            model.observe(r)
+                        }
+                        Err(e) => panic!("decode: {e}"),
+                    }
                 }
             }
             if model.settled() {

@@ -15,6 +15,13 @@
 // that it receives every write of its prefix exactly once and in order (seq and revision
 // strictly increasing), and records the fan-out latency against loadgen's clock (-t0: the
 // Unix time in ns of loadgen's time origin).
+//
+// The latency is taken twice: where the watcher's goroutine gets the event from clientv3's
+// watch channel (after clientv3's per-stream receive, dispatch and per-watcher goroutines:
+// what an application sees), and where grpc-go hands the decoded WatchResponse to clientv3
+// (a stats.Handler's InPayload, in the stream's receiving goroutine: what the server's
+// delivery plus the client's HTTP/2 reading costs, without clientv3's fan-out to 100
+// watchers per stream). Both are reported; the first is the one loadgen's tables use.
 package main
 
 import (
@@ -25,6 +32,7 @@ import (
 	"fmt"
 	"math/bits"
 	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -32,6 +40,9 @@ import (
 	"time"
 
 	"go.etcd.io/etcd/clientv3"
+	pb "go.etcd.io/etcd/etcdserver/etcdserverpb"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/stats"
 )
 
 // Buckets of the latency histogram: the same as loadgen's stats::Hist (exact below 128 µs,
@@ -110,6 +121,82 @@ func (w *watcher) event(seq uint64, rev int64) bool {
 	return true
 }
 
+func (h *hist) record(lat []uint64) {
+	h.mu.Lock()
+	for _, us := range lat {
+		h.counts[bucket(us)]++
+		h.total++
+		h.sum += us
+		if us > h.max {
+			h.max = us
+		}
+	}
+	h.mu.Unlock()
+}
+
+// merged is the histogram of all shards as loadgen reads it.
+func merged(hs []hist) (counts [][2]uint64, max, sum uint64) {
+	var all [buckets]uint64
+	for i := range hs {
+		h := &hs[i]
+		h.mu.Lock()
+		for b, c := range h.counts {
+			all[b] += c
+		}
+		sum += h.sum
+		if h.max > max {
+			max = h.max
+		}
+		h.mu.Unlock()
+	}
+	for b, c := range all {
+		if c > 0 {
+			counts = append(counts, [2]uint64{uint64(b), c})
+		}
+	}
+	return counts, max, sum
+}
+
+// receipt is a grpc-go stats handler recording, for every event of every WatchResponse, the
+// latency at the moment grpc-go decoded the message for clientv3 (InPayload.RecvTime).
+type receipt struct {
+	t0    int64
+	next  uint64
+	hists [shards]hist
+}
+
+func (r *receipt) TagRPC(ctx context.Context, _ *stats.RPCTagInfo) context.Context { return ctx }
+func (r *receipt) TagConn(ctx context.Context, _ *stats.ConnTagInfo) context.Context {
+	return ctx
+}
+func (r *receipt) HandleConn(context.Context, stats.ConnStats) {}
+
+func (r *receipt) HandleRPC(_ context.Context, s stats.RPCStats) {
+	in, ok := s.(*stats.InPayload)
+	if !ok || !in.Client {
+		return
+	}
+	resp, ok := in.Payload.(*pb.WatchResponse)
+	if !ok || len(resp.Events) == 0 {
+		return
+	}
+	now := uint64(in.RecvTime.UnixNano() - r.t0)
+	lat := make([]uint64, 0, len(resp.Events))
+	for _, ev := range resp.Events {
+		if ev.Kv == nil {
+			continue
+		}
+		if _, sent, ok := decode(ev.Kv.Value); ok {
+			us := uint64(0)
+			if now > sent {
+				us = (now - sent) / 1000
+			}
+			lat = append(lat, us)
+		}
+	}
+	r.hists[atomic.AddUint64(&r.next, 1)%shards].record(lat)
+}
+
 type result struct {
 	Prefix   int    `json:"p"`
 	Created  bool   `json:"created"`
@@ -129,6 +216,12 @@ type final struct {
 	Sum      uint64      `json:"sum"`
 	Errors   uint64      `json:"errors"`
 	Samples  []string    `json:"samples"`
+	// The latency at grpc-go's receipt (see receipt).
+	RecvHist [][2]uint64 `json:"recv_hist"`
+	RecvMax  uint64      `json:"recv_max"`
+	RecvSum  uint64      `json:"recv_sum"`
+	// The Go runtime's GOMAXPROCS.
+	Procs int `json:"gomaxprocs"`
 }
 
 var (
@@ -192,6 +285,7 @@ func main() {
 	}
 
 	ctx, cancel := context.WithCancel(context.Background())
+	rec := &receipt{t0: *t0}
 	clients := make([]*clientv3.Client, *conns)
 	var cw sync.WaitGroup
 	for c := range clients {
@@ -201,6 +295,7 @@ func main() {
 			cli, err := clientv3.New(clientv3.Config{
 				Endpoints:   []string{*endpoint},
 				DialTimeout: 10 * time.Second,
+				DialOptions: []grpc.DialOption{grpc.WithStatsHandler(rec)},
 			})
 			if err != nil {
 				fail("connect: " + err.Error())
@@ -271,16 +366,7 @@ func main() {
 					}
 				}
 				if len(lat) > 0 {
-					h.mu.Lock()
-					for _, us := range lat {
-						h.counts[bucket(us)]++
-						h.total++
-						h.sum += us
-						if us > h.max {
-							h.max = us
-						}
-					}
-					h.mu.Unlock()
+					h.record(lat)
 					atomic.AddInt64(&fresh, n)
 				}
 			}
@@ -350,24 +436,9 @@ func main() {
 		}
 		res.Watchers = append(res.Watchers, r)
 	}
-	var counts [buckets]uint64
-	for i := range hists {
-		h := &hists[i]
-		h.mu.Lock()
-		for b, c := range h.counts {
-			counts[b] += c
-		}
-		res.Sum += h.sum
-		if h.max > res.Max {
-			res.Max = h.max
-		}
-		h.mu.Unlock()
-	}
-	for b, c := range counts {
-		if c > 0 {
-			res.Hist = append(res.Hist, [2]uint64{uint64(b), c})
-		}
-	}
+	res.Hist, res.Max, res.Sum = merged(hists[:])
+	res.RecvHist, res.RecvMax, res.RecvSum = merged(rec.hists[:])
+	res.Procs = runtime.GOMAXPROCS(0)
 	res.Errors = uint64(atomic.LoadInt64(&errorsN))
 	samplesMu.Lock()
 	res.Samples = samples

@@ -36,7 +36,7 @@ use tonic::metadata::MetadataMap;
 use tonic::Status;
 use tracing::Instrument;
 
-use super::reply::Reply;
+use super::reply::{LiveReplies, Reply};
 use super::shape::{Shape, ShapeKey, SHAPES};
 use super::watcher::{self, CachedWatch, Step};
 use super::{relay, ConnectionEnding, Out, WatchSpec, INVALID_WATCH_ID};
@@ -45,9 +45,10 @@ use crate::keys::KeyRange;
 use crate::metrics;
 use crate::proto::etcdserverpb::watch_create_request::FilterType;
 use crate::proto::etcdserverpb::{
-    watch_request::RequestUnion, WatchCreateRequest, WatchRequest, WatchResponse,
+    watch_request::RequestUnion, ResponseHeader, WatchCreateRequest, WatchRequest, WatchResponse,
 };
 use crate::serve::access::{Access, Verdict};
+use crate::source::cache::RevBatch;
 use crate::source::feed::Feed;
 use crate::source::hub::Hub;
 use crate::source::index::{Inbox, Note};
@@ -116,8 +117,9 @@ struct ShapeWatches {
     feed: Arc<Feed>,
     /// The shape (kept for its range, to release the registration).
     shape: Arc<Shape>,
-    /// Watch ids of this shape.
-    ids: BTreeSet<i64>,
+    /// Watch ids of this shape, ascending (a vector: read whole for every revision the shape
+    /// is noted for, changed only on create and cancel).
+    ids: Vec<i64>,
 }
 
 /// One downstream watch stream.
@@ -541,10 +543,12 @@ impl Session {
             ShapeWatches {
                 feed: watch.feed.clone(),
                 shape: shape.clone(),
-                ids: BTreeSet::new(),
+                ids: Vec::new(),
             }
         });
-        u.ids.insert(id);
+        if let Err(at) = u.ids.binary_search(&id) {
+            u.ids.insert(at, id);
+        }
     }
 
     /// Forgets watch `id` (`entry`) under its shape, releasing the registration after the last.
@@ -552,7 +556,9 @@ impl Session {
         let Some(w) = entry.cached() else { return };
         let tag = w.spec.shape.id;
         if let Some(u) = self.shapes.get_mut(&tag) {
-            u.ids.remove(&id);
+            if let Ok(at) = u.ids.binary_search(&id) {
+                u.ids.remove(at);
+            }
             if u.ids.is_empty() {
                 u.feed.index().release(tag, &self.inbox);
                 debug_assert_eq!(u.shape.id, tag);
@@ -707,11 +713,21 @@ impl Session {
                 continue;
             };
             let feed = u.feed.clone();
+            let shape = u.shape.clone();
             let batch = feed.cache().batch_at(revision);
-            let ids: Vec<i64> = u.ids.iter().copied().collect();
+            let ids = u.ids.clone();
             // The live replies to this revision, queued together (one parcel, one wake-up of
             // the encoder) after the loop or before anything else is queued.
             let mut live = Live::default();
+            // What every live reply to this revision shares: its events for the shape, and
+            // the header (read once, not per watch).
+            let shared = match &batch {
+                Some(Some(b)) => Some((
+                    shape.with_encoded(b, |e| e.count),
+                    feed.upstream().header(revision),
+                )),
+                _ => None,
+            };
             for id in ids {
                 if self.out.over_budget_with(live.bytes) {
                     // Served again on resume; the watches already served skip it.
@@ -728,8 +744,11 @@ impl Session {
                 w.next = revision;
                 match &batch {
                     Some(Some(b)) if w.is_live() => {
-                        if let Some((reply, events)) = w.live_reply(b) {
-                            live.push(reply, events);
+                        let Some((events, header)) = &shared else {
+                            continue;
+                        };
+                        if let Some(header) = w.live_reply(revision, *events, header) {
+                            live.push(id, header, *events, b, &shape);
                         }
                     }
                     Some(Some(b)) => {
@@ -788,7 +807,7 @@ impl Session {
         let Some(u) = self.shapes.get(&tag) else {
             return;
         };
-        let ids: Vec<i64> = u.ids.iter().copied().collect();
+        let ids = u.ids.clone();
         for id in ids {
             let Some(Entry::Cached(w)) = self.watches.get_mut(&id) else {
                 continue;
@@ -931,11 +950,14 @@ const PARK_SHAPES_MAX: usize = 64;
 const OVERFLOW_CHUNK: usize = 64;
 
 /// The live replies of one revision gathered by [`Session::drain`] before they are queued as
-/// one parcel, and what they count.
+/// one parcel, and what they count: the watches of one shape, grouped by header (all of them,
+/// unless a watch has shown a higher header before) into [`LiveReplies`].
 #[derive(Default)]
 struct Live {
-    /// The replies, in the order of their watches.
+    /// Groups made, in the order of their watches.
     replies: Vec<Reply>,
+    /// The group being added to.
+    group: Option<LiveReplies>,
     /// Their [`Reply::queued_bytes`].
     bytes: usize,
     /// Events they carry.
@@ -943,14 +965,39 @@ struct Live {
 }
 
 impl Live {
-    fn push(&mut self, reply: Reply, events: usize) {
-        self.bytes += reply.queued_bytes();
+    /// Adds watch `id`'s reply with `header` and `events` events of `batch` for `shape`.
+    fn push(
+        &mut self,
+        id: i64,
+        header: ResponseHeader,
+        events: usize,
+        batch: &Arc<RevBatch>,
+        shape: &Arc<Shape>,
+    ) {
+        self.bytes += 32 + batch.bytes;
         self.events += events;
-        self.replies.push(reply);
+        if let Some(g) = &mut self.group {
+            if g.header == header {
+                g.ids.push(id);
+                return;
+            }
+        }
+        let group = LiveReplies {
+            header,
+            batch: batch.clone(),
+            shape: shape.clone(),
+            ids: smallvec::smallvec![id],
+        };
+        if let Some(done) = self.group.replace(group) {
+            self.replies.push(Reply::Live(done));
+        }
     }
 
     /// Queues what was gathered and counts its events (in the totals and `feed`'s).
     async fn send(&mut self, out: &super::Out, feed: &Feed) -> Result<(), ()> {
+        if let Some(done) = self.group.take() {
+            self.replies.push(Reply::Live(done));
+        }
         if self.replies.is_empty() {
             return Ok(());
         }

@@ -211,29 +211,32 @@ impl CachedWatch {
         Ok(())
     }
 
-    /// The live reply of a current watch (synced, not fragmenting) to revision `batch`, made
-    /// without queueing it, so that a session queues its replies to one revision together:
-    /// `Some((reply, events))`, `None` when the batch has nothing for the watch's shape.
-    /// Advances the cursor past the batch as [`CachedWatch::deliver`] does. A watch that is
-    /// not current or fragments its responses goes through [`CachedWatch::deliver`] instead
-    /// ([`CachedWatch::is_live`]).
-    pub fn live_reply(&mut self, batch: &Arc<RevBatch>) -> Option<(Reply, usize)> {
-        self.next = batch.revision + 1;
-        let count = self.spec.shape.with_encoded(batch, |e| e.count);
-        if count == 0 {
+    /// The live reply of a current watch (synced, not fragmenting) to revision `revision`,
+    /// whose batch has `events` events for the watch's shape, made without queueing it, so
+    /// that a session queues its replies to one revision together
+    /// ([`super::reply::LiveReplies`]): `Some(header)` of the reply, `None` when the batch has
+    /// nothing for the watch. `header` is the feed's header at `revision`, read once for every
+    /// watch the revision goes to. Advances the cursor past the batch as
+    /// [`CachedWatch::deliver`] does. A watch that is not current or fragments its responses
+    /// goes through [`CachedWatch::deliver`] instead ([`CachedWatch::is_live`]).
+    pub fn live_reply(
+        &mut self,
+        revision: i64,
+        events: usize,
+        header: &ResponseHeader,
+    ) -> Option<ResponseHeader> {
+        self.next = revision + 1;
+        if events == 0 {
             return None;
         }
-        let header = self.header(batch.revision);
+        // As `header`: never below a header this watch has shown.
+        let header = ResponseHeader {
+            revision: header.revision.max(self.highest_header),
+            ..*header
+        };
         self.quiet = false;
         self.highest_header = header.revision;
-        let reply = EventsReply {
-            header,
-            watch_id: self.spec.id,
-            batches: smallvec::smallvec![batch.clone()],
-            shape: self.spec.shape.clone(),
-            live: true,
-        };
-        Some((Reply::Events(reply), count))
+        Some(header)
     }
 
     /// True when [`CachedWatch::live_reply`] serves this watch's next revision.

@@ -108,6 +108,13 @@ pub fn reply_chunks(reply: &Reply) -> Vec<Bytes> {
             }
             f
         }
+        // One response per watch, each as its own reply would be.
+        Reply::Live(l) => {
+            return l
+                .each()
+                .flat_map(|e| reply_chunks(&Reply::Events(e)))
+                .collect()
+        }
         // Session streams turn error replies into stream errors; none reaches an encoder.
         Reply::Error(_) => return vec![Bytes::new()],
     };

@@ -22,11 +22,18 @@ use crate::serve::watch::reply::Reply;
 use crate::serve::watch::{ConnectionEnding, WatchService};
 
 /// Writes `reply` as an encoded WatchResponse: the header and watch id, then the shared
-/// event bytes.
+/// event bytes. A [`Reply::Live`] stands for one response per watch: split it first
+/// ([`Reply::singles`]); its responses would be written one after the other.
 pub fn encode<B: BufMut>(reply: &Reply, buf: &mut B) -> Result<(), prost::EncodeError> {
     match reply {
         Reply::Msg(m) => m.encode(buf),
         Reply::Error(_) => Ok(()),
+        Reply::Live(l) => {
+            for e in l.each() {
+                encode(&Reply::Events(e), buf)?;
+            }
+            Ok(())
+        }
         Reply::Events(e) => {
             let head = WatchResponse {
                 header: Some(e.header),
@@ -124,11 +131,22 @@ impl StreamingService<WatchRequest> for Handler {
     type Future = std::future::Ready<Result<tonic::Response<BoxStream<Reply>>, Status>>;
 
     fn call(&mut self, request: tonic::Request<Streaming<WatchRequest>>) -> Self::Future {
+        use futures::StreamExt;
         let (metadata, extensions, stream) = request.into_parts();
         let ending = extensions.get::<ConnectionEnding>().cloned();
-        std::future::ready(Ok(tonic::Response::new(
-            self.0.session(metadata, ending, stream),
-        )))
+        // tonic's encoder writes one message per item: live replies one by one.
+        let replies = self
+            .0
+            .session(metadata, ending, stream)
+            .flat_map(|item| {
+                let items: smallvec::SmallVec<[Result<Reply, Status>; 1]> = match item {
+                    Ok(r) => r.singles().into_iter().map(Ok).collect(),
+                    Err(s) => smallvec::smallvec![Err(s)],
+                };
+                futures::stream::iter(items)
+            })
+            .boxed();
+        std::future::ready(Ok(tonic::Response::new(replies)))
     }
 }
 
@@ -197,6 +215,27 @@ impl HeadMemo {
     }
 }
 
+/// The encoded length of `WatchResponse.watch_id` (prost leaves the zero id out).
+fn id_len(watch_id: i64) -> usize {
+    if watch_id != 0 {
+        prost::encoding::int64::encoded_len(WATCH_ID_FIELD, &watch_id)
+    } else {
+        0
+    }
+}
+
+/// Writes a WatchResponse's gRPC message prefix (uncompressed, `len` bytes), its encoded
+/// `header` field and its watch id as prost writes them (fields in tag order, the zero watch
+/// id left out); its events follow.
+fn put_head(buf: &mut bytes::BytesMut, len: usize, header_field: &[u8], watch_id: i64) {
+    buf.put_u8(0);
+    buf.put_u32(len as u32);
+    buf.put_slice(header_field);
+    if watch_id != 0 {
+        prost::encoding::int64::encode(WATCH_ID_FIELD, &watch_id, buf);
+    }
+}
+
 /// Events replies whose shared encodings reach this size are written as frames of their own
 /// (see [`ReplyBody`]).
 const SPLIT_AT: usize = 16 << 10;
@@ -258,41 +297,24 @@ impl ReplyBody {
                     let now = *now.get_or_insert_with(std::time::Instant::now);
                     crate::metrics::delivered_at(crate::metrics::Wire::Grpc, at, now);
                 }
-                // WatchResponse { header, watch_id } as prost writes it (fields in tag order,
-                // the zero watch id left out), then the shared events field by field.
                 let mut shared = 0;
                 for b in &e.batches {
                     shared += e.shape.with_encoded(b, |x| x.proto.len());
                 }
                 let field = head.field(&e.header);
-                let id_len = if e.watch_id != 0 {
-                    prost::encoding::int64::encoded_len(WATCH_ID_FIELD, &e.watch_id)
-                } else {
-                    0
-                };
-                let len = field.len() + id_len + shared;
-                let put_head = |buf: &mut bytes::BytesMut| {
-                    buf.put_u8(0);
-                    buf.put_u32(len as u32);
-                    buf.put_slice(field);
-                    if e.watch_id != 0 {
-                        prost::encoding::int64::encode(WATCH_ID_FIELD, &e.watch_id, buf);
-                    }
-                };
+                let len = field.len() + id_len(e.watch_id) + shared;
                 if shared < SPLIT_AT {
                     self.gathered.reserve(5 + len);
-                    put_head(&mut self.gathered);
+                    put_head(&mut self.gathered, len, field, e.watch_id);
                     for b in &e.batches {
                         e.shape
                             .with_encoded(b, |x| self.gathered.put_slice(&x.proto));
                     }
                     return Ok(());
                 }
-                if !self.gathered.is_empty() {
-                    self.ready.push_back(self.gathered.split().freeze());
-                }
+                self.take_gathered();
                 let mut first = bytes::BytesMut::with_capacity(5 + len - shared);
-                put_head(&mut first);
+                put_head(&mut first, len, field, e.watch_id);
                 self.ready.push_back(first.freeze());
                 for b in &e.batches {
                     let part = e.shape.with_encoded(b, |x| x.proto.clone());
@@ -301,8 +323,49 @@ impl ReplyBody {
                     }
                 }
             }
+            Reply::Live(l) => {
+                let now = *now.get_or_insert_with(std::time::Instant::now);
+                crate::metrics::delivered_many(
+                    crate::metrics::Wire::Grpc,
+                    l.live_since(),
+                    now,
+                    l.ids.len(),
+                );
+                let field = head.field(&l.header);
+                l.shape.with_encoded(&l.batch, |x| {
+                    let shared = x.proto.len();
+                    if shared < SPLIT_AT {
+                        // Every response into the one buffer: framing, header, id, events.
+                        let each = 5 + field.len() + shared;
+                        let ids: usize = l.ids.iter().map(|&id| each + id_len(id)).sum();
+                        self.gathered.reserve(ids);
+                        for &id in &l.ids {
+                            put_head(&mut self.gathered, each - 5 + id_len(id), field, id);
+                            self.gathered.put_slice(&x.proto);
+                        }
+                        return;
+                    }
+                    if !self.gathered.is_empty() {
+                        self.ready.push_back(self.gathered.split().freeze());
+                    }
+                    for &id in &l.ids {
+                        let len = field.len() + id_len(id) + shared;
+                        let mut first = bytes::BytesMut::with_capacity(5 + len - shared);
+                        put_head(&mut first, len, field, id);
+                        self.ready.push_back(first.freeze());
+                        self.ready.push_back(x.proto.clone());
+                    }
+                });
+            }
         }
         Ok(())
+    }
+
+    /// Moves what was gathered to the frames ready to be sent.
+    fn take_gathered(&mut self) {
+        if !self.gathered.is_empty() {
+            self.ready.push_back(self.gathered.split().freeze());
+        }
     }
 
     /// The trailers of a stream ending with `status`.
@@ -375,5 +438,115 @@ impl http_body::Body for ReplyBody {
 
     fn is_end_stream(&self) -> bool {
         self.done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::KeyRange;
+    use crate::proto::mvccpb::{Event, KeyValue};
+    use crate::serve::watch::reply::LiveReplies;
+    use crate::serve::watch::shape::{ShapeKey, SHAPES};
+    use crate::source::cache::RevBatch;
+    use http_body_util::BodyExt;
+    use std::sync::Arc;
+
+    fn batch(revision: i64, value_len: usize) -> Arc<RevBatch> {
+        let kv = |key: &'static [u8]| KeyValue {
+            key: bytes::Bytes::from_static(key),
+            value: vec![b'v'; value_len].into(),
+            mod_revision: revision,
+            create_revision: 2,
+            version: 3,
+            lease: 0,
+        };
+        Arc::new(RevBatch::new(
+            revision,
+            vec![
+                Event {
+                    r#type: 0,
+                    kv: Some(kv(b"/apisix/routes/1")),
+                    prev_kv: None,
+                },
+                Event {
+                    r#type: 0,
+                    kv: Some(kv(b"/other")),
+                    prev_kv: None,
+                },
+            ],
+        ))
+    }
+
+    /// The body's bytes for `replies`, and its frames.
+    async fn body(replies: Vec<Reply>) -> (Vec<u8>, usize) {
+        let stream = futures::stream::iter(replies.into_iter().map(Ok));
+        let mut body = ReplyBody::new(Box::pin(stream));
+        let (mut bytes, mut frames) = (Vec::new(), 0);
+        while let Some(frame) = body.frame().await {
+            match frame.map(|f| f.into_data()) {
+                Ok(Ok(data)) => {
+                    bytes.extend_from_slice(&data);
+                    frames += 1;
+                }
+                Ok(Err(_trailers)) => {}
+                Err(status) => panic!("body: {status:?}"),
+            }
+        }
+        (bytes, frames)
+    }
+
+    /// gRPC messages as tonic frames them: an uncompressed flag, the length, the message.
+    fn framed(responses: &[WatchResponse]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for r in responses {
+            out.push(0);
+            out.extend_from_slice(&(r.encoded_len() as u32).to_be_bytes());
+            r.encode(&mut out).unwrap_or_default();
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn live_replies_are_written_as_their_responses() {
+        let shape = SHAPES.intern(ShapeKey {
+            range: KeyRange::prefix(b"/apisix/"),
+            no_put: false,
+            no_delete: false,
+            prev_kv: false,
+        });
+        let header = ResponseHeader {
+            cluster_id: 7,
+            member_id: 8,
+            revision: 9,
+            raft_term: 2,
+        };
+        // Small events (gathered into one buffer) and events over SPLIT_AT (frames of their
+        // own); ids with varints of different lengths, and the zero id prost leaves out.
+        for value_len in [10, SPLIT_AT] {
+            let b = batch(9, value_len);
+            let live = LiveReplies {
+                header,
+                batch: b.clone(),
+                shape: shape.clone(),
+                ids: [0, 1, 300, 1 << 40].into_iter().collect(),
+            };
+            let expected: Vec<WatchResponse> = live.each().map(|e| e.to_response()).collect();
+            assert!(expected.iter().all(|r| r.events.len() == 1));
+            let (bytes, frames) = body(vec![Reply::Live(live.clone())]).await;
+            assert_eq!(bytes, framed(&expected), "value of {value_len} bytes");
+            if value_len < SPLIT_AT {
+                assert_eq!(frames, 1, "one buffer for the revision");
+            }
+            // The same as the replies one by one.
+            let singles: Vec<Reply> = live.each().map(Reply::Events).collect();
+            assert_eq!(body(singles).await.0, bytes);
+            // And as `encode` writes each (the fuzzing and compressed paths).
+            for (single, resp) in Reply::Live(live).singles().iter().zip(&expected) {
+                let mut buf = Vec::new();
+                encode(single, &mut buf).unwrap_or_default();
+                assert_eq!(buf, resp.encode_to_vec());
+            }
+        }
     }
 }

@@ -363,23 +363,15 @@ pub async fn serve(
                     let Some(tls_conn) = Box::pin(tls.accept(stream)).await else {
                         return;
                     };
-                    let protocol = if tls_conn.h2 {
-                        Protocol::Http2
-                    } else {
-                        Protocol::Http1
-                    };
+                    // Taken apart whole: a partly moved `tls_conn` would keep the TLS
+                    // stream's room in this task's future for the connection's life.
+                    let crate::tls::server::Accepted { stream, h2, peer } = tls_conn;
+                    let protocol = if h2 { Protocol::Http2 } else { Protocol::Http1 };
                     let info = ConnInfo {
-                        peer: Arc::new(tls_conn.peer),
+                        peer: Arc::new(peer),
                         policy: tls.policy,
                     };
-                    Box::pin(conn.serve(
-                        tls_conn.stream,
-                        protocol,
-                        BytesMut::new(),
-                        info,
-                        accepted,
-                    ))
-                    .await;
+                    Box::pin(conn.serve(stream, protocol, BytesMut::new(), info, accepted)).await;
                 }
             }
         });

@@ -220,23 +220,38 @@ impl Session {
     }
 
     /// Serves the stream until the client leaves, sends a bad request, or the proxy stops.
-    pub(super) async fn run<S>(mut self, requests: S)
+    ///
+    /// The request reader is started here, outside the returned future: the request stream
+    /// (tonic's `Streaming`, a few hundred bytes) then lives in the reader's task only, not
+    /// also in the session's for its whole life.
+    pub(super) fn run<S>(self, requests: S) -> impl std::future::Future<Output = ()> + Send
     where
         S: Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static,
     {
-        metrics::WATCH_STREAMS.inc();
-        let mut shutdown = self.hub.shutdown_signal();
         // The request reader: takes requests off the stream as they arrive, whatever the
         // session is waiting for (HTTP/2 counts unread small DATA frames against a budget and
         // ends the connection with ENHANCE_YOUR_CALM when it runs out), up to
         // MAX_QUEUED_REQUEST_BYTES not handled yet; beyond that it stops reading and HTTP/2
         // flow control holds the client back.
         let room = Arc::new(Semaphore::new(MAX_QUEUED_REQUEST_BYTES));
-        let (tx, mut incoming) = super::queue::channel(usize::MAX);
+        let (tx, incoming) = super::queue::channel(usize::MAX);
         let reader = self
             .hub
             .tasks
             .spawn(read_requests(requests, tx, room.clone()));
+        self.serve(incoming, room, reader)
+    }
+
+    /// The session's loop over its requests (`incoming`, handed over by `reader` while `room`
+    /// allows), notes, catch-ups, progress ticks and its client leaving.
+    async fn serve(
+        mut self,
+        mut incoming: super::queue::Receiver<Incoming>,
+        room: Arc<Semaphore>,
+        reader: JoinHandle<()>,
+    ) {
+        metrics::WATCH_STREAMS.inc();
+        let mut shutdown = self.hub.shutdown_signal();
         let mut requests_open = true;
         loop {
             tokio::select! {

@@ -117,13 +117,20 @@ pub async fn serve<S, F, Fut>(
                 return;
             }
         };
+        // Taken apart whole: a partly moved `incoming` would keep its request's room in this
+        // future for the life of the answer.
+        let parse::Received {
+            request,
+            keep_alive,
+            body_consumed,
+        } = incoming;
         let asked = Asked {
-            head_only: incoming.request.method() == Method::HEAD,
-            version: incoming.request.version(),
-            keep_alive: incoming.keep_alive && incoming.body_consumed && !*shutdown.borrow(),
+            head_only: request.method() == Method::HEAD,
+            version: request.version(),
+            keep_alive: keep_alive && body_consumed && !*shutdown.borrow(),
         };
         let response = {
-            let answer = handler(incoming.request);
+            let answer = handler(request);
             tokio::pin!(answer);
             loop {
                 if buf.len() >= MAX_HEAD {

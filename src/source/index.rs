@@ -125,8 +125,8 @@ impl Inbox {
     }
 
     /// Holds the inbox (as [`Inbox::hold`]) and records that notes from `from` on may be
-    /// missing: what [`Index::park`] and [`Index::unpark`] leave in the inbox of a session
-    /// whose registrations stop (stopped) being told.
+    /// missing: what [`Index::unpark`] leaves in the inbox of a session whose registrations
+    /// were not told of revisions while it was parked.
     fn hold_from(&self, from: i64) {
         let mut notes = self.notes.lock().unwrap_or_else(|e| e.into_inner());
         notes.held = true;
@@ -338,29 +338,33 @@ impl Index {
     /// ([`Index::unpark`]). Nothing when it is already parked or not registered under `tag`.
     pub fn park(&self, tag: u64, inbox: &Arc<Inbox>) {
         let mut inner = self.lock();
+        // Under the index lock: every note up to `at` was left, none after it will be.
         let at = self.dispatched();
         let Some(reg) = inner.tags.get_mut(&tag) else {
             return;
         };
         let key = Arc::as_ptr(inbox) as usize;
         if let Some((inbox, n)) = reg.sessions.remove(&key) {
-            // Under the index lock: no note for a revision after `at` was left, none will be.
-            inbox.hold_from(at + 1);
+            inbox.hold();
             reg.parked.insert(key, (inbox, n, at));
         }
     }
 
-    /// Tells `inbox` of the revisions of `tag` again (its session resumes). The inbox is held
-    /// until the session takes its notes, with every revision since it parked marked missing,
-    /// so its watches read them from the history first and every later note comes after them.
+    /// Tells `inbox` of the revisions of `tag` again (its session resumes). When revisions
+    /// were dispatched since it parked, the inbox is held until the session takes its notes,
+    /// with every one of them marked missing, so its watches read them from the history first
+    /// and every later note comes after them; when none was, nothing was missed.
     pub fn unpark(&self, tag: u64, inbox: &Arc<Inbox>) {
         let mut inner = self.lock();
+        let now = self.dispatched();
         let Some(reg) = inner.tags.get_mut(&tag) else {
             return;
         };
         let key = Arc::as_ptr(inbox) as usize;
         if let Some((inbox, n, at)) = reg.parked.remove(&key) {
-            inbox.hold_from(at + 1);
+            if now > at {
+                inbox.hold_from(at + 1);
+            }
             reg.sessions.insert(key, (inbox, n));
         }
     }
@@ -630,7 +634,8 @@ mod tests {
                 revision: 10
             }]
         );
-        assert_eq!(t.overflow_from, Some(11));
+        // What it missed is marked when it resumes, not while it is parked.
+        assert_eq!(t.overflow_from, None);
         assert_eq!(b.take().notes.len(), 3);
         // Still parked after a take: nothing.
         index.dispatch(&[batch(13, &["/apisix/routes/1"])], 13);
@@ -653,6 +658,13 @@ mod tests {
                 revision: 15
             }]
         );
+        // Parked and resumed with nothing dispatched meanwhile: nothing marked missing.
+        a.hold();
+        index.park(1, &a);
+        index.unpark(1, &a);
+        let t = a.take();
+        assert!(t.notes.is_empty());
+        assert_eq!(t.overflow_from, None);
         // Released while parked: the registration goes with its last session.
         index.park(1, &a);
         index.release(1, &a);

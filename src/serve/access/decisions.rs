@@ -174,9 +174,7 @@ impl Decisions {
     ) -> Result<Decision, Undecided> {
         let requested = KeyRange::new(key, range_end);
         if let Some(cover) = cover.filter(|c| !requested.is_empty() && c.covers(&requested)) {
-            let whole = self
-                .decide_exactly(upstream, epoch, token, &cover.start, &cover.range_end())
-                .await?;
+            let whole = self.decide_range(upstream, epoch, token, cover).await?;
             let same = cover.start == *key && cover.range_end() == *range_end;
             match &whole {
                 Decision::Allow => return Ok(whole),
@@ -188,15 +186,25 @@ impl Decisions {
                 Decision::Deny { .. } => {}
             }
             if let Some(dir) = directory(cover, &requested) {
-                let decided = self
-                    .decide_exactly(upstream, epoch, token, &dir.start, &dir.range_end())
-                    .await?;
+                let decided = self.decide_range(upstream, epoch, token, &dir).await?;
                 if let Decision::Allow = decided {
                     return Ok(decided);
                 }
             }
         }
         self.decide_exactly(upstream, epoch, token, key, range_end)
+            .await
+    }
+
+    /// etcd's decision for `token` on exactly `range` (a cover or a directory).
+    async fn decide_range(
+        &self,
+        upstream: &Upstream,
+        epoch: u64,
+        token: &AsciiMetadataValue,
+        range: &KeyRange,
+    ) -> Result<Decision, Undecided> {
+        self.decide_exactly(upstream, epoch, token, &range.start, &range.range_end())
             .await
     }
 

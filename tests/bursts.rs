@@ -305,8 +305,8 @@ fn slow_readers_park_and_cost_little() {
         let (etcd, proxy) = etcd_and_proxy(prefix).await;
         let pid = proxy_pid(proxy.port).expect("proxy pid");
         // The victim: one gRPC watch that reads everything, noting when each revision came.
-        let mut victim = WatchClient::new(proxy.channel().await)
-            .max_decoding_message_size(usize::MAX);
+        let mut victim =
+            WatchClient::new(proxy.channel().await).max_decoding_message_size(usize::MAX);
         let (vtx, vrx) = tokio::sync::mpsc::unbounded_channel();
         let _ = vtx.send(WatchRequest {
             request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
@@ -320,7 +320,11 @@ fn slow_readers_park_and_cost_little() {
             .await
             .expect("victim watch")
             .into_inner();
-        let first = vstream.message().await.expect("victim created").expect("created");
+        let first = vstream
+            .message()
+            .await
+            .expect("victim created")
+            .expect("created");
         assert!(first.created);
         let seen: Arc<Mutex<HashMap<i64, Instant>>> = Arc::default();
         let victim_task = {
@@ -342,17 +346,7 @@ fn slow_readers_park_and_cost_little() {
         let body = r#"{"create_request":{"key":"L3Nsb3cv","range_end":"L3Nsb3cw"}}"#;
         let mut http = Vec::new();
         for _ in 0..http_n {
-            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
-                .await
-                .expect("connect");
-            let req = format!(
-                "POST /v3/watch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes())
-                .await
-                .expect("send watch");
-            http.push(s);
+            http.push(send_http_watch(proxy.port, body).await);
         }
         // Non-reading gRPC streams, 10 per connection, small windows.
         let mut idle = Vec::new();
@@ -366,7 +360,11 @@ fn slow_readers_park_and_cost_little() {
                 .expect("connect");
             for i in 0..10.min(grpc_n - c * 10) {
                 let spec = Spec::prefix(format!("idle{c}-{i}"), prefix, 0);
-                idle.push(IdleStream::open(ch.clone(), &[spec]).await.expect("idle stream"));
+                idle.push(
+                    IdleStream::open(ch.clone(), &[spec])
+                        .await
+                        .expect("idle stream"),
+                );
             }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -388,7 +386,7 @@ fn slow_readers_park_and_cost_little() {
         let mut acked = Vec::new();
         let value = bytes::Bytes::from(vec![b'x'; VALUE]);
         for i in 0..puts {
-            let rev = put_value(&mut kv, format!("{prefix}k{}", i % 10), &value).await;
+            let rev = testkit::put_value(&mut kv, format!("{prefix}k{}", i % 10), &value).await;
             acked.push((rev, Instant::now()));
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -497,19 +495,10 @@ fn a_non_reader_takes_bounded_socket_bytes() {
     runtime().block_on(async {
         let prefix = "/unsent/";
         let (etcd, proxy) = etcd_and_proxy(prefix).await;
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
-            .await
-            .expect("connect");
-        let client_port = s.local_addr().expect("local addr").port();
         // prefix "/unsent/", range_end "/unsent0".
         let body = r#"{"create_request":{"key":"L3Vuc2VudC8=","range_end":"L3Vuc2VudDA="}}"#;
-        let req = format!(
-            "POST /v3/watch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes())
-            .await
-            .expect("send watch");
+        let mut s = send_http_watch(proxy.port, body).await;
+        let client_port = s.local_addr().expect("local addr").port();
         let deadline = Instant::now() + Duration::from_secs(20);
         while testkit::metric_value(&proxy.metrics(), "etcd_fanout_watchers") < 1.0 {
             assert!(Instant::now() < deadline, "the watch was not created");
@@ -519,7 +508,8 @@ fn a_non_reader_takes_bounded_socket_bytes() {
         let value = bytes::Bytes::from(vec![b'u'; VALUE]);
         let mut revisions = Vec::new();
         for i in 0..puts {
-            revisions.push(put_value(&mut kv, format!("{prefix}k{}", i % 5), &value).await);
+            revisions
+                .push(testkit::put_value(&mut kv, format!("{prefix}k{}", i % 5), &value).await);
         }
         // The proxy's writer blocks on the socket once it holds its bound: sample it for three
         // seconds after the last put (without the bound the socket takes megabytes, every
@@ -545,7 +535,10 @@ fn a_non_reader_takes_bounded_socket_bytes() {
         let deadline = Instant::now() + Duration::from_secs(60);
         let last = *revisions.last().expect("a put");
         let needle = format!("\"mod_revision\":\"{last}\"");
-        while !dechunk(&got).windows(needle.len()).any(|w| w == needle.as_bytes()) {
+        while !dechunk(&got)
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+        {
             let left = deadline.saturating_duration_since(Instant::now());
             let n = tokio::time::timeout(left, tokio::io::AsyncReadExt::read(&mut s, &mut buf))
                 .await
@@ -558,7 +551,11 @@ fn a_non_reader_takes_bounded_socket_bytes() {
         let text = String::from_utf8_lossy(&body);
         for rev in &revisions {
             let one = format!("\"mod_revision\":\"{rev}\"");
-            assert_eq!(text.matches(&one).count(), 1, "revision {rev} not exactly once");
+            assert_eq!(
+                text.matches(&one).count(),
+                1,
+                "revision {rev} not exactly once"
+            );
         }
         drop((s, proxy));
     });
@@ -914,24 +911,6 @@ fn h2_floods_trip_the_protections_and_spare_other_clients() {
     });
 }
 
-/// Puts `key = value` (any bytes) with `kv`; returns the write's revision.
-async fn put_value(
-    kv: &mut KvClient<tonic::transport::Channel>,
-    key: String,
-    value: &bytes::Bytes,
-) -> i64 {
-    kv.put(PutRequest {
-        key: key.into_bytes().into(),
-        value: value.clone(),
-        ..Default::default()
-    })
-    .await
-    .expect("put")
-    .into_inner()
-    .header
-    .map_or(0, |h| h.revision)
-}
-
 /// A real etcd and a proxy of `prefix` in front of it, started off the async workers (both
 /// block while they wait for their process to answer).
 async fn etcd_and_proxy(prefix: &'static str) -> (Etcd, Proxy) {
@@ -943,4 +922,20 @@ async fn etcd_and_proxy(prefix: &'static str) -> (Etcd, Proxy) {
         .await
         .expect("proxy start");
     (etcd, proxy)
+}
+
+/// Opens a connection to the proxy on `port` and sends `POST /v3/watch` with `body` as APISIX
+/// does; nothing is read.
+async fn send_http_watch(port: u16, body: &str) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let req = format!(
+        "POST /v3/watch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes())
+        .await
+        .expect("send watch");
+    s
 }

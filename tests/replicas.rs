@@ -318,18 +318,9 @@ fn responses_after_created_wait_for_the_cache() {
         let prefix = "/hw/";
         let etcd = Etcd::start();
         let mut kv = KvClient::new(testkit::channel(&etcd.url).await);
-        let mut put = async |i: usize| {
-            kv.put(PutRequest {
-                key: Bytes::from(format!("/hw/k{}", i % 7)),
-                value: Bytes::from(vec![b'v'; 20_000]),
-                ..Default::default()
-            })
-            .await
-            .expect("put")
-            .into_inner()
-            .header
-            .map_or(0, |h| h.revision)
-        };
+        let value = Bytes::from(vec![b'v'; 20_000]);
+        let mut put =
+            async |i: usize| testkit::put_value(&mut kv, format!("/hw/k{}", i % 7), &value).await;
         let base = put(0).await;
         let (r1, r2) = (Relay::start(etcd.port), Relay::start(etcd.port));
         let endpoints = format!("{},{}", r1.url, r2.url);

@@ -378,6 +378,21 @@ pub async fn put(url: &str, key: &str, value: &str) -> i64 {
     auth::put_as(url, None, key, value).await
 }
 
+/// Puts `key = value` (any bytes) with `kv`, a client kept across puts; returns the write's
+/// revision.
+pub async fn put_value(kv: &mut KvClient<Channel>, key: String, value: &Bytes) -> i64 {
+    kv.put(etcd_fanout::proto::etcdserverpb::PutRequest {
+        key: key.into_bytes().into(),
+        value: value.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("put")
+    .into_inner()
+    .header
+    .map_or(0, |h| h.revision)
+}
+
 /// A two-worker tokio runtime, for tests that run blocking waits next to async clients.
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()

@@ -80,8 +80,7 @@ where
         source::upstream::Upstream::with_tls(&config.endpoints, upstream_tls)?
             .with_credentials(credentials),
     );
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let listener = wire::server::listen(config.listen)
         .map_err(|e| format!("cannot listen on {} (--listen): {e}", config.listen))?;
     let bound = listener.local_addr().unwrap_or(config.listen);
     tracing::info!(listen = %bound, tls = server_tls.is_some(), endpoints = ?config.endpoints, prefixes = ?config.prefixes, user, "listening");

@@ -283,6 +283,26 @@ const STREAM_WINDOW: u32 = 64 << 10;
 /// small-frame budget is half of it.
 const CONNECTION_WINDOW: u32 = 64 << 20;
 
+/// Connections the kernel may complete and queue before the proxy accepts them: the largest
+/// backlog `listen` takes, which Linux lowers to `net.core.somaxconn` (4096 by default since
+/// Linux 5.4), as etcd's Go listener asks for. tokio's `bind` asks for 1,024: 3,000 clients
+/// connecting at once (a reconnect storm) then overflowed the queue and hundreds waited a
+/// one-second SYN retransmission.
+const LISTEN_BACKLOG: u32 = 65_535;
+
+/// Binds the proxy's listening socket at `addr` (`SO_REUSEADDR`, as tokio's `bind` and Go's
+/// listener set it) with [`LISTEN_BACKLOG`].
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Accepts connections (TLS ones when `tls` is given) until `shutdown` turns true, then stops
 /// accepting and lets open connections finish gracefully for at most `drain`.
 pub async fn serve(
@@ -585,5 +605,43 @@ impl AcceptErrors {
     /// Records a success: the next failure pauses briefly again.
     fn succeeded(&mut self) {
         self.pause = Duration::ZERO;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection storm larger than tokio's default backlog (1,024) is queued by the kernel
+    /// before the proxy accepts any of it: no client waits for a SYN retransmission.
+    #[tokio::test]
+    async fn listen_queues_a_storm_larger_than_tokios_backlog() {
+        let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        // The kernel's limit bounds any backlog; below 1,100 it cannot show a difference.
+        let n = somaxconn.min(1_500);
+        if n <= 1_100 {
+            eprintln!("net.core.somaxconn is {somaxconn}: the kernel's queue is the bound here");
+            return;
+        }
+        let listener = listen("127.0.0.1:0".parse().expect("address")).expect("listen");
+        let addr = listener.local_addr().expect("address");
+        let mut connects = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            // A SYN dropped by a full queue is retransmitted after a second.
+            connects.spawn(tokio::time::timeout(
+                Duration::from_millis(800),
+                TcpStream::connect(addr),
+            ));
+        }
+        let mut open = Vec::with_capacity(n);
+        while let Some(r) = connects.join_next().await {
+            if let Ok(Ok(Ok(stream))) = r {
+                open.push(stream);
+            }
+        }
+        assert_eq!(open.len(), n, "connections completed without an accept");
     }
 }

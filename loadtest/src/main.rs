@@ -144,6 +144,11 @@ struct Args {
     /// A gowatch binary built before (`bash loadtest/go/build.sh OUT`) for --go-client.
     #[arg(long)]
     go_bin: Option<PathBuf>,
+    /// With --go-client: the Go watcher uses etcd's generated etcdserverpb Watch stubs (one
+    /// grpc.ClientConn and one stream per connection, one receiving goroutine per stream)
+    /// instead of clientv3.
+    #[arg(long)]
+    go_raw: bool,
     /// Prefixes are `<base>pNN/`; the cold-start prefix is `<base>cold/`.
     #[arg(long, default_value = "/loadgen/")]
     prefix_base: String,
@@ -507,6 +512,9 @@ fn validate(a: &Args) -> Result<(), String> {
                 .into(),
         );
     }
+    if a.go_raw && !a.go_client {
+        return Err("--go-raw is a mode of --go-client".into());
+    }
     if a.tls
         && (a.go_client
             || a.targets
@@ -830,6 +838,7 @@ async fn run_target_in(
             &url,
             a.connections,
             a.watchers,
+            a.go_raw,
             sh.clone(),
             &dir.join("gowatch.log"),
         )?),

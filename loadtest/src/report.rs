@@ -181,7 +181,14 @@ pub fn render(a: &Args, rs: &[TargetResult], started: SystemTime) -> String {
                 .to_string(),
         );
     }
-    if a.go_client {
+    if a.go_client && a.go_raw {
+        shape.push(
+            "gRPC watchers run by the Go watcher in raw mode (etcd's etcdserverpb Watch stubs, \
+             no clientv3: one grpc.ClientConn and one stream per connection, one receiving \
+             goroutine per stream)"
+                .to_string(),
+        );
+    } else if a.go_client {
         shape.push(
             "gRPC watchers run by the Go watcher (etcd clientv3, one client per connection)"
                 .to_string(),

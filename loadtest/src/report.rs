@@ -181,6 +181,11 @@ pub fn render(a: &Args, rs: &[TargetResult], started: SystemTime) -> String {
                 .to_string(),
         );
     }
+    shape.push(if a.stagger_writes {
+        "puts evenly spaced (--stagger-writes)".to_string()
+    } else {
+        "the writers' puts in phase (one put per writer at the same moments)".to_string()
+    });
     if a.go_client && a.go_raw {
         shape.push(
             "gRPC watchers run by the Go watcher in raw mode (etcd's etcdserverpb Watch stubs, \

@@ -41,6 +41,7 @@ import (
 	"math/bits"
 	"os"
 	"runtime"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -93,7 +94,17 @@ type watcher struct {
 	headDown  uint64
 	canceled  bool
 	lastError string
+	// With GOWATCH_TRACE set: every first delivery (see writeTrace).
+	trace []delivery
 }
+
+// delivery is one first delivery of a write to a watcher, for the trace.
+type delivery struct {
+	seq, sent, us uint64
+}
+
+// tracing is true when GOWATCH_TRACE names a file for the per-write latency trace.
+var tracing = os.Getenv("GOWATCH_TRACE") != ""
 
 func (w *watcher) isSeen(seq uint64) bool {
 	i := int(seq / 64)
@@ -148,7 +159,51 @@ func (w *watcher) check(prefix string, put bool, key, value []byte, rev int64, n
 	if now > sent {
 		us = (now - sent) / 1000
 	}
+	if tracing {
+		w.trace = append(w.trace, delivery{seq, sent, us})
+	}
 	return append(lat, us), true
+}
+
+// writeTrace writes, per write (prefix, seq), when it was sent (ms since loadgen's origin),
+// to how many watchers it was delivered, and the lowest, median and highest latency (µs)
+// among them, to the file GOWATCH_TRACE names: a diagnostic of where a tail comes from (a
+// few slow writes for every watcher, or some watchers for every write).
+func writeTrace(path string, watchers []*watcher) error {
+	type key struct {
+		p   int
+		seq uint64
+	}
+	sent := map[key]uint64{}
+	lats := map[key][]uint64{}
+	for _, w := range watchers {
+		for _, d := range w.trace {
+			k := key{w.prefix, d.seq}
+			sent[k] = d.sent
+			lats[k] = append(lats[k], d.us)
+		}
+	}
+	keys := make([]key, 0, len(sent))
+	for k := range sent {
+		keys = append(keys, k)
+	}
+	sort.Slice(keys, func(i, j int) bool { return sent[keys[i]] < sent[keys[j]] })
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	b := bufio.NewWriter(f)
+	fmt.Fprintln(b, "# prefix seq sent_ms deliveries min_us p50_us max_us")
+	for _, k := range keys {
+		l := lats[k]
+		sort.Slice(l, func(i, j int) bool { return l[i] < l[j] })
+		fmt.Fprintf(b, "%d %d %d %d %d %d %d\n", k.p, k.seq, sent[k]/1000000, len(l), l[0], l[len(l)/2], l[len(l)-1])
+	}
+	if err := b.Flush(); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
 
 // header records a response's header revision (it must not go down).
@@ -418,6 +473,11 @@ func main() {
 			}
 		}
 		res.Watchers = append(res.Watchers, r)
+	}
+	if tracing {
+		if err := writeTrace(os.Getenv("GOWATCH_TRACE"), watchers); err != nil {
+			fmt.Fprintln(os.Stderr, "gowatch: trace:", err)
+		}
 	}
 	res.Hist, res.Max, res.Sum = merged(hists[:])
 	if rec != nil {

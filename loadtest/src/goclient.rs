@@ -4,6 +4,7 @@
 //! start and stop over its stdin; its progress lines feed the run's counters in [`Shared`]
 //! (so loadgen's phases, drain and timeouts work as with its own client), and its final
 //! line brings every watcher's exactly-once / in-order result and the latency histogram.
+//! With `--go-raw` gowatch runs its raw mode (etcd's generated Watch stubs, no clientv3).
 //!
 //! Why a Go program: the proxy's cost depends on how the client drives HTTP/2 (window
 //! updates, pings, read sizes), and grpc-go drives it differently from tonic; measuring
@@ -61,6 +62,16 @@ pub fn build(given: Option<&Path>) -> Result<GoBinary, BoxError> {
     })
 }
 
+/// A list gowatch may write as `null` (a nil Go slice; older builds did for an empty
+/// histogram) read as empty.
+fn null_as_empty<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
+}
+
 /// One watcher's result as gowatch reports it.
 #[derive(Debug, Deserialize)]
 pub struct GoWatcher {
@@ -76,9 +87,10 @@ pub struct GoWatcher {
 /// gowatch's last line.
 #[derive(Debug, Deserialize)]
 pub struct GoFinal {
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub watchers: Vec<GoWatcher>,
     /// Latency histogram as (bucket of `stats::Hist`, count), µs.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub hist: Vec<(usize, u64)>,
     pub max: u64,
     pub sum: u64,
@@ -86,8 +98,8 @@ pub struct GoFinal {
     #[serde(default)]
     pub samples: Option<Vec<String>>,
     /// Latency histogram at grpc-go's receipt of each WatchResponse (before clientv3's
-    /// dispatch to the watchers' goroutines), same buckets, µs.
-    #[serde(default)]
+    /// dispatch to the watchers' goroutines), same buckets, µs; empty in raw mode.
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub recv_hist: Vec<(usize, u64)>,
     #[serde(default)]
     pub recv_max: u64,
@@ -120,6 +132,7 @@ impl GoClient {
         endpoint: &str,
         conns: usize,
         watchers: usize,
+        raw: bool,
         sh: Arc<Shared>,
         log: &Path,
     ) -> Result<GoClient, BoxError> {
@@ -128,7 +141,11 @@ impl GoClient {
             .iter()
             .map(|p| String::from_utf8_lossy(p).into_owned())
             .collect();
-        let mut child = Command::new(bin)
+        let mut cmd = Command::new(bin);
+        if raw {
+            cmd.arg("-raw");
+        }
+        let mut child = cmd
             .arg(format!("-endpoint={endpoint}"))
             .arg(format!("-conns={conns}"))
             .arg(format!("-watchers={watchers}"))
@@ -214,5 +231,27 @@ impl GoClient {
             let _ = self.child.kill().await;
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GoFinal;
+
+    #[test]
+    fn final_line_reads_null_lists_as_empty() {
+        let line = r#"{"final":true,"watchers":[{"p":0,"created":false,"expected":0,"missing":0,"dup":0,"ooo":0,"bad":0,"head_down":0}],"hist":null,"max":0,"sum":0,"errors":2,"samples":null,"recv_hist":null,"recv_max":0,"recv_sum":0,"gomaxprocs":2}"#;
+        let f: GoFinal = serde_json::from_str(line).unwrap();
+        assert_eq!(f.watchers.len(), 1);
+        assert!(!f.watchers[0].created);
+        assert!(f.hist.is_empty() && f.recv_hist.is_empty());
+        assert_eq!(f.errors, 2);
+        assert_eq!(f.gomaxprocs, 2);
+        let f: GoFinal = serde_json::from_str(
+            r#"{"final":true,"watchers":null,"hist":[[5,3]],"max":5,"sum":15,"errors":0}"#,
+        )
+        .unwrap();
+        assert!(f.watchers.is_empty());
+        assert_eq!(f.hist, vec![(5, 3)]);
     }
 }

@@ -144,12 +144,22 @@ struct Args {
     /// A gowatch binary built before (`bash loadtest/go/build.sh OUT`) for --go-client.
     #[arg(long)]
     go_bin: Option<PathBuf>,
+    /// With --go-client: the Go watcher uses etcd's generated etcdserverpb Watch stubs (one
+    /// grpc.ClientConn and one stream per connection, one receiving goroutine per stream)
+    /// instead of clientv3.
+    #[arg(long)]
+    go_raw: bool,
     /// Prefixes are `<base>pNN/`; the cold-start prefix is `<base>cold/`.
     #[arg(long, default_value = "/loadgen/")]
     prefix_base: String,
     /// Puts per second in total, spread evenly over the prefixes (written to etcd directly).
     #[arg(long, default_value_t = 100.0)]
     rate: f64,
+    /// Spread the writers' puts evenly over time (writer i starts i / --rate seconds after
+    /// the first) instead of in phase (each writer writes one prefix at --rate / --prefixes
+    /// puts/s, all ticking at the same moments, so the prefixes' puts arrive as bursts).
+    #[arg(long)]
+    stagger_writes: bool,
     /// Bytes per value (at least 40).
     #[arg(long, default_value_t = 256)]
     value_size: usize,
@@ -507,6 +517,9 @@ fn validate(a: &Args) -> Result<(), String> {
                 .into(),
         );
     }
+    if a.go_raw && !a.go_client {
+        return Err("--go-raw is a mode of --go-client".into());
+    }
     if a.tls
         && (a.go_client
             || a.targets
@@ -830,6 +843,7 @@ async fn run_target_in(
             &url,
             a.connections,
             a.watchers,
+            a.go_raw,
             sh.clone(),
             &dir.join("gowatch.log"),
         )?),
@@ -856,6 +870,7 @@ async fn run_target_in(
                 vec![p],
                 sh.clone(),
                 0.0,
+                Instant::now(),
                 a.history,
                 Instant::now() + Duration::from_secs(120),
                 a.value_size,
@@ -987,12 +1002,20 @@ async fn run_target_in(
         let per_writer_rate = a.rate / groups.len() as f64;
         let per_writer_count = (a.rate * a.duration / groups.len() as f64).round().max(1.0) as u64;
         let mut ws = Vec::new();
-        for g in &groups {
+        for (i, g) in groups.iter().enumerate() {
+            // In phase (every writer's first put at once), or each writer's first put
+            // i / rate later so that the puts are evenly spaced.
+            let first = if a.stagger_writes {
+                t_live + Duration::from_secs_f64(i as f64 / a.rate)
+            } else {
+                t_live
+            };
             ws.push(tokio::spawn(work::writer(
                 writer_ch.clone(),
                 g.clone(),
                 sh.clone(),
                 per_writer_rate,
+                first,
                 per_writer_count,
                 t_live + duration + Duration::from_secs(1),
                 a.value_size,

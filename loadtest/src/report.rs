@@ -181,7 +181,19 @@ pub fn render(a: &Args, rs: &[TargetResult], started: SystemTime) -> String {
                 .to_string(),
         );
     }
-    if a.go_client {
+    shape.push(if a.stagger_writes {
+        "puts evenly spaced (--stagger-writes)".to_string()
+    } else {
+        "the writers' puts in phase (one put per writer at the same moments)".to_string()
+    });
+    if a.go_client && a.go_raw {
+        shape.push(
+            "gRPC watchers run by the Go watcher in raw mode (etcd's etcdserverpb Watch stubs, \
+             no clientv3: one grpc.ClientConn and one stream per connection, one receiving \
+             goroutine per stream)"
+                .to_string(),
+        );
+    } else if a.go_client {
         shape.push(
             "gRPC watchers run by the Go watcher (etcd clientv3, one client per connection)"
                 .to_string(),

@@ -657,13 +657,14 @@ pub async fn writer(
     chans: Vec<usize>,
     sh: Arc<Shared>,
     rate: f64,
+    first: Instant,
     count: u64,
     deadline: Instant,
     value_size: usize,
 ) {
     let mut kv = KvClient::new(ch);
     let mut tick = (rate > 0.0).then(|| {
-        let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+        let mut t = tokio::time::interval_at(first.into(), Duration::from_secs_f64(1.0 / rate));
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         t
     });

@@ -1,27 +1,35 @@
-// gowatch: etcd watchers made with etcd's own Go client (clientv3), driven by loadgen.
+// gowatch: etcd watchers made with etcd's own Go packages, driven by loadgen.
 //
-// It behaves as etcd's Go clients do on the wire (grpc-go's HTTP/2 flow control, pings,
-// read sizes; clientv3's one stream per client and one create at a time), so loadgen can
-// measure what a proxy costs for such clients. loadgen builds it (GOPATH mode, Debian's
-// golang-etcd-server-dev) into a temporary directory and talks to it over stdin/stdout:
+// Two modes. By default the watchers use etcd's Go client (clientv3.go): it behaves as
+// etcd's Go clients do on the wire (grpc-go's HTTP/2 flow control, pings, read sizes;
+// clientv3's one stream per client and one create at a time) and in its own pipeline (per
+// stream a receiving goroutine, a dispatch goroutine and a goroutine per watcher, linked by
+// unbuffered channels). With -raw (raw.go) they use the generated etcdserverpb Watch stubs
+// directly: the same grpc-go transport, one goroutine per stream, no clientv3.
 //
-//	stdin  "start"               connect -conns clients, create -watchers watches
-//	stdout {"created":C,"fresh":F,"errors":E}   every 100 ms (F: first deliveries so far)
+// loadgen builds it (GOPATH mode, Debian's golang-etcd-server-dev) into a temporary
+// directory and talks to it over stdin/stdout:
+//
+//	stdin  "start"               connect -conns connections, create -watchers watches
+//	stdout {"created":C,"fresh":F,"errors":E}   every 100 ms from "start" (F: first deliveries so far)
 //	stdin  "stop W0 W1 ..."      writes made per prefix; the watchers stop
-//	stdout {"final":true,...}    per-watcher results and the latency histogram
+//	stdout {"final":true,...}    per-watcher results and the latency histogram (lists are
+//	                             never null)
 //
-// Watcher i is on client i % conns and watches prefix i % len(prefixes) with WithPrefix.
+// Watcher i is on connection i % conns and watches prefix i % len(prefixes) with a prefix
+// range. The connections' watchers are created side by side, each connection's in order.
 // Every value starts with <seq:016x><send ns:016x> (loadgen's writer): each watcher checks
 // that it receives every write of its prefix exactly once and in order (seq and revision
 // strictly increasing), and records the fan-out latency against loadgen's clock (-t0: the
 // Unix time in ns of loadgen's time origin).
 //
-// The latency is taken twice: where the watcher's goroutine gets the event from clientv3's
-// watch channel (after clientv3's per-stream receive, dispatch and per-watcher goroutines:
-// what an application sees), and where grpc-go hands the decoded WatchResponse to clientv3
-// (a stats.Handler's InPayload, in the stream's receiving goroutine: what the server's
-// delivery plus the client's HTTP/2 reading costs, without clientv3's fan-out to 100
-// watchers per stream). Both are reported; the first is the one loadgen's tables use.
+// With clientv3 the latency is taken twice: where the watcher's goroutine gets the event from
+// clientv3's watch channel (after clientv3's per-stream receive, dispatch and per-watcher
+// goroutines: what an application sees), and where grpc-go hands the decoded WatchResponse
+// to clientv3 (a stats.Handler's InPayload, in the stream's receiving goroutine: what the
+// server's delivery plus the client's HTTP/2 reading costs, without clientv3's fan-out to 100
+// watchers per stream). Both are reported; the first is the one loadgen's tables use. With
+// -raw it is taken once, where the stream's goroutine gets the response from grpc-go.
 package main
 
 import (
@@ -33,15 +41,14 @@ import (
 	"math/bits"
 	"os"
 	"runtime"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"go.etcd.io/etcd/clientv3"
 	pb "go.etcd.io/etcd/etcdserver/etcdserverpb"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/stats"
 )
 
@@ -87,7 +94,17 @@ type watcher struct {
 	headDown  uint64
 	canceled  bool
 	lastError string
+	// With GOWATCH_TRACE set: every first delivery (see writeTrace).
+	trace []delivery
 }
+
+// delivery is one first delivery of a write to a watcher, for the trace.
+type delivery struct {
+	seq, sent, us uint64
+}
+
+// tracing is true when GOWATCH_TRACE names a file for the per-write latency trace.
+var tracing = os.Getenv("GOWATCH_TRACE") != ""
 
 func (w *watcher) isSeen(seq uint64) bool {
 	i := int(seq / 64)
@@ -121,6 +138,92 @@ func (w *watcher) event(seq uint64, rev int64) bool {
 	return true
 }
 
+// check records one event of the watch on prefix, received at now (µs since loadgen's
+// origin), appending its latency to lat when it is the first delivery of its write. The same
+// check for both modes: a put under the prefix whose value loadgen wrote, every write once,
+// seq and revision strictly increasing.
+func (w *watcher) check(prefix string, put bool, key, value []byte, rev int64, now uint64, lat []uint64) ([]uint64, bool) {
+	if !put || !strings.HasPrefix(string(key), prefix) {
+		w.bad++
+		return lat, false
+	}
+	seq, sent, ok := decode(value)
+	if !ok {
+		w.bad++
+		return lat, false
+	}
+	if !w.event(seq, rev) {
+		return lat, false
+	}
+	us := uint64(0)
+	if now > sent {
+		us = (now - sent) / 1000
+	}
+	if tracing {
+		w.trace = append(w.trace, delivery{seq, sent, us})
+	}
+	return append(lat, us), true
+}
+
+// writeTrace writes, per write (prefix, seq), when it was sent (ms since loadgen's origin),
+// to how many watchers it was delivered, and the lowest, median and highest latency (µs)
+// among them, to the file GOWATCH_TRACE names: a diagnostic of where a tail comes from (a
+// few slow writes for every watcher, or some watchers for every write).
+func writeTrace(path string, watchers []*watcher) error {
+	type key struct {
+		p   int
+		seq uint64
+	}
+	sent := map[key]uint64{}
+	lats := map[key][]uint64{}
+	for _, w := range watchers {
+		for _, d := range w.trace {
+			k := key{w.prefix, d.seq}
+			sent[k] = d.sent
+			lats[k] = append(lats[k], d.us)
+		}
+	}
+	keys := make([]key, 0, len(sent))
+	for k := range sent {
+		keys = append(keys, k)
+	}
+	sort.Slice(keys, func(i, j int) bool { return sent[keys[i]] < sent[keys[j]] })
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	b := bufio.NewWriter(f)
+	fmt.Fprintln(b, "# prefix seq sent_ms deliveries min_us p50_us max_us")
+	for _, k := range keys {
+		l := lats[k]
+		sort.Slice(l, func(i, j int) bool { return l[i] < l[j] })
+		fmt.Fprintf(b, "%d %d %d %d %d %d %d\n", k.p, k.seq, sent[k]/1000000, len(l), l[0], l[len(l)/2], l[len(l)-1])
+	}
+	if err := b.Flush(); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
+// header records a response's header revision (it must not go down).
+func (w *watcher) header(rev int64) {
+	if rev < w.lastHead {
+		w.headDown++
+	}
+	if rev > w.lastHead {
+		w.lastHead = rev
+	}
+}
+
+// markCreated counts the watch as created once.
+func (w *watcher) markCreated() {
+	if !w.created {
+		w.created = true
+		atomic.AddInt64(&created, 1)
+	}
+}
+
 func (h *hist) record(lat []uint64) {
 	h.mu.Lock()
 	for _, us := range lat {
@@ -136,6 +239,7 @@ func (h *hist) record(lat []uint64) {
 
 // merged is the histogram of all shards as loadgen reads it.
 func merged(hs []hist) (counts [][2]uint64, max, sum uint64) {
+	counts = [][2]uint64{}
 	var all [buckets]uint64
 	for i := range hs {
 		h := &hs[i]
@@ -271,6 +375,7 @@ func main() {
 	nwatchers := flag.Int("watchers", 100, "watchers in total")
 	prefixList := flag.String("prefixes", "", "comma-separated prefixes")
 	t0 := flag.Int64("t0", 0, "Unix time (ns) of loadgen's time origin")
+	raw := flag.Bool("raw", false, "raw etcdserverpb Watch stubs instead of clientv3 (see raw.go)")
 	flag.Parse()
 	prefixes := strings.Split(*prefixList, ",")
 	if *endpoint == "" || *prefixList == "" || *conns < 1 || *nwatchers < 1 {
@@ -285,95 +390,14 @@ func main() {
 	}
 
 	ctx, cancel := context.WithCancel(context.Background())
-	rec := &receipt{t0: *t0}
-	clients := make([]*clientv3.Client, *conns)
-	var cw sync.WaitGroup
-	for c := range clients {
-		cw.Add(1)
-		go func(c int) {
-			defer cw.Done()
-			cli, err := clientv3.New(clientv3.Config{
-				Endpoints:   []string{*endpoint},
-				DialTimeout: 10 * time.Second,
-				DialOptions: []grpc.DialOption{grpc.WithStatsHandler(rec)},
-			})
-			if err != nil {
-				fail("connect: " + err.Error())
-				return
-			}
-			clients[c] = cli
-		}(c)
-	}
-	cw.Wait()
-
 	var hists [shards]hist
 	watchers := make([]*watcher, *nwatchers)
-	var wg sync.WaitGroup
 	for i := range watchers {
-		w := &watcher{prefix: i % len(prefixes)}
-		watchers[i] = w
-		cli := clients[i%*conns]
-		if cli == nil {
-			continue
-		}
-		prefix := prefixes[w.prefix]
-		h := &hists[i%shards]
-		ch := cli.Watch(ctx, prefix, clientv3.WithPrefix(), clientv3.WithCreatedNotify())
-		wg.Add(1)
-		go func(w *watcher, ch clientv3.WatchChan, h *hist) {
-			defer wg.Done()
-			lat := make([]uint64, 0, 16)
-			for resp := range ch {
-				if resp.Created {
-					if !w.created {
-						w.created = true
-						atomic.AddInt64(&created, 1)
-					}
-				}
-				if resp.Header.Revision < w.lastHead {
-					w.headDown++
-				}
-				if resp.Header.Revision > w.lastHead {
-					w.lastHead = resp.Header.Revision
-				}
-				if err := resp.Err(); err != nil {
-					if ctx.Err() == nil {
-						fail(fmt.Sprintf("watch on %s: %v", prefix, err))
-						w.canceled = true
-					}
-					continue
-				}
-				now := uint64(time.Now().UnixNano() - *t0)
-				lat = lat[:0]
-				n := int64(0)
-				for _, ev := range resp.Events {
-					if ev.Type != clientv3.EventTypePut || !strings.HasPrefix(string(ev.Kv.Key), prefix) {
-						w.bad++
-						continue
-					}
-					seq, sent, ok := decode(ev.Kv.Value)
-					if !ok {
-						w.bad++
-						continue
-					}
-					if w.event(seq, ev.Kv.ModRevision) {
-						n++
-						us := uint64(0)
-						if now > sent {
-							us = (now - sent) / 1000
-						}
-						lat = append(lat, us)
-					}
-				}
-				if len(lat) > 0 {
-					h.record(lat)
-					atomic.AddInt64(&fresh, n)
-				}
-			}
-		}(w, ch, h)
+		watchers[i] = &watcher{prefix: i % len(prefixes)}
 	}
 
-	// Progress every 100 ms until "stop".
+	// Progress every 100 ms from the start, so that loadgen sees the creation advance (and
+	// its timeouts measure the creation, not this program's silence) until "stop".
 	done := make(chan struct{})
 	go func() {
 		t := time.NewTicker(100 * time.Millisecond)
@@ -391,6 +415,23 @@ func main() {
 			}
 		}
 	}()
+
+	var rec *receipt
+	var stopClients func()
+	var wg sync.WaitGroup
+	if *raw {
+		stopClients = runRaw(ctx, &wg, rawConfig{
+			endpoint: *endpoint,
+			conns:    *conns,
+			prefixes: prefixes,
+			t0:       *t0,
+			watchers: watchers,
+			hists:    hists[:],
+		})
+	} else {
+		rec = &receipt{t0: *t0}
+		stopClients = runClientv3(ctx, &wg, *endpoint, *conns, prefixes, *t0, watchers, hists[:], rec)
+	}
 
 	var written []uint64
 	for in.Scan() {
@@ -417,13 +458,10 @@ func main() {
 	case <-time.After(20 * time.Second):
 		fail("watchers did not stop within 20 s")
 	}
-	for _, cli := range clients {
-		if cli != nil {
-			cli.Close()
-		}
-	}
+	stopClients()
 
-	res := final{Final: true}
+	// Empty lists, never null: loadgen reads every list field as a list.
+	res := final{Final: true, Watchers: []result{}, Hist: [][2]uint64{}, RecvHist: [][2]uint64{}, Samples: []string{}}
 	for _, w := range watchers {
 		r := result{Prefix: w.prefix, Created: w.created, Dup: w.dup, Ooo: w.ooo, Bad: w.bad, HeadDown: w.headDown}
 		if w.prefix < len(written) {
@@ -436,12 +474,19 @@ func main() {
 		}
 		res.Watchers = append(res.Watchers, r)
 	}
+	if tracing {
+		if err := writeTrace(os.Getenv("GOWATCH_TRACE"), watchers); err != nil {
+			fmt.Fprintln(os.Stderr, "gowatch: trace:", err)
+		}
+	}
 	res.Hist, res.Max, res.Sum = merged(hists[:])
-	res.RecvHist, res.RecvMax, res.RecvSum = merged(rec.hists[:])
+	if rec != nil {
+		res.RecvHist, res.RecvMax, res.RecvSum = merged(rec.hists[:])
+	}
 	res.Procs = runtime.GOMAXPROCS(0)
 	res.Errors = uint64(atomic.LoadInt64(&errorsN))
 	samplesMu.Lock()
-	res.Samples = samples
+	res.Samples = append(res.Samples, samples...)
 	samplesMu.Unlock()
 	emit(res)
 }

@@ -262,6 +262,12 @@ struct Args {
     /// median ratio).
     #[arg(long, default_value_t = 1)]
     slow_rounds: usize,
+    /// With --slow-readers: the victims (and the getter) connect first and receive this many
+    /// puts of `--value-size` bytes (not measured) before the non-readers connect: watchers
+    /// that were reading when the non-readers arrived. 0: the victims connect after the
+    /// non-readers, just before the measured puts.
+    #[arg(long, default_value_t = 0)]
+    slow_warm_puts: u64,
     /// Instead of the watch workload: this many watch creates written at once on one gRPC
     /// stream (`burst.rs`), per target.
     #[arg(long)]

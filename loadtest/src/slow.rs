@@ -200,73 +200,12 @@ async fn round(
     };
     let errors = Arc::new(Mutex::new(Vec::new()));
 
-    // ---- the non-readers ----------------------------------------------------------------
     let mut held: Vec<TcpStream> = Vec::new();
-    if with_slow {
-        let t0 = Instant::now();
-        let http_n = if gateway { a.slow_http } else { 0 };
-        let per_conn = a.slow_grpc_streams.max(1);
-        let conns = a.slow_grpc.div_ceil(per_conn);
-        let mut tasks = Vec::new();
-        let gate = Arc::new(tokio::sync::Semaphore::new(128));
-        for i in 0..(http_n + conns) {
-            let prefix = prefix.clone();
-            let gate = gate.clone();
-            let streams = if i < http_n {
-                0
-            } else {
-                per_conn.min(a.slow_grpc - (i - http_n) * per_conn)
-            };
-            tasks.push(tokio::spawn(async move {
-                let _p = gate.acquire().await;
-                let fut = async {
-                    if streams == 0 {
-                        open_http_nonreader(addr, &prefix).await
-                    } else {
-                        open_grpc_nonreader(addr, &prefix, streams).await
-                    }
-                };
-                tokio::time::timeout(Duration::from_secs(20), fut)
-                    .await
-                    .map_err(|_| BoxError::from("opening a non-reader timed out"))?
-            }));
-        }
-        for task in tasks {
-            match task.await? {
-                Ok(s) => held.push(s),
-                Err(e) => errors_push(&errors, format!("non-reader: {e}")),
-            }
-        }
-        r.slow_http = held.len().min(http_n);
-        r.slow_grpc = held.len().saturating_sub(http_n) * per_conn;
-        // Until the target shows them (or 60 s).
-        let want = (http_n + a.slow_grpc) as f64;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            r.watchers_gauge = watchers_gauge(t, etcd_addr, addr).await;
-            let enough = match (t, r.watchers_gauge) {
-                (Target::GrpcProxy, _) => true,
-                (_, Some(g)) => g >= want,
-                _ => false,
-            };
-            if enough || Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        if t == Target::GrpcProxy {
-            tokio::time::sleep(Duration::from_secs(3)).await;
-        }
-        r.slow_setup_s = t0.elapsed().as_secs_f64();
-        r.proxy_rss_connected_mb = sampler.rss_mb("proxy");
-        eprintln!(
-            "loadgen: {} non-readers open ({} HTTP, {} gRPC watches) in {:.1}s; watcher gauge {:?}",
-            held.len(),
-            r.slow_http,
-            r.slow_grpc,
-            r.slow_setup_s,
-            r.watchers_gauge
-        );
+    if with_slow && a.slow_warm_puts == 0 {
+        held = open_nonreaders(
+            a, t, etcd_addr, addr, prefix, gateway, sampler, &mut r, &errors,
+        )
+        .await?;
     }
 
     // ---- the victims ----------------------------------------------------------------------
@@ -326,10 +265,36 @@ async fn round(
         stop_rx.clone(),
     ));
 
-    // ---- the writes -----------------------------------------------------------------------
     let etcd_url = format!("http://{etcd_addr}");
     let ch = work::connect(&etcd_url).await?;
     let mut kv = KvClient::new(ch);
+    if a.slow_warm_puts > 0 {
+        // Warm victims: they read large events before the non-readers arrive. The values do
+        // not decode as a measured put's, so the victims skip them.
+        for i in 0..a.slow_warm_puts {
+            let req = PutRequest {
+                key: Bytes::from(format!("{}warm{i}", String::from_utf8_lossy(prefix))),
+                value: Bytes::from(vec![b'w'; a.value_size.max(32)]),
+                ..Default::default()
+            };
+            match tokio::time::timeout(Duration::from_secs(10), kv.put(auth::as_writer(req))).await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(s)) => return Err(format!("warm-up put {i}: {s}").into()),
+                Err(_) => return Err(format!("warm-up put {i} timed out").into()),
+            }
+            tokio::time::sleep(Duration::from_secs_f64(1.0 / a.rate.max(0.1))).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if with_slow {
+            held = open_nonreaders(
+                a, t, etcd_addr, addr, prefix, gateway, sampler, &mut r, &errors,
+            )
+            .await?;
+        }
+    }
+
+    // ---- the writes -----------------------------------------------------------------------
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / a.rate.max(0.1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let keys = a.keys.max(1);
@@ -415,6 +380,88 @@ async fn round(
         }
     }
     Ok(r)
+}
+
+/// Opens the non-readers (`--slow-http` HTTP/JSON watch connections, `--slow-grpc` gRPC
+/// watches) and waits until the target counts them; records what it took in `r`.
+#[allow(clippy::too_many_arguments)]
+async fn open_nonreaders(
+    a: &Args,
+    t: Target,
+    etcd_addr: SocketAddr,
+    addr: SocketAddr,
+    prefix: &Bytes,
+    gateway: bool,
+    sampler: &Sampler,
+    r: &mut Round,
+    errors: &Arc<Mutex<Vec<String>>>,
+) -> Result<Vec<TcpStream>, BoxError> {
+    let mut held: Vec<TcpStream> = Vec::new();
+    let t0 = Instant::now();
+    let http_n = if gateway { a.slow_http } else { 0 };
+    let per_conn = a.slow_grpc_streams.max(1);
+    let conns = a.slow_grpc.div_ceil(per_conn);
+    let mut tasks = Vec::new();
+    let gate = Arc::new(tokio::sync::Semaphore::new(128));
+    for i in 0..(http_n + conns) {
+        let prefix = prefix.clone();
+        let gate = gate.clone();
+        let streams = if i < http_n {
+            0
+        } else {
+            per_conn.min(a.slow_grpc - (i - http_n) * per_conn)
+        };
+        tasks.push(tokio::spawn(async move {
+            let _p = gate.acquire().await;
+            let fut = async {
+                if streams == 0 {
+                    open_http_nonreader(addr, &prefix).await
+                } else {
+                    open_grpc_nonreader(addr, &prefix, streams).await
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(20), fut)
+                .await
+                .map_err(|_| BoxError::from("opening a non-reader timed out"))?
+        }));
+    }
+    for task in tasks {
+        match task.await? {
+            Ok(s) => held.push(s),
+            Err(e) => errors_push(errors, format!("non-reader: {e}")),
+        }
+    }
+    r.slow_http = held.len().min(http_n);
+    r.slow_grpc = held.len().saturating_sub(http_n) * per_conn;
+    // Until the target shows them (or 60 s).
+    let want = (http_n + a.slow_grpc) as f64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        r.watchers_gauge = watchers_gauge(t, etcd_addr, addr).await;
+        let enough = match (t, r.watchers_gauge) {
+            (Target::GrpcProxy, _) => true,
+            (_, Some(g)) => g >= want,
+            _ => false,
+        };
+        if enough || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    if t == Target::GrpcProxy {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    r.slow_setup_s = t0.elapsed().as_secs_f64();
+    r.proxy_rss_connected_mb = sampler.rss_mb("proxy");
+    eprintln!(
+        "loadgen: {} non-readers open ({} HTTP, {} gRPC watches) in {:.1}s; watcher gauge {:?}",
+        held.len(),
+        r.slow_http,
+        r.slow_grpc,
+        r.slow_setup_s,
+        r.watchers_gauge
+    );
+    Ok(held)
 }
 
 /// The `n` slowest puts of a per-put latency series, as "#seq ms" (slowest first), and how

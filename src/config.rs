@@ -220,6 +220,18 @@ pub struct Config {
     #[arg(long, env = "ETCD_FANOUT_SOCKET_SEND_BUFFER", default_value_t = 0)]
     pub socket_send_buffer: usize,
 
+    /// Write turns for connections whose clients have not yet been seen to read (0: none,
+    /// the default). With N turns, such a connection's writes of 16 KiB or more are made N at
+    /// a time, in order of arrival; a connection counts as reading once a large write was
+    /// taken whole, or its socket filled and then drained, or after 512 KiB. Protects clients
+    /// that are reading when thousands of new clients that never read arrive (measured:
+    /// established watchers' worst delay 89 ms instead of 506 ms with 3,000 non-readers and
+    /// 100 KB events), but a new client arriving with that crowd waits for its first large
+    /// answer behind the crowd's first copies (up to about 1 s instead of 0.4 s): see
+    /// loadtest/RESULTS.md, "Slow readers, sixth pass".
+    #[arg(long, env = "ETCD_FANOUT_UNPROVEN_WRITE_TURNS", default_value_t = 0)]
+    pub unproven_write_turns: usize,
+
     /// Log format: `text` (colour only when standard output is a terminal) or `json` (one
     /// JSON object per line: `timestamp`, `level`, `target`, `message` and the event's fields).
     #[arg(

@@ -4,6 +4,7 @@
 pub mod age;
 pub mod body;
 pub mod coalesce;
+pub mod gate;
 pub mod gateway;
 pub mod grpc;
 pub mod http1;

@@ -34,7 +34,7 @@ use crate::throttle::Throttle;
 use crate::tls::identity::{self, CnPolicy, Peer};
 use crate::tls::server::ServerTls;
 use crate::wire::transport::Transport;
-use crate::wire::{age, coalesce, http1};
+use crate::wire::{age, coalesce, gate, http1};
 use crate::wire::{gateway, grpc};
 
 fn is_grpc<B>(req: &http::Request<B>) -> bool {
@@ -331,6 +331,10 @@ pub async fn serve(
     };
     let max_age = age::MaxAge::from_config(&services.hub.config);
     let sockets = SocketLimits::from_config(&services.hub.config);
+    let turns = match services.hub.config.unproven_write_turns {
+        0 => None,
+        n => Some(gate::Turns::new(n)),
+    };
     loop {
         let (mut stream, _peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -359,6 +363,7 @@ pub async fn serve(
             shutdown: conn_shutdown_tx.subscribe(),
             timeouts,
             max_age,
+            turns: turns.clone(),
         };
         let tls = tls.clone();
         conns.spawn(async move {
@@ -418,6 +423,8 @@ struct Connection {
     timeouts: http1::Timeouts,
     /// The connection's maximum age, if any.
     max_age: Option<age::MaxAge>,
+    /// The process's write turns for connections not yet seen to read (`None`: no turns).
+    turns: Option<gate::Turns>,
 }
 
 impl Connection {
@@ -437,7 +444,9 @@ impl Connection {
             shutdown,
             timeouts,
             max_age,
+            turns,
         } = self;
+        let stream = gate::Gated::new(stream, turns);
         let label = match protocol {
             Protocol::Http1 => "http1",
             Protocol::Http2 => "http2",

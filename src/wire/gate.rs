@@ -1,0 +1,288 @@
+//! Write turns: a connection that has not yet shown that its client reads makes its large
+//! writes one connection at a time, so that a crowd of new connections cannot hold up the
+//! clients that are reading.
+//!
+//! Why: a client's socket takes its receive window plus the unsent bound
+//! (`--socket-unsent-bytes`) before its writer blocks, whether the client reads or not. When a
+//! large event reaches thousands of fresh connections whose clients never read, each takes
+//! that much in one kernel copy (3,000 non-readers and a 100 KB event: some 240 MB). Without
+//! turns every one of those copies sat in the runtime's run queue, and a reading client's next
+//! replies waited behind all of them (loadtest/RESULTS.md, "Slow readers").
+//!
+//! How: [`Gated`] wraps a connection's byte stream and knows one of three things about it.
+//! - *Fresh*: each write of [`LARGE`] bytes or more first takes one of the process's turns
+//!   ([`Turns`], a fair semaphore: waiters are served in order, outside the run queue) and
+//!   gives it back as soon as that write returns. A turn is never held while a socket is
+//!   full, so a client that does not read cannot keep one.
+//! - *Stalled*: a write was cut short or would have blocked (the socket is full). The next
+//!   write needs no turn: the runtime tries it only once the socket has room again.
+//! - *Proven*: a write succeeded after a stall (the client made room by reading), a large
+//!   write was taken whole, or [`PROVEN`] bytes went out. No write waits for a turn again.
+//!
+//! Turns order work; they never drop or reorder a connection's bytes.
+
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::PollSemaphore;
+
+use crate::wire::transport::Transport;
+
+/// Bytes a connection may write without a stall before it counts as reading.
+pub const PROVEN: u64 = 512 << 10;
+
+/// Writes smaller than this never wait (answers, small events: cheap to copy).
+pub const LARGE: usize = 16 << 10;
+
+/// The turns shared by every connection of the process.
+#[derive(Debug, Clone)]
+pub struct Turns(Arc<Semaphore>);
+
+impl Turns {
+    /// `n` turns (at least one).
+    pub fn new(n: usize) -> Turns {
+        Turns(Arc::new(Semaphore::new(n.max(1))))
+    }
+}
+
+/// What a [`Gated`] stream knows about its client (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Known {
+    /// Nothing yet: large writes take a turn.
+    Fresh,
+    /// The socket was full; the next write that succeeds proves the client reads.
+    Stalled,
+    /// The client reads: no turns.
+    Proven,
+}
+
+/// A connection's byte stream whose large writes take turns until its client is seen to
+/// read (see the module doc).
+pub struct Gated<S> {
+    /// The connection.
+    inner: S,
+    /// What is known about the client.
+    known: Known,
+    /// Bytes written while not proven, up to [`PROVEN`].
+    written: u64,
+    /// The process's turns; `None` without turns or once the client is proven.
+    turns: Option<Turns>,
+    /// This connection's place in the line, made the first time it has to wait.
+    waiting: Option<Box<PollSemaphore>>,
+}
+
+impl<S> Gated<S> {
+    /// `inner`, taking `turns` (none: never waits) for its large writes until proven.
+    pub fn new(inner: S, turns: Option<Turns>) -> Gated<S> {
+        Gated {
+            inner,
+            known: if turns.is_some() {
+                Known::Fresh
+            } else {
+                Known::Proven
+            },
+            written: 0,
+            turns,
+            waiting: None,
+        }
+    }
+
+    /// A turn for a write of `len` bytes: `Ready(None)` when none is needed.
+    fn poll_turn(
+        &mut self,
+        cx: &mut Context<'_>,
+        len: usize,
+    ) -> Poll<Option<OwnedSemaphorePermit>> {
+        if self.known != Known::Fresh || len < LARGE {
+            return Poll::Ready(None);
+        }
+        let Some(turns) = &self.turns else {
+            return Poll::Ready(None);
+        };
+        if self.waiting.is_none() {
+            if let Ok(turn) = turns.0.clone().try_acquire_owned() {
+                return Poll::Ready(Some(turn));
+            }
+        }
+        let waiting = self
+            .waiting
+            .get_or_insert_with(|| Box::new(PollSemaphore::new(turns.0.clone())));
+        Poll::Ready(ready!(waiting.poll_acquire(cx)))
+    }
+
+    /// Learns from a write of `len` bytes that returned `result`.
+    fn wrote(&mut self, len: usize, result: &Poll<io::Result<usize>>) {
+        let n = match (self.known, result) {
+            (Known::Proven, _) => return,
+            (_, Poll::Pending) => {
+                self.known = Known::Stalled;
+                return;
+            }
+            (_, Poll::Ready(Ok(n))) => *n,
+            (_, Poll::Ready(Err(_))) => return,
+        };
+        if n == 0 {
+            return;
+        }
+        self.written = self.written.saturating_add(n as u64);
+        self.known = match self.known {
+            Known::Stalled => Known::Proven,
+            _ if self.written >= PROVEN => Known::Proven,
+            _ if n < len => Known::Stalled,
+            _ if len >= LARGE => Known::Proven,
+            known => known,
+        };
+        if self.known == Known::Proven {
+            self.turns = None;
+            self.waiting = None;
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Gated<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Gated<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let turn = ready!(self.poll_turn(cx, buf.len()));
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        drop(turn);
+        self.wrote(buf.len(), &result);
+        result
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let len = bufs.iter().map(|b| b.len()).sum();
+        let turn = ready!(self.poll_turn(cx, len));
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        drop(turn);
+        self.wrote(len, &result);
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl<S: Transport> Transport for Gated<S> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.inner.poll_read_ready(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A large write of a fresh connection waits while another holds the turn; a small write
+    /// does not; a large write taken whole proves the client.
+    #[tokio::test]
+    async fn a_fresh_connections_large_write_waits_for_the_turn() {
+        let turns = Turns::new(1);
+        let (a, _a_peer) = tokio::io::duplex(4 << 20);
+        let mut a = Gated::new(a, Some(turns.clone()));
+        let held = turns.0.clone().try_acquire_owned().expect("free turn");
+        a.write_all(&[1u8; LARGE - 1]).await.expect("small write");
+        let large = vec![2u8; LARGE];
+        let blocked = tokio::time::timeout(Duration::from_millis(50), a.write_all(&large)).await;
+        assert!(blocked.is_err(), "a large write went ahead of the turn");
+        drop(held);
+        tokio::time::timeout(Duration::from_secs(5), a.write_all(&large))
+            .await
+            .expect("the turn came")
+            .expect("large write");
+        assert_eq!(a.known, Known::Proven);
+        let _turn = turns
+            .0
+            .clone()
+            .try_acquire_owned()
+            .expect("turn given back");
+        // Proven: a large write goes ahead while the turn is held elsewhere.
+        tokio::time::timeout(Duration::from_secs(5), a.write_all(&large))
+            .await
+            .expect("a proven connection waited for a turn")
+            .expect("large write");
+    }
+
+    /// A client that drains a full socket is proven and never waits again; one that never
+    /// reads stays stalled and does not keep the turn.
+    #[tokio::test]
+    async fn reading_after_a_stall_proves_the_client() {
+        let turns = Turns::new(1);
+        // Room for 64 KiB: a 100 KiB write is cut short.
+        let (a, mut reader) = tokio::io::duplex(64 << 10);
+        let mut a = Gated::new(a, Some(turns.clone()));
+        let (b, _never_read) = tokio::io::duplex(64 << 10);
+        let mut b = Gated::new(b, Some(turns.clone()));
+        let big = vec![7u8; 100 << 10];
+        let stuck = tokio::time::timeout(Duration::from_millis(50), b.write_all(&big)).await;
+        assert!(stuck.is_err(), "a full socket took everything");
+        assert_eq!(b.known, Known::Stalled);
+        drop(
+            turns
+                .0
+                .clone()
+                .try_acquire_owned()
+                .expect("turn given back"),
+        );
+        let n = a.write(&big).await.expect("first write");
+        assert!(n < big.len());
+        assert_eq!(a.known, Known::Stalled);
+        // It drains while the turn is held elsewhere: the rest needs no turn after the stall.
+        let held = turns.0.clone().try_acquire_owned().expect("free turn");
+        let read = tokio::spawn(async move {
+            let mut got = vec![0u8; 200 << 10];
+            reader.read_exact(&mut got).await.map(|_| got)
+        });
+        tokio::time::timeout(Duration::from_secs(5), async {
+            a.write_all(&big[n..]).await?;
+            a.write_all(&big).await
+        })
+        .await
+        .expect("a reading client waited for a held turn")
+        .expect("writes");
+        assert_eq!(a.known, Known::Proven);
+        let got = read.await.expect("reader").expect("read");
+        assert!(got.iter().all(|&x| x == 7));
+        drop(held);
+    }
+
+    /// Without turns nothing waits.
+    #[tokio::test]
+    async fn without_turns_nothing_waits() {
+        let (a, _peer) = tokio::io::duplex(4 << 20);
+        let mut a = Gated::new(a, None);
+        a.write_all(&vec![1u8; 1 << 20]).await.expect("write");
+        assert_eq!(a.known, Known::Proven);
+    }
+}

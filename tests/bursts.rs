@@ -296,13 +296,24 @@ fn unread_create_burst_is_held_back_not_cut_off() {
 /// proxy still gets every event promptly, and the proxy's RSS grows by a bounded amount.
 #[test]
 fn slow_readers_park_and_cost_little() {
+    slow_readers_case(&[]);
+}
+
+/// The same with write turns for connections not yet seen to read (`--unproven-write-turns`):
+/// the non-readers' first copies wait in the line, the victim and the bounds are unchanged.
+#[test]
+fn slow_readers_with_write_turns() {
+    slow_readers_case(&["--unproven-write-turns", "1"]);
+}
+
+fn slow_readers_case(extra: &'static [&'static str]) {
     let http_n = env_or("ETCD_FANOUT_SLOW_HTTP", 300) as usize;
     let grpc_n = env_or("ETCD_FANOUT_SLOW_GRPC", 150) as usize;
     let puts = env_or("ETCD_FANOUT_SLOW_PUTS", 60) as usize;
     const VALUE: usize = 100 * 1024;
     runtime().block_on(async {
         let prefix = "/slow/";
-        let (etcd, proxy) = etcd_and_proxy(prefix).await;
+        let (etcd, proxy) = etcd_and_proxy_with(prefix, extra).await;
         let pid = proxy_pid(proxy.port).expect("proxy pid");
         // The victim: one gRPC watch that reads everything, noting when each revision came.
         let mut victim =
@@ -487,6 +498,17 @@ fn dechunk(raw: &[u8]) -> Vec<u8> {
 /// wait); once it reads, it gets every event.
 #[test]
 fn a_non_reader_takes_bounded_socket_bytes() {
+    non_reader_case(&[]);
+}
+
+/// The same with write turns: the non-reader's first large write takes the turn, its socket
+/// fills, and once it reads it is proven and gets every revision once.
+#[test]
+fn a_non_reader_with_write_turns_gets_everything_once_it_reads() {
+    non_reader_case(&["--unproven-write-turns", "1"]);
+}
+
+fn non_reader_case(extra: &'static [&'static str]) {
     let puts = env_or("ETCD_FANOUT_UNSENT_PUTS", 30) as usize;
     const VALUE: usize = 100 * 1024;
     // TCP_NOTSENT_LOWAT stops a write once the unsent bytes pass it, at most one segment
@@ -494,7 +516,7 @@ fn a_non_reader_takes_bounded_socket_bytes() {
     const BOUND: u64 = 256 << 10;
     runtime().block_on(async {
         let prefix = "/unsent/";
-        let (etcd, proxy) = etcd_and_proxy(prefix).await;
+        let (etcd, proxy) = etcd_and_proxy_with(prefix, extra).await;
         // prefix "/unsent/", range_end "/unsent0".
         let body = r#"{"create_request":{"key":"L3Vuc2VudC8=","range_end":"L3Vuc2VudDA="}}"#;
         let mut s = send_http_watch(proxy.port, body).await;
@@ -914,11 +936,19 @@ fn h2_floods_trip_the_protections_and_spare_other_clients() {
 /// A real etcd and a proxy of `prefix` in front of it, started off the async workers (both
 /// block while they wait for their process to answer).
 async fn etcd_and_proxy(prefix: &'static str) -> (Etcd, Proxy) {
+    etcd_and_proxy_with(prefix, &[]).await
+}
+
+/// [`etcd_and_proxy`] with `extra` proxy flags.
+async fn etcd_and_proxy_with(
+    prefix: &'static str,
+    extra: &'static [&'static str],
+) -> (Etcd, Proxy) {
     let etcd = tokio::task::spawn_blocking(Etcd::start)
         .await
         .expect("etcd start");
     let url = etcd.url.clone();
-    let proxy = tokio::task::spawn_blocking(move || Proxy::start(&url, &[prefix]))
+    let proxy = tokio::task::spawn_blocking(move || Proxy::start_with(&url, &[prefix], extra))
         .await
         .expect("proxy start");
     (etcd, proxy)

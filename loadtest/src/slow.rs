@@ -149,7 +149,16 @@ async fn run_target(a: &Args, t: Target) -> Result<SlowResult, BoxError> {
     };
     'pairs: for pair in 0..a.slow_rounds.max(1) {
         for with_slow in [false, true] {
-            let r = round(a, t, etcd_addr, addr, &prefix, gateway, with_slow, &sampler).await;
+            let site = Site {
+                a,
+                t,
+                etcd_addr,
+                addr,
+                prefix: &prefix,
+                gateway,
+                sampler: &sampler,
+            };
+            let r = round(site, with_slow).await;
             match r {
                 Ok(mut r) => {
                     r.pair = pair;
@@ -181,17 +190,35 @@ async fn run_target(a: &Args, t: Target) -> Result<SlowResult, BoxError> {
     Ok(res)
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn round(
-    a: &Args,
+/// What every round of one target runs against.
+#[derive(Clone, Copy)]
+struct Site<'s> {
+    /// The command line.
+    a: &'s Args,
+    /// The target.
     t: Target,
+    /// etcd's address (the writes go there directly).
     etcd_addr: SocketAddr,
+    /// The target's address (etcd's itself for `etcd`).
     addr: SocketAddr,
-    prefix: &Bytes,
+    /// The watched prefix.
+    prefix: &'s Bytes,
+    /// The target has the HTTP/JSON gateway (all but grpc-proxy).
     gateway: bool,
-    with_slow: bool,
-    sampler: &Sampler,
-) -> Result<Round, BoxError> {
+    /// The RSS and CPU sampler of the processes.
+    sampler: &'s Sampler,
+}
+
+async fn round(site: Site<'_>, with_slow: bool) -> Result<Round, BoxError> {
+    let Site {
+        a,
+        t,
+        etcd_addr,
+        addr,
+        prefix,
+        gateway,
+        sampler,
+    } = site;
     let mark = sampler.mark();
     let mut r = Round {
         with_slow,
@@ -202,10 +229,7 @@ async fn round(
 
     let mut held: Vec<TcpStream> = Vec::new();
     if with_slow && a.slow_warm_puts == 0 {
-        held = open_nonreaders(
-            a, t, etcd_addr, addr, prefix, gateway, sampler, &mut r, &errors,
-        )
-        .await?;
+        held = open_nonreaders(site, &mut r, &errors).await?;
     }
 
     // ---- the victims ----------------------------------------------------------------------
@@ -287,10 +311,7 @@ async fn round(
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
         if with_slow {
-            held = open_nonreaders(
-                a, t, etcd_addr, addr, prefix, gateway, sampler, &mut r, &errors,
-            )
-            .await?;
+            held = open_nonreaders(site, &mut r, &errors).await?;
         }
     }
 
@@ -384,18 +405,20 @@ async fn round(
 
 /// Opens the non-readers (`--slow-http` HTTP/JSON watch connections, `--slow-grpc` gRPC
 /// watches) and waits until the target counts them; records what it took in `r`.
-#[allow(clippy::too_many_arguments)]
 async fn open_nonreaders(
-    a: &Args,
-    t: Target,
-    etcd_addr: SocketAddr,
-    addr: SocketAddr,
-    prefix: &Bytes,
-    gateway: bool,
-    sampler: &Sampler,
+    site: Site<'_>,
     r: &mut Round,
     errors: &Arc<Mutex<Vec<String>>>,
 ) -> Result<Vec<TcpStream>, BoxError> {
+    let Site {
+        a,
+        t,
+        etcd_addr,
+        addr,
+        prefix,
+        gateway,
+        sampler,
+    } = site;
     let mut held: Vec<TcpStream> = Vec::new();
     let t0 = Instant::now();
     let http_n = if gateway { a.slow_http } else { 0 };

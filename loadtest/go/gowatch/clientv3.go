@@ -19,24 +19,18 @@ import (
 // clients.
 func runClientv3(ctx context.Context, wg *sync.WaitGroup, endpoint string, conns int, prefixes []string, t0 int64, watchers []*watcher, hists []hist, rec *receipt) func() {
 	clients := make([]*clientv3.Client, conns)
-	var cw sync.WaitGroup
-	for c := range clients {
-		cw.Add(1)
-		go func(c int) {
-			defer cw.Done()
-			cli, err := clientv3.New(clientv3.Config{
-				Endpoints:   []string{endpoint},
-				DialTimeout: 10 * time.Second,
-				DialOptions: []grpc.DialOption{grpc.WithStatsHandler(rec)},
-			})
-			if err != nil {
-				fail("connect: " + err.Error())
-				return
-			}
-			clients[c] = cli
-		}(c)
-	}
-	cw.Wait()
+	sideBySide(conns, func(c int) {
+		cli, err := clientv3.New(clientv3.Config{
+			Endpoints:   []string{endpoint},
+			DialTimeout: 10 * time.Second,
+			DialOptions: []grpc.DialOption{grpc.WithStatsHandler(rec)},
+		})
+		if err != nil {
+			fail("connect: " + err.Error())
+			return
+		}
+		clients[c] = cli
+	})
 
 	for c, cli := range clients {
 		if cli == nil {

@@ -338,6 +338,20 @@ var (
 	samples   []string
 )
 
+// sideBySide runs f(0) ... f(n-1) concurrently and returns once all have returned: the
+// clients connect side by side, as n applications would.
+func sideBySide(n int, f func(c int)) {
+	var wg sync.WaitGroup
+	for c := 0; c < n; c++ {
+		wg.Add(1)
+		go func(c int) {
+			defer wg.Done()
+			f(c)
+		}(c)
+	}
+	wg.Wait()
+}
+
 func emit(v interface{}) {
 	b, err := json.Marshal(v)
 	if err != nil {

@@ -35,22 +35,16 @@ func runRaw(ctx context.Context, wg *sync.WaitGroup, cfg rawConfig) func() {
 		addr = strings.TrimPrefix(addr, scheme)
 	}
 	conns := make([]*grpc.ClientConn, cfg.conns)
-	var cw sync.WaitGroup
-	for c := range conns {
-		cw.Add(1)
-		go func(c int) {
-			defer cw.Done()
-			dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-			defer cancel()
-			conn, err := grpc.DialContext(dctx, addr, grpc.WithInsecure(), grpc.WithBlock())
-			if err != nil {
-				fail("connect: " + err.Error())
-				return
-			}
-			conns[c] = conn
-		}(c)
-	}
-	cw.Wait()
+	sideBySide(cfg.conns, func(c int) {
+		dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		conn, err := grpc.DialContext(dctx, addr, grpc.WithInsecure(), grpc.WithBlock())
+		if err != nil {
+			fail("connect: " + err.Error())
+			return
+		}
+		conns[c] = conn
+	})
 	for c, conn := range conns {
 		if conn == nil {
 			continue

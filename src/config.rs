@@ -232,6 +232,15 @@ pub struct Config {
     #[arg(long, env = "ETCD_FANOUT_UNPROVEN_WRITE_TURNS", default_value_t = 0)]
     pub unproven_write_turns: usize,
 
+    /// Threads of the new-connection lane (0: no lane, every connection on the main
+    /// runtime). A connection whose client has not yet been seen to read makes its writes of
+    /// 16 KiB or more in this lane, a runtime of its own, and returns to the main runtime once
+    /// its client reads (a large write taken whole, a full socket that drained, or 512 KiB
+    /// written): a crowd of new clients that never read cannot queue its socket copies ahead
+    /// of clients that do (src/wire/lanes.rs). Default: one per core.
+    #[arg(long, env = "ETCD_FANOUT_NEW_CONNECTION_THREADS")]
+    pub new_connection_threads: Option<usize>,
+
     /// Log format: `text` (colour only when standard output is a terminal) or `json` (one
     /// JSON object per line: `timestamp`, `level`, `target`, `message` and the event's fields).
     #[arg(
@@ -266,6 +275,13 @@ pub enum LogFormat {
 const SECRET_FLAGS: [&str; 2] = ["password", "user"];
 
 impl Config {
+    /// The new-connection lane's threads: `--new-connection-threads`, or one per core (as the
+    /// main runtime has).
+    pub fn new_connection_lane_threads(&self) -> usize {
+        self.new_connection_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
     /// Parses the command line and the environment (exiting with clap's message and code 2
     /// on a bad value) and records every effective setting in [`Config::settings`].
     pub fn from_command_line() -> Config {

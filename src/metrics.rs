@@ -265,6 +265,17 @@ pub static CONNECTIONS_ACCEPTED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// Moves of downstream connections between the main runtime and the new-connection lane
+/// (`wire::lanes`), by protocol and destination (`lane`: a large write of a client not yet
+/// seen to read; `main`: the client reads).
+pub static CONNECTION_MOVES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "etcd_fanout_connection_moves_total",
+        "Moves of downstream connections, by protocol and destination: to the new-connection lane (to=lane) for the large writes of a client not yet seen to read, back to the main runtime (to=main) once it reads.",
+        &["protocol", "to"],
+    )
+});
+
 /// Downstream connections asked to go away at `--max-connection-age`, by protocol.
 pub static CONNECTIONS_AGED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
@@ -740,6 +751,9 @@ pub fn init() {
         CONNECTIONS_ACCEPTED.with_label_values(&[protocol]);
         CONNECTIONS_OPEN.with_label_values(&[protocol]);
         CONNECTIONS_AGED.with_label_values(&[protocol]);
+        for to in ["lane", "main"] {
+            CONNECTION_MOVES.with_label_values(&[protocol, to]);
+        }
     }
     let _ = (
         &*UPSTREAM_WATCHES,

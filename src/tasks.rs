@@ -9,6 +9,10 @@
 //! A task whose timing must not depend on the main runtime's load (the auth poll) runs on a
 //! thread of its own ([`Tasks::spawn_isolated`]), owned and waited for the same way.
 //!
+//! Every task runs on the runtime that made the owner (the main runtime), whichever runtime
+//! spawns it: a watch session created by a request served in the new-connection lane
+//! (`wire::lanes`) must not run at that lane's lower priority.
+//!
 //! Connections are not here: the listener owns them in a `JoinSet` and drains them itself.
 
 use std::future::Future;
@@ -47,18 +51,31 @@ impl<F: Future<Output = ()>> Future for UntilStopped<F> {
 }
 
 /// Spawns tasks that stop when [`Tasks::stop`] is called, and waits for them.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Tasks {
     /// Cancelled by [`Tasks::stop`]: every task ends at its next await point.
     cancel: CancellationToken,
     /// Every task spawned, so that [`Tasks::stop`] can wait for them.
     tracker: TaskTracker,
+    /// The runtime tasks run on: the one current when the owner was made (`None` outside a
+    /// runtime: then the spawning task's).
+    runtime: Option<tokio::runtime::Handle>,
+}
+
+impl Default for Tasks {
+    fn default() -> Tasks {
+        Tasks::new()
+    }
 }
 
 impl Tasks {
-    /// A new owner with no tasks.
+    /// A new owner with no tasks, running them on the current runtime.
     pub fn new() -> Tasks {
-        Tasks::default()
+        Tasks {
+            cancel: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            runtime: tokio::runtime::Handle::try_current().ok(),
+        }
     }
 
     /// Runs `task` until it ends or the owner stops. The handle may be used to abort it
@@ -67,10 +84,14 @@ impl Tasks {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        self.tracker.spawn(UntilStopped {
+        let task = UntilStopped {
             stop: self.cancel.clone().cancelled_owned(),
             task,
-        })
+        };
+        match &self.runtime {
+            Some(runtime) => self.tracker.spawn_on(task, runtime),
+            None => self.tracker.spawn(task),
+        }
     }
 
     /// Runs the future `make` returns on a thread of its own (named `name`) with a

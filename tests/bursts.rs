@@ -435,6 +435,33 @@ fn slow_readers_case(extra: &'static [&'static str]) {
         );
         assert!(parked > 0.0, "no session parked:\n{metrics}");
         assert!(max < Duration::from_secs(5), "victim event {max:?} late");
+        // The new-connection lane (`wire/lanes.rs`, on by default): the non-reading HTTP
+        // watchers' first large event moved their connections to the lane, where they stay
+        // (their socket filled and never drained); the victim's connection, whose client
+        // reads, came back to the main runtime.
+        let moves = |protocol: &str, to: &str| {
+            let head = format!(
+                "etcd_fanout_connection_moves_total{{protocol=\"{protocol}\",to=\"{to}\"}} "
+            );
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(head.as_str()))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        assert!(
+            moves("http1", "lane") >= http_n as f64,
+            "the non-reading HTTP watchers did not move to the lane:\n{metrics}"
+        );
+        assert_eq!(
+            moves("http1", "main"),
+            0.0,
+            "a non-reading HTTP watcher's connection left the lane"
+        );
+        assert!(
+            moves("http2", "main") >= 1.0,
+            "the victim's connection did not come back from the lane:\n{metrics}"
+        );
         // Each parked session holds at most its byte budget of shared batches plus one
         // response in its connection's writer; 64 MiB of slack for allocator and history.
         let bound_kib = 64 * 1024 + ((http_n + grpc_n) * 3 * VALUE / 2) as u64 / 1024;

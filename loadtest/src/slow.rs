@@ -978,6 +978,32 @@ pub fn render(a: &Args, results: &[SlowResult]) -> String {
             }
             let _ = writeln!(s);
         }
+        if grpc.len() > 1 {
+            // Every put of every pair in one sample per side: the p99 of 300 puts is the
+            // fourth-worst put of one round, of 900 the ninth-worst of three.
+            let pooled = |with: bool, pick: fn(&Round) -> &[Option<f64>]| {
+                let mut all: Vec<f64> = res
+                    .rounds
+                    .iter()
+                    .filter(|r| r.with_slow == with)
+                    .flat_map(|r| pick(r).iter().flatten().copied())
+                    .collect();
+                nearest_rank(&mut all, 0.99)
+            };
+            let (g0, g1) = (pooled(false, grpc_of), pooled(true, grpc_of));
+            let _ = write!(
+                s,
+                "- {}: pooled over {} pairs (every put of the rounds without, of the rounds with): victim gRPC p99 {g0:.1} -> {g1:.1} ms = {:.2}x",
+                res.target,
+                grpc.len(),
+                ratio(g1, g0)
+            );
+            let (h0, h1) = (pooled(false, http_of), pooled(true, http_of));
+            if h0.is_finite() && h1.is_finite() {
+                let _ = write!(s, ", HTTP {h0:.1} -> {h1:.1} ms = {:.2}x", ratio(h1, h0));
+            }
+            let _ = writeln!(s);
+        }
         for r in &res.rounds {
             for e in &r.errors {
                 let _ = writeln!(
@@ -1000,6 +1026,26 @@ fn split_growth(r: &Round) -> Option<(Option<f64>, f64)> {
         Some(c) => Some((Some(c - start), u.peak_rss_mb - c)),
         None => Some((None, u.peak_rss_mb - start)),
     }
+}
+
+/// A round's gRPC victim latency per put.
+fn grpc_of(r: &Round) -> &[Option<f64>] {
+    &r.grpc_victim_ms_by_put
+}
+
+/// A round's HTTP victim latency per put.
+fn http_of(r: &Round) -> &[Option<f64>] {
+    &r.http_victim_ms_by_put
+}
+
+/// The `q` quantile of `v` by nearest rank (NaN when empty).
+fn nearest_rank(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
 }
 
 /// The median of `v` (NaN when empty).

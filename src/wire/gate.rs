@@ -20,6 +20,10 @@
 //!   write was taken whole, or [`PROVEN`] bytes went out. No write waits for a turn again.
 //!
 //! Turns order work; they never drop or reorder a connection's bytes.
+//!
+//! The same knowledge moves a connection between lanes (`wire::lanes`): a fresh connection's
+//! large write first asks for the new-connection lane (the write waits until the connection
+//! is there), and a proven client sends it back to the main runtime.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -30,6 +34,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::PollSemaphore;
 
+use crate::wire::lanes::Place;
 use crate::wire::transport::Transport;
 
 /// Bytes a connection may write without a stall before it counts as reading.
@@ -37,6 +42,13 @@ pub const PROVEN: u64 = 512 << 10;
 
 /// Writes smaller than this never wait (answers, small events: cheap to copy).
 pub const LARGE: usize = 16 << 10;
+
+/// Small writes (and no large one) after which a connection leaves the new-connection lane
+/// although its client is not proven (`wire::lanes`): a watcher of small events. Low, because
+/// a busy watcher's writes carry several events each (APISIX-style watchers at 100 puts/s made
+/// about 10 writes a second, and with 64 spent most of their life in the lane, at twice the
+/// latency: loadtest/RESULTS.md, "Slow readers, seventh pass").
+pub const SETTLED: u32 = 8;
 
 /// The turns shared by every connection of the process.
 #[derive(Debug, Clone)]
@@ -69,26 +81,41 @@ pub struct Gated<S> {
     known: Known,
     /// Bytes written while not proven, up to [`PROVEN`].
     written: u64,
+    /// Small writes taken whole while fresh, up to [`SETTLED`].
+    small: u32,
     /// The process's turns; `None` without turns or once the client is proven.
     turns: Option<Turns>,
     /// This connection's place in the line, made the first time it has to wait.
     waiting: Option<Box<PollSemaphore>>,
+    /// Where the connection is served (`wire::lanes`); `None` without a lane or once proven.
+    place: Option<Arc<Place>>,
 }
 
 impl<S> Gated<S> {
-    /// `inner`, taking `turns` (none: never waits) for its large writes until proven.
-    pub fn new(inner: S, turns: Option<Turns>) -> Gated<S> {
+    /// `inner`, taking `turns` (none: never waits) for its large writes until proven, and
+    /// making them in the new-connection lane if it has a `place` (see the module doc).
+    pub fn new(inner: S, turns: Option<Turns>, place: Option<Arc<Place>>) -> Gated<S> {
         Gated {
             inner,
-            known: if turns.is_some() {
+            known: if turns.is_some() || place.is_some() {
                 Known::Fresh
             } else {
                 Known::Proven
             },
             written: 0,
+            small: 0,
             turns,
             waiting: None,
+            place,
         }
+    }
+
+    /// Whether a write of `len` bytes must wait for the connection to move to the lane (it
+    /// has asked for it then).
+    fn must_move(&self, len: usize) -> bool {
+        self.known == Known::Fresh
+            && len >= LARGE
+            && self.place.as_ref().is_some_and(|p| p.ask_for_lane())
     }
 
     /// A turn for a write of `len` bytes: `Ready(None)` when none is needed.
@@ -129,6 +156,14 @@ impl<S> Gated<S> {
             return;
         }
         self.written = self.written.saturating_add(n as u64);
+        if self.known == Known::Fresh && n == len && len < LARGE {
+            self.small += 1;
+            if self.small == SETTLED {
+                if let Some(place) = &self.place {
+                    place.leave_lane();
+                }
+            }
+        }
         self.known = match self.known {
             Known::Stalled => Known::Proven,
             _ if self.written >= PROVEN => Known::Proven,
@@ -139,6 +174,9 @@ impl<S> Gated<S> {
         if self.known == Known::Proven {
             self.turns = None;
             self.waiting = None;
+            if let Some(place) = self.place.take() {
+                place.leave_lane();
+            }
         }
     }
 }
@@ -159,6 +197,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Gated<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if self.must_move(buf.len()) {
+            return Poll::Pending;
+        }
         let turn = ready!(self.poll_turn(cx, buf.len()));
         let result = Pin::new(&mut self.inner).poll_write(cx, buf);
         drop(turn);
@@ -172,6 +213,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Gated<S> {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let len = bufs.iter().map(|b| b.len()).sum();
+        if self.must_move(len) {
+            return Poll::Pending;
+        }
         let turn = ready!(self.poll_turn(cx, len));
         let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         drop(turn);
@@ -210,7 +254,7 @@ mod tests {
     async fn a_fresh_connections_large_write_waits_for_the_turn() {
         let turns = Turns::new(1);
         let (a, _a_peer) = tokio::io::duplex(4 << 20);
-        let mut a = Gated::new(a, Some(turns.clone()));
+        let mut a = Gated::new(a, Some(turns.clone()), None);
         let held = turns.0.clone().try_acquire_owned().expect("free turn");
         a.write_all(&[1u8; LARGE - 1]).await.expect("small write");
         let large = vec![2u8; LARGE];
@@ -241,9 +285,9 @@ mod tests {
         let turns = Turns::new(1);
         // Room for 64 KiB: a 100 KiB write is cut short.
         let (a, mut reader) = tokio::io::duplex(64 << 10);
-        let mut a = Gated::new(a, Some(turns.clone()));
+        let mut a = Gated::new(a, Some(turns.clone()), None);
         let (b, _never_read) = tokio::io::duplex(64 << 10);
-        let mut b = Gated::new(b, Some(turns.clone()));
+        let mut b = Gated::new(b, Some(turns.clone()), None);
         let big = vec![7u8; 100 << 10];
         let stuck = tokio::time::timeout(Duration::from_millis(50), b.write_all(&big)).await;
         assert!(stuck.is_err(), "a full socket took everything");
@@ -277,11 +321,52 @@ mod tests {
         drop(held);
     }
 
+    /// A connection of small writes leaves the lane after [`SETTLED`] of them; back on the
+    /// main runtime its large write (not a small one) first asks for the lane and waits; in
+    /// the lane it is made, and taken whole it proves the client, who leaves the lane again.
+    #[tokio::test]
+    async fn large_writes_of_an_unproven_client_are_made_in_the_lane() {
+        let place = Arc::new(Place::default());
+        place.set_in_lane_for_tests(true);
+        let (a, _peer) = tokio::io::duplex(4 << 20);
+        let mut a = Gated::new(a, None, Some(place.clone()));
+        for _ in 0..SETTLED - 1 {
+            a.write_all(&[1u8; 1024]).await.expect("small write");
+        }
+        assert!(!place.to_main_told_for_tests(), "left the lane too early");
+        a.write_all(&[1u8; 1024]).await.expect("small write");
+        assert!(
+            place.to_main_told_for_tests(),
+            "a small writer stayed in the lane"
+        );
+        assert_eq!(a.known, Known::Fresh, "small writes prove nothing");
+        place.set_in_lane_for_tests(false);
+        assert!(!a.must_move(LARGE - 1));
+        let large = vec![2u8; LARGE];
+        let waited = tokio::time::timeout(Duration::from_millis(20), a.write_all(&large)).await;
+        assert!(
+            waited.is_err(),
+            "a fresh large write went ahead outside the lane"
+        );
+        assert_eq!(a.known, Known::Fresh, "asking for the lane is not a stall");
+        place.set_in_lane_for_tests(true);
+        a.write_all(&large).await.expect("large write in the lane");
+        assert_eq!(a.known, Known::Proven);
+        assert!(
+            a.place.is_none(),
+            "a proven connection asks for nothing more"
+        );
+        assert!(
+            place.to_main_told_for_tests(),
+            "the proven client was not sent back"
+        );
+    }
+
     /// Without turns nothing waits.
     #[tokio::test]
     async fn without_turns_nothing_waits() {
         let (a, _peer) = tokio::io::duplex(4 << 20);
-        let mut a = Gated::new(a, None);
+        let mut a = Gated::new(a, None, None);
         a.write_all(&vec![1u8; 1 << 20]).await.expect("write");
         assert_eq!(a.known, Known::Proven);
     }

@@ -8,5 +8,6 @@ pub mod gate;
 pub mod gateway;
 pub mod grpc;
 pub mod http1;
+pub mod lanes;
 pub mod server;
 pub mod transport;

@@ -21,7 +21,7 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -33,6 +33,7 @@ use crate::serve::Services;
 use crate::throttle::Throttle;
 use crate::tls::identity::{self, CnPolicy, Peer};
 use crate::tls::server::ServerTls;
+use crate::wire::lanes::{self, Lanes};
 use crate::wire::transport::Transport;
 use crate::wire::{age, coalesce, gate, http1};
 use crate::wire::{gateway, grpc};
@@ -313,7 +314,12 @@ pub async fn serve(
     drain: Duration,
 ) {
     let routes = grpc::routes(&services);
-    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    let config = &services.hub.config;
+    let lanes = Lanes::start(config.new_connection_lane_threads()).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "cannot start the new-connection lane: serving every connection on the main runtime");
+        Lanes::start(0).expect("no lane needs no thread")
+    });
+    let mut h2 = http2::Builder::new(lanes::MainExecutor(tokio::runtime::Handle::current()));
     h2.max_concurrent_streams(u32::MAX)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -364,6 +370,7 @@ pub async fn serve(
             timeouts,
             max_age,
             turns: turns.clone(),
+            mover: lanes.mover(),
         };
         let tls = tls.clone();
         conns.spawn(async move {
@@ -407,6 +414,9 @@ pub async fn serve(
     drop(listener);
     let _ = conn_shutdown_tx.send(true);
     let _ = tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await;
+    // What is left is aborted; the lane's runtime goes once every moved connection has.
+    conns.shutdown().await;
+    lanes.stop().await;
 }
 
 /// What serving one connection needs.
@@ -416,7 +426,7 @@ struct Connection {
     /// The services.
     services: Services,
     /// hyper's HTTP/2 server settings.
-    h2: Arc<http2::Builder<TokioExecutor>>,
+    h2: Arc<http2::Builder<lanes::MainExecutor>>,
     /// Turns true when open connections must finish.
     shutdown: watch::Receiver<bool>,
     /// The HTTP/1.x deadlines.
@@ -425,11 +435,14 @@ struct Connection {
     max_age: Option<age::MaxAge>,
     /// The process's write turns for connections not yet seen to read (`None`: no turns).
     turns: Option<gate::Turns>,
+    /// Moves the connection out of the new-connection lane once its client reads (`None`:
+    /// no lane).
+    mover: Option<lanes::Mover>,
 }
 
 impl Connection {
     /// Serves `stream` (whose first bytes, already read, are `read`) as `protocol`.
-    async fn serve<S: Transport + 'static>(
+    async fn serve<S: Transport + Sync + 'static>(
         self,
         stream: S,
         protocol: Protocol,
@@ -445,8 +458,10 @@ impl Connection {
             timeouts,
             max_age,
             turns,
+            mover,
         } = self;
-        let stream = gate::Gated::new(stream, turns);
+        let place = mover.as_ref().map(|_| Arc::new(lanes::Place::default()));
+        let stream = gate::Gated::new(stream, turns, place.clone());
         let label = match protocol {
             Protocol::Http1 => "http1",
             Protocol::Http2 => "http2",
@@ -457,62 +472,72 @@ impl Connection {
         let open = crate::metrics::CONNECTIONS_OPEN.with_label_values(&[label]);
         open.inc();
         let _open = OpenGuard(open);
-        let mut life = age::Life::new(shutdown, max_age, accepted, label);
-        match protocol {
-            Protocol::Http1 => {
-                let signal = life.ending.signal();
-                let handle = move |mut req| -> Answer {
-                    if let Some(refusal) = info.admit_http(&mut req, &services) {
-                        return Box::pin(async move { refusal });
-                    }
-                    req.extensions_mut().insert(signal.clone());
-                    let services = services.clone();
-                    Box::pin(async move { gateway::handle(req, &services).await })
-                };
-                // The connection's own flag: it stops taking requests (and closes after the
-                // current answer) when asked to end.
-                let flag = life.ending.flag();
-                let mut conn =
-                    std::pin::pin!(http1::serve(stream, read, handle, flag, timeouts, accepted));
-                loop {
-                    tokio::select! {
-                        _ = conn.as_mut() => break,
-                        // The flag makes the server stop; only a closing turn matters here.
-                        turn = life.next() => if turn == age::Turn::Close { break },
-                    }
-                }
-            }
-            Protocol::Http2 => {
-                let (io, drain) = coalesce::coalesce(Rewind {
-                    prefix: read.freeze(),
-                    inner: stream,
-                });
-                let signal = life.ending.signal();
-                let svc = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
-                    req.extensions_mut().insert(signal.clone());
-                    let answer = h2_request(req, routes.clone(), services.clone(), &info);
-                    async move { Ok::<_, Infallible>(answer.await) }
-                });
-                // On the heap: hyper's HTTP/2 connection state would otherwise size the
-                // future of every connection, HTTP/1.x ones included.
-                let mut conn = Box::pin(h2.serve_connection(TokioIo::new(io), svc));
-                loop {
-                    tokio::select! {
-                        r = std::future::poll_fn(|cx| drive(conn.as_mut(), &drain, cx)) => {
-                            if let Err(e) = r {
-                                tracing::debug!(error = %e, "connection ended");
-                            }
-                            break;
+        // The connection's whole serving future, boxed so that it can move to the
+        // new-connection lane and back in one piece (`lanes`).
+        let work: lanes::Work = Box::pin(async move {
+            let mut life = age::Life::new(shutdown, max_age, accepted, label);
+            match protocol {
+                Protocol::Http1 => {
+                    let signal = life.ending.signal();
+                    let handle = move |mut req| -> Answer {
+                        if let Some(refusal) = info.admit_http(&mut req, &services) {
+                            return Box::pin(async move { refusal });
                         }
-                        turn = life.next() => match turn {
-                            // GOAWAY, so that the streams the sessions end now are reopened
-                            // on a new connection.
-                            age::Turn::AskToEnd => conn.as_mut().graceful_shutdown(),
-                            age::Turn::Close => break,
-                        },
+                        req.extensions_mut().insert(signal.clone());
+                        let services = services.clone();
+                        Box::pin(async move { gateway::handle(req, &services).await })
+                    };
+                    // The connection's own flag: it stops taking requests (and closes after the
+                    // current answer) when asked to end.
+                    let flag = life.ending.flag();
+                    let mut conn = std::pin::pin!(http1::serve(
+                        stream, read, handle, flag, timeouts, accepted
+                    ));
+                    loop {
+                        tokio::select! {
+                            _ = conn.as_mut() => break,
+                            // The flag makes the server stop; only a closing turn matters here.
+                            turn = life.next() => if turn == age::Turn::Close { break },
+                        }
+                    }
+                }
+                Protocol::Http2 => {
+                    let (io, drain) = coalesce::coalesce(Rewind {
+                        prefix: read.freeze(),
+                        inner: stream,
+                    });
+                    let signal = life.ending.signal();
+                    let svc =
+                        hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+                            req.extensions_mut().insert(signal.clone());
+                            let answer = h2_request(req, routes.clone(), services.clone(), &info);
+                            async move { Ok::<_, Infallible>(answer.await) }
+                        });
+                    // On the heap: hyper's HTTP/2 connection state would otherwise size the
+                    // future of every connection, HTTP/1.x ones included.
+                    let mut conn = Box::pin(h2.serve_connection(TokioIo::new(io), svc));
+                    loop {
+                        tokio::select! {
+                            r = std::future::poll_fn(|cx| drive(conn.as_mut(), &drain, cx)) => {
+                                if let Err(e) = r {
+                                    tracing::debug!(error = %e, "connection ended");
+                                }
+                                break;
+                            }
+                            turn = life.next() => match turn {
+                                // GOAWAY, so that the streams the sessions end now are reopened
+                                // on a new connection.
+                                age::Turn::AskToEnd => conn.as_mut().graceful_shutdown(),
+                                age::Turn::Close => break,
+                            },
+                        }
                     }
                 }
             }
+        });
+        match (mover, place) {
+            (Some(mover), Some(place)) => mover.serve(work, place, label).await,
+            _ => work.await,
         }
     }
 }

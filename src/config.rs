@@ -233,11 +233,11 @@ pub struct Config {
     pub unproven_write_turns: usize,
 
     /// Threads of the new-connection lane (0: no lane, every connection on the main
-    /// runtime). A connection whose client has not yet been seen to read makes its writes of
-    /// 16 KiB or more in this lane, a runtime of its own, and returns to the main runtime once
-    /// its client reads (a large write taken whole, a full socket that drained, or 512 KiB
-    /// written): a crowd of new clients that never read cannot queue its socket copies ahead
-    /// of clients that do (src/wire/lanes.rs). Default: one per core.
+    /// runtime). A connection starts in this lane, a runtime of its own, and moves to the
+    /// main runtime once its client has been seen to read and 256 KiB have gone out, or after
+    /// 8 small writes; one whose client is not yet proven comes back for a large write. A
+    /// crowd of new clients that never read cannot queue its socket copies ahead of clients
+    /// that do (src/wire/lanes.rs). Default: one per core.
     #[arg(long, env = "ETCD_FANOUT_NEW_CONNECTION_THREADS")]
     pub new_connection_threads: Option<usize>,
 

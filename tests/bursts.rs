@@ -435,10 +435,10 @@ fn slow_readers_case(extra: &'static [&'static str]) {
         );
         assert!(parked > 0.0, "no session parked:\n{metrics}");
         assert!(max < Duration::from_secs(5), "victim event {max:?} late");
-        // The new-connection lane (`wire/lanes.rs`, on by default): the non-reading HTTP
-        // watchers' first large event moved their connections to the lane, where they stay
-        // (their socket filled and never drained); the victim's connection, whose client
-        // reads, came back to the main runtime.
+        // The new-connection lane (`wire/lanes.rs`, on by default): connections start
+        // there; the victim's, whose client reads, moved to the main runtime; the HTTP
+        // watchers that never read stayed (their sockets took their receive buffers and
+        // never drained).
         let moves = |protocol: &str, to: &str| {
             let head = format!(
                 "etcd_fanout_connection_moves_total{{protocol=\"{protocol}\",to=\"{to}\"}} "
@@ -449,10 +449,6 @@ fn slow_readers_case(extra: &'static [&'static str]) {
                 .and_then(|v| v.trim().parse::<f64>().ok())
                 .unwrap_or(0.0)
         };
-        assert!(
-            moves("http1", "lane") >= http_n as f64,
-            "the non-reading HTTP watchers did not move to the lane:\n{metrics}"
-        );
         assert_eq!(
             moves("http1", "main"),
             0.0,
@@ -460,7 +456,7 @@ fn slow_readers_case(extra: &'static [&'static str]) {
         );
         assert!(
             moves("http2", "main") >= 1.0,
-            "the victim's connection did not come back from the lane:\n{metrics}"
+            "the victim's connection did not leave the lane:\n{metrics}"
         );
         // Each parked session holds at most its byte budget of shared batches plus one
         // response in its connection's writer; 64 MiB of slack for allocator and history.

@@ -23,7 +23,14 @@
 //!
 //! The same knowledge moves a connection between lanes (`wire::lanes`): a fresh connection's
 //! large write first asks for the new-connection lane (the write waits until the connection
-//! is there), and a proven client sends it back to the main runtime.
+//! is there), and a proven client that has taken [`LANE_PROOF`] bytes, or a connection of
+//! [`SETTLED`] small writes, leaves it.
+//!
+//! Limit: a client that never reads can look proven. After its socket filled, the kernel makes
+//! some room in its receive buffer without the client reading (measured: a first 137 KB write
+//! cut short at about 98 KB, a later 32 KiB taken whole, 128 KiB in all, the default buffer),
+//! and a write that fits in a fresh buffer is taken whole. The turns accept that (the copy
+//! was cheap); the lane asks for [`LANE_PROOF`] as well.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -42,6 +49,11 @@ pub const PROVEN: u64 = 512 << 10;
 
 /// Writes smaller than this never wait (answers, small events: cheap to copy).
 pub const LARGE: usize = 16 << 10;
+
+/// Bytes a proven client must have taken before its connection leaves the new-connection
+/// lane (`wire::lanes`): more than a client that never reads can hold with a default
+/// receive buffer (128 KiB) and the unsent bound.
+pub const LANE_PROOF: u64 = 256 << 10;
 
 /// Small writes (and no large one) after which a connection leaves the new-connection lane
 /// although its client is not proven (`wire::lanes`): a watcher of small events. Low, because
@@ -81,7 +93,7 @@ pub struct Gated<S> {
     known: Known,
     /// Bytes written while not proven, up to [`PROVEN`].
     written: u64,
-    /// Small writes taken whole while fresh, up to [`SETTLED`].
+    /// Small writes taken whole while in a lane's care.
     small: u32,
     /// The process's turns; `None` without turns or once the client is proven.
     turns: Option<Turns>,
@@ -143,40 +155,52 @@ impl<S> Gated<S> {
 
     /// Learns from a write of `len` bytes that returned `result`.
     fn wrote(&mut self, len: usize, result: &Poll<io::Result<usize>>) {
-        let n = match (self.known, result) {
-            (Known::Proven, _) => return,
-            (_, Poll::Pending) => {
-                self.known = Known::Stalled;
+        if self.known == Known::Proven && self.place.is_none() {
+            return;
+        }
+        let n = match result {
+            Poll::Pending => {
+                if self.known != Known::Proven {
+                    self.known = Known::Stalled;
+                }
                 return;
             }
-            (_, Poll::Ready(Ok(n))) => *n,
-            (_, Poll::Ready(Err(_))) => return,
+            Poll::Ready(Ok(n)) => *n,
+            Poll::Ready(Err(_)) => return,
         };
         if n == 0 {
             return;
         }
         self.written = self.written.saturating_add(n as u64);
-        if self.known == Known::Fresh && n == len && len < LARGE {
-            self.small += 1;
-            if self.small == SETTLED {
-                if let Some(place) = &self.place {
-                    place.leave_lane();
-                }
+        if self.known != Known::Proven {
+            self.known = match self.known {
+                Known::Stalled => Known::Proven,
+                _ if self.written >= PROVEN => Known::Proven,
+                _ if n < len => Known::Stalled,
+                _ if len >= LARGE => Known::Proven,
+                known => known,
+            };
+            if self.known == Known::Proven {
+                self.turns = None;
+                self.waiting = None;
             }
         }
-        self.known = match self.known {
-            Known::Stalled => Known::Proven,
-            _ if self.written >= PROVEN => Known::Proven,
-            _ if n < len => Known::Stalled,
-            _ if len >= LARGE => Known::Proven,
-            known => known,
+        let Some(place) = &self.place else {
+            return;
         };
-        if self.known == Known::Proven {
-            self.turns = None;
-            self.waiting = None;
-            if let Some(place) = self.place.take() {
-                place.leave_lane();
-            }
+        // The lane asks for more than a first proof: a socket whose client never reads takes
+        // its receive buffer (128 KiB by default) in more than one write, the kernel making
+        // room in it after a stall, and a write taken whole may just have fit.
+        let mut leave = self.known == Known::Proven && self.written >= LANE_PROOF;
+        if n == len && len < LARGE {
+            self.small = self.small.saturating_add(1);
+            leave |= self.small == SETTLED;
+        }
+        if leave {
+            place.leave_lane();
+        }
+        if self.known == Known::Proven && self.written >= LANE_PROOF {
+            self.place = None;
         }
     }
 }
@@ -352,6 +376,13 @@ mod tests {
         place.set_in_lane_for_tests(true);
         a.write_all(&large).await.expect("large write in the lane");
         assert_eq!(a.known, Known::Proven);
+        assert!(
+            !place.to_main_told_for_tests(),
+            "left the lane on a first proof"
+        );
+        while a.written < LANE_PROOF {
+            a.write_all(&large).await.expect("large write in the lane");
+        }
         assert!(
             a.place.is_none(),
             "a proven connection asks for nothing more"

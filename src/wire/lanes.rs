@@ -13,16 +13,19 @@
 //! (`--unproven-write-turns`), nothing waits in a line.
 //!
 //! When a connection moves: it starts in the lane, and leaves it once its client has been seen
-//! to read (a large write taken whole, or a full socket that drained) or once it has made
-//! [`crate::wire::gate::SETTLED`] small writes and no large one (an APISIX watcher of small
-//! configuration values: a hop between runtimes per event doubled those watchers' latency,
-//! loadtest/RESULTS.md, "Slow readers, seventh pass"). A connection back on the main runtime
-//! whose client is still not proven returns to the lane for its next large write. A client that
-//! never reads stays in the lane, its writer waiting for room that never comes. (Starting every
-//! connection on the main runtime and moving it only for its first large write was measured
-//! too: worse for the reading clients than no lane at all. A lower OS priority for the lane was
-//! worse as well: a lane thread preempted while it holds a lock a main thread needs, such as an
-//! HTTP/2 connection's stream table, stalls the main thread.)
+//! to read and [`crate::wire::gate::LANE_PROOF`] bytes (256 KiB) have gone out, more than a
+//! client that never reads can hold with a default receive buffer (the kernel makes room in a
+//! non-reader's receive buffer after a stall, so a write that succeeds after one is not proof
+//! enough on its own), or once it has made [`crate::wire::gate::SETTLED`] small writes (an
+//! APISIX watcher of small configuration values: a hop between runtimes per event doubled
+//! those watchers' latency, loadtest/RESULTS.md, "Slow readers, seventh pass"). A connection
+//! back on the main runtime whose client is not yet proven returns to the lane for its next
+//! large write. A client that never reads stays in the lane, its writer waiting for room that
+//! never comes. (Starting every connection on the main runtime and moving it only for its
+//! first large write was measured too: worse for the reading clients than no lane at all. A
+//! lower OS priority for the lane was worse as well: a lane thread preempted while it holds a
+//! lock a main thread needs, such as an HTTP/2 connection's stream table, stalls the main
+//! thread.)
 //!
 //! What moves is the connection's whole serving future (boxed: moving it moves a pointer);
 //! its socket, its timers and hyper's state go with it. Nothing a connection starts runs in

@@ -414,7 +414,8 @@ pub async fn serve(
     drop(listener);
     let _ = conn_shutdown_tx.send(true);
     let _ = tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await;
-    // What is left is aborted; the lane's runtime goes once every moved connection has.
+    // What is left is aborted; the lane's runtime goes once every connection's stint there has
+    // ended.
     conns.shutdown().await;
     lanes.stop().await;
 }
@@ -435,7 +436,7 @@ struct Connection {
     max_age: Option<age::MaxAge>,
     /// The process's write turns for connections not yet seen to read (`None`: no turns).
     turns: Option<gate::Turns>,
-    /// Moves the connection out of the new-connection lane once its client reads (`None`:
+    /// Moves the connection between the new-connection lane and the main runtime (`None`:
     /// no lane).
     mover: Option<lanes::Mover>,
 }

@@ -191,15 +191,14 @@ impl<S> Gated<S> {
         // The lane asks for more than a first proof: a socket whose client never reads takes
         // its receive buffer (128 KiB by default) in more than one write, the kernel making
         // room in it after a stall, and a write taken whole may just have fit.
-        let mut leave = self.known == Known::Proven && self.written >= LANE_PROOF;
+        let done = self.known == Known::Proven && self.written >= LANE_PROOF;
         if n == len && len < LARGE {
             self.small = self.small.saturating_add(1);
-            leave |= self.small == SETTLED;
         }
-        if leave {
+        if done || (n == len && len < LARGE && self.small == SETTLED) {
             place.leave_lane();
         }
-        if self.known == Known::Proven && self.written >= LANE_PROOF {
+        if done {
             self.place = None;
         }
     }

@@ -1,7 +1,8 @@
 //! The watch session fuzz target: a real watch session (`serve::watch`, the hub, the feed's
 //! cache and dispatch index, the gRPC reply encoder) over an in-memory feed, driven by an
-//! arbitrary sequence of creates, cancels, progress requests, writes, writes outside the
-//! prefix and compactions, and checked against a model of etcd 3.4's rules. No etcd: the
+//! arbitrary sequence of creates, cancels, progress requests, writes (small values or large
+//! ones), writes outside the prefix, compactions and pauses of the client's reading, and
+//! checked against a model of etcd 3.4's rules. No etcd: the
 //! target plays etcd's part itself (its store, revisions and events) and tells the feed what
 //! an upstream watch would; time is a paused tokio clock.
 //!
@@ -21,7 +22,12 @@
 //!   responses, with headers that never go backwards and lie between the response's last
 //!   event and the current revision; a progress notification (only for watches that asked)
 //!   promises every event up to its revision was delivered;
-//! - after each step the session settles: every answer arrived and every watch is caught up.
+//! - after each step the session settles: every answer arrived and every watch is caught up;
+//!   while the client's reading is paused, writes and compactions go on (no requests) and
+//!   nothing is read or checked until it reads again (at the latest after the last step).
+//!   Large values then fill the session's queue beyond its byte budget: the session parks,
+//!   and once the queue drains it must catch up from the shared history as if nothing had
+//!   happened.
 //!
 //! Out of scope (they need etcd): keys outside the prefix and from-key ranges (relayed to
 //! etcd), starts older than the cache window (caught up from etcd), negative start
@@ -67,6 +73,11 @@ const IDS: [i64; 8] = [0, 0, 0, 1, 2, 3, 5, -7];
 /// Most steps per input, and most creates (bounds a run and the session's queue).
 const MAX_STEPS: usize = 96;
 const MAX_CREATES: usize = 48;
+
+/// Unit of a large value: a write of large values puts 1 to 4 of these per key, so that a
+/// few of them fill a paused client's queue beyond the session's byte budget
+/// (`serve::watch::SESSION_BUDGET_BYTES`).
+const LARGE_VALUE: usize = 24 << 10;
 
 /// etcd's refusals.
 const RANGE_EMPTY: &str = "mvcc: watcher range is empty";
@@ -126,9 +137,11 @@ struct ModelWatch {
     created: bool,
     /// Ended by a compaction: gets nothing more, the id stays taken.
     ended: bool,
-    /// Its cancel was sent and not answered yet: a progress notification may still come
-    /// (etcd's ticker races the cancel too), events may not.
-    canceling: bool,
+    /// Its cancel was sent, at this revision of etcd's, and not answered yet: a progress
+    /// notification may still come (etcd's ticker races the cancel too), and events up to
+    /// that revision (etcd sends what its watcher had before the cancel; a client that was
+    /// not reading gets them before the answer), none after it.
+    canceling: Option<i64>,
     /// Events delivered so far.
     delivered: usize,
     /// Highest header revision sent.
@@ -191,6 +204,10 @@ struct Model {
     store: Store,
     /// Watches by id (an id here is taken).
     watches: HashMap<i64, ModelWatch>,
+    /// Watches whose cancel was sent and not answered yet, by id, oldest first: etcd freed
+    /// the id when the cancel arrived, so a new watch may take it meanwhile (a client that
+    /// is not reading sends several requests before it sees an answer).
+    canceling: HashMap<i64, VecDeque<ModelWatch>>,
     /// etcd's `nextID`.
     next_id: i64,
     /// Answers owed, oldest first.
@@ -210,7 +227,13 @@ impl Model {
                     assert!(r.created && !r.canceled, "{r:?}: owed created {id}");
                     assert_eq!((r.watch_id, rev), (id, want), "created");
                     assert!(r.events.is_empty() && r.cancel_reason.is_empty());
-                    if let Some(w) = self.watches.get_mut(&id) {
+                    // The first watch of that id still waiting for its `created`: one whose
+                    // cancel was sent meanwhile, or the live one.
+                    let waiting = self
+                        .canceling
+                        .get_mut(&id)
+                        .and_then(|q| q.iter_mut().find(|w| !w.created));
+                    if let Some(w) = waiting.or(self.watches.get_mut(&id)) {
                         w.created = true;
                         w.last_header = rev;
                     }
@@ -231,7 +254,8 @@ impl Model {
                     assert_eq!((r.watch_id, r.compact_revision), (id, 0));
                     assert_eq!(rev, want, "cancel header");
                     assert!(r.events.is_empty() && r.cancel_reason.is_empty());
-                    self.watches.remove(&id);
+                    let done = self.canceling.get_mut(&id).and_then(|q| q.pop_front());
+                    assert!(done.is_some(), "{r:?}: no cancel of {id} pending");
                 }
                 other => panic!("unexpected {r:?}, owed {other:?}"),
             }
@@ -247,9 +271,13 @@ impl Model {
         }
         let log = &self.store.log;
         let now = self.store.rev;
-        let w = self
-            .watches
+        // Until its cancel is answered, the id's responses are the canceled watch's.
+        let canceling = self
+            .canceling
             .get_mut(&r.watch_id)
+            .and_then(|q| q.front_mut());
+        let w = canceling
+            .or(self.watches.get_mut(&r.watch_id))
             .unwrap_or_else(|| panic!("response for an unknown watch: {r:?}"));
         assert!(w.created, "response before created: {r:?}");
         assert!(
@@ -275,7 +303,7 @@ impl Model {
             );
             return;
         }
-        assert!(!w.ended && !w.canceling, "events after the end: {r:?}");
+        assert!(!w.ended, "events after the end: {r:?}");
         let first = r.events[0].kv.as_ref().map_or(0, |kv| kv.mod_revision);
         assert!(
             first > w.last_event,
@@ -294,6 +322,12 @@ impl Model {
             .and_then(|e| e.kv.as_ref())
             .map_or(0, |kv| kv.mod_revision);
         assert!(rev >= w.last_event, "header {rev} below its events: {r:?}");
+        if let Some(canceled_at) = w.canceling {
+            assert!(
+                w.last_event <= canceled_at,
+                "events after the cancel (sent at revision {canceled_at}): {r:?}"
+            );
+        }
     }
 
     /// True when nothing is owed and every watch has every event up to now.
@@ -316,6 +350,8 @@ struct Rig {
     replies: BoxStream<Reply>,
     /// Print every request and response (`ETCD_FANOUT_FUZZ_TRACE` set).
     trace: bool,
+    /// The client has stopped reading: replies pile up in the session's queue.
+    paused: bool,
 }
 
 impl Rig {
@@ -359,6 +395,7 @@ impl Rig {
             requests,
             replies,
             trace: std::env::var_os("ETCD_FANOUT_FUZZ_TRACE").is_some(),
+            paused: false,
         }
     }
 
@@ -372,9 +409,13 @@ impl Rig {
     }
 
     /// Lets the session run until it owes nothing and every watch is caught up, checking
-    /// every response on the way.
+    /// every response on the way; while the client's reading is paused, only lets time pass.
     async fn settle(&mut self, model: &mut Model) {
-        for _ in 0..8 {
+        if self.paused {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            return;
+        }
+        for _ in 0..16 {
             tokio::time::sleep(Duration::from_secs(3)).await;
             while let Some(Some(item)) = self.replies.next().now_or_never() {
                 let reply = match item {
@@ -441,6 +482,7 @@ async fn run(mut input: Input<'_>) {
             compacted: -1,
         },
         watches: HashMap::new(),
+        canceling: HashMap::new(),
         next_id: 0,
         owed: VecDeque::new(),
         auth_on,
@@ -450,7 +492,11 @@ async fn run(mut input: Input<'_>) {
         if input.is_empty() {
             break;
         }
-        match input.byte() % 8 {
+        match input.byte() % 10 {
+            // No requests while the client is not reading: the session may then answer
+            // them late, with later revisions (as etcd does once its buffers are full), which
+            // the model does not follow.
+            0..=3 if rig.paused => {}
             0 | 1 if creates < MAX_CREATES => {
                 creates += 1;
                 create(&mut rig, &mut model, &mut input);
@@ -462,7 +508,17 @@ async fn run(mut input: Input<'_>) {
                 });
                 rig.send(RequestUnion::ProgressRequest(WatchProgressRequest {}));
             }
-            4 | 5 => write(&rig, &mut model.store, &mut input),
+            4 | 5 => write(&rig, &mut model.store, &mut input, false),
+            8 => write(&rig, &mut model.store, &mut input, true),
+            9 => {
+                rig.paused = !rig.paused;
+                if rig.trace {
+                    eprintln!(
+                        "-- reading {}",
+                        if rig.paused { "paused" } else { "resumed" }
+                    );
+                }
+            }
             6 => {
                 // A write outside the prefix: etcd's revision moves, the feed hears of it (as
                 // from a progress notification).
@@ -479,6 +535,9 @@ async fn run(mut input: Input<'_>) {
         }
         rig.settle(&mut model).await;
     }
+    // The client reads again: everything owed arrives.
+    rig.paused = false;
+    rig.settle(&mut model).await;
     drop(rig);
 }
 
@@ -563,7 +622,7 @@ fn create(rig: &mut Rig, model: &mut Model, input: &mut Input<'_>) {
             progress_notify: flags & 2 != 0,
             created: false,
             ended: compacted,
-            canceling: false,
+            canceling: None,
             delivered: 0,
             last_header: 0,
             last_event: 0,
@@ -583,9 +642,10 @@ fn cancel(rig: &mut Rig, model: &mut Model, input: &mut Input<'_>) {
     rig.send(RequestUnion::CancelRequest(WatchCancelRequest {
         watch_id: id,
     }));
-    // etcd 3.4 ignores a cancel of an unknown id.
-    if let Some(w) = model.watches.get_mut(&id) {
-        w.canceling = true;
+    // etcd 3.4 ignores a cancel of an unknown id (one already canceled too: it freed the id).
+    if let Some(mut w) = model.watches.remove(&id) {
+        w.canceling = Some(model.store.rev);
+        model.canceling.entry(id).or_default().push_back(w);
         model.owed.push_back(Owed::Canceled {
             id,
             rev: model.store.rev,
@@ -593,9 +653,10 @@ fn cancel(rig: &mut Rig, model: &mut Model, input: &mut Input<'_>) {
     }
 }
 
-/// One transaction of up to three puts and deletes on distinct keys; a revision only if
-/// something changed (a delete of a missing key changes nothing, as in etcd).
-fn write(rig: &Rig, store: &mut Store, input: &mut Input<'_>) {
+/// One transaction of up to three puts and deletes on distinct keys, of small or `large`
+/// values; a revision only if something changed (a delete of a missing key changes nothing,
+/// as in etcd).
+fn write(rig: &Rig, store: &mut Store, input: &mut Input<'_>, large: bool) {
     let n = 1 + input.byte() % 3;
     let rev = store.rev + 1;
     let mut events = Vec::new();
@@ -615,7 +676,14 @@ fn write(rig: &Rig, store: &mut Store, input: &mut Input<'_>) {
                 create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
                 mod_revision: rev,
                 version: prev.as_ref().map_or(1, |p| p.version + 1),
-                value: Bytes::from(vec![b'v'; usize::from(b % 5)]),
+                value: Bytes::from(vec![
+                    b'v';
+                    if large {
+                        LARGE_VALUE * (1 + usize::from(b % 4))
+                    } else {
+                        usize::from(b % 5)
+                    }
+                ]),
                 lease: 0,
             };
             store.kvs.insert(key_bytes, kv.clone());
@@ -641,6 +709,14 @@ fn write(rig: &Rig, store: &mut Store, input: &mut Input<'_>) {
         return;
     }
     store.rev = rev;
+    if rig.trace {
+        let keys: Vec<String> = events
+            .iter()
+            .filter_map(|e| e.kv.as_ref())
+            .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
+            .collect();
+        eprintln!("== revision {rev}: {keys:?}");
+    }
     store.log.extend(events.iter().cloned());
     rig.feed.apply_events(events, std::time::Instant::now());
 }

@@ -415,9 +415,17 @@ impl Rig {
             tokio::time::sleep(Duration::from_secs(3)).await;
             return;
         }
-        for _ in 0..16 {
+        // A session that parked resumes each time its queue drains, a budget's worth at a
+        // time: it may take many rounds, each of which must bring something.
+        let mut idle = 0;
+        for _ in 0..512 {
+            if idle == 8 {
+                break;
+            }
+            idle += 1;
             tokio::time::sleep(Duration::from_secs(3)).await;
             while let Some(Some(item)) = self.replies.next().now_or_never() {
+                idle = 0;
                 let reply = match item {
                     Ok(r) => r,
                     Err(s) => panic!("stream ended: {s:?}"),

@@ -137,11 +137,9 @@ struct ModelWatch {
     created: bool,
     /// Ended by a compaction: gets nothing more, the id stays taken.
     ended: bool,
-    /// Its cancel was sent, at this revision of etcd's, and not answered yet: a progress
-    /// notification may still come (etcd's ticker races the cancel too), and events up to
-    /// that revision (etcd sends what its watcher had before the cancel; a client that was
-    /// not reading gets them before the answer), none after it.
-    canceling: Option<i64>,
+    /// Its cancel was sent and not answered yet: a progress notification may still come
+    /// (etcd's ticker races the cancel too), events may not.
+    canceling: bool,
     /// Events delivered so far.
     delivered: usize,
     /// Highest header revision sent.
@@ -204,10 +202,6 @@ struct Model {
     store: Store,
     /// Watches by id (an id here is taken).
     watches: HashMap<i64, ModelWatch>,
-    /// Watches whose cancel was sent and not answered yet, by id, oldest first: etcd freed
-    /// the id when the cancel arrived, so a new watch may take it meanwhile (a client that
-    /// is not reading sends several requests before it sees an answer).
-    canceling: HashMap<i64, VecDeque<ModelWatch>>,
     /// etcd's `nextID`.
     next_id: i64,
     /// Answers owed, oldest first.
@@ -227,13 +221,7 @@ impl Model {
                     assert!(r.created && !r.canceled, "{r:?}: owed created {id}");
                     assert_eq!((r.watch_id, rev), (id, want), "created");
                     assert!(r.events.is_empty() && r.cancel_reason.is_empty());
-                    // The first watch of that id still waiting for its `created`: one whose
-                    // cancel was sent meanwhile, or the live one.
-                    let waiting = self
-                        .canceling
-                        .get_mut(&id)
-                        .and_then(|q| q.iter_mut().find(|w| !w.created));
-                    if let Some(w) = waiting.or(self.watches.get_mut(&id)) {
+                    if let Some(w) = self.watches.get_mut(&id) {
                         w.created = true;
                         w.last_header = rev;
                     }
@@ -254,8 +242,7 @@ impl Model {
                     assert_eq!((r.watch_id, r.compact_revision), (id, 0));
                     assert_eq!(rev, want, "cancel header");
                     assert!(r.events.is_empty() && r.cancel_reason.is_empty());
-                    let done = self.canceling.get_mut(&id).and_then(|q| q.pop_front());
-                    assert!(done.is_some(), "{r:?}: no cancel of {id} pending");
+                    self.watches.remove(&id);
                 }
                 other => panic!("unexpected {r:?}, owed {other:?}"),
             }
@@ -271,13 +258,9 @@ impl Model {
         }
         let log = &self.store.log;
         let now = self.store.rev;
-        // Until its cancel is answered, the id's responses are the canceled watch's.
-        let canceling = self
-            .canceling
+        let w = self
+            .watches
             .get_mut(&r.watch_id)
-            .and_then(|q| q.front_mut());
-        let w = canceling
-            .or(self.watches.get_mut(&r.watch_id))
             .unwrap_or_else(|| panic!("response for an unknown watch: {r:?}"));
         assert!(w.created, "response before created: {r:?}");
         assert!(
@@ -303,7 +286,7 @@ impl Model {
             );
             return;
         }
-        assert!(!w.ended, "events after the end: {r:?}");
+        assert!(!w.ended && !w.canceling, "events after the end: {r:?}");
         let first = r.events[0].kv.as_ref().map_or(0, |kv| kv.mod_revision);
         assert!(
             first > w.last_event,
@@ -322,12 +305,6 @@ impl Model {
             .and_then(|e| e.kv.as_ref())
             .map_or(0, |kv| kv.mod_revision);
         assert!(rev >= w.last_event, "header {rev} below its events: {r:?}");
-        if let Some(canceled_at) = w.canceling {
-            assert!(
-                w.last_event <= canceled_at,
-                "events after the cancel (sent at revision {canceled_at}): {r:?}"
-            );
-        }
     }
 
     /// True when nothing is owed and every watch has every event up to now.
@@ -490,7 +467,6 @@ async fn run(mut input: Input<'_>) {
             compacted: -1,
         },
         watches: HashMap::new(),
-        canceling: HashMap::new(),
         next_id: 0,
         owed: VecDeque::new(),
         auth_on,
@@ -630,7 +606,7 @@ fn create(rig: &mut Rig, model: &mut Model, input: &mut Input<'_>) {
             progress_notify: flags & 2 != 0,
             created: false,
             ended: compacted,
-            canceling: None,
+            canceling: false,
             delivered: 0,
             last_header: 0,
             last_event: 0,
@@ -650,10 +626,9 @@ fn cancel(rig: &mut Rig, model: &mut Model, input: &mut Input<'_>) {
     rig.send(RequestUnion::CancelRequest(WatchCancelRequest {
         watch_id: id,
     }));
-    // etcd 3.4 ignores a cancel of an unknown id (one already canceled too: it freed the id).
-    if let Some(mut w) = model.watches.remove(&id) {
-        w.canceling = Some(model.store.rev);
-        model.canceling.entry(id).or_default().push_back(w);
+    // etcd 3.4 ignores a cancel of an unknown id.
+    if let Some(w) = model.watches.get_mut(&id) {
+        w.canceling = true;
         model.owed.push_back(Owed::Canceled {
             id,
             rev: model.store.rev,
